@@ -1,0 +1,63 @@
+"""Envoy admin client: one question, "which epoch answers, and is it LIVE?".
+
+Every request opens a fresh connection and says `Connection: close`: a kept-alive
+connection keeps reaching the *old* process for the whole drain (ENVOY_FACTS §9, the
+"hot restart mystery"), and a draining parent still reports LIVE on it. The timeout is
+short because this runs on the event loop; admin on loopback answers in about a
+millisecond, and a process that does not answer (SIGSTOP, §7) must not stall signals.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+from dataclasses import dataclass
+from typing import Final
+
+from envoy_autoreload.envoy_config import AdminAddress
+
+PROBE_TIMEOUT_S: Final = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class ServerInfo:
+    state: str
+    restart_epoch: int | None
+    version: str | None
+    hot_restart_version: str | None
+    hot_restart_initializing: bool | None
+
+
+def fetch_server_info(
+    address: AdminAddress, timeout_s: float = PROBE_TIMEOUT_S
+) -> ServerInfo | None:
+    """`/server_info` over a new connection; None when nothing answers sensibly."""
+    conn = http.client.HTTPConnection(address.host, address.port, timeout=timeout_s)
+    try:
+        conn.request("GET", "/server_info", headers={"Connection": "close"})
+        response = conn.getresponse()
+        if response.status != 200:
+            return None
+        body = json.loads(response.read())
+    except (OSError, http.client.HTTPException, ValueError):
+        return None
+    finally:
+        conn.close()
+    return _server_info_from(body)
+
+
+def _server_info_from(body: object) -> ServerInfo | None:
+    if not isinstance(body, dict):
+        return None
+    options = body.get("command_line_options")
+    epoch = options.get("restart_epoch") if isinstance(options, dict) else None
+    initializing = body.get("hot_restart_initializing")
+    version = body.get("version")
+    hot_restart_version = body.get("hot_restart_version")
+    return ServerInfo(
+        state=str(body.get("state", "")),
+        restart_epoch=int(epoch) if isinstance(epoch, int | str) and str(epoch).isdigit() else None,
+        version=version if isinstance(version, str) else None,
+        hot_restart_version=hot_restart_version if isinstance(hot_restart_version, str) else None,
+        hot_restart_initializing=initializing if isinstance(initializing, bool) else None,
+    )

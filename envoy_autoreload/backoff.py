@@ -1,0 +1,47 @@
+"""Retry pacing and the crash budget; pure, the clock is passed in.
+
+Two policies, both from the restarter-core contract:
+- a failed hot restart retries the *same* epoch (ENVOY_FACTS §4) a few times with a
+  short backoff, because a port can be held for a moment, then waits for the next
+  request: never loop on one failure;
+- when nothing serves, cold starts back off 1 s doubling to 30 s, and five failures
+  within five minutes end the daemon with exit 1 so the process manager takes over
+  (supervisor's "exited too quickly" idea, with a window instead of a counter).
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Final
+
+HOT_RESTART_RETRIES: Final = 3
+HOT_RETRY_FIRST_S: Final = 1.0
+COLD_BACKOFF_FIRST_S: Final = 1.0
+COLD_BACKOFF_CAP_S: Final = 30.0
+CRASH_BUDGET_FAILURES: Final = 5
+CRASH_BUDGET_WINDOW_S: Final = 300.0
+
+
+def exponential_delay(failures: int, first_s: float, cap_s: float) -> float:
+    """Delay before the next attempt after `failures` consecutive failures (>= 1)."""
+    return float(min(cap_s, first_s * 2 ** max(0, failures - 1)))
+
+
+class CrashBudget:
+    """Counts failures in a sliding window; `record` answers whether the budget is spent."""
+
+    def __init__(
+        self, max_failures: int = CRASH_BUDGET_FAILURES, window_s: float = CRASH_BUDGET_WINDOW_S
+    ) -> None:
+        self.max_failures = max_failures
+        self.window_s = window_s
+        self._failures: collections.deque[float] = collections.deque()
+
+    def record(self, now: float) -> bool:
+        self._failures.append(now)
+        while self._failures and self._failures[0] <= now - self.window_s:
+            self._failures.popleft()
+        return len(self._failures) >= self.max_failures
+
+    def recent(self, now: float) -> int:
+        return sum(1 for at in self._failures if at > now - self.window_s)

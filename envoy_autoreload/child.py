@@ -1,0 +1,188 @@
+"""One Envoy generation: the start script run once with RESTART_EPOCH, and what became of it.
+
+A generation is spawned from the main thread only: Envoy sets PR_SET_PDEATHSIG to
+SIGTERM, and Linux ties that to the *thread* that forked it, so a child spawned from a
+worker thread is killed when that thread ends (ENVOY_FACTS §11). The start script is
+exec'd without a shell, with `RESTART_EPOCH` added to a copy of our environment; our
+own `os.environ` is never touched (upstream's restarter mutates it).
+
+Each child gets its own process group (`process_group=0`): a Ctrl-C in a terminal then
+reaches only the daemon, which stops the children in order. Signals go through
+`Popen.send_signal`, which polls first so a reused PID is never hit (bpo-38630).
+Reaping is `Popen.poll()` on this PID only, never `waitpid(-1)`: that would steal the
+exit status of other children (a validator would then read as success).
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+from envoy_autoreload.envoy_process import EnvoyProcess
+
+STDERR_TAIL_LINES: Final = 12
+
+
+class GenerationState(enum.Enum):
+    STARTING = "starting"
+    SERVING = "serving"
+    DRAINING = "draining"
+    EXITED = "exited"
+
+
+# STARTING -> SERVING: Envoy reported LIVE at this epoch.
+# STARTING -> EXITED: it failed before LIVE (exit, signal, or killed at its deadline).
+# SERVING -> DRAINING: a newer generation went LIVE; Envoy drains this one by itself.
+# SERVING -> EXITED: the serving proxy died.
+# DRAINING -> EXITED: the normal end of a drain, or an early death.
+ALLOWED_TRANSITIONS: Final[dict[GenerationState, frozenset[GenerationState]]] = {
+    GenerationState.STARTING: frozenset({GenerationState.SERVING, GenerationState.EXITED}),
+    GenerationState.SERVING: frozenset({GenerationState.DRAINING, GenerationState.EXITED}),
+    GenerationState.DRAINING: frozenset({GenerationState.EXITED}),
+    GenerationState.EXITED: frozenset(),
+}
+
+
+def describe_exit(returncode: int) -> str:
+    """`exit status 1` or `killed by SIGKILL`, from a Popen returncode."""
+    if returncode >= 0:
+        return f"exit status {returncode}"
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = f"signal {-returncode}"
+    return f"killed by {name}"
+
+
+@dataclass(eq=False)
+class Generation:
+    """A child process at one restart epoch; the supervisor drives its state."""
+
+    epoch: int
+    process: subprocess.Popen[bytes]
+    reason: str
+    started_at: float
+    started_wall: float
+    state: GenerationState = GenerationState.STARTING
+    serving_at: float | None = None
+    draining_since: float | None = None
+    killed_by_us: str | None = None
+    envoy: EnvoyProcess | None = None
+    stderr_tail: collections.deque[str] = field(
+        default_factory=lambda: collections.deque(maxlen=STDERR_TAIL_LINES)
+    )
+    _partial_line: bytes = b""
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.returncode
+
+    def is_alive(self) -> bool:
+        return self.state is not GenerationState.EXITED
+
+    def transition(self, new: GenerationState) -> GenerationState:
+        """Move to `new` if the edge is allowed; returns the state it left."""
+        old = self.state
+        if new not in ALLOWED_TRANSITIONS[old]:
+            raise AssertionError(f"generation {self.epoch}: {old.value} -> {new.value} not allowed")
+        self.state = new
+        return old
+
+    def poll(self) -> int | None:
+        """Reap this PID if it exited; never touches any other child."""
+        return self.process.poll()
+
+    def send_signal(self, signum: signal.Signals) -> None:
+        self.process.send_signal(signum)
+
+    def stderr_fd(self) -> int | None:
+        stream = self.process.stderr
+        return stream.fileno() if stream is not None and not stream.closed else None
+
+    def pump_stderr(self) -> bool:
+        """Copy what the child wrote to our stderr and keep its last lines; False at EOF.
+
+        Passing the bytes through keeps upstream's behaviour (Envoy's log reaches the
+        same journal); keeping the tail lets a failure be logged with its cause.
+        """
+        fd = self.stderr_fd()
+        if fd is None:
+            return False
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                return True
+            except OSError as err:
+                if err.errno == errno.EINTR:
+                    continue
+                chunk = b""
+            if not chunk:
+                self._flush_partial()
+                return False
+            _write_through(chunk)
+            lines = (self._partial_line + chunk).split(b"\n")
+            self._partial_line = lines.pop()
+            self.stderr_tail.extend(
+                line.decode(errors="replace").rstrip() for line in lines if line.strip()
+            )
+
+    def close_stderr(self) -> None:
+        if self.process.stderr is not None:
+            self.process.stderr.close()
+
+    def _flush_partial(self) -> None:
+        if self._partial_line.strip():
+            self.stderr_tail.append(self._partial_line.decode(errors="replace").rstrip())
+        self._partial_line = b""
+
+    def last_error_line(self) -> str | None:
+        return self.stderr_tail[-1] if self.stderr_tail else None
+
+
+def _write_through(chunk: bytes) -> None:
+    out = sys.stderr.buffer if hasattr(sys.stderr, "buffer") else None
+    try:
+        if out is not None:
+            out.write(chunk)
+            out.flush()
+        else:
+            sys.stderr.write(chunk.decode(errors="replace"))
+    except (OSError, ValueError):
+        # Our own stderr is gone (closed terminal); the tail is still kept.
+        pass
+
+
+def spawn(start_script: Path, script_args: tuple[str, ...], epoch: int, reason: str) -> Generation:
+    """Exec the start script directly with RESTART_EPOCH; raises OSError if exec fails."""
+    env = {**os.environ, "RESTART_EPOCH": str(epoch)}
+    process = subprocess.Popen(
+        [str(start_script), *script_args],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        process_group=0,
+        close_fds=True,
+    )
+    assert process.stderr is not None
+    os.set_blocking(process.stderr.fileno(), False)
+    return Generation(
+        epoch=epoch,
+        process=process,
+        reason=reason,
+        started_at=time.monotonic(),
+        started_wall=time.time(),
+    )

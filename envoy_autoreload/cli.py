@@ -1,0 +1,185 @@
+"""The `envoy-autoreload` command: parse flags, build Settings, run, map errors to exit codes.
+
+A thin shell over `supervisor.run()`. Every option also reads an `ENVOY_AUTORELOAD_*`
+environment variable, so a unit file or a container spec can configure it without
+editing the command line. This is the only place an `AutoreloadError` becomes a
+message and an exit code; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from envoy_autoreload import __version__
+from envoy_autoreload.envoy_config import AdminAddress, parse_admin_address
+from envoy_autoreload.errors import AutoreloadError, ExitCode, StartScriptError
+from envoy_autoreload.logs import LogFormat, configure_logging, log_event
+from envoy_autoreload.settings import Settings, check_start_script
+from envoy_autoreload.supervisor import run
+
+ENV_PREFIX = "ENVOY_AUTORELOAD_"
+logger = logging.getLogger(__name__)
+
+
+def _env(name: str) -> str:
+    return ENV_PREFIX + name
+
+
+def _start_script(ctx: click.Context, param: click.Parameter, value: Path) -> Path:
+    try:
+        return check_start_script(value)
+    except StartScriptError as err:
+        raise click.BadParameter(str(err), ctx=ctx, param=param) from err
+
+
+def _admin_address(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> AdminAddress | None:
+    if value is None:
+        return None
+    try:
+        return parse_admin_address(value)
+    except AutoreloadError as err:
+        raise click.BadParameter(str(err), ctx=ctx, param=param) from err
+
+
+SECONDS = click.FloatRange(min=0.0)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.argument(
+    "start_script",
+    type=click.Path(path_type=Path),
+    callback=_start_script,
+    envvar=_env("START_SCRIPT"),
+)
+@click.argument("script_args", nargs=-1, type=click.UNPROCESSED)
+@click.option(
+    "--config",
+    "config",
+    type=click.Path(path_type=Path),
+    envvar=_env("CONFIG"),
+    show_envvar=True,
+    help="Envoy bootstrap config; its admin.address is how we see LIVE.",
+)
+@click.option(
+    "--admin-address",
+    callback=_admin_address,
+    envvar=_env("ADMIN_ADDRESS"),
+    show_envvar=True,
+    help="HOST:PORT of Envoy's admin (default: from the config).",
+)
+@click.option(
+    "--base-id",
+    type=click.IntRange(min=0),
+    envvar=_env("BASE_ID"),
+    show_envvar=True,
+    help="Envoy --base-id, for its shared memory (default: from Envoy's command line).",
+)
+@click.option(
+    "--term-wait",
+    "term_wait_s",
+    type=SECONDS,
+    default=30.0,
+    envvar=_env("TERM_WAIT"),
+    show_envvar=True,
+    help="Seconds children get after SIGTERM before SIGKILL.",
+)
+@click.option(
+    "--start-timeout",
+    "start_timeout_s",
+    type=click.FloatRange(min=0.1),
+    default=60.0,
+    envvar=_env("START_TIMEOUT"),
+    show_envvar=True,
+    help="Seconds a new epoch gets to become LIVE before it is killed.",
+)
+@click.option(
+    "--max-drain-wait",
+    "max_drain_wait_s",
+    type=SECONDS,
+    default=60.0,
+    envvar=_env("MAX_DRAIN_WAIT"),
+    show_envvar=True,
+    help="Longest a restart waits for the previous parent to exit (0: do not wait).",
+)
+@click.option(
+    "--exit-on-child-failure",
+    is_flag=True,
+    envvar=_env("EXIT_ON_CHILD_FAILURE"),
+    show_envvar=True,
+    help="Upstream's behaviour: any failed child stops everything, exit 1.",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["human", "json"]),
+    default="human",
+    envvar=_env("LOG_FORMAT"),
+    show_envvar=True,
+    help="Log line format.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+    default="info",
+    envvar=_env("LOG_LEVEL"),
+    show_envvar=True,
+)
+@click.version_option(__version__, prog_name="envoy-autoreload")
+def cli(
+    start_script: Path,
+    script_args: tuple[str, ...],
+    config: Path | None,
+    admin_address: AdminAddress | None,
+    base_id: int | None,
+    term_wait_s: float,
+    start_timeout_s: float,
+    max_drain_wait_s: float,
+    exit_on_child_failure: bool,
+    log_format: LogFormat,
+    log_level: str,
+) -> None:
+    """Run START_SCRIPT as Envoy's hot-restart supervisor (drop-in for hot-restarter.py).
+
+    START_SCRIPT is exec'd with RESTART_EPOCH=0, 1, 2, ... and must end in
+    `exec envoy ... --restart-epoch "$RESTART_EPOCH"`. SIGHUP hot restarts,
+    SIGUSR1 is forwarded (log reopen), SIGTERM/SIGINT stop every child.
+    """
+    configure_logging(log_format, log_level)
+    settings = Settings(
+        start_script=start_script,
+        script_args=script_args,
+        term_wait_s=term_wait_s,
+        start_timeout_s=start_timeout_s,
+        max_drain_wait_s=max_drain_wait_s,
+        config=config.absolute() if config is not None else None,
+        admin_address=admin_address,
+        base_id=base_id,
+        exit_on_child_failure=exit_on_child_failure,
+    )
+    log_event(
+        logger,
+        logging.INFO,
+        "daemon.started",
+        version=__version__,
+        pid=os.getpid(),
+        start_script=str(start_script),
+    )
+    try:
+        code = run(settings)
+    except AutoreloadError as err:
+        click.echo(f"envoy-autoreload: error: {err}", err=True)
+        sys.exit(int(err.exit_code))
+    sys.exit(int(code))
+
+
+def main() -> None:
+    cli.main(prog_name="envoy-autoreload")
+
+
+__all__ = ["ExitCode", "cli", "main"]

@@ -1,0 +1,13 @@
+#!/bin/sh
+# Started by envoy-autoreload with RESTART_EPOCH=0, 1, 2, ...
+# `exec` matters: the supervisor's child PID must be Envoy itself, so signals reach it
+# and Envoy's parent-death signal ties it to the supervisor (ENVOY_FACTS §11).
+# Short drain and shutdown times suit a dev loop; production keeps Envoy's defaults
+# or whatever its connections need.
+here=$(dirname "$0")
+exec "${ENVOY_BIN:-envoy}" \
+    -c "${ENVOY_CONFIG:-$here/envoy.yaml}" \
+    --restart-epoch "$RESTART_EPOCH" \
+    --base-id "${ENVOY_BASE_ID:-0}" \
+    --drain-time-s 2 --parent-shutdown-time-s 3 \
+    --log-level "${ENVOY_LOG_LEVEL:-warning}"
