@@ -155,7 +155,8 @@ def find_envoy(pid: int, max_depth: int = 3) -> EnvoyProcess | None:
             exe = executable_of(candidate)
             if exe is not None and is_envoy_binary(exe):
                 argv = _read_argv(candidate)
-                if argv is None:
+                if not argv:
+                    # Mid-execve, /proc shows the new exe before the new cmdline: ask again.
                     return None
                 try:
                     cwd: str | None = os.readlink(f"/proc/{candidate}/cwd")

@@ -115,6 +115,7 @@ class Supervisor:
         self._hot_restart_versions: dict[str, str] = {}
         self._admin_addresses: dict[int, AdminAddress | None] = {}
         self._warned: set[str] = set()
+        self._family_base_id: int | None = None
 
     # -- public ---------------------------------------------------------------
     def run(self) -> ExitCode:
@@ -310,6 +311,8 @@ class Supervisor:
             return
         if gen.envoy is None and PROC_AVAILABLE:
             gen.envoy = find_envoy(gen.pid)
+            if gen.envoy is not None:
+                self._family_base_id = self._base_id(gen)
         if self._is_live(gen):
             self._on_live(gen)
             return
@@ -317,9 +320,11 @@ class Supervisor:
         self._reactor.set_timeout(Timer.PROBE, min(0.1, max(0.01, elapsed / 4)))
 
     def _is_live(self, gen: Generation) -> bool:
-        if gen.envoy is None and PROC_AVAILABLE:
-            return False  # the start script has not exec'd Envoy yet
-        admin = self._admin_address(gen)
+        admin = self._settings.admin_address
+        if admin is None:
+            if gen.envoy is None and PROC_AVAILABLE:
+                return False  # the start script has not exec'd Envoy yet
+            admin = self._admin_address(gen)
         if admin is not None:
             info = fetch_server_info(admin)
             if info is None or info.state != "LIVE" or info.restart_epoch != gen.epoch:
@@ -690,7 +695,19 @@ class Supervisor:
             self._reactor.cancel(Timer.TERM_WAIT)
             self._reactor.cancel(Timer.KILL_WAIT)
             self._exit_code = self._exit_floor
+            self._remove_shared_memory()
             self._event(logging.INFO, "shutdown.finished", exit_code=int(self._exit_code))
+
+    def _remove_shared_memory(self) -> None:
+        """Envoy leaves its segment behind after every exit (ENVOY_FACTS §0); with the
+        whole family gone nobody uses it, and the next epoch 0 would recreate it."""
+        if self._family_base_id is None:
+            return
+        path = shm_path(self._family_base_id)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as err:
+            self._event(logging.DEBUG, "hot_restart.shm_kept", str(err), path=str(path))
 
     def _kill_leftovers(self) -> None:
         """Last resort on the way out (a bug raised): no child outlives the daemon."""

@@ -1,0 +1,116 @@
+"""Run the real daemon (`python -m envoy_autoreload`) and read its JSON log events."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tests.helpers import wait_until
+
+Event = dict[str, Any]
+
+
+@dataclass
+class Daemon:
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def lines(self) -> list[str]:
+        try:
+            return self.log_path.read_text(errors="replace").splitlines()
+        except FileNotFoundError:
+            return []
+
+    def events(self, name: str | None = None, **match: object) -> list[Event]:
+        found: list[Event] = []
+        for line in self.lines():
+            if not line.startswith("{"):
+                continue  # Envoy's own log lines pass through our stderr
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if name is not None and event.get("event") != name:
+                continue
+            if all(event.get(k) == v for k, v in match.items()):
+                found.append(event)
+        return found
+
+    def wait_event(
+        self,
+        name: str,
+        *,
+        timeout_s: float = 30.0,
+        count: int = 1,
+        where: Callable[[Event], bool] | None = None,
+        **match: object,
+    ) -> Event:
+        def ready() -> Event | None:
+            events = [e for e in self.events(name, **match) if where is None or where(e)]
+            return events[count - 1] if len(events) >= count else None
+
+        try:
+            return wait_until(ready, timeout_s=timeout_s, what=f"event {name} {match}")
+        except AssertionError as err:
+            raise AssertionError(f"{err}\n--- daemon log ---\n" + "\n".join(self.lines()[-60:]))
+
+    def signal(self, signum: signal.Signals) -> None:
+        self.process.send_signal(signum)
+
+    def wait_exit(self, timeout_s: float = 60.0) -> int:
+        return self.process.wait(timeout=timeout_s)
+
+    def stop(self) -> None:
+        """Stop the daemon (and so its children) whatever state the test left it in."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        for event in self.events("child.started"):
+            _kill_if_ours(int(event["pid"]), self.pid)
+
+
+def _kill_if_ours(pid: int, daemon_pid: int) -> None:
+    """Kill a child the daemon started if it somehow outlived it (never by name)."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return
+    if b"RESTART_EPOCH=" in environ:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+
+
+def start_daemon(
+    args: list[str],
+    log_path: Path,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+) -> Daemon:
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "envoy_autoreload", "--log-format", "json", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            env={**os.environ, **(env or {})},
+            cwd=cwd,
+            start_new_session=True,
+        )
+    return Daemon(process, log_path)

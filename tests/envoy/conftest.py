@@ -1,0 +1,206 @@
+"""A real Envoy family per test: its own base id, free ports, and a cleanup that always runs."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.daemon import Daemon, start_daemon
+from tests.helpers import free_port, http_get
+
+ENVOY_BIN = Path(sys.executable).parent / "envoy"
+_base_ids = itertools.count(20000 + (os.getpid() % 400) * 50)
+
+CONFIG_TEMPLATE = """\
+admin:
+  address:
+    socket_address: {{ address: 127.0.0.1, port_value: {admin_port} }}
+static_resources:
+  listeners:
+{listeners}
+  clusters:
+    - name: known
+      connect_timeout: 1s
+      type: STATIC
+      load_assignment:
+        cluster_name: known
+        endpoints:
+          - lb_endpoints:
+              - endpoint:
+                  address:
+                    socket_address: {{ address: 127.0.0.1, port_value: {admin_port} }}
+"""
+
+LISTENER_TEMPLATE = """\
+    - name: {name}
+      address:
+        socket_address: {{ address: 127.0.0.1, port_value: {port} }}
+      filter_chains:
+        - filters:
+            - name: envoy.filters.network.http_connection_manager
+              typed_config:
+                "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+                stat_prefix: {name}
+{access_log}                http_filters:
+                  - name: envoy.filters.http.router
+                    typed_config:
+                      "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+                route_config:
+                  virtual_hosts:
+                    - name: all
+                      domains: ["*"]
+                      routes:
+                        - match: {{ prefix: "/" }}
+                          direct_response:
+                            status: 200
+                            body: {{ inline_string: "{body}" }}
+"""
+
+ACCESS_LOG_TEMPLATE = """\
+                access_log:
+                  - name: envoy.access_loggers.file
+                    typed_config:
+                      "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
+                      path: {path}
+"""
+
+START_SCRIPT = """\
+#!/bin/sh
+{prelude}exec {envoy} -c {config} --restart-epoch "$RESTART_EPOCH" --base-id {base_id} \\
+    --drain-time-s 1 --parent-shutdown-time-s 2 --file-flush-interval-msec 100 \\
+    --log-level info
+"""
+
+
+def _allocate_base_id() -> int:
+    for base_id in _base_ids:
+        if not Path(f"/dev/shm/envoy_shared_memory_{base_id * 10}").exists():
+            return base_id
+    raise AssertionError("unreachable")
+
+
+@dataclass
+class EnvoyFamily:
+    """One test's Envoy: config and start script in its own directory."""
+
+    root: Path
+    base_id: int = field(default_factory=_allocate_base_id)
+    admin_port: int = field(default_factory=free_port)
+    listener_port: int = field(default_factory=free_port)
+    daemons: list[Daemon] = field(default_factory=list)
+
+    @property
+    def config(self) -> Path:
+        return self.root / "envoy.yaml"
+
+    @property
+    def script(self) -> Path:
+        return self.root / "start_envoy.sh"
+
+    @property
+    def shm(self) -> Path:
+        return Path(f"/dev/shm/envoy_shared_memory_{self.base_id * 10}")
+
+    def write_config(
+        self,
+        body: str,
+        *,
+        extra_listener_port: int | None = None,
+        access_log: Path | None = None,
+    ) -> None:
+        """Write the config atomically (rename over), as an editor or config push would."""
+        log_block = ACCESS_LOG_TEMPLATE.format(path=access_log) if access_log else ""
+        listeners = [
+            LISTENER_TEMPLATE.format(
+                name="main", port=self.listener_port, body=body, access_log=log_block
+            )
+        ]
+        if extra_listener_port is not None:
+            listeners.append(
+                LISTENER_TEMPLATE.format(
+                    name="extra", port=extra_listener_port, body=body, access_log=""
+                )
+            )
+        self.write_raw(
+            CONFIG_TEMPLATE.format(admin_port=self.admin_port, listeners="".join(listeners))
+        )
+
+    def write_raw(self, text: str) -> None:
+        tmp = self.config.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, self.config)
+
+    def write_script(self, prelude: str = "") -> None:
+        self.script.write_text(
+            START_SCRIPT.format(
+                prelude=prelude, envoy=ENVOY_BIN, config=self.config, base_id=self.base_id
+            )
+        )
+        self.script.chmod(0o755)
+
+    def body(self) -> str | None:
+        """The listener's body over a fresh connection, or None if it does not answer."""
+        result = http_get(self.listener_port)
+        return result[1] if result is not None and result[0] == 200 else None
+
+    def server_info(self) -> dict[str, Any] | None:
+        result = http_get(self.admin_port, "/server_info")
+        if result is None or result[0] != 200:
+            return None
+        info: dict[str, Any] = json.loads(result[1])
+        return info
+
+    def start(self, *extra_args: str, env: dict[str, str] | None = None) -> Daemon:
+        daemon = start_daemon(
+            [*extra_args, str(self.script)], self.root / f"daemon{len(self.daemons)}.log", env=env
+        )
+        self.daemons.append(daemon)
+        return daemon
+
+    def our_processes(self) -> list[int]:
+        """PIDs of any process whose command line names this family's base id."""
+        needle = f"--base-id\0{self.base_id}\0".encode()
+        pids: list[int] = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                if needle in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+        return pids
+
+    def cleanup(self) -> list[int]:
+        for daemon in self.daemons:
+            daemon.stop()
+        leaked = self.our_processes()
+        for pid in leaked:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.shm.unlink(missing_ok=True)
+        return leaked
+
+
+@pytest.fixture
+def envoy_family(tmp_path: Path) -> Iterator[EnvoyFamily]:
+    assert ENVOY_BIN.exists(), f"real Envoy expected at {ENVOY_BIN} (pip install -e '.[test]')"
+    family = EnvoyFamily(tmp_path)
+    family.write_config("v0")
+    family.write_script()
+    try:
+        yield family
+    finally:
+        leaked = family.cleanup()
+    assert not leaked, f"Envoy processes outlived the daemon: {leaked}"

