@@ -63,7 +63,9 @@ class Daemon:
         try:
             return wait_until(ready, timeout_s=timeout_s, what=f"event {name} {match}")
         except AssertionError as err:
-            raise AssertionError(f"{err}\n--- daemon log ---\n" + "\n".join(self.lines()[-60:]))
+            raise AssertionError(
+                f"{err}\n--- daemon log ---\n" + "\n".join(self.lines()[-60:])
+            ) from None
 
     def signal(self, signum: signal.Signals) -> None:
         self.process.send_signal(signum)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -48,7 +49,7 @@ LISTENER_TEMPLATE = """\
         - filters:
             - name: envoy.filters.network.http_connection_manager
               typed_config:
-                "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+                "@type": {hcm_type}
                 stat_prefix: {name}
 {access_log}                http_filters:
                   - name: envoy.filters.http.router
@@ -69,9 +70,15 @@ ACCESS_LOG_TEMPLATE = """\
                 access_log:
                   - name: envoy.access_loggers.file
                     typed_config:
-                      "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
+                      "@type": {file_log_type}
                       path: {path}
 """
+
+HCM_TYPE = (
+    "type.googleapis.com/"
+    "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+)
+FILE_LOG_TYPE = "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog"
 
 START_SCRIPT = """\
 #!/bin/sh
@@ -118,16 +125,28 @@ class EnvoyFamily:
         access_log: Path | None = None,
     ) -> None:
         """Write the config atomically (rename over), as an editor or config push would."""
-        log_block = ACCESS_LOG_TEMPLATE.format(path=access_log) if access_log else ""
+        log_block = (
+            ACCESS_LOG_TEMPLATE.format(path=access_log, file_log_type=FILE_LOG_TYPE)
+            if access_log
+            else ""
+        )
         listeners = [
             LISTENER_TEMPLATE.format(
-                name="main", port=self.listener_port, body=body, access_log=log_block
+                name="main",
+                port=self.listener_port,
+                body=body,
+                access_log=log_block,
+                hcm_type=HCM_TYPE,
             )
         ]
         if extra_listener_port is not None:
             listeners.append(
                 LISTENER_TEMPLATE.format(
-                    name="extra", port=extra_listener_port, body=body, access_log=""
+                    name="extra",
+                    port=extra_listener_port,
+                    body=body,
+                    access_log="",
+                    hcm_type=HCM_TYPE,
                 )
             )
         self.write_raw(
@@ -185,10 +204,8 @@ class EnvoyFamily:
             daemon.stop()
         leaked = self.our_processes()
         for pid in leaked:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         self.shm.unlink(missing_ok=True)
         return leaked
 

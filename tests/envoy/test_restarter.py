@@ -181,7 +181,7 @@ def test_a_start_that_hangs_is_killed_at_its_deadline_and_the_old_epoch_serves(
     envoy_family: EnvoyFamily,
 ) -> None:
     hang = envoy_family.root / "hang"
-    envoy_family.write_script(prelude=f'[ -e {hang} ] && exec sleep 600\n')
+    envoy_family.write_script(prelude=f"[ -e {hang} ] && exec sleep 600\n")
     daemon = envoy_family.start("--start-timeout", "2")
     old = daemon.wait_event("child.serving", epoch=0)
     hang.touch()
