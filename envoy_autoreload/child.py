@@ -75,6 +75,7 @@ class Generation:
     state: GenerationState = GenerationState.STARTING
     serving_at: float | None = None
     draining_since: float | None = None
+    drain_cut_by_restart: bool = False
     killed_by_us: str | None = None
     envoy: EnvoyProcess | None = None
     stderr_tail: collections.deque[str] = field(

@@ -264,6 +264,9 @@ class Supervisor:
         self._requests.clear()
         self._retry_wanted = False
         self._drain_wait_over = False
+        for draining in self._in_state(GenerationState.DRAINING):
+            # A third process makes the serving one end this drain at once (§8).
+            draining.drain_cut_by_restart = True
         self._reactor.cancel(Timer.RETRY)
         self._reactor.cancel(Timer.DRAIN_WAIT)
         self._start(serving.epoch + 1, reason)
@@ -521,7 +524,7 @@ class Supervisor:
         self._event(
             logging.INFO,
             "child.exited",
-            "drain finished",
+            "drain cut short by a newer epoch" if gen.drain_cut_by_restart else "drain finished",
             epoch=gen.epoch,
             pid=gen.pid,
             status=status,
@@ -529,6 +532,8 @@ class Supervisor:
 
     def _is_early(self, gen: Generation, successor: Generation) -> bool:
         assert gen.draining_since is not None
+        if gen.drain_cut_by_restart:
+            return False
         shutdown_s = ENVOY_DEFAULT_PARENT_SHUTDOWN_S
         if successor.envoy is not None and successor.envoy.command_line.parent_shutdown_time_s:
             shutdown_s = successor.envoy.command_line.parent_shutdown_time_s

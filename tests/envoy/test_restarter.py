@@ -204,3 +204,56 @@ def test_exit_on_child_failure_gives_upstreams_behaviour(envoy_family: EnvoyFami
     daemon.signal(signal.SIGHUP)
     assert daemon.wait_exit() == 1
     assert envoy_family.body() is None
+
+
+def test_sigint_stops_like_sigterm(envoy_family: EnvoyFamily) -> None:
+    daemon = envoy_family.start()
+    daemon.wait_event("child.serving", epoch=0)
+    daemon.signal(signal.SIGINT)
+    assert daemon.wait_exit() == 0
+    assert envoy_family.body() is None
+
+
+def test_restart_waits_for_the_previous_parent_then_gives_up_at_max_drain_wait(
+    envoy_family: EnvoyFamily,
+) -> None:
+    # parent-shutdown-time is 2 s: by default the second restart waits for epoch 0 to exit.
+    daemon = envoy_family.start()
+    daemon.wait_event("child.serving", epoch=0)
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_event("child.serving", epoch=1)
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_event("restart.waiting", epoch=0)
+    daemon.wait_event("child.serving", epoch=2)
+    exited = daemon.events("child.exited", epoch=0)
+    started = daemon.events("child.started", epoch=2)
+    assert exited and started and exited[0]["ts"] <= started[0]["ts"]
+    assert not daemon.events("restart.drain_wait_exceeded")
+
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait_exit() == 0
+
+    impatient = envoy_family.start("--max-drain-wait", "0.3")
+    impatient.wait_event("child.serving", epoch=0)
+    impatient.signal(signal.SIGHUP)
+    impatient.wait_event("child.serving", epoch=1)
+    impatient.signal(signal.SIGHUP)
+    impatient.wait_event("restart.drain_wait_exceeded", epoch=0)
+    impatient.wait_event("child.serving", epoch=2)
+    epoch_0_exit = impatient.wait_event("child.exited", epoch=0)
+    assert epoch_0_exit["ts"] >= impatient.events("child.started", epoch=2)[0]["ts"]
+
+
+def test_start_script_without_exec_is_warned_about_and_still_supervised(
+    envoy_family: EnvoyFamily,
+) -> None:
+    text = envoy_family.script.read_text().replace("exec ", "", 1)
+    envoy_family.script.write_text(text)
+    daemon = envoy_family.start()
+    daemon.wait_event("child.serving", epoch=0)
+    warning = daemon.wait_event("start_script.no_exec")
+    assert "exec" in warning["message"]
+    assert envoy_family.body() == "v0"
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait_exit() == 0
+    wait_until(lambda: not envoy_family.our_processes(), timeout_s=15, what="Envoy gone")
