@@ -45,3 +45,7 @@ class ConfigError(AutoreloadError):
 
 class SpawnError(AutoreloadError):
     """The start script could not be executed at all (exec failed)."""
+
+
+class WatchLimitError(AutoreloadError):
+    """inotify ran out of watches (ENOSPC) or instances (EMFILE); the text has the fix."""

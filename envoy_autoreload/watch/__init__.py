@@ -1,0 +1,43 @@
+"""Filesystem watching: the `Watcher` protocol and the choice of backend.
+
+Linux uses inotify directly (one instance, its fd in the selector: no thread, no
+polling). Elsewhere, or with `--watcher watchdog`, the watchdog observer feeds the same
+loop through a pipe. Both are told which directories to watch by the content scanner
+and both report changed paths; the debouncer and the digest do the rest.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Literal, Protocol
+
+from envoy_autoreload.watch.filters import NoiseFilter
+
+WatcherKind = Literal["auto", "inotify", "watchdog"]
+
+
+class Watcher(Protocol):
+    def fileno(self) -> int: ...
+
+    @property
+    def watch_count(self) -> int: ...
+
+    def watch_directory(self, path: Path, names: frozenset[str] | None) -> None: ...
+
+    def retire(self, keep: set[Path]) -> None: ...
+
+    def read_changes(self) -> set[str]: ...
+
+    def close(self) -> None: ...
+
+
+def open_watcher(kind: WatcherKind, noise: NoiseFilter) -> Watcher:
+    """inotify on Linux unless watchdog is asked for; watchdog everywhere else."""
+    if kind == "inotify" or (kind == "auto" and sys.platform.startswith("linux")):
+        from envoy_autoreload.watch.inotify import InotifyWatcher
+
+        return InotifyWatcher(noise)
+    from envoy_autoreload.watch.fallback import WatchdogWatcher
+
+    return WatchdogWatcher(noise)

@@ -1,0 +1,115 @@
+"""From filesystem events to "the configuration changed": watcher + debouncer + digest.
+
+The supervisor sees three calls: `on_readable` when the watcher's fd is readable,
+`deadline` for when a burst will be due, and `settle` once it is, which rescans and
+returns the new snapshot. Whether that snapshot differs from what the serving Envoy
+started from is the supervisor's question, because only it knows which generation that is.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from envoy_autoreload.debounce import Debouncer
+from envoy_autoreload.digest import ContentScanner, Snapshot, WatchRoot
+from envoy_autoreload.logs import log_event
+from envoy_autoreload.watch import Watcher, WatcherKind, open_watcher
+from envoy_autoreload.watch.filters import NoiseFilter
+from envoy_autoreload.watch.inotify import OVERFLOW
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class SettledBurst:
+    events: int
+    paths: frozenset[str]
+    snapshot: Snapshot
+
+
+class ChangeDetector:
+    def __init__(
+        self,
+        roots: Iterable[WatchRoot],
+        *,
+        watcher_kind: WatcherKind,
+        ignore_globs: Iterable[str],
+        quiet_s: float,
+        max_wait_s: float,
+    ) -> None:
+        self._noise = NoiseFilter(ignore_globs)
+        self._scanner = ContentScanner(roots, self._noise)
+        self._watcher_kind = watcher_kind
+        self._watcher: Watcher | None = None
+        self._debouncer = Debouncer(quiet_s, max_wait_s)
+        self.snapshot: Snapshot | None = None
+        self.events_total = 0
+
+    @property
+    def roots(self) -> tuple[WatchRoot, ...]:
+        return self._scanner.roots
+
+    @property
+    def watch_count(self) -> int:
+        return self._watcher.watch_count if self._watcher is not None else 0
+
+    def start(self) -> Snapshot:
+        """Open the watcher and take the first snapshot, watching as the walk goes."""
+        self._watcher = open_watcher(self._watcher_kind, self._noise)
+        return self._rescan()
+
+    def fileno(self) -> int:
+        assert self._watcher is not None
+        return self._watcher.fileno()
+
+    def on_readable(self, now: float) -> None:
+        assert self._watcher is not None
+        changed = self._watcher.read_changes()
+        if not changed:
+            return
+        for path in sorted(changed)[:20]:
+            log_event(logger, logging.DEBUG, "watch.event", path=path)
+        if OVERFLOW in changed:
+            log_event(
+                logger,
+                logging.WARNING,
+                "watch.overflow",
+                "the kernel dropped filesystem events; rescanning everything",
+            )
+        self.events_total += len(changed)
+        self._debouncer.add(now, changed)
+
+    def deadline(self) -> float | None:
+        return self._debouncer.deadline()
+
+    def settle(self, now: float) -> SettledBurst | None:
+        if not self._debouncer.is_due(now):
+            return None
+        events = self._debouncer.events_seen
+        self._debouncer.events_seen = 0
+        paths = frozenset(self._debouncer.take())
+        return SettledBurst(events, paths, self._rescan())
+
+    def _rescan(self) -> Snapshot:
+        assert self._watcher is not None
+        snapshot = self._scanner.scan(self._watcher.watch_directory)
+        self._watcher.retire(set(snapshot.directories))
+        previous = self.snapshot
+        self.snapshot = snapshot
+        if snapshot.unreadable and (previous is None or previous.unreadable != snapshot.unreadable):
+            log_event(
+                logger,
+                logging.WARNING,
+                "watch.unreadable",
+                "permission denied; changes there are not seen",
+                paths=list(snapshot.unreadable[:10]),
+                count=len(snapshot.unreadable),
+            )
+        return snapshot
+
+    def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.close()
+            self._watcher = None

@@ -1,0 +1,121 @@
+"""The `watchdog` backend: for macOS and other non-Linux dev loops, and tested on Linux.
+
+watchdog's observer runs its own thread. That thread does one thing: put the raw paths
+of an event on a queue and write a byte to a pipe whose read end sits in the daemon's
+selector. Filtering, new-directory watches and everything else happen in the main
+thread, in `read_changes`, like the inotify backend. Each directory is scheduled on its
+own (not recursively), from the same scanner walk the inotify backend uses, so both
+backends watch exactly the same set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+from pathlib import Path
+
+from watchdog.events import (
+    DirModifiedEvent,
+    FileClosedNoWriteEvent,
+    FileOpenedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver, ObservedWatch
+
+from envoy_autoreload.watch.filters import NoiseFilter
+
+_IGNORED_EVENTS = (FileOpenedEvent, FileClosedNoWriteEvent, DirModifiedEvent)
+
+
+class _QueueingHandler(FileSystemEventHandler):
+    """Runs in watchdog's thread: queue the paths, ring the pipe, touch nothing else."""
+
+    def __init__(self, sink: queue.SimpleQueue[tuple[str, bool]], bell_fd: int) -> None:
+        self._sink = sink
+        self._bell_fd = bell_fd
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if isinstance(event, _IGNORED_EVENTS):
+            return
+        for raw in (event.src_path, getattr(event, "dest_path", "")):
+            if raw:
+                path = raw.decode(errors="surrogateescape") if isinstance(raw, bytes) else raw
+                self._sink.put((path, event.is_directory))
+        with contextlib.suppress(BlockingIOError, OSError):
+            os.write(self._bell_fd, b"\0")
+
+
+class WatchdogWatcher:
+    def __init__(self, noise: NoiseFilter) -> None:
+        self._noise = noise
+        self._read_fd, self._write_fd = os.pipe()
+        os.set_blocking(self._read_fd, False)
+        os.set_blocking(self._write_fd, False)
+        self._queue: queue.SimpleQueue[tuple[str, bool]] = queue.SimpleQueue()
+        self._handler = _QueueingHandler(self._queue, self._write_fd)
+        self._observer: BaseObserver = Observer()
+        self._observer.daemon = True
+        self._observer.start()
+        self._watches: dict[Path, tuple[ObservedWatch, frozenset[str] | None]] = {}
+
+    def fileno(self) -> int:
+        return self._read_fd
+
+    @property
+    def watch_count(self) -> int:
+        return len(self._watches)
+
+    def watch_directory(self, path: Path, names: frozenset[str] | None) -> None:
+        existing = self._watches.get(path)
+        if existing is not None:
+            watch, current = existing
+            merged = None if current is None or names is None else current | names
+            self._watches[path] = (watch, merged)
+            return
+        try:
+            watch = self._observer.schedule(self._handler, str(path), recursive=False)
+        except OSError:
+            return  # gone or unreadable since the walk saw it
+        self._watches[path] = (watch, names)
+
+    def retire(self, keep: set[Path]) -> None:
+        for path, (watch, names) in list(self._watches.items()):
+            if path in keep or names is not None:
+                continue
+            del self._watches[path]
+            with contextlib.suppress(KeyError, OSError):
+                self._observer.unschedule(watch)
+
+    def read_changes(self) -> set[str]:
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._read_fd, 4096):
+                pass
+        changed: set[str] = set()
+        while True:
+            try:
+                raw, is_directory = self._queue.get_nowait()
+            except queue.Empty:
+                return changed
+            path = Path(raw)
+            if self._noise.is_noise(path.name):
+                continue
+            entry = self._watches.get(path.parent)
+            if entry is not None and entry[1] is not None and path.name not in entry[1]:
+                continue
+            if is_directory and entry is not None and entry[1] is None and path.is_dir():
+                self._watch_new_tree(path)
+            changed.add(str(path))
+
+    def _watch_new_tree(self, top: Path) -> None:
+        for current, dirs, _files in os.walk(top):
+            dirs[:] = [d for d in dirs if not self._noise.is_noise(d)]
+            self.watch_directory(Path(current), None)
+
+    def close(self) -> None:
+        self._observer.stop()
+        self._observer.join(timeout=5)
+        os.close(self._read_fd)
+        os.close(self._write_fd)

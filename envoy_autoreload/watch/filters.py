@@ -1,0 +1,49 @@
+"""Which file names are editor or tool droppings, never configuration.
+
+Filters only save wakeups: the content digest decides whether anything changed, so a
+missed filter costs a rescan, never a restart. They must never swallow Kubernetes'
+`..data` and `..<timestamp>` entries (a ConfigMap update is a rename of `..data`), which
+is why there is no blanket dot-file rule (uvicorn's `.*` would hide them).
+
+Defaults follow watchfiles' DefaultFilter, extended with what the editors we saw do:
+- vim: `.name.swp`/`.swx`/`.swo` swap files, `name~` backups, and the `4913` probe file
+  it creates to test whether the directory is writable;
+- emacs: `#name#` autosaves, `.#name` lock symlinks, `name~` backups;
+- kate `.name.kate-swp`; JetBrains `name___jb_tmp___`/`___jb_old___`; gedit
+  `.goutputstream-XXXXXX`; macOS `.DS_Store`; `*.tmp` temp files (VS Code, our tests,
+  many push tools write a temp file and rename it over the target).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable
+from typing import Final
+
+DEFAULT_IGNORE_GLOBS: Final[tuple[str, ...]] = (
+    "*.swp",
+    "*.swx",
+    "*.swo",
+    "*~",
+    ".#*",
+    "#*#",
+    "4913",
+    "*.tmp",
+    ".*.kate-swp",
+    "*___jb_tmp___",
+    "*___jb_old___",
+    ".goutputstream-*",
+    ".DS_Store",
+)
+
+
+class NoiseFilter:
+    """Answers whether a file name (not a path) should be ignored."""
+
+    def __init__(self, extra_globs: Iterable[str] = ()) -> None:
+        self.globs: tuple[str, ...] = DEFAULT_IGNORE_GLOBS + tuple(extra_globs)
+
+    def is_noise(self, name: str) -> bool:
+        if name.startswith(".."):
+            return False  # kubelet's ..data and ..<timestamp>: the ConfigMap swap itself
+        return any(fnmatch.fnmatchcase(name, glob) for glob in self.globs)

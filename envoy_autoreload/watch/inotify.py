@@ -1,0 +1,163 @@
+"""Linux inotify through `inotify_simple`: one instance, its fd in the daemon's selector.
+
+The only module that imports inotify_simple (it ships no type information). Watches are
+on directories, never on the files themselves: an editor's atomic save or a ConfigMap
+`..data` swap replaces the inode a file watch would follow (inotify(7): watches follow
+inodes, not paths). Which directories to watch comes from `ContentScanner`'s walk; this
+module adds a watch for a new subdirectory the moment it appears, so a push that creates
+a directory and fills it keeps extending the same burst.
+
+What counts as an event: IN_CLOSE_WRITE (a write is seen once, when the file is
+closed, not at every write(2)), renames in and out, deletions, attribute changes (the
+digest then says "unchanged"), and IN_CREATE only for directories and symlinks: a
+regular file's creation is followed by its IN_CLOSE_WRITE, and reacting to the creation
+would read a half-written file. IN_Q_OVERFLOW means events were lost: report it, and
+the settle rescans everything anyway.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+from pathlib import Path
+from typing import Final
+
+import inotify_simple
+
+from envoy_autoreload.limits import instance_limit_error, watch_limit_error
+from envoy_autoreload.watch.filters import NoiseFilter
+
+OVERFLOW: Final = "<inotify queue overflow>"
+
+_F = inotify_simple.flags
+WATCH_MASK: Final[int] = int(
+    _F.CLOSE_WRITE
+    | _F.MOVED_FROM
+    | _F.MOVED_TO
+    | _F.CREATE
+    | _F.DELETE
+    | _F.DELETE_SELF
+    | _F.MOVE_SELF
+    | _F.ATTRIB
+    | _F.ONLYDIR
+)
+_IN_ISDIR: Final[int] = int(_F.ISDIR)
+_IN_CREATE: Final[int] = int(_F.CREATE)
+_IN_MOVED_TO: Final[int] = int(_F.MOVED_TO)
+_IN_IGNORED: Final[int] = int(_F.IGNORED)
+_IN_Q_OVERFLOW: Final[int] = int(_F.Q_OVERFLOW)
+_SELF_EVENTS: Final[int] = int(_F.DELETE_SELF | _F.MOVE_SELF)
+
+
+class InotifyWatcher:
+    """Directory watches on one inotify instance; reports changed paths."""
+
+    def __init__(self, noise: NoiseFilter) -> None:
+        self._noise = noise
+        try:
+            self._inotify = inotify_simple.INotify(nonblocking=True)
+        except OSError as err:
+            if err.errno == errno.EMFILE:
+                raise instance_limit_error(err) from err
+            raise
+        self._by_wd: dict[int, tuple[Path, frozenset[str] | None]] = {}
+        self._by_path: dict[Path, int] = {}
+
+    def fileno(self) -> int:
+        return int(self._inotify.fileno())
+
+    @property
+    def watch_count(self) -> int:
+        return len(self._by_wd)
+
+    def watch_directory(self, path: Path, names: frozenset[str] | None) -> None:
+        """Watch `path`: every entry (names None) or only the given names."""
+        wd = self._by_path.get(path)
+        if wd is not None:
+            current = self._by_wd[wd][1]
+            if current is None or names is None:
+                self._by_wd[wd] = (path, None)
+            else:
+                self._by_wd[wd] = (path, current | names)
+            return
+        try:
+            wd = int(self._inotify.add_watch(str(path), WATCH_MASK))
+        except OSError as err:
+            if err.errno in (errno.ENOENT, errno.ENOTDIR):
+                return  # gone since the walk saw it; its parent's event covers it
+            if err.errno == errno.ENOSPC:
+                raise watch_limit_error(path, self.watch_count, err) from err
+            if err.errno == errno.EACCES:
+                return  # the walk reports unreadable paths
+            raise
+        previous = self._by_wd.get(wd)
+        if previous is not None and previous[0] != path:
+            # Same inode reached by another path (a bind mount or a moved directory).
+            self._by_path.pop(previous[0], None)
+        self._by_wd[wd] = (path, names)
+        self._by_path[path] = wd
+
+    def retire(self, keep: set[Path]) -> None:
+        """Drop watches on directories the last walk no longer reached (moved away)."""
+        for path, wd in list(self._by_path.items()):
+            if path in keep:
+                continue
+            _path, names = self._by_wd.get(wd, (path, None))
+            if names is not None:
+                continue  # a symlink chain's parent, kept by name
+            self._forget(wd)
+            with contextlib.suppress(OSError):  # already gone: IN_IGNORED is on its way
+                self._inotify.rm_watch(wd)
+
+    def read_changes(self) -> set[str]:
+        """Drain pending events without blocking; return the paths that matter."""
+        changed: set[str] = set()
+        for event in self._inotify.read(timeout=0):
+            mask = int(event.mask)
+            if mask & _IN_Q_OVERFLOW:
+                changed.add(OVERFLOW)
+                continue
+            entry = self._by_wd.get(int(event.wd))
+            if entry is None:
+                continue
+            directory, names = entry
+            if mask & _IN_IGNORED:
+                self._forget(int(event.wd))
+                continue
+            if mask & _SELF_EVENTS:
+                changed.add(str(directory))
+                continue
+            name = str(event.name)
+            if not name or self._noise.is_noise(name):
+                continue
+            if names is not None and name not in names:
+                continue
+            path = directory / name
+            if mask & _IN_CREATE and not mask & _IN_ISDIR and not _is_symlink(path):
+                continue  # its IN_CLOSE_WRITE follows; never read a half-written file
+            if names is None and mask & _IN_ISDIR and mask & (_IN_CREATE | _IN_MOVED_TO):
+                self._watch_new_tree(path)
+            changed.add(str(path))
+        return changed
+
+    def _watch_new_tree(self, top: Path) -> None:
+        for current, dirs, _files in os.walk(top):
+            dirs[:] = [d for d in dirs if not self._noise.is_noise(d)]
+            self.watch_directory(Path(current), None)
+
+    def _forget(self, wd: int) -> None:
+        entry = self._by_wd.pop(wd, None)
+        if entry is not None and self._by_path.get(entry[0]) == wd:
+            del self._by_path[entry[0]]
+
+    def close(self) -> None:
+        self._inotify.close()
+
+
+def _is_symlink(path: Path) -> bool:
+    try:
+        return stat.S_ISLNK(os.lstat(path).st_mode)
+    except OSError:
+        return False
