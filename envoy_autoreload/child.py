@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
+from envoy_autoreload.digest import Snapshot
 from envoy_autoreload.envoy_process import EnvoyProcess
 
 STDERR_TAIL_LINES: Final = 12
@@ -76,8 +77,10 @@ class Generation:
     serving_at: float | None = None
     draining_since: float | None = None
     drain_cut_by_restart: bool = False
+    doomed: bool = False
     killed_by_us: str | None = None
     envoy: EnvoyProcess | None = None
+    snapshot: Snapshot | None = None
     stderr_tail: collections.deque[str] = field(
         default_factory=lambda: collections.deque(maxlen=STDERR_TAIL_LINES)
     )

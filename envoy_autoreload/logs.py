@@ -36,7 +36,10 @@ def log_event(
     detail: str | None = None,
     **fields: FieldValue,
 ) -> None:
-    """Emit one event line; `fields` become key=value pairs (epoch=, pid=, ...)."""
+    """Emit one event line; `fields` become key=value pairs (epoch=, pid=, ...).
+
+    Fields whose value is None are left out, so callers can pass "not applicable".
+    """
     if not logger.isEnabledFor(level):
         return
     logger.log(
@@ -76,7 +79,7 @@ class HumanFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         stamp = datetime.datetime.fromtimestamp(record.created).strftime("%H:%M:%S.%f")[:-3]
         parts = [stamp, f"{record.levelname:<5}", _event_of(record)]
-        parts += [f"{k}={_render_value(v)}" for k, v in _fields_of(record).items()]
+        parts += [f"{k}={_render_value(v)}" for k, v in _fields_of(record).items() if v is not None]
         message = record.getMessage()
         if message:
             parts.append(message)
@@ -100,7 +103,7 @@ class JsonFormatter(logging.Formatter):
             "event": _event_of(record),
             "message": record.getMessage(),
         }
-        obj.update(_fields_of(record))
+        obj.update((k, v) for k, v in _fields_of(record).items() if v is not None)
         detail = _detail_of(record)
         if detail:
             obj["output"] = detail

@@ -61,6 +61,7 @@ from envoy_autoreload.hot_restart_shm import (
 from envoy_autoreload.logs import FieldValue, log_event
 from envoy_autoreload.loop import DeadlineReached, Event, FdReady, Reactor, SignalReceived
 from envoy_autoreload.settings import Settings
+from envoy_autoreload.watch.changes import ChangeDetector
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,7 @@ NO_ADMIN_SETTLE_S: Final = 1.0
 KILL_REAP_WAIT_S: Final = 5.0
 HOT_RESTART_VERSION_TIMEOUT_S: Final = 5.0
 MAX_QUEUED_REASONS: Final = 8
+PARENT_DIED: Final = "its parent, the serving epoch, died"
 
 
 class Timer(enum.Enum):
@@ -81,6 +83,7 @@ class Timer(enum.Enum):
     DRAIN_WAIT = "drain_wait"  # --max-drain-wait for the previous parent to exit
     TERM_WAIT = "term_wait"  # --term-wait after SIGTERM to every child
     KILL_WAIT = "kill_wait"  # how long SIGKILLed children get to be reaped
+    DEBOUNCE = "debounce"  # a burst of file events is due (quiet window or max wait)
 
 
 class SupervisorState(enum.Enum):
@@ -97,15 +100,19 @@ class SupervisorState(enum.Enum):
 class Supervisor:
     """Runs generations of the start script and keeps one of them serving."""
 
-    def __init__(self, settings: Settings, reactor: Reactor) -> None:
+    def __init__(
+        self, settings: Settings, reactor: Reactor, changes: ChangeDetector | None = None
+    ) -> None:
         self._settings = settings
         self._reactor = reactor
+        self._changes = changes
         self._generations: list[Generation] = []
         self._requests: list[str] = []
         self._retry_wanted = False
         self._hot_failures = 0
         self._cold_failures = 0
         self._need_cold_start = False
+        self._respawn_epoch: int | None = None
         self._cold_reason = "startup"
         self._drain_wait_over = False
         self._crash_budget = CrashBudget()
@@ -121,6 +128,8 @@ class Supervisor:
     def run(self) -> ExitCode:
         """Start epoch 0 and supervise until stopped; always leaves no child behind."""
         try:
+            if self._changes is not None:
+                self._start_watching(self._changes)
             self._start(0, "startup", first=True)
             while True:
                 for event in self._reactor.poll():
@@ -145,7 +154,7 @@ class Supervisor:
             return SupervisorState.RESTARTING
         return SupervisorState.SERVING
 
-    def request_restart(self, reason: str) -> None:
+    def request_restart(self, reason: str, changed: list[str] | None = None) -> None:
         """Queue a hot restart; any number of queued requests run as one."""
         if self._stopping:
             return
@@ -162,10 +171,17 @@ class Supervisor:
                 reason=reason,
                 epoch=serving.epoch if serving else None,
                 pid=serving.pid if serving else None,
+                changed=changed[:5] if changed is not None else None,
+                count=len(changed) if changed is not None else None,
             )
         else:
             self._event(
-                logging.DEBUG, "restart.coalesced", reason=reason, queued=len(self._requests)
+                logging.DEBUG,
+                "restart.coalesced",
+                reason=reason,
+                queued=len(self._requests),
+                changed=changed[:5] if changed is not None else None,
+                count=len(changed) if changed is not None else None,
             )
 
     # -- dispatch -------------------------------------------------------------
@@ -176,6 +192,8 @@ class Supervisor:
             case FdReady(key=key):
                 if isinstance(key, Generation):
                     self._on_stderr(key)
+                elif isinstance(key, ChangeDetector):
+                    self._on_watch_readable(key)
             case DeadlineReached(key=key):
                 if isinstance(key, Timer):
                     self._on_timer(key)
@@ -218,6 +236,8 @@ class Supervisor:
                     )
             case Timer.TERM_WAIT:
                 self._kill_remaining()
+            case Timer.DEBOUNCE:
+                self._on_burst_due()
             case Timer.KILL_WAIT:
                 self._event(
                     logging.ERROR,
@@ -236,6 +256,61 @@ class Supervisor:
                 self._reactor.remove_reader(fd)
             gen.close_stderr()
 
+    # -- watching -------------------------------------------------------------
+    def _start_watching(self, changes: ChangeDetector) -> None:
+        snapshot = changes.start()
+        self._reactor.add_reader(changes.fileno(), changes)
+        self._event(
+            logging.INFO,
+            "watch.started",
+            roots=[str(r.path) for r in changes.roots],
+            directories=len(snapshot.directories),
+            files=len(snapshot.files),
+            watches=changes.watch_count,
+        )
+        for missing in snapshot.missing:
+            self._event(
+                logging.WARNING,
+                "watch.missing",
+                "does not exist yet; watching for it to appear",
+                path=missing,
+            )
+
+    def _on_watch_readable(self, changes: ChangeDetector) -> None:
+        changes.on_readable(time.monotonic())
+        deadline = changes.deadline()
+        if deadline is not None:
+            self._reactor.set_deadline(Timer.DEBOUNCE, deadline)
+
+    def _on_burst_due(self) -> None:
+        changes = self._changes
+        if changes is None:
+            return
+        burst = changes.settle(time.monotonic())
+        if burst is None:
+            deadline = changes.deadline()
+            if deadline is not None:
+                self._reactor.set_deadline(Timer.DEBOUNCE, deadline)
+            return
+        # Compare with what the newest live attempt carries: a starting generation
+        # already has this content, and a failed one is gone.
+        reference = self._starting() or self._serving()
+        if reference is not None and reference.snapshot is not None:
+            if burst.snapshot.digest == reference.snapshot.digest:
+                self._event(
+                    logging.DEBUG,
+                    "restart.skipped",
+                    "unchanged, not restarting",
+                    reason="unchanged",
+                    events=burst.events,
+                    epoch=reference.epoch,
+                )
+                return
+            changed = burst.snapshot.changed_since(reference.snapshot)
+        else:
+            changed = sorted(burst.paths)
+        self.request_restart("files_changed", changed)
+
     # -- what to do next --------------------------------------------------------
     def _advance(self) -> None:
         """Start the next generation if one is wanted and allowed now."""
@@ -244,15 +319,11 @@ class Supervisor:
         backing_off = self._reactor.has_deadline(Timer.RETRY)
         serving = self._serving()
         if serving is None:
-            if not self._need_cold_start or (backing_off and not self._requests):
-                return
-            if self._alive():
-                return  # epoch 0 cannot bind its domain socket while the family lives (#10902)
-            reason = ",".join(self._requests) or self._cold_reason
-            self._requests.clear()
-            self._need_cold_start = False
-            self._reactor.cancel(Timer.RETRY)
-            self._start(0, reason)
+            self._recover(backing_off)
+            return
+        if serving.doomed:
+            if self._requests:
+                self._full_restart(serving)
             return
         if not self._requests and not self._retry_wanted:
             return
@@ -288,6 +359,62 @@ class Supervisor:
             )
         return True
 
+    def _recover(self, backing_off: bool) -> None:
+        """Nothing serves: respawn from a draining parent if one is there, else epoch 0."""
+        if self._respawn_epoch is not None:
+            epoch, self._respawn_epoch = self._respawn_epoch, None
+            parents = self._in_state(GenerationState.DRAINING)
+            if parents:
+                # The dead epoch's parent still drains and refuses new connections, and
+                # nobody will ever tell it to exit; the same epoch started again from it
+                # goes LIVE in ~0.1 s and ends its drain normally (measured).
+                self._restore_hot_restart_flag(parents[-1], epoch)
+                self._start(epoch, "recovery")
+                return
+        if not self._need_cold_start:
+            return
+        orphans = self._alive()
+        if orphans:
+            # Epoch 0 cannot bind its domain socket while any of the family lives
+            # (#10902); a draining parent without a successor serves nothing.
+            self._stop_orphans(orphans)
+            return
+        if backing_off and not self._requests:
+            return
+        reason = ",".join(self._requests) or self._cold_reason
+        self._requests.clear()
+        self._need_cold_start = False
+        self._reactor.cancel(Timer.RETRY)
+        self._start(0, reason)
+
+    def _stop_orphans(self, orphans: list[Generation]) -> None:
+        for orphan in orphans:
+            if orphan.killed_by_us is None:
+                orphan.killed_by_us = "no successor serves; stopped so epoch 0 can start"
+                self._event(
+                    logging.WARNING,
+                    "child.stopping_orphan",
+                    orphan.killed_by_us,
+                    epoch=orphan.epoch,
+                    pid=orphan.pid,
+                )
+                orphan.send_signal(signal.SIGTERM)
+
+    def _full_restart(self, serving: Generation) -> None:
+        """A doomed epoch cannot hot restart (the child hangs, measured); stop it and
+        cold-start epoch 0 now instead of at its abort: the same ~0.1 s outage, sooner."""
+        if serving.killed_by_us is not None:
+            return
+        serving.killed_by_us = "full restart: its parent died early, so it cannot hot restart"
+        self._event(
+            logging.WARNING,
+            "restart.full",
+            f"{serving.killed_by_us}; stopping it and starting epoch 0 (a short outage)",
+            epoch=serving.epoch,
+            pid=serving.pid,
+        )
+        serving.send_signal(signal.SIGTERM)
+
     # -- starting -------------------------------------------------------------
     def _start(self, epoch: int, reason: str, *, first: bool = False) -> None:
         assert self._starting() is None, "never two starting generations (upstream #550)"
@@ -300,6 +427,8 @@ class Supervisor:
             self._event(logging.ERROR, "restart.failed", message, epoch=epoch, cause="exec failed")
             self._after_failed_start(epoch)
             return
+        if self._changes is not None:
+            gen.snapshot = self._changes.snapshot
         self._generations.append(gen)
         fd = gen.stderr_fd()
         if fd is not None:
@@ -364,6 +493,9 @@ class Supervisor:
                 pid=old.pid,
                 successor_epoch=gen.epoch,
             )
+        for parent in self._in_state(GenerationState.DRAINING):
+            if parent.epoch == gen.epoch - 1:
+                parent.draining_since = now  # a respawned successor restarts its drain
         gen.transition(GenerationState.SERVING)
         gen.serving_at = now
         self._hot_failures = 0
@@ -434,16 +566,19 @@ class Supervisor:
         )
         if serving is not None:
             self._restore_hot_restart_flag(serving, gen.epoch)
-        self._after_failed_start(gen.epoch)
+        self._after_failed_start(gen.epoch, cause)
 
-    def _after_failed_start(self, epoch: int) -> None:
+    def _after_failed_start(self, epoch: int, cause: str = "") -> None:
+        if cause == PARENT_DIED:
+            return  # the recovery for its parent's death is already under way
         if self._settings.exit_on_child_failure:
             self._begin_stop(
                 "a child failed and --exit-on-child-failure is set", ExitCode.CHILD_KILLED
             )
             return
         if self._serving() is None:
-            self._on_outage_failure(f"epoch {epoch} failed to start")
+            respawn_failed = bool(self._in_state(GenerationState.DRAINING))
+            self._on_outage_failure(f"epoch {epoch} failed to start", immediate=respawn_failed)
             return
         self._hot_failures += 1
         if self._hot_failures > HOT_RESTART_RETRIES:
@@ -469,37 +604,36 @@ class Supervisor:
         )
 
     def _on_serving_died(self, gen: Generation, status: str) -> None:
+        planned = gen.killed_by_us is not None
         self._event(
-            logging.ERROR,
+            logging.INFO if planned else logging.ERROR,
             "child.died",
-            f"the serving Envoy died ({status}); nothing serves until a new epoch 0 is LIVE",
-            detail="\n".join(gen.stderr_tail) or None,
+            f"the serving Envoy exited ({status}): {gen.killed_by_us}"
+            if planned
+            else f"the serving Envoy died ({status}); nothing serves until a new epoch is LIVE",
+            detail=None if planned else "\n".join(gen.stderr_tail) or None,
             epoch=gen.epoch,
             pid=gen.pid,
             status=status,
         )
-        if self._settings.exit_on_child_failure:
+        if self._settings.exit_on_child_failure and not planned:
             self._begin_stop(
                 "the serving child died and --exit-on-child-failure is set", ExitCode.CHILD_KILLED
             )
             return
         starting = self._starting()
         if starting is not None:
-            # Its parent is gone: it would only retry for ~10 s and abort (§5).
-            starting.killed_by_us = "its parent, the serving epoch, died"
+            # Its parent is gone: it would hang or abort (§5, measured), never serve.
+            starting.killed_by_us = PARENT_DIED
             starting.process.kill()
-        for draining in self._in_state(GenerationState.DRAINING):
-            # Its successor is dead, so nobody will ever tell it to exit, and it no
-            # longer accepts connections; it must go before epoch 0 can start.
-            self._event(
-                logging.WARNING,
-                "child.stopping_orphan",
-                "stopping a draining epoch whose successor died, so epoch 0 can start",
-                epoch=draining.epoch,
-                pid=draining.pid,
-            )
-            draining.send_signal(signal.SIGTERM)
-        self._on_outage_failure(f"serving epoch {gen.epoch} died", immediate_first=True)
+        parents = self._in_state(GenerationState.DRAINING)
+        if parents and not gen.doomed and parents[-1].epoch == gen.epoch - 1:
+            self._respawn_epoch = gen.epoch
+        if planned:
+            self._need_cold_start = self._respawn_epoch is None
+            self._cold_reason = "full restart"
+            return
+        self._on_outage_failure(f"serving epoch {gen.epoch} died", immediate=True)
 
     def _on_drained(self, gen: Generation, status: str) -> None:
         successor = self._serving()
@@ -508,12 +642,17 @@ class Supervisor:
             and gen.draining_since is not None
             and self._is_early(gen, successor)
         ):
+            # Measured: the successor aborts at LIVE + parent-shutdown + 10 s (sooner when
+            # parent-shutdown >= 5 s), and a hot restart from it hangs forever with the
+            # flag stuck. So no hot restart: epoch 0 at the next request or at its death.
+            successor.doomed = True
             self._event(
                 logging.ERROR,
                 "child.drain_cut",
                 f"draining epoch {gen.epoch} died ({status}) before Envoy ended it; serving "
                 f"epoch {successor.epoch} will abort about 10 s after its parent-shutdown "
-                "time (ENVOY_FACTS §6); epoch 0 is started the moment it dies",
+                "time (ENVOY_FACTS §6) and cannot hot restart; epoch 0 is cold-started at "
+                "the next restart request or the moment it dies",
                 epoch=gen.epoch,
                 pid=gen.pid,
                 status=status,
@@ -539,7 +678,12 @@ class Supervisor:
             shutdown_s = successor.envoy.command_line.parent_shutdown_time_s
         return time.monotonic() < gen.draining_since + shutdown_s - 0.5
 
-    def _on_outage_failure(self, what: str, *, immediate_first: bool = False) -> None:
+    def _on_outage_failure(self, what: str, *, immediate: bool = False) -> None:
+        """Nothing serves: count it against the crash budget and schedule epoch 0.
+
+        `immediate` for the first attempt after a death (the outage is already on);
+        consecutive failed cold starts back off 1 s doubling to 30 s.
+        """
         now = time.monotonic()
         if self._crash_budget.record(now):
             self._event(
@@ -551,15 +695,16 @@ class Supervisor:
             )
             self._begin_stop("crash budget exhausted", ExitCode.CHILD_KILLED)
             return
-        self._cold_failures += 1
-        self._need_cold_start = True
+        self._need_cold_start = self._respawn_epoch is None
         self._cold_reason = "recovery"
-        if immediate_first and self._cold_failures == 1:
-            self._event(logging.INFO, "restart.cold_start_scheduled", what, epoch=0, in_s=0)
+        if immediate:
+            epoch = self._respawn_epoch if self._respawn_epoch is not None else 0
+            self._event(logging.INFO, "restart.recovery_scheduled", what, epoch=epoch, in_s=0)
             return
+        self._cold_failures += 1
         delay = exponential_delay(self._cold_failures, COLD_BACKOFF_FIRST_S, COLD_BACKOFF_CAP_S)
         self._reactor.set_timeout(Timer.RETRY, delay)
-        self._event(logging.INFO, "restart.cold_start_scheduled", what, epoch=0, in_s=delay)
+        self._event(logging.INFO, "restart.recovery_scheduled", what, epoch=0, in_s=delay)
 
     # -- hot-restart shared memory ----------------------------------------------
     def _restore_hot_restart_flag(self, serving: Generation, failed_epoch: int) -> None:
@@ -781,7 +926,11 @@ class Supervisor:
         log_event(logger, level, event, message, detail=detail, **fields)
 
 
-def run(settings: Settings) -> ExitCode:
+def run(settings: Settings, changes: ChangeDetector | None = None) -> ExitCode:
     """Supervise until stopped; the reactor's signal handlers live exactly this long."""
     with Reactor() as reactor:
-        return Supervisor(settings, reactor).run()
+        try:
+            return Supervisor(settings, reactor, changes).run()
+        finally:
+            if changes is not None:
+                changes.close()

@@ -257,3 +257,64 @@ def test_start_script_without_exec_is_warned_about_and_still_supervised(
     daemon.signal(signal.SIGTERM)
     assert daemon.wait_exit() == 0
     wait_until(lambda: not envoy_family.our_processes(), timeout_s=15, what="Envoy gone")
+
+
+def test_serving_child_killed_during_the_drain_is_respawned_from_the_draining_parent(
+    envoy_family: EnvoyFamily,
+) -> None:
+    import os
+
+    daemon = envoy_family.start()
+    daemon.wait_event("child.serving", epoch=0)
+    envoy_family.write_config("v1")
+    daemon.signal(signal.SIGHUP)
+    first = daemon.wait_event("child.serving", epoch=1)
+    os.kill(int(first["pid"]), signal.SIGKILL)  # parent epoch 0 still drains (2 s)
+    daemon.wait_event("child.died", pid=first["pid"])
+    again = daemon.wait_event("child.serving", epoch=1, count=2)
+    assert again["pid"] != first["pid"] and again["reason"] == "recovery"
+    assert envoy_family.body() == "v1"
+    # The parent was not killed by us: it ends its drain normally after the respawn.
+    drained = daemon.wait_event("child.exited", epoch=0)
+    assert drained["message"] == "drain finished"
+    assert not daemon.events("child.stopping_orphan")
+    assert not daemon.events("child.started", epoch=0, reason="recovery")
+
+
+def test_draining_parent_killed_early_means_a_cold_start_not_a_hot_restart(
+    envoy_family: EnvoyFamily,
+) -> None:
+    import os
+
+    daemon = envoy_family.start()
+    parent = daemon.wait_event("child.serving", epoch=0)
+    daemon.signal(signal.SIGHUP)
+    doomed = daemon.wait_event("child.serving", epoch=1)
+    os.kill(int(parent["pid"]), signal.SIGKILL)
+    daemon.wait_event("child.drain_cut", epoch=0)
+    assert envoy_family.body() == "v0", "the doomed epoch still serves until it aborts"
+    envoy_family.write_config("v1")
+    daemon.signal(signal.SIGHUP)
+    # A hot restart from a doomed epoch would hang forever: it is replaced instead.
+    daemon.wait_event("restart.full", epoch=1)
+    daemon.wait_event("child.died", pid=doomed["pid"])
+    cold = daemon.wait_event("child.serving", epoch=0, count=2)
+    assert cold["pid"] not in (parent["pid"], doomed["pid"])
+    wait_until(lambda: envoy_family.body() == "v1", timeout_s=10, what="v1 after the cold start")
+    assert not daemon.events("child.started", epoch=2)
+
+
+def test_doomed_epoch_is_replaced_the_moment_it_aborts(envoy_family: EnvoyFamily) -> None:
+    import os
+
+    daemon = envoy_family.start()
+    parent = daemon.wait_event("child.serving", epoch=0)
+    daemon.signal(signal.SIGHUP)
+    doomed = daemon.wait_event("child.serving", epoch=1)
+    os.kill(int(parent["pid"]), signal.SIGKILL)
+    daemon.wait_event("child.drain_cut", epoch=0)
+    # Envoy aborts it about parent-shutdown (2 s) + 10 s after it went LIVE.
+    died = daemon.wait_event("child.died", pid=doomed["pid"], timeout_s=60)
+    assert died["status"] == "killed by SIGABRT"
+    daemon.wait_event("child.serving", epoch=0, count=2)
+    assert envoy_family.body() == "v0"

@@ -68,7 +68,7 @@ def test_a_child_that_never_starts_spends_the_crash_budget_and_exits_1(tmp_path:
     finally:
         daemon.stop()
     assert len(daemon.events("child.started", epoch=0)) == 5
-    delays = [e["in_s"] for e in daemon.events("restart.cold_start_scheduled")]
+    delays = [e["in_s"] for e in daemon.events("restart.recovery_scheduled")]
     assert delays == [1.0, 2.0, 4.0, 8.0]
     failed = daemon.events("restart.failed")
     assert "port 80 busy" in failed[0]["message"]
