@@ -19,8 +19,10 @@ from envoy_autoreload import __version__
 from envoy_autoreload.envoy_config import AdminAddress, parse_admin_address
 from envoy_autoreload.errors import AutoreloadError, ExitCode, StartScriptError
 from envoy_autoreload.logs import LogFormat, configure_logging, log_event
-from envoy_autoreload.settings import Settings, check_start_script
+from envoy_autoreload.settings import DEFAULT_ENVOY, Settings, check_envoy, check_start_script
 from envoy_autoreload.supervisor import run
+from envoy_autoreload.watch import WatcherKind
+from envoy_autoreload.watch.changes import ChangeDetector
 
 ENV_PREFIX = "ENVOY_AUTORELOAD_"
 logger = logging.getLogger(__name__)
@@ -116,6 +118,64 @@ SECONDS = click.FloatRange(min=0.0)
     help="Upstream's behaviour: any failed child stops everything, exit 1.",
 )
 @click.option(
+    "--watch",
+    "watch",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    envvar=_env("WATCH"),
+    show_envvar=True,
+    help="File or directory (recursive) whose changes hot restart Envoy; repeatable.",
+)
+@click.option(
+    "--envoy",
+    "envoy",
+    default=DEFAULT_ENVOY,
+    envvar=_env("ENVOY"),
+    show_envvar=True,
+    help="The Envoy binary the start script runs (watched with --watch).",
+)
+@click.option(
+    "--no-watch-binary",
+    is_flag=True,
+    envvar=_env("NO_WATCH_BINARY"),
+    show_envvar=True,
+    help="Do not restart when the Envoy binary changes.",
+)
+@click.option(
+    "--watcher",
+    type=click.Choice(["auto", "inotify", "watchdog"]),
+    default="auto",
+    envvar=_env("WATCHER"),
+    show_envvar=True,
+    help="inotify on Linux, watchdog elsewhere (auto).",
+)
+@click.option(
+    "--ignore",
+    "ignore",
+    multiple=True,
+    envvar=_env("IGNORE"),
+    show_envvar=True,
+    help="File-name glob to ignore besides editor temp files; repeatable.",
+)
+@click.option(
+    "--debounce",
+    "debounce_s",
+    type=SECONDS,
+    default=0.3,
+    envvar=_env("DEBOUNCE"),
+    show_envvar=True,
+    help="Quiet seconds after the last change before restarting.",
+)
+@click.option(
+    "--debounce-max",
+    "debounce_max_s",
+    type=SECONDS,
+    default=5.0,
+    envvar=_env("DEBOUNCE_MAX"),
+    show_envvar=True,
+    help="Longest wait after the first change of a burst.",
+)
+@click.option(
     "--log-format",
     type=click.Choice(["human", "json"]),
     default="human",
@@ -141,6 +201,13 @@ def cli(
     start_timeout_s: float,
     max_drain_wait_s: float,
     exit_on_child_failure: bool,
+    watch: tuple[Path, ...],
+    envoy: str,
+    no_watch_binary: bool,
+    watcher: WatcherKind,
+    ignore: tuple[str, ...],
+    debounce_s: float,
+    debounce_max_s: float,
     log_format: LogFormat,
     log_level: str,
 ) -> None:
@@ -151,6 +218,12 @@ def cli(
     SIGUSR1 is forwarded (log reopen), SIGTERM/SIGINT stop every child.
     """
     configure_logging(log_format, log_level)
+    ctx = click.get_current_context()
+    envoy_explicit = ctx.get_parameter_source("envoy") != click.core.ParameterSource.DEFAULT
+    try:
+        envoy_path = check_envoy(envoy, explicit=envoy_explicit)
+    except AutoreloadError as err:
+        raise click.BadParameter(str(err), param_hint="--envoy") from err
     settings = Settings(
         start_script=start_script,
         script_args=script_args,
@@ -161,6 +234,13 @@ def cli(
         admin_address=admin_address,
         base_id=base_id,
         exit_on_child_failure=exit_on_child_failure,
+        watch=tuple(p.absolute() for p in watch),
+        envoy=envoy_path,
+        watch_binary=not no_watch_binary,
+        watcher=watcher,
+        ignore=ignore,
+        debounce_s=debounce_s,
+        debounce_max_s=debounce_max_s,
     )
     log_event(
         logger,
@@ -170,8 +250,20 @@ def cli(
         pid=os.getpid(),
         start_script=str(start_script),
     )
+    roots = settings.watch_roots()
+    changes = (
+        ChangeDetector(
+            roots,
+            watcher_kind=settings.watcher,
+            ignore_globs=settings.ignore,
+            quiet_s=settings.debounce_s,
+            max_wait_s=settings.debounce_max_s,
+        )
+        if roots
+        else None
+    )
     try:
-        code = run(settings)
+        code = run(settings, changes)
     except AutoreloadError as err:
         click.echo(f"envoy-autoreload: error: {err}", err=True)
         sys.exit(int(err.exit_code))

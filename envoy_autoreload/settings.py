@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
+from envoy_autoreload.digest import WatchRoot
 from envoy_autoreload.envoy_config import AdminAddress
-from envoy_autoreload.errors import StartScriptError
+from envoy_autoreload.errors import StartScriptError, UsageError
+from envoy_autoreload.watch import WatcherKind
+
+DEFAULT_ENVOY: Final = "envoy"
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,6 +28,52 @@ class Settings:
     admin_address: AdminAddress | None = None
     base_id: int | None = None
     exit_on_child_failure: bool = False
+    watch: tuple[Path, ...] = ()
+    envoy: Path | None = None
+    watch_binary: bool = True
+    watcher: WatcherKind = "auto"
+    ignore: tuple[str, ...] = ()
+    debounce_s: float = 0.3
+    debounce_max_s: float = 5.0
+
+    def watch_roots(self) -> list[WatchRoot]:
+        """Nothing without --watch (the drop-in restarter); with it, every --watch path
+        plus the config and the Envoy binary, since either changing means a restart."""
+        if not self.watch:
+            return []
+        roots = [WatchRoot(path) for path in self.watch]
+        if self.config is not None:
+            roots.append(WatchRoot(self.config))
+        if self.watch_binary and self.envoy is not None:
+            roots.append(WatchRoot(self.envoy))
+        unique: dict[Path, WatchRoot] = {}
+        for root in roots:
+            unique.setdefault(root.path, root)
+        return list(unique.values())
+
+
+def resolve_envoy(value: str) -> Path | None:
+    """The Envoy binary: a path, a name on PATH, or (for the default name) the one the
+    `envoy` extra installed next to our own interpreter, so a venv works unactivated."""
+    if os.sep in value:
+        path = Path(value).absolute()
+        return path if path.exists() else None
+    found = shutil.which(value)
+    if found is not None:
+        return Path(found)
+    if value == DEFAULT_ENVOY:
+        beside_us = Path(sys.executable).parent / DEFAULT_ENVOY
+        if os.access(beside_us, os.X_OK):
+            return beside_us
+    return None
+
+
+def check_envoy(value: str, *, explicit: bool) -> Path | None:
+    """A usage error if an --envoy given on purpose cannot be found."""
+    path = resolve_envoy(value)
+    if path is None and explicit:
+        raise UsageError(f"Envoy binary {value} not found (give --envoy PATH)")
+    return path
 
 
 def check_start_script(path: Path) -> Path:
