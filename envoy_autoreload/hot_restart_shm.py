@@ -58,6 +58,23 @@ def layout_for(hot_restart_version: str | None) -> ShmLayout:
     return layout
 
 
+def segment_version(path: Path) -> str:
+    """The segment's own "version.size" header, as `--hot-restart-version` spells it.
+
+    Envoy accepts a segment only when both words equal its own, so a live family's
+    header names the layout its binary uses; used when admin has not told us.
+    """
+    try:
+        with open(path, "rb") as handle:
+            header = handle.read(16)
+    except OSError as err:
+        raise ShmUnsupported(f"cannot open {path}: {err.strerror}") from err
+    if len(header) < 16:
+        raise ShmUnsupported(f"{path} is too short to be Envoy's shared memory")
+    size, version = struct.unpack("=QQ", header)
+    return f"{version}.{size}"
+
+
 def _checked_fd(path: Path, layout: ShmLayout, flags: int) -> int:
     try:
         fd = os.open(path, flags)

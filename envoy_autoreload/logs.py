@@ -103,7 +103,12 @@ class JsonFormatter(logging.Formatter):
             "event": _event_of(record),
             "message": record.getMessage(),
         }
-        obj.update((k, v) for k, v in _fields_of(record).items() if v is not None)
+        fields = _fields_of(record)
+        # epoch and pid are always present (null when they do not apply), so a consumer
+        # can filter on them without checking for the key.
+        obj["epoch"] = fields.get("epoch")
+        obj["pid"] = fields.get("pid")
+        obj.update((k, v) for k, v in fields.items() if v is not None)
         detail = _detail_of(record)
         if detail:
             obj["output"] = detail

@@ -152,9 +152,21 @@ class Reactor:
         now = self._clock()
         for key, at in sorted(self._deadlines.items(), key=lambda item: item[1]):
             if at <= now:
-                del self._deadlines[key]
                 events.append(DeadlineReached(key))
         return events
+
+    def claim(self, event: DeadlineReached) -> bool:
+        """True, once, if the deadline is still armed and due when the event is handled.
+
+        Events of one `poll()` are handled in order, and an earlier one may cancel or
+        re-arm a deadline (a reaped child, then a new one started with a fresh start
+        deadline); acting on the stale event would kill the new child.
+        """
+        at = self._deadlines.get(event.key)
+        if at is None or at > self._clock():
+            return False
+        del self._deadlines[event.key]
+        return True
 
     def _timeout(self) -> float | None:
         if self._pending:

@@ -1,39 +1,41 @@
 """The restarter core: which generation to start, when, and what to do when one fails.
 
 Owns every generation and all restart policy; consumes the reactor's events in the main
-thread. Knows nothing about how a restart was asked for (a signal now; file changes
-and the control socket later all arrive as `request_restart`).
+thread. Facts about the Envoy family (admin address, LIVE, base id, shared memory) come
+from `family.py`; how a restart was asked for (a signal, file changes) does not matter
+here: every request arrives as `request_restart`.
 
 The rules, each from a measured failure of upstream's hot-restarter.py (ENVOY_FACTS):
 - One generation starts at a time (upstream #550); requests that arrive meanwhile are
-  queued and any number of them run as one restart.
+  queued and any number of them run as one restart. Never more than three processes of
+  the family at once: epochs share domain sockets modulo 3 (§0, §4).
 - A new generation's epoch is the newest *serving* epoch + 1. A failed start does not
   consume its epoch: the retry reuses it, because Envoy epochs must be consecutive
   (§4, istio #35740). With nothing alive we start over at epoch 0.
 - A generation serves only when Envoy says so: `/server_info` over a fresh connection
-  reports LIVE at that epoch (§9, §15); without admin, the shared-memory flag clears.
+  reports LIVE at that epoch (§9, §15).
 - By default a restart also waits until the previous parent has exited: a third
   process makes Envoy cut the oldest one's drain short and reset its connections
   (§8, §10), bounded by --max-drain-wait.
-- A failed start never touches the serving generation. Its leftover INITIALIZING flag
-  is cleared after it is reaped so the next attempt can hot restart (§3, #726, #33446);
-  upstream instead kills everything (#4797).
-- We never signal a draining generation during normal operation: its successor would
+- A failed start never touches the serving generation (upstream kills everything,
+  #4797). The INITIALIZING flag it leaves set is cleared before the next attempt, when
+  no child of ours is starting (§3, #726, #33446).
+- We never signal a draining generation while its successor lives: the successor would
   abort about 10 s after its parent-shutdown time (§6).
+
+What to start next is one value, `_plan` (a hot retry, a respawn from a draining parent,
+or a cold start), never several flags that could disagree.
 """
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import logging
 import signal
-import subprocess
 import time
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Final, assert_never
 
-from envoy_autoreload.admin import fetch_server_info
 from envoy_autoreload.backoff import (
     COLD_BACKOFF_CAP_S,
     COLD_BACKOFF_FIRST_S,
@@ -43,21 +45,8 @@ from envoy_autoreload.backoff import (
     exponential_delay,
 )
 from envoy_autoreload.child import Generation, GenerationState, describe_exit, spawn
-from envoy_autoreload.envoy_config import (
-    AdminAddress,
-    admin_address_from_config,
-    parse_admin_address,
-)
-from envoy_autoreload.envoy_process import executable_of, find_envoy, is_shell
-from envoy_autoreload.errors import AutoreloadError, ExitCode, SpawnError
-from envoy_autoreload.hot_restart_shm import (
-    INITIALIZING,
-    ShmUnsupported,
-    clear_initializing,
-    layout_for,
-    read_flags,
-    shm_path,
-)
+from envoy_autoreload.errors import ExitCode, SpawnError
+from envoy_autoreload.family import EnvoyFamily
 from envoy_autoreload.logs import FieldValue, log_event
 from envoy_autoreload.loop import DeadlineReached, Event, FdReady, Reactor, SignalReceived
 from envoy_autoreload.settings import Settings
@@ -65,12 +54,10 @@ from envoy_autoreload.watch.changes import ChangeDetector
 
 logger = logging.getLogger(__name__)
 
-PROC_AVAILABLE: Final = Path("/proc/self/cmdline").exists()
-ENVOY_DEFAULT_PARENT_SHUTDOWN_S: Final = 900.0
-NO_ADMIN_SETTLE_S: Final = 1.0
 KILL_REAP_WAIT_S: Final = 5.0
-HOT_RESTART_VERSION_TIMEOUT_S: Final = 5.0
 MAX_QUEUED_REASONS: Final = 8
+MAX_FAMILY_PROCESSES: Final = 3
+EARLY_DRAIN_MARGIN_S: Final = 0.25
 PARENT_DIED: Final = "its parent, the serving epoch, died"
 
 
@@ -81,19 +68,41 @@ class Timer(enum.Enum):
     START_DEADLINE = "start_deadline"  # --start-timeout for the starting generation
     RETRY = "retry"  # backoff before the next attempt (hot retry or cold start)
     DRAIN_WAIT = "drain_wait"  # --max-drain-wait for the previous parent to exit
+    ORPHAN_KILL = "orphan_kill"  # orphans TERMed so epoch 0 can start get KILLed after it
     TERM_WAIT = "term_wait"  # --term-wait after SIGTERM to every child
     KILL_WAIT = "kill_wait"  # how long SIGKILLed children get to be reaped
     DEBOUNCE = "debounce"  # a burst of file events is due (quiet window or max wait)
 
 
+@dataclass(frozen=True, slots=True)
+class HotRetry:
+    """Start the next epoch again once the RETRY backoff passes (a failed hot restart)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Respawn:
+    """Start the dead serving epoch again from its still-draining parent."""
+
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class ColdStart:
+    """Nothing serves: start epoch 0 once the whole family is gone."""
+
+    reason: str
+
+
+Plan = HotRetry | Respawn | ColdStart
+
+
 class SupervisorState(enum.Enum):
-    """Derived from the generations and timers, for status lines; never stored."""
+    """Derived from the generations and the plan, for status lines; never stored."""
 
     STARTING = "starting"
     SERVING = "serving"
     RESTARTING = "restarting"
-    BACKING_OFF = "backing_off"
-    DOWN = "down"
+    RECOVERING = "recovering"
     STOPPING = "stopping"
 
 
@@ -106,23 +115,18 @@ class Supervisor:
         self._settings = settings
         self._reactor = reactor
         self._changes = changes
+        self._family = EnvoyFamily(settings)
         self._generations: list[Generation] = []
         self._requests: list[str] = []
-        self._retry_wanted = False
+        self._plan: Plan | None = None
         self._hot_failures = 0
         self._cold_failures = 0
-        self._need_cold_start = False
-        self._respawn_epoch: int | None = None
-        self._cold_reason = "startup"
         self._drain_wait_over = False
         self._crash_budget = CrashBudget()
         self._stopping = False
         self._exit_floor = ExitCode.CLEAN_STOP
         self._exit_code: ExitCode | None = None
-        self._hot_restart_versions: dict[str, str] = {}
-        self._admin_addresses: dict[int, AdminAddress | None] = {}
         self._warned: set[str] = set()
-        self._family_base_id: int | None = None
 
     # -- public ---------------------------------------------------------------
     def run(self) -> ExitCode:
@@ -147,12 +151,8 @@ class Supervisor:
         serving = self._serving()
         starting = self._starting()
         if serving is None:
-            if starting is not None:
-                return SupervisorState.STARTING
-            return SupervisorState.BACKING_OFF if self._need_cold_start else SupervisorState.DOWN
-        if starting is not None:
-            return SupervisorState.RESTARTING
-        return SupervisorState.SERVING
+            return SupervisorState.STARTING if starting else SupervisorState.RECOVERING
+        return SupervisorState.RESTARTING if starting else SupervisorState.SERVING
 
     def request_restart(self, reason: str, changed: list[str] | None = None) -> None:
         """Queue a hot restart; any number of queued requests run as one."""
@@ -163,26 +163,16 @@ class Supervisor:
             self._requests.append(reason)
         # A new request is a new chance: earlier failures no longer count against it.
         self._hot_failures = 0
-        if first:
-            serving = self._serving()
-            self._event(
-                logging.INFO,
-                "restart.requested",
-                reason=reason,
-                epoch=serving.epoch if serving else None,
-                pid=serving.pid if serving else None,
-                changed=changed[:5] if changed is not None else None,
-                count=len(changed) if changed is not None else None,
-            )
-        else:
-            self._event(
-                logging.DEBUG,
-                "restart.coalesced",
-                reason=reason,
-                queued=len(self._requests),
-                changed=changed[:5] if changed is not None else None,
-                count=len(changed) if changed is not None else None,
-            )
+        serving = self._serving()
+        self._event(
+            logging.INFO if first else logging.DEBUG,
+            "restart.requested" if first else "restart.coalesced",
+            reason=reason,
+            epoch=serving.epoch if serving else None,
+            pid=serving.pid if serving else None,
+            changed=changed[:5] if changed is not None else None,
+            count=len(changed) if changed is not None else None,
+        )
 
     # -- dispatch -------------------------------------------------------------
     def _dispatch(self, event: Event) -> None:
@@ -195,7 +185,7 @@ class Supervisor:
                 elif isinstance(key, ChangeDetector):
                     self._on_watch_readable(key)
             case DeadlineReached(key=key):
-                if isinstance(key, Timer):
+                if isinstance(key, Timer) and self._reactor.claim(event):
                     self._on_timer(key)
             case _:
                 assert_never(event)
@@ -212,7 +202,7 @@ class Supervisor:
             case signal.SIGUSR1:
                 self._forward(signal.SIGUSR1)
             case _:
-                self._event(logging.DEBUG, "signal.ignored", signal=signum)
+                self._event(logging.DEBUG, "signal.ignored", signal=signum.name)
 
     def _on_timer(self, timer: Timer) -> None:
         match timer:
@@ -221,7 +211,7 @@ class Supervisor:
             case Timer.START_DEADLINE:
                 self._on_start_deadline()
             case Timer.RETRY:
-                pass  # _advance() starts whatever was waiting for the backoff
+                pass  # _advance() starts whatever waited for the backoff
             case Timer.DRAIN_WAIT:
                 self._drain_wait_over = True
                 for gen in self._in_state(GenerationState.DRAINING):
@@ -234,10 +224,15 @@ class Supervisor:
                         pid=gen.pid,
                         waited_s=self._settings.max_drain_wait_s,
                     )
+            case Timer.ORPHAN_KILL:
+                for gen in self._in_state(GenerationState.DRAINING):
+                    if gen.killed_by_us is not None:
+                        self._event(
+                            logging.WARNING, "child.killing_orphan", epoch=gen.epoch, pid=gen.pid
+                        )
+                        gen.kill()
             case Timer.TERM_WAIT:
                 self._kill_remaining()
-            case Timer.DEBOUNCE:
-                self._on_burst_due()
             case Timer.KILL_WAIT:
                 self._event(
                     logging.ERROR,
@@ -246,6 +241,8 @@ class Supervisor:
                     pids=[g.pid for g in self._alive()],
                 )
                 self._exit_code = ExitCode.CHILD_KILLED
+            case Timer.DEBOUNCE:
+                self._on_burst_due()
             case _:
                 assert_never(timer)
 
@@ -304,6 +301,7 @@ class Supervisor:
                     reason="unchanged",
                     events=burst.events,
                     epoch=reference.epoch,
+                    pid=reference.pid,
                 )
                 return
             changed = burst.snapshot.changed_since(reference.snapshot)
@@ -311,7 +309,7 @@ class Supervisor:
             changed = sorted(burst.paths)
         self.request_restart("files_changed", changed)
 
-    # -- what to do next --------------------------------------------------------
+    # -- what to start next -----------------------------------------------------
     def _advance(self) -> None:
         """Start the next generation if one is wanted and allowed now."""
         if self._stopping or self._exit_code is not None or self._starting() is not None:
@@ -325,22 +323,24 @@ class Supervisor:
             if self._requests:
                 self._full_restart(serving)
             return
-        if not self._requests and not self._retry_wanted:
+        if not self._requests and not isinstance(self._plan, HotRetry):
             return
         if backing_off and not self._requests:
             return
+        if len(self._alive()) >= MAX_FAMILY_PROCESSES:
+            return  # a cut drain is ending; its exit wakes us again
         if self._must_wait_for_drain():
             return
         reason = ",".join(self._requests) or "retry"
         self._requests.clear()
-        self._retry_wanted = False
+        self._plan = None
         self._drain_wait_over = False
         for draining in self._in_state(GenerationState.DRAINING):
             # A third process makes the serving one end this drain at once (§8).
             draining.drain_cut_by_restart = True
         self._reactor.cancel(Timer.RETRY)
         self._reactor.cancel(Timer.DRAIN_WAIT)
-        self._start(serving.epoch + 1, reason)
+        self._start(serving.epoch + 1, reason, parent=serving)
 
     def _must_wait_for_drain(self) -> bool:
         draining = self._in_state(GenerationState.DRAINING)
@@ -361,17 +361,20 @@ class Supervisor:
 
     def _recover(self, backing_off: bool) -> None:
         """Nothing serves: respawn from a draining parent if one is there, else epoch 0."""
-        if self._respawn_epoch is not None:
-            epoch, self._respawn_epoch = self._respawn_epoch, None
+        plan = self._plan
+        if isinstance(plan, Respawn):
             parents = self._in_state(GenerationState.DRAINING)
             if parents:
-                # The dead epoch's parent still drains and refuses new connections, and
-                # nobody will ever tell it to exit; the same epoch started again from it
-                # goes LIVE in ~0.1 s and ends its drain normally (measured).
-                self._restore_hot_restart_flag(parents[-1], epoch)
-                self._start(epoch, "recovery")
+                # Measured: the dead epoch's parent refuses new connections and nobody
+                # will tell it to exit; the same epoch started again from it goes LIVE
+                # in ~0.1 s and ends its drain normally.
+                self._plan = None
+                self._start(plan.epoch, "recovery", parent=parents[-1])
                 return
-        if not self._need_cold_start:
+            plan = self._plan = ColdStart("recovery")
+        if plan is None and self._requests:
+            plan = self._plan = ColdStart("recovery")
+        if not isinstance(plan, ColdStart):
             return
         orphans = self._alive()
         if orphans:
@@ -381,9 +384,9 @@ class Supervisor:
             return
         if backing_off and not self._requests:
             return
-        reason = ",".join(self._requests) or self._cold_reason
+        reason = ",".join(self._requests) or plan.reason
         self._requests.clear()
-        self._need_cold_start = False
+        self._plan = None
         self._reactor.cancel(Timer.RETRY)
         self._start(0, reason)
 
@@ -399,9 +402,11 @@ class Supervisor:
                     pid=orphan.pid,
                 )
                 orphan.send_signal(signal.SIGTERM)
+                # A hung orphan (§7) would block epoch 0 for ever: KILL it in time.
+                self._reactor.set_timeout(Timer.ORPHAN_KILL, self._settings.term_wait_s)
 
     def _full_restart(self, serving: Generation) -> None:
-        """A doomed epoch cannot hot restart (the child hangs, measured); stop it and
+        """A doomed epoch cannot hot restart (its child hangs, measured); stop it and
         cold-start epoch 0 now instead of at its abort: the same ~0.1 s outage, sooner."""
         if serving.killed_by_us is not None:
             return
@@ -416,8 +421,13 @@ class Supervisor:
         serving.send_signal(signal.SIGTERM)
 
     # -- starting -------------------------------------------------------------
-    def _start(self, epoch: int, reason: str, *, first: bool = False) -> None:
+    def _start(
+        self, epoch: int, reason: str, *, parent: Generation | None = None, first: bool = False
+    ) -> None:
         assert self._starting() is None, "never two starting generations (upstream #550)"
+        if parent is not None:
+            # No child of ours is starting, so a set flag can only be a dead child's.
+            self._family.restore_flag(parent, epoch)
         try:
             gen = spawn(self._settings.start_script, self._settings.script_args, epoch, reason)
         except OSError as err:
@@ -425,7 +435,7 @@ class Supervisor:
             if first:
                 raise SpawnError(message) from err
             self._event(logging.ERROR, "restart.failed", message, epoch=epoch, cause="exec failed")
-            self._after_failed_start(epoch)
+            self._after_failed_start(epoch, "exec failed")
             return
         if self._changes is not None:
             gen.snapshot = self._changes.snapshot
@@ -441,42 +451,21 @@ class Supervisor:
         gen = self._starting()
         if gen is None:
             return
-        if gen.envoy is None and PROC_AVAILABLE:
-            gen.envoy = find_envoy(gen.pid)
-            if gen.envoy is not None:
-                self._family_base_id = self._base_id(gen)
-        if self._is_live(gen):
+        self._family.observe(gen)
+        if gen.envoy is not None and gen.envoy.pid != gen.pid:
+            self._warn_once(
+                "start_script.no_exec",
+                "the start script runs Envoy as a child instead of exec'ing it: signals "
+                "reach the shell, not Envoy; end the script with "
+                '`exec envoy ... --restart-epoch "$RESTART_EPOCH"`',
+                epoch=gen.epoch,
+                pid=gen.pid,
+            )
+        if self._family.is_live(gen):
             self._on_live(gen)
             return
         elapsed = time.monotonic() - gen.started_at
         self._reactor.set_timeout(Timer.PROBE, min(0.1, max(0.01, elapsed / 4)))
-
-    def _is_live(self, gen: Generation) -> bool:
-        admin = self._settings.admin_address
-        if admin is None:
-            if gen.envoy is None and PROC_AVAILABLE:
-                return False  # the start script has not exec'd Envoy yet
-            admin = self._admin_address(gen)
-        if admin is not None:
-            info = fetch_server_info(admin)
-            if info is None or info.state != "LIVE" or info.restart_epoch != gen.epoch:
-                return False
-            if gen.envoy is not None and info.hot_restart_version:
-                self._hot_restart_versions[gen.envoy.exe] = info.hot_restart_version
-            return True
-        return self._shm_says_live(gen)
-
-    def _shm_says_live(self, gen: Generation) -> bool:
-        """Without admin: alive for a moment and, past epoch 0, the INITIALIZING flag clear."""
-        if time.monotonic() - gen.started_at < NO_ADMIN_SETTLE_S:
-            return False
-        if gen.epoch == 0:
-            return True
-        try:
-            layout = layout_for(self._hot_restart_version(gen))
-            return not read_flags(shm_path(self._base_id(gen)), layout) & INITIALIZING
-        except ShmUnsupported:
-            return True
 
     def _on_live(self, gen: Generation) -> None:
         now = time.monotonic()
@@ -484,7 +473,6 @@ class Supervisor:
         self._reactor.cancel(Timer.START_DEADLINE)
         for old in self._in_state(GenerationState.SERVING):
             old.transition(GenerationState.DRAINING)
-            old.draining_since = now
             self._event(
                 logging.INFO,
                 "child.draining",
@@ -495,7 +483,9 @@ class Supervisor:
             )
         for parent in self._in_state(GenerationState.DRAINING):
             if parent.epoch == gen.epoch - 1:
-                parent.draining_since = now  # a respawned successor restarts its drain
+                # Envoy ends the parent's drain at the child's real LIVE + parent-shutdown
+                # time; the child's spawn is a lower bound we know for sure.
+                parent.draining_since = gen.started_at
         gen.transition(GenerationState.SERVING)
         gen.serving_at = now
         self._hot_failures = 0
@@ -508,7 +498,6 @@ class Supervisor:
             startup_s=round(now - gen.started_at, 3),
             reason=gen.reason,
         )
-        self._check_start_script_execs(gen)
 
     def _on_start_deadline(self) -> None:
         gen = self._starting()
@@ -518,8 +507,8 @@ class Supervisor:
         self._event(
             logging.WARNING, "child.start_timeout", gen.killed_by_us, epoch=gen.epoch, pid=gen.pid
         )
-        # A child can wait forever on an unresponsive parent (§7); kill it by its own PID.
-        gen.process.kill()
+        # A child can wait forever on an unresponsive parent (§7); kill it, never the parent.
+        gen.kill()
 
     # -- exits ----------------------------------------------------------------
     def _reap(self) -> None:
@@ -531,7 +520,7 @@ class Supervisor:
         self._on_stderr(gen)
         previous = gen.transition(GenerationState.EXITED)
         self._generations.remove(gen)
-        self._admin_addresses.pop(id(gen), None)
+        self._family.forget(gen)
         assert gen.returncode is not None
         status = describe_exit(gen.returncode)
         if self._stopping:
@@ -555,7 +544,7 @@ class Supervisor:
         self._reactor.cancel(Timer.START_DEADLINE)
         serving = self._serving()
         self._event(
-            logging.ERROR,
+            logging.INFO if cause == PARENT_DIED else logging.ERROR,
             "restart.failed",
             f"epoch {gen.epoch} failed to start: {gen.last_error_line() or cause}"
             + (f"; epoch {serving.epoch} keeps serving" if serving else ""),
@@ -564,13 +553,11 @@ class Supervisor:
             pid=gen.pid,
             cause=cause,
         )
-        if serving is not None:
-            self._restore_hot_restart_flag(serving, gen.epoch)
         self._after_failed_start(gen.epoch, cause)
 
-    def _after_failed_start(self, epoch: int, cause: str = "") -> None:
+    def _after_failed_start(self, epoch: int, cause: str) -> None:
         if cause == PARENT_DIED:
-            return  # the recovery for its parent's death is already under way
+            return  # the recovery from its parent's death is already planned
         if self._settings.exit_on_child_failure:
             self._begin_stop(
                 "a child failed and --exit-on-child-failure is set", ExitCode.CHILD_KILLED
@@ -590,10 +577,10 @@ class Supervisor:
                 epoch=epoch,
             )
             self._hot_failures = 0
-            self._retry_wanted = False
+            self._plan = None
             return
         delay = exponential_delay(self._hot_failures, HOT_RETRY_FIRST_S, COLD_BACKOFF_CAP_S)
-        self._retry_wanted = True
+        self._plan = HotRetry()
         self._reactor.set_timeout(Timer.RETRY, delay)
         self._event(
             logging.INFO,
@@ -616,6 +603,10 @@ class Supervisor:
             pid=gen.pid,
             status=status,
         )
+        # Whatever was planned for the dead epoch (a hot retry) no longer applies.
+        self._reactor.cancel(Timer.RETRY)
+        self._hot_failures = 0
+        self._plan = None
         if self._settings.exit_on_child_failure and not planned:
             self._begin_stop(
                 "the serving child died and --exit-on-child-failure is set", ExitCode.CHILD_KILLED
@@ -625,26 +616,23 @@ class Supervisor:
         if starting is not None:
             # Its parent is gone: it would hang or abort (§5, measured), never serve.
             starting.killed_by_us = PARENT_DIED
-            starting.process.kill()
+            starting.kill()
         parents = self._in_state(GenerationState.DRAINING)
         if parents and not gen.doomed and parents[-1].epoch == gen.epoch - 1:
-            self._respawn_epoch = gen.epoch
+            self._plan = Respawn(gen.epoch)
         if planned:
-            self._need_cold_start = self._respawn_epoch is None
-            self._cold_reason = "full restart"
+            if self._plan is None:
+                self._plan = ColdStart("full restart")
             return
         self._on_outage_failure(f"serving epoch {gen.epoch} died", immediate=True)
 
     def _on_drained(self, gen: Generation, status: str) -> None:
         successor = self._serving()
-        if (
-            successor is not None
-            and gen.draining_since is not None
-            and self._is_early(gen, successor)
-        ):
-            # Measured: the successor aborts at LIVE + parent-shutdown + 10 s (sooner when
-            # parent-shutdown >= 5 s), and a hot restart from it hangs forever with the
-            # flag stuck. So no hot restart: epoch 0 at the next request or at its death.
+        if successor is not None and self._died_early(gen, successor):
+            # Measured: the successor aborts ~10 s after its parent-shutdown time
+            # (sooner when that is >= 5 s), and a hot restart from it hangs for ever
+            # with the flag stuck. So no hot restart: epoch 0 at the next request, or
+            # the moment it dies.
             successor.doomed = True
             self._event(
                 logging.ERROR,
@@ -669,23 +657,22 @@ class Supervisor:
             status=status,
         )
 
-    def _is_early(self, gen: Generation, successor: Generation) -> bool:
-        assert gen.draining_since is not None
-        if gen.drain_cut_by_restart:
+    def _died_early(self, gen: Generation, successor: Generation) -> bool:
+        """Before Envoy would have ended it; unknown timing never counts as early."""
+        if gen.drain_cut_by_restart or gen.draining_since is None:
             return False
-        shutdown_s = ENVOY_DEFAULT_PARENT_SHUTDOWN_S
-        if successor.envoy is not None and successor.envoy.command_line.parent_shutdown_time_s:
-            shutdown_s = successor.envoy.command_line.parent_shutdown_time_s
-        return time.monotonic() < gen.draining_since + shutdown_s - 0.5
+        shutdown_s = self._family.parent_shutdown_s(successor)
+        if shutdown_s is None:
+            return False
+        return time.monotonic() < gen.draining_since + shutdown_s - EARLY_DRAIN_MARGIN_S
 
-    def _on_outage_failure(self, what: str, *, immediate: bool = False) -> None:
-        """Nothing serves: count it against the crash budget and schedule epoch 0.
+    def _on_outage_failure(self, what: str, *, immediate: bool) -> None:
+        """Nothing serves: count it against the crash budget and plan the recovery.
 
         `immediate` for the first attempt after a death (the outage is already on);
         consecutive failed cold starts back off 1 s doubling to 30 s.
         """
-        now = time.monotonic()
-        if self._crash_budget.record(now):
+        if self._crash_budget.record(time.monotonic()):
             self._event(
                 logging.ERROR,
                 "daemon.crash_budget_exhausted",
@@ -695,116 +682,21 @@ class Supervisor:
             )
             self._begin_stop("crash budget exhausted", ExitCode.CHILD_KILLED)
             return
-        self._need_cold_start = self._respawn_epoch is None
-        self._cold_reason = "recovery"
+        if not isinstance(self._plan, Respawn):
+            self._plan = ColdStart("recovery")
+        epoch = self._plan.epoch if isinstance(self._plan, Respawn) else 0
         if immediate:
-            epoch = self._respawn_epoch if self._respawn_epoch is not None else 0
-            self._event(logging.INFO, "restart.recovery_scheduled", what, epoch=epoch, in_s=0)
+            self._event(logging.INFO, "restart.recovery_scheduled", what, epoch=epoch, in_s=0.0)
             return
         self._cold_failures += 1
         delay = exponential_delay(self._cold_failures, COLD_BACKOFF_FIRST_S, COLD_BACKOFF_CAP_S)
         self._reactor.set_timeout(Timer.RETRY, delay)
-        self._event(logging.INFO, "restart.recovery_scheduled", what, epoch=0, in_s=delay)
-
-    # -- hot-restart shared memory ----------------------------------------------
-    def _restore_hot_restart_flag(self, serving: Generation, failed_epoch: int) -> None:
-        """Clear the flag a dead child left set, so the same epoch can be tried again (§3)."""
-        assert self._starting() is None, "a starting child owns the flag"
-        path = shm_path(self._base_id(serving))
-        try:
-            cleared = clear_initializing(path, layout_for(self._hot_restart_version(serving)))
-        except ShmUnsupported as err:
-            self._event(
-                logging.WARNING,
-                "hot_restart.flag_untouched",
-                f"cannot restore the hot-restart flag ({err}); if the failed child left it "
-                "set, every hot restart fails until a full restart (stop, then start)",
-                epoch=failed_epoch,
-            )
-            return
-        if cleared:
-            self._event(
-                logging.INFO,
-                "hot_restart.flag_cleared",
-                "cleared the INITIALIZING flag the failed child left (upstream #726, #33446)",
-                epoch=failed_epoch,
-                path=str(path),
-            )
-
-    def _hot_restart_version(self, gen: Generation) -> str | None:
-        """The running binary's --hot-restart-version: admin told us, or ask the binary once."""
-        exe = gen.envoy.exe if gen.envoy is not None else None
-        if exe is None:
-            return None
-        known = self._hot_restart_versions.get(exe)
-        if known is not None:
-            return known
-        try:
-            result = subprocess.run(
-                [exe, "--hot-restart-version"],
-                capture_output=True,
-                timeout=HOT_RESTART_VERSION_TIMEOUT_S,
-                check=False,
-            )
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        # Envoy prints it to stderr with no newline (ENVOY_FACTS §14).
-        text = (result.stderr or result.stdout).decode(errors="replace").strip()
-        if result.returncode != 0 or not text:
-            return None
-        self._hot_restart_versions[exe] = text
-        return text
-
-    def _base_id(self, gen: Generation) -> int:
-        if self._settings.base_id is not None:
-            return self._settings.base_id
-        envoy = gen.envoy
-        if envoy is None:
-            return 0
-        if envoy.command_line.base_id is not None:
-            return envoy.command_line.base_id
-        if envoy.command_line.use_dynamic_base_id and envoy.command_line.base_id_path:
-            try:
-                return int(envoy.resolve(envoy.command_line.base_id_path).read_text().strip())
-            except (OSError, ValueError):
-                return 0
-        return 0
-
-    def _admin_address(self, gen: Generation) -> AdminAddress | None:
-        if self._settings.admin_address is not None:
-            return self._settings.admin_address
-        key = id(gen)
-        if key in self._admin_addresses:
-            return self._admin_addresses[key]
-        envoy = gen.envoy
-        if envoy is not None and envoy.command_line.admin_address_path:
-            try:
-                text = envoy.resolve(envoy.command_line.admin_address_path).read_text()
-                return parse_admin_address(text)
-            except (OSError, AutoreloadError):
-                return None  # Envoy writes it once admin listens; ask again next probe
-        config = self._settings.config
-        if config is None and envoy is not None and envoy.command_line.config_path:
-            config = envoy.resolve(envoy.command_line.config_path)
-        address: AdminAddress | None = None
-        if config is not None:
-            try:
-                address = admin_address_from_config(config)
-            except AutoreloadError as err:
-                self._warn_once("admin.unknown", f"{err}; judging LIVE by shared memory instead")
-        if address is None:
-            self._warn_once(
-                "admin.none",
-                "no admin address (--admin-address, or admin.address in the config): "
-                "judging LIVE by Envoy's hot-restart shared memory instead",
-            )
-        self._admin_addresses[key] = address
-        return address
+        self._event(logging.INFO, "restart.recovery_scheduled", what, epoch=epoch, in_s=delay)
 
     # -- stopping -------------------------------------------------------------
     def _begin_stop(self, reason: str, floor: ExitCode) -> None:
         if self._stopping:
-            self._event(logging.DEBUG, "shutdown.already_stopping", reason=reason)
+            self._event(logging.INFO, "shutdown.already_stopping", reason)
             return
         self._stopping = True
         self._exit_floor = max(self._exit_floor, floor)
@@ -835,7 +727,7 @@ class Supervisor:
                 epoch=gen.epoch,
                 pid=gen.pid,
             )
-            gen.process.kill()
+            gen.kill()
         if alive:
             self._exit_floor = ExitCode.CHILD_KILLED
             self._reactor.set_timeout(Timer.KILL_WAIT, KILL_REAP_WAIT_S)
@@ -845,57 +737,32 @@ class Supervisor:
             self._reactor.cancel(Timer.TERM_WAIT)
             self._reactor.cancel(Timer.KILL_WAIT)
             self._exit_code = self._exit_floor
-            self._remove_shared_memory()
+            self._family.remove_shared_memory()
             self._event(logging.INFO, "shutdown.finished", exit_code=int(self._exit_code))
-
-    def _remove_shared_memory(self) -> None:
-        """Envoy leaves its segment behind after every exit (ENVOY_FACTS §0); with the
-        whole family gone nobody uses it, and the next epoch 0 would recreate it."""
-        if self._family_base_id is None:
-            return
-        path = shm_path(self._family_base_id)
-        try:
-            path.unlink(missing_ok=True)
-        except OSError as err:
-            self._event(logging.DEBUG, "hot_restart.shm_kept", str(err), path=str(path))
 
     def _kill_leftovers(self) -> None:
         """Last resort on the way out (a bug raised): no child outlives the daemon."""
         for gen in self._alive():
-            if gen.poll() is None:
-                gen.process.kill()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    gen.process.wait(timeout=KILL_REAP_WAIT_S)
+            gen.kill()
+            gen.process.wait()
             gen.close_stderr()
 
     # -- helpers --------------------------------------------------------------
     def _forward(self, signum: signal.Signals) -> None:
-        alive = self._alive()
-        for gen in alive:
-            gen.send_signal(signum)
+        # Not to a starting child: before Envoy installs its handlers, SIGUSR1's default
+        # action would kill it (and a shell that did not exec dies of it, §11).
+        targets = [g for g in self._alive() if g.state is not GenerationState.STARTING]
+        for gen in targets:
+            gen.signal_envoy(signum)
         self._event(
             logging.INFO,
             "signal.forwarded",
             signal=signum.name,
-            epochs=[g.epoch for g in alive],
-            pids=[g.pid for g in alive],
+            epochs=[g.epoch for g in targets],
+            pids=[g.pid for g in targets],
         )
 
-    def _check_start_script_execs(self, gen: Generation) -> None:
-        exe = executable_of(gen.pid)
-        if exe is not None and is_shell(exe):
-            self._warn_once(
-                "start_script.no_exec",
-                f"the start script runs Envoy as a child of {Path(exe).name} instead of "
-                "exec'ing it: signals reach the shell, not Envoy; end the script with "
-                '`exec envoy ... --restart-epoch "$RESTART_EPOCH"`',
-                epoch=gen.epoch,
-                pid=gen.pid,
-            )
-
-    def _warn_once(
-        self, event: str, message: str, epoch: int | None = None, pid: int | None = None
-    ) -> None:
+    def _warn_once(self, event: str, message: str, epoch: int, pid: int) -> None:
         if event not in self._warned:
             self._warned.add(event)
             self._event(logging.WARNING, event, message, epoch=epoch, pid=pid)

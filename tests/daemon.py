@@ -34,13 +34,14 @@ class Daemon:
 
     def events(self, name: str | None = None, **match: object) -> list[Event]:
         found: list[Event] = []
-        for line in self.lines():
+        for index, line in enumerate(self.lines()):
             if not line.startswith("{"):
                 continue  # Envoy's own log lines pass through our stderr
             try:
                 event = json.loads(line)
             except ValueError:
                 continue
+            event["line"] = index  # the order events happened in, finer than ts
             if name is not None and event.get("event") != name:
                 continue
             if all(event.get(k) == v for k, v in match.items()):

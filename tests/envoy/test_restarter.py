@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from tests.envoy.conftest import EnvoyFamily
-from tests.helpers import free_port, wait_until
+from tests.helpers import wait_until
 
 
 class FreshConnectionPoller:
@@ -91,16 +94,28 @@ def test_sigusr1_is_forwarded_and_envoy_reopens_its_access_log(
 
 
 def test_sigterm_exits_1_when_a_child_must_be_killed(envoy_family: EnvoyFamily) -> None:
-    daemon = envoy_family.start("--term-wait", "1")
+    daemon = envoy_family.start("--term-wait", "2")
     serving = daemon.wait_event("child.serving", epoch=0)
     # A stopped process cannot act on SIGTERM: the daemon has to SIGKILL it.
-    import os
-
     os.kill(int(serving["pid"]), signal.SIGSTOP)
     daemon.signal(signal.SIGTERM)
+    daemon.wait_event("shutdown.started")
     daemon.signal(signal.SIGTERM)  # a second TERM must not break the sequence
+    daemon.wait_event("shutdown.already_stopping")
     assert daemon.wait_exit() == 1
     assert daemon.events("shutdown.killing", pid=serving["pid"])
+
+
+@contextlib.contextmanager
+def _port_held() -> Iterator[int]:
+    """A listening socket of another process's kind: Envoy cannot bind its port."""
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    try:
+        yield int(blocker.getsockname()[1])
+    finally:
+        blocker.close()
 
 
 def test_port_conflict_keeps_old_epoch_serving_and_next_good_config_reuses_the_epoch(
@@ -108,41 +123,63 @@ def test_port_conflict_keeps_old_epoch_serving_and_next_good_config_reuses_the_e
 ) -> None:
     daemon = envoy_family.start()
     old = daemon.wait_event("child.serving", epoch=0)
-    blocker = socket.socket()
-    blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    held_port = free_port()
-    blocker.bind(("127.0.0.1", held_port))
-    blocker.listen()
-    try:
+    with _port_held() as held_port, FreshConnectionPoller(envoy_family) as poller:
         # Validation cannot see this (ENVOY_FACTS §1): only the child finds the port taken.
         envoy_family.write_config("v1", extra_listener_port=held_port)
         daemon.signal(signal.SIGHUP)
         failed = daemon.wait_event("restart.failed", epoch=1)
         assert "Address already in use" in failed["message"]
         assert "Address already in use" in failed["output"]
-        daemon.wait_event("hot_restart.flag_cleared", epoch=1)
-        assert envoy_family.body() == "v0"
-        assert daemon.process.poll() is None
-    finally:
-        blocker.close()
-    envoy_family.write_config("v2")
-    daemon.signal(signal.SIGHUP)
-    new = daemon.wait_event("child.serving", epoch=1, reason="SIGHUP")
+        assert "epoch 0 keeps serving" in failed["message"]
+        # The fix is pushed while the port is still held: it does not need that port.
+        envoy_family.write_config("v2")
+        daemon.signal(signal.SIGHUP)
+        new = daemon.wait_event("child.serving", epoch=1)
+        wait_until(lambda: "v2" in poller.bodies, timeout_s=10, what="v2 served")
+    assert poller.failures == 0, "the old epoch served throughout"
+    assert set(poller.bodies) == {"v0", "v2"}
     assert new["pid"] != old["pid"]
-    wait_until(lambda: envoy_family.body() == "v2", timeout_s=10, what="v2 served")
+    # The stuck INITIALIZING flag was cleared before the next attempt could be refused.
+    cleared = daemon.events("hot_restart.flag_cleared", epoch=1)
+    assert cleared and cleared[0]["line"] < new["line"]
     # Every attempt used epoch 1: a failed start never consumes an epoch.
     assert {e["epoch"] for e in daemon.events("child.started")} == {0, 1}
 
 
-def test_serving_envoy_killed_comes_back_at_epoch_0(envoy_family: EnvoyFamily) -> None:
-    import os
+def test_a_failing_restart_is_retried_a_bounded_number_of_times(
+    envoy_family: EnvoyFamily,
+) -> None:
+    daemon = envoy_family.start()
+    old = daemon.wait_event("child.serving", epoch=0)
+    with _port_held() as held_port:
+        envoy_family.write_config("v1", extra_listener_port=held_port)
+        daemon.signal(signal.SIGHUP)
+        abandoned = daemon.wait_event("restart.abandoned", epoch=1, timeout_s=60)
+        attempts = daemon.events("child.started", epoch=1)
+        assert len(attempts) == 4, "one attempt and three retries, then it stops"
+        assert [e["in_s"] for e in daemon.events("restart.retry_scheduled")] == [1.0, 2.0, 4.0]
+        assert Path(f"/proc/{old['pid']}").exists()
+        assert envoy_family.body() == "v0"
+        # Nothing more happens by itself; the next request is the positive control.
+        envoy_family.write_config("v2")
+        daemon.signal(signal.SIGHUP)
+        daemon.wait_event("child.serving", epoch=1)
+    started = daemon.events("child.started", epoch=1)
+    assert len(started) == 5 and started[4]["line"] > abandoned["line"]
+    assert envoy_family.body() == "v2"
 
+
+def test_serving_envoy_killed_comes_back_at_epoch_0(envoy_family: EnvoyFamily) -> None:
     daemon = envoy_family.start()
     first = daemon.wait_event("child.serving", epoch=0)
     os.kill(int(first["pid"]), signal.SIGKILL)
-    daemon.wait_event("child.died", pid=first["pid"])
-    second = daemon.wait_event("child.serving", epoch=0, count=2, timeout_s=30)
-    assert second["pid"] != first["pid"]
+    died = daemon.wait_event("child.died", pid=first["pid"])
+    scheduled = daemon.wait_event("restart.recovery_scheduled", epoch=0)
+    assert scheduled["in_s"] == 0, "the first attempt after a death is immediate"
+    second = daemon.wait_event("child.serving", epoch=0, count=2)
+    assert second["pid"] != first["pid"] and second["reason"] == "recovery"
+    assert died["line"] < scheduled["line"] < second["line"]
+    assert len(daemon.events("child.started")) == 2
     wait_until(lambda: envoy_family.body() == "v0", timeout_s=10, what="serving again")
 
 
@@ -150,31 +187,22 @@ def test_a_flood_of_200_sighups_is_a_few_restarts(envoy_family: EnvoyFamily) -> 
     daemon = envoy_family.start()
     daemon.wait_event("child.serving", epoch=0)
     envoy_family.write_config("v1")
-    deadline = time.monotonic() + 1.0
     for _ in range(200):
         daemon.signal(signal.SIGHUP)
-        time.sleep(max(0.0, (deadline - time.monotonic()) / 200))
+        time.sleep(0.005)  # pacing the load: 200 signals over about a second
     daemon.wait_event("child.serving", epoch=1)
+    # Requests queued behind epoch 1 run as one restart once epoch 0 has drained.
+    daemon.wait_event("child.exited", epoch=0)
     wait_until(
-        lambda: daemon.events("restart.requested") and not _restart_in_flight(daemon),
+        lambda: len(daemon.events("child.started")) == len(daemon.events("child.serving")),
         timeout_s=30,
-        what="the queued restarts to settle",
+        what="every started epoch serving",
     )
     assert daemon.process.poll() is None
     assert envoy_family.body() == "v1"
-    started = daemon.events("child.started")
-    assert 2 <= len(started) <= 4, [e["epoch"] for e in started]
+    started = [e["epoch"] for e in daemon.events("child.started")]
+    assert started in ([0, 1], [0, 1, 2]), started
     assert not daemon.events("restart.failed")
-
-
-def _restart_in_flight(daemon: object) -> bool:
-    from tests.daemon import Daemon
-
-    assert isinstance(daemon, Daemon)
-    started = len(daemon.events("child.started"))
-    done = len(daemon.events("child.serving")) + len(daemon.events("restart.failed"))
-    waiting = daemon.events("restart.waiting")
-    return started != done or (bool(waiting) and started < 3)
 
 
 def test_a_start_that_hangs_is_killed_at_its_deadline_and_the_old_epoch_serves(
@@ -262,8 +290,6 @@ def test_start_script_without_exec_is_warned_about_and_still_supervised(
 def test_serving_child_killed_during_the_drain_is_respawned_from_the_draining_parent(
     envoy_family: EnvoyFamily,
 ) -> None:
-    import os
-
     daemon = envoy_family.start()
     daemon.wait_event("child.serving", epoch=0)
     envoy_family.write_config("v1")
@@ -284,8 +310,6 @@ def test_serving_child_killed_during_the_drain_is_respawned_from_the_draining_pa
 def test_draining_parent_killed_early_means_a_cold_start_not_a_hot_restart(
     envoy_family: EnvoyFamily,
 ) -> None:
-    import os
-
     daemon = envoy_family.start()
     parent = daemon.wait_event("child.serving", epoch=0)
     daemon.signal(signal.SIGHUP)
@@ -305,8 +329,6 @@ def test_draining_parent_killed_early_means_a_cold_start_not_a_hot_restart(
 
 
 def test_doomed_epoch_is_replaced_the_moment_it_aborts(envoy_family: EnvoyFamily) -> None:
-    import os
-
     daemon = envoy_family.start()
     parent = daemon.wait_event("child.serving", epoch=0)
     daemon.signal(signal.SIGHUP)

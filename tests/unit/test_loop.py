@@ -49,9 +49,21 @@ def test_deadlines_fire_in_order_and_can_be_cancelled() -> None:
         seen: list[object] = []
         deadline = time.monotonic() + 10
         while len(seen) < 2 and time.monotonic() < deadline:
-            seen += [e.key for e in reactor.poll() if isinstance(e, DeadlineReached)]
+            for event in reactor.poll():
+                if isinstance(event, DeadlineReached) and reactor.claim(event):
+                    seen.append(event.key)
         assert seen == ["early", "late"]
         assert not reactor.has_deadline("late")
+
+
+def test_a_deadline_re_armed_before_its_event_is_handled_is_not_claimed() -> None:
+    with Reactor() as reactor:
+        reactor.set_timeout("start", 0.0)
+        events = [e for e in reactor.poll() if isinstance(e, DeadlineReached)]
+        assert events == [DeadlineReached("start")]
+        reactor.set_timeout("start", 60.0)  # what handling an earlier event did
+        assert not reactor.claim(events[0])
+        assert reactor.has_deadline("start")
 
 
 def test_readable_fd_is_reported_with_its_key() -> None:

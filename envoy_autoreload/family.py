@@ -1,0 +1,224 @@
+"""The Envoy hot-restart family: what we know about the processes that share one base id.
+
+Owns the facts the supervisor needs but does not decide with: where a generation's
+admin answers, whether it is LIVE, which base id (and so which shared-memory segment)
+the family uses, and the one write we ever make into that segment.
+
+Everything here is read from Envoy itself: its command line in /proc (a drop-in run
+with no options still finds it), its admin `/server_info` over a fresh connection, and
+the header of its segment. Nothing here runs a subprocess or waits more than the admin
+probe's short timeout, because it runs on the event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Final
+
+from envoy_autoreload.admin import fetch_server_info
+from envoy_autoreload.child import Generation
+from envoy_autoreload.envoy_config import (
+    AdminAddress,
+    admin_address_from_config,
+    parse_admin_address,
+)
+from envoy_autoreload.envoy_process import find_envoy
+from envoy_autoreload.errors import AutoreloadError
+from envoy_autoreload.hot_restart_shm import (
+    INITIALIZING,
+    ShmUnsupported,
+    clear_initializing,
+    layout_for,
+    read_flags,
+    segment_version,
+    shm_path,
+)
+from envoy_autoreload.logs import log_event
+from envoy_autoreload.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+PROC_AVAILABLE: Final = Path("/proc/self/cmdline").exists()
+NO_ADMIN_SETTLE_S: Final = 1.0
+ENVOY_DEFAULT_PARENT_SHUTDOWN_S: Final = 900.0
+
+
+class EnvoyFamily:
+    """Per-daemon knowledge about the family; per-generation facts live on the Generation."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._admin_addresses: dict[int, AdminAddress | None] = {}
+        self._warned: set[str] = set()
+        self.base_id: int | None = settings.base_id
+        self.hot_restart_version: str | None = None
+        self.envoy_version: str | None = None
+
+    # -- discovery ------------------------------------------------------------
+    def observe(self, gen: Generation) -> None:
+        """Find the Envoy behind a generation once it has exec'd (cheap /proc reads)."""
+        if gen.envoy is not None or not PROC_AVAILABLE:
+            return
+        gen.envoy = find_envoy(gen.pid)
+        if gen.envoy is None:
+            return
+        base_id = self.base_id_of(gen)
+        if base_id is not None:
+            self.base_id = base_id
+
+    def base_id_of(self, gen: Generation) -> int | None:
+        """The base id this generation's Envoy uses; None when it cannot be known."""
+        if self._settings.base_id is not None:
+            return self._settings.base_id
+        envoy = gen.envoy
+        if envoy is None:
+            return None
+        line = envoy.command_line
+        if line.base_id is not None:
+            return line.base_id
+        if line.use_dynamic_base_id:
+            if not line.base_id_path:
+                return None
+            try:
+                return int(envoy.resolve(line.base_id_path).read_text().strip())
+            except (OSError, ValueError):
+                return None
+        return 0  # Envoy's default when no base id flag is given
+
+    def parent_shutdown_s(self, gen: Generation) -> float | None:
+        """Envoy's --parent-shutdown-time-s for this generation (its default when unset)."""
+        if gen.envoy is None:
+            return None
+        return gen.envoy.command_line.parent_shutdown_time_s or ENVOY_DEFAULT_PARENT_SHUTDOWN_S
+
+    def admin_address(self, gen: Generation) -> AdminAddress | None:
+        if self._settings.admin_address is not None:
+            return self._settings.admin_address
+        key = id(gen)
+        if key in self._admin_addresses:
+            return self._admin_addresses[key]
+        envoy = gen.envoy
+        if envoy is not None and envoy.command_line.admin_address_path:
+            try:
+                text = envoy.resolve(envoy.command_line.admin_address_path).read_text()
+                return parse_admin_address(text)
+            except (OSError, AutoreloadError):
+                return None  # Envoy writes it once admin listens; ask again next probe
+        config = self._settings.config
+        if config is None and envoy is not None and envoy.command_line.config_path:
+            config = envoy.resolve(envoy.command_line.config_path)
+        address: AdminAddress | None = None
+        if config is not None:
+            try:
+                address = admin_address_from_config(config)
+            except AutoreloadError as err:
+                self._warn_once("admin.unknown", f"{err}; judging LIVE by shared memory")
+        if address is None:
+            self._warn_once(
+                "admin.none",
+                "no admin address (--admin-address, or admin.address in the config): "
+                f"a generation counts as LIVE after {NO_ADMIN_SETTLE_S:g} s alive with "
+                "Envoy's hot-restart INITIALIZING flag clear",
+            )
+        self._admin_addresses[key] = address
+        return address
+
+    def forget(self, gen: Generation) -> None:
+        self._admin_addresses.pop(id(gen), None)
+
+    # -- liveness -------------------------------------------------------------
+    def is_live(self, gen: Generation) -> bool:
+        """True when this generation's Envoy reports LIVE at its own epoch (§9, §15)."""
+        admin = self._settings.admin_address
+        if admin is None:
+            if gen.envoy is None and PROC_AVAILABLE:
+                return False  # the start script has not exec'd Envoy yet
+            admin = self.admin_address(gen)
+        if admin is not None:
+            info = fetch_server_info(admin)
+            if info is None or info.state != "LIVE" or info.restart_epoch != gen.epoch:
+                return False
+            self.hot_restart_version = info.hot_restart_version or self.hot_restart_version
+            self.envoy_version = info.version or self.envoy_version
+            return True
+        return self._shm_says_live(gen)
+
+    def _shm_says_live(self, gen: Generation) -> bool:
+        """Without admin: alive for a moment and, past epoch 0, the INITIALIZING flag clear."""
+        if time.monotonic() - gen.started_at < NO_ADMIN_SETTLE_S:
+            return False
+        if gen.epoch == 0:
+            return True
+        base_id = self.base_id_of(gen)
+        try:
+            if base_id is None:
+                raise ShmUnsupported("the family's base id is unknown")
+            path = shm_path(base_id)
+            return not read_flags(path, layout_for(segment_version(path))) & INITIALIZING
+        except ShmUnsupported as err:
+            self._warn_once(
+                "hot_restart.flag_unreadable",
+                f"cannot read the hot-restart flag ({err}); without an admin address a "
+                f"generation alive for {NO_ADMIN_SETTLE_S:g} s is taken as LIVE",
+            )
+            return True
+
+    # -- shared memory --------------------------------------------------------
+    def restore_flag(self, parent: Generation, epoch: int) -> None:
+        """Clear a stuck INITIALIZING flag before starting `epoch` from `parent` (§3).
+
+        The caller guarantees no child of ours is starting: the flag then belongs to no
+        one but a dead child. Written only into a segment whose header matches a layout
+        we verified, for the running binary's version when admin told us it.
+        """
+        base_id = self.base_id_of(parent)
+        if base_id is None:
+            self._warn_once(
+                "hot_restart.flag_untouched",
+                "the family's base id is unknown (give --base-id): a flag left stuck by a "
+                "failed child cannot be cleared, and hot restarts then need a full restart",
+            )
+            return
+        path = shm_path(base_id)
+        try:
+            version = self.hot_restart_version or segment_version(path)
+            cleared = clear_initializing(path, layout_for(version))
+        except ShmUnsupported as err:
+            log_event(
+                logger,
+                logging.WARNING,
+                "hot_restart.flag_untouched",
+                f"cannot restore the hot-restart flag ({err}); if a failed child left it "
+                "set, every hot restart fails until a full restart (stop, then start)",
+                epoch=epoch,
+                pid=None,
+            )
+            return
+        if cleared:
+            log_event(
+                logger,
+                logging.INFO,
+                "hot_restart.flag_cleared",
+                "cleared the INITIALIZING flag a failed child left (upstream #726, #33446)",
+                epoch=epoch,
+                pid=None,
+                path=str(path),
+            )
+
+    def remove_shared_memory(self) -> None:
+        """Envoy leaves its segment behind after every exit (ENVOY_FACTS §0); once the
+        whole family is gone nobody uses it, and the next epoch 0 would recreate it."""
+        if self.base_id is None:
+            return
+        path = shm_path(self.base_id)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as err:
+            log_event(logger, logging.DEBUG, "hot_restart.shm_kept", str(err), path=str(path))
+
+    def _warn_once(self, event: str, message: str) -> None:
+        if event not in self._warned:
+            self._warned.add(event)
+            log_event(logger, logging.WARNING, event, message)

@@ -1,0 +1,59 @@
+"""Guards for every test: nothing a test starts may outlive it."""
+
+from __future__ import annotations
+
+import glob
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import wait_until
+
+SHM_GLOB = "/dev/shm/envoy_shared_memory_*"
+
+
+def _children() -> set[int]:
+    children: set[int] = set()
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        try:
+            children.update(int(pid) for pid in (task / "children").read_text().split())
+        except OSError:
+            continue
+    return children
+
+
+def _open_fds() -> set[tuple[int, str]]:
+    """(fd, what it points at): listing /proc/self/fd opens a descriptor of its own,
+    whose number a later leak may reuse, so the number alone proves nothing."""
+    fds: set[tuple[int, str]] = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue  # closed meanwhile (the listing's own descriptor)
+        if not target.startswith("/dev/pts"):
+            fds.add((int(name), target))
+    return fds
+
+
+@pytest.fixture(autouse=True)
+def nothing_leaks() -> Iterator[None]:
+    shm_before = set(glob.glob(SHM_GLOB))
+    fds_before = _open_fds()
+    threads_before = set(threading.enumerate())
+    children_before = _children()
+    yield
+    wait_until(
+        lambda: _children() <= children_before or None,
+        timeout_s=15,
+        what="the test's child processes to be gone",
+    )
+    leaked_shm = set(glob.glob(SHM_GLOB)) - shm_before
+    assert not leaked_shm, f"shared memory left behind: {sorted(leaked_shm)}"
+    leaked_threads = [t for t in threading.enumerate() if t not in threads_before and t.is_alive()]
+    assert not leaked_threads, f"threads left running: {leaked_threads}"
+    leaked_fds = _open_fds() - fds_before
+    assert not leaked_fds, f"file descriptors left open: {sorted(leaked_fds)}"
