@@ -438,7 +438,9 @@ class Supervisor:
             self._after_failed_start(epoch, "exec failed")
             return
         if self._changes is not None:
-            gen.snapshot = self._changes.snapshot
+            # What this epoch starts from; a burst that settles later and finds the
+            # same content then restarts nothing. Cheap: unchanged files are not read.
+            gen.snapshot = self._changes.rescan()
         self._generations.append(gen)
         fd = gen.stderr_fd()
         if fd is not None:

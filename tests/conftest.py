@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import os
 import threading
 from collections.abc import Iterator
@@ -10,9 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import wait_until
-
-SHM_GLOB = "/dev/shm/envoy_shared_memory_*"
+from tests.helpers import ALLOCATED_BASE_IDS, shm_of, wait_until
 
 
 def _children() -> set[int]:
@@ -41,7 +38,7 @@ def _open_fds() -> set[tuple[int, str]]:
 
 @pytest.fixture(autouse=True)
 def nothing_leaks() -> Iterator[None]:
-    shm_before = set(glob.glob(SHM_GLOB))
+    ids_before = set(ALLOCATED_BASE_IDS)
     fds_before = _open_fds()
     threads_before = set(threading.enumerate())
     children_before = _children()
@@ -51,8 +48,9 @@ def nothing_leaks() -> Iterator[None]:
         timeout_s=15,
         what="the test's child processes to be gone",
     )
-    leaked_shm = set(glob.glob(SHM_GLOB)) - shm_before
-    assert not leaked_shm, f"shared memory left behind: {sorted(leaked_shm)}"
+    ours = ALLOCATED_BASE_IDS - ids_before
+    leaked_shm = [shm_of(i) for i in sorted(ours) if os.path.exists(shm_of(i))]
+    assert not leaked_shm, f"shared memory left behind: {leaked_shm}"
     leaked_threads = [t for t in threading.enumerate() if t not in threads_before and t.is_alive()]
     assert not leaked_threads, f"threads left running: {leaked_threads}"
     leaked_fds = _open_fds() - fds_before

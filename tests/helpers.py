@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import http.client
+import itertools
+import os
 import socket
 import time
 from collections.abc import Callable
@@ -51,3 +53,21 @@ def http_get(port: int, path: str = "/", timeout_s: float = 2.0) -> tuple[int, s
         return None
     finally:
         conn.close()
+
+
+# Base ids handed out in this test process, so leak checks judge only our own segments
+# (another test run on the machine has its own).
+ALLOCATED_BASE_IDS: set[int] = set()
+_base_ids = itertools.count(20000 + (os.getpid() % 400) * 50)
+
+
+def shm_of(base_id: int) -> str:
+    return f"/dev/shm/envoy_shared_memory_{base_id * 10}"
+
+
+def allocate_base_id() -> int:
+    for base_id in _base_ids:
+        if not os.path.exists(shm_of(base_id)):
+            ALLOCATED_BASE_IDS.add(base_id)
+            return base_id
+    raise AssertionError("unreachable")

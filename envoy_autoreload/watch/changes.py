@@ -92,6 +92,10 @@ class ChangeDetector:
         paths = frozenset(self._debouncer.take())
         return SettledBurst(events, paths, self._rescan())
 
+    def rescan(self) -> Snapshot:
+        """The content as it is now, e.g. for a restart SIGHUP asked for mid-burst."""
+        return self._rescan()
+
     def _rescan(self) -> Snapshot:
         assert self._watcher is not None
         snapshot = self._scanner.scan(self._watcher.watch_directory)

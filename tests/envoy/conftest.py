@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import os
 import signal
@@ -16,10 +15,9 @@ from typing import Any
 import pytest
 
 from tests.daemon import Daemon, start_daemon
-from tests.helpers import free_port, http_get
+from tests.helpers import allocate_base_id, free_port, http_get
 
 ENVOY_BIN = Path(sys.executable).parent / "envoy"
-_base_ids = itertools.count(20000 + (os.getpid() % 400) * 50)
 
 CONFIG_TEMPLATE = """\
 admin:
@@ -88,19 +86,12 @@ START_SCRIPT = """\
 """
 
 
-def _allocate_base_id() -> int:
-    for base_id in _base_ids:
-        if not Path(f"/dev/shm/envoy_shared_memory_{base_id * 10}").exists():
-            return base_id
-    raise AssertionError("unreachable")
-
-
 @dataclass
 class EnvoyFamily:
     """One test's Envoy: config and start script in its own directory."""
 
     root: Path
-    base_id: int = field(default_factory=_allocate_base_id)
+    base_id: int = field(default_factory=allocate_base_id)
     admin_port: int = field(default_factory=free_port)
     listener_port: int = field(default_factory=free_port)
     daemons: list[Daemon] = field(default_factory=list)
@@ -179,9 +170,10 @@ class EnvoyFamily:
         return info
 
     def start(self, *extra_args: str, env: dict[str, str] | None = None) -> Daemon:
-        daemon = start_daemon(
-            [*extra_args, str(self.script)], self.root / f"daemon{len(self.daemons)}.log", env=env
-        )
+        # Beside the family's directory, not in it: tests watch that directory, and a
+        # log inside it would be a content change at every line.
+        log = self.root.parent / f"{self.root.name}.daemon{len(self.daemons)}.log"
+        daemon = start_daemon([*extra_args, str(self.script)], log, env=env)
         self.daemons.append(daemon)
         return daemon
 
