@@ -154,7 +154,9 @@ class Supervisor:
             return SupervisorState.STARTING if starting else SupervisorState.RECOVERING
         return SupervisorState.RESTARTING if starting else SupervisorState.SERVING
 
-    def request_restart(self, reason: str, changed: list[str] | None = None) -> None:
+    def request_restart(
+        self, reason: str, changed: list[str] | None = None, events: int | None = None
+    ) -> None:
         """Queue a hot restart; any number of queued requests run as one."""
         if self._stopping:
             return
@@ -172,6 +174,7 @@ class Supervisor:
             pid=serving.pid if serving else None,
             changed=changed[:5] if changed is not None else None,
             count=len(changed) if changed is not None else None,
+            events=events,
         )
 
     # -- dispatch -------------------------------------------------------------
@@ -307,7 +310,7 @@ class Supervisor:
             changed = burst.snapshot.changed_since(reference.snapshot)
         else:
             changed = sorted(burst.paths)
-        self.request_restart("files_changed", changed)
+        self.request_restart("files_changed", changed, burst.events)
 
     # -- what to start next -----------------------------------------------------
     def _advance(self) -> None:
