@@ -26,10 +26,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from envoy_autoreload.digest import Snapshot
 from envoy_autoreload.envoy_process import EnvoyProcess, executable_of
+
+if TYPE_CHECKING:
+    from envoy_autoreload.validation import BinaryInfo
 
 STDERR_TAIL_LINES: Final = 12
 
@@ -82,6 +85,7 @@ class Generation:
     killed_by_us: str | None = None
     envoy: EnvoyProcess | None = None
     snapshot: Snapshot | None = None
+    binary: BinaryInfo | None = None
     stderr_tail: collections.deque[str] = field(
         default_factory=lambda: collections.deque(maxlen=STDERR_TAIL_LINES)
     )

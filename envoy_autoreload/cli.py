@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import Literal
 
 import click
 
@@ -19,7 +20,13 @@ from envoy_autoreload import __version__
 from envoy_autoreload.envoy_config import AdminAddress, parse_admin_address
 from envoy_autoreload.errors import AutoreloadError, ExitCode, StartScriptError
 from envoy_autoreload.logs import LogFormat, configure_logging, log_event
-from envoy_autoreload.settings import DEFAULT_ENVOY, Settings, check_envoy, check_start_script
+from envoy_autoreload.settings import (
+    DEFAULT_ENVOY,
+    Settings,
+    check_config,
+    check_envoy,
+    check_start_script,
+)
 from envoy_autoreload.supervisor import run
 from envoy_autoreload.watch import WatcherKind
 from envoy_autoreload.watch.changes import ChangeDetector
@@ -176,6 +183,30 @@ SECONDS = click.FloatRange(min=0.0)
     help="Longest wait after the first change of a burst.",
 )
 @click.option(
+    "--no-validate",
+    is_flag=True,
+    envvar=_env("NO_VALIDATE"),
+    show_envvar=True,
+    help="Do not run `envoy --mode validate` before a restart.",
+)
+@click.option(
+    "--validate-timeout",
+    "validate_timeout_s",
+    type=click.FloatRange(min=0.1),
+    default=30.0,
+    envvar=_env("VALIDATE_TIMEOUT"),
+    show_envvar=True,
+    help="Seconds validation (and each binary check) may take.",
+)
+@click.option(
+    "--on-incompatible-binary",
+    type=click.Choice(["refuse", "restart"]),
+    default="refuse",
+    envvar=_env("ON_INCOMPATIBLE_BINARY"),
+    show_envvar=True,
+    help="A new binary that cannot hot restart: keep the old (refuse), or stop and start.",
+)
+@click.option(
     "--log-format",
     type=click.Choice(["human", "json"]),
     default="human",
@@ -208,6 +239,9 @@ def cli(
     ignore: tuple[str, ...],
     debounce_s: float,
     debounce_max_s: float,
+    no_validate: bool,
+    validate_timeout_s: float,
+    on_incompatible_binary: Literal["refuse", "restart"],
     log_format: LogFormat,
     log_level: str,
 ) -> None:
@@ -224,13 +258,24 @@ def cli(
         envoy_path = check_envoy(envoy, explicit=envoy_explicit)
     except AutoreloadError as err:
         raise click.BadParameter(str(err), param_hint="--envoy") from err
+    if config is not None:
+        try:
+            config = check_config(config)
+        except AutoreloadError as err:
+            raise click.BadParameter(str(err), param_hint="--config") from err
+        if envoy_path is None and not no_validate:
+            raise click.BadParameter(
+                f"no Envoy binary {envoy!r} to validate {config} with "
+                "(give --envoy PATH, or --no-validate)",
+                param_hint="--envoy",
+            )
     settings = Settings(
         start_script=start_script,
         script_args=script_args,
         term_wait_s=term_wait_s,
         start_timeout_s=start_timeout_s,
         max_drain_wait_s=max_drain_wait_s,
-        config=config.absolute() if config is not None else None,
+        config=config,
         admin_address=admin_address,
         base_id=base_id,
         exit_on_child_failure=exit_on_child_failure,
@@ -241,6 +286,9 @@ def cli(
         ignore=ignore,
         debounce_s=debounce_s,
         debounce_max_s=debounce_max_s,
+        validate=not no_validate,
+        validate_timeout_s=validate_timeout_s,
+        on_incompatible_binary=on_incompatible_binary,
     )
     log_event(
         logger,

@@ -49,3 +49,11 @@ class SpawnError(AutoreloadError):
 
 class WatchLimitError(AutoreloadError):
     """inotify ran out of watches (ENOSPC) or instances (EMFILE); the text has the fix."""
+
+
+class BinaryError(UsageError):
+    """--envoy does not name an Envoy binary (missing, not executable, not Envoy)."""
+
+
+class ValidationFailed(AutoreloadError):
+    """The config fails `envoy --mode validate` at start-up: Envoy is not started."""

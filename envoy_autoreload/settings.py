@@ -7,7 +7,7 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, Literal
 
 from envoy_autoreload.digest import WatchRoot
 from envoy_autoreload.envoy_config import AdminAddress
@@ -35,6 +35,9 @@ class Settings:
     ignore: tuple[str, ...] = ()
     debounce_s: float = 0.3
     debounce_max_s: float = 5.0
+    validate: bool = True
+    validate_timeout_s: float = 30.0
+    on_incompatible_binary: Literal["refuse", "restart"] = "refuse"
 
     def watch_roots(self) -> list[WatchRoot]:
         """Nothing without --watch (the drop-in restarter); with it, every --watch path
@@ -84,4 +87,13 @@ def check_start_script(path: Path) -> Path:
         raise StartScriptError(f"start script {path} is not a file")
     if not os.access(path, os.X_OK):
         raise StartScriptError(f"start script {path} is not executable (chmod +x {path})")
+    return path.absolute()
+
+
+def check_config(path: Path) -> Path:
+    """A usage error naming the path unless it is a readable file."""
+    if not path.is_file():
+        raise UsageError(f"Envoy config {path} does not exist or is not a file")
+    if not os.access(path, os.R_OK):
+        raise UsageError(f"Envoy config {path} is not readable")
     return path.absolute()

@@ -34,6 +34,7 @@ import logging
 import signal
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Final, assert_never
 
 from envoy_autoreload.backoff import (
@@ -45,11 +46,19 @@ from envoy_autoreload.backoff import (
     exponential_delay,
 )
 from envoy_autoreload.child import Generation, GenerationState, describe_exit, spawn
-from envoy_autoreload.errors import ExitCode, SpawnError
+from envoy_autoreload.command import CommandResult, RunningCommand
+from envoy_autoreload.errors import BinaryError, ExitCode, SpawnError, ValidationFailed
 from envoy_autoreload.family import EnvoyFamily
 from envoy_autoreload.logs import FieldValue, log_event
 from envoy_autoreload.loop import DeadlineReached, Event, FdReady, Reactor, SignalReceived
 from envoy_autoreload.settings import Settings
+from envoy_autoreload.validation import (
+    BinaryInfo,
+    Preflight,
+    PreflightOutcome,
+    Verdict,
+    run_preflight_now,
+)
 from envoy_autoreload.watch.changes import ChangeDetector
 
 logger = logging.getLogger(__name__)
@@ -72,11 +81,15 @@ class Timer(enum.Enum):
     TERM_WAIT = "term_wait"  # --term-wait after SIGTERM to every child
     KILL_WAIT = "kill_wait"  # how long SIGKILLed children get to be reaped
     DEBOUNCE = "debounce"  # a burst of file events is due (quiet window or max wait)
+    COMMAND_DEADLINE = "command_deadline"  # --validate-timeout for a validation step
 
 
 @dataclass(frozen=True, slots=True)
-class HotRetry:
-    """Start the next epoch again once the RETRY backoff passes (a failed hot restart)."""
+class StartNext:
+    """Start the next epoch once pacing allows: the request passed the gate (or there is
+    no gate), or it is a retry of one that did (after the RETRY backoff)."""
+
+    reason: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +106,7 @@ class ColdStart:
     reason: str
 
 
-Plan = HotRetry | Respawn | ColdStart
+Plan = StartNext | Respawn | ColdStart
 
 
 class SupervisorState(enum.Enum):
@@ -101,6 +114,7 @@ class SupervisorState(enum.Enum):
 
     STARTING = "starting"
     SERVING = "serving"
+    VALIDATING = "validating"
     RESTARTING = "restarting"
     RECOVERING = "recovering"
     STOPPING = "stopping"
@@ -127,11 +141,16 @@ class Supervisor:
         self._exit_floor = ExitCode.CLEAN_STOP
         self._exit_code: ExitCode | None = None
         self._warned: set[str] = set()
+        self._binary: BinaryInfo | None = None
+        self._preflight: Preflight | None = None
+        self._preflight_reason = ""
+        self._command: RunningCommand | None = None
 
     # -- public ---------------------------------------------------------------
     def run(self) -> ExitCode:
         """Start epoch 0 and supervise until stopped; always leaves no child behind."""
         try:
+            self._check_before_first_start()
             if self._changes is not None:
                 self._start_watching(self._changes)
             self._start(0, "startup", first=True)
@@ -142,6 +161,8 @@ class Supervisor:
                     if code is not None:
                         return code
         finally:
+            if self._command is not None:
+                self._command.abandon()
             self._kill_leftovers()
 
     @property
@@ -152,6 +173,8 @@ class Supervisor:
         starting = self._starting()
         if serving is None:
             return SupervisorState.STARTING if starting else SupervisorState.RECOVERING
+        if self._preflight is not None:
+            return SupervisorState.VALIDATING
         return SupervisorState.RESTARTING if starting else SupervisorState.SERVING
 
     def request_restart(
@@ -187,6 +210,8 @@ class Supervisor:
                     self._on_stderr(key)
                 elif isinstance(key, ChangeDetector):
                     self._on_watch_readable(key)
+                elif isinstance(key, RunningCommand):
+                    self._on_command_output(key)
             case DeadlineReached(key=key):
                 if isinstance(key, Timer) and self._reactor.claim(event):
                     self._on_timer(key)
@@ -246,6 +271,9 @@ class Supervisor:
                 self._exit_code = ExitCode.CHILD_KILLED
             case Timer.DEBOUNCE:
                 self._on_burst_due()
+            case Timer.COMMAND_DEADLINE:
+                if self._command is not None:
+                    self._command.kill()  # reaped on SIGCHLD; the result says it timed out
             case _:
                 assert_never(timer)
 
@@ -317,25 +345,34 @@ class Supervisor:
         """Start the next generation if one is wanted and allowed now."""
         if self._stopping or self._exit_code is not None or self._starting() is not None:
             return
-        backing_off = self._reactor.has_deadline(Timer.RETRY)
         serving = self._serving()
         if serving is None:
-            self._recover(backing_off)
+            self._recover(backing_off=self._reactor.has_deadline(Timer.RETRY))
             return
         if serving.doomed:
             if self._requests:
                 self._full_restart(serving)
             return
-        if not self._requests and not isinstance(self._plan, HotRetry):
+        if self._preflight is not None:
+            return  # requests that arrive meanwhile are checked next, as one
+        if self._requests:
+            reason = ",".join(self._requests)
+            self._requests.clear()
+            if self._gate_is_on():
+                self._begin_preflight(reason)
+                return
+            self._plan = StartNext(reason)
+            self._reactor.cancel(Timer.RETRY)
+        plan = self._plan
+        if not isinstance(plan, StartNext):
             return
-        if backing_off and not self._requests:
-            return
+        if self._reactor.has_deadline(Timer.RETRY):
+            return  # a retry waits out its backoff
         if len(self._alive()) >= MAX_FAMILY_PROCESSES:
             return  # a cut drain is ending; its exit wakes us again
         if self._must_wait_for_drain():
             return
-        reason = ",".join(self._requests) or "retry"
-        self._requests.clear()
+        reason = plan.reason
         self._plan = None
         self._drain_wait_over = False
         for draining in self._in_state(GenerationState.DRAINING):
@@ -423,6 +460,169 @@ class Supervisor:
         )
         serving.send_signal(signal.SIGTERM)
 
+    # -- the gate: binary checks and validation ----------------------------------
+    def _gate_is_on(self) -> bool:
+        """A gate needs a binary, and something to check: a config to validate or a
+        watched binary to vet."""
+        settings = self._settings
+        return settings.envoy is not None and (
+            (settings.validate and settings.config is not None)
+            or (settings.watch_binary and bool(settings.watch))
+        )
+
+    def _validated_config(self) -> Path | None:
+        return self._settings.config if self._settings.validate else None
+
+    def _check_before_first_start(self) -> None:
+        """Start-up: refuse to start Envoy on a binary that is not Envoy or a config that
+        does not validate (blocking is fine: the loop is not running yet)."""
+        if not self._gate_is_on():
+            return
+        assert self._settings.envoy is not None
+        outcome = run_preflight_now(
+            Preflight(
+                self._settings.envoy,
+                self._validated_config(),
+                known_binary=None,
+                timeout_s=self._settings.validate_timeout_s,
+            )
+        )
+        self._log_outcome(outcome, epoch=0)
+        match outcome.verdict:
+            case Verdict.PASSED:
+                self._binary = outcome.binary
+            case Verdict.BINARY_REFUSED:
+                raise BinaryError(outcome.message)
+            case Verdict.FAILED:
+                raise ValidationFailed(
+                    f"the config {self._settings.config} does not validate, so Envoy is not "
+                    f"started: {outcome.message.removeprefix('validation failed: ')}"
+                )
+
+    def _begin_preflight(self, reason: str) -> None:
+        assert self._settings.envoy is not None
+        self._preflight = Preflight(
+            self._settings.envoy,
+            self._validated_config(),
+            known_binary=self._binary,
+            timeout_s=self._settings.validate_timeout_s,
+        )
+        self._preflight_reason = reason
+        self._next_preflight_step()
+
+    def _next_preflight_step(self) -> None:
+        preflight = self._preflight
+        assert preflight is not None
+        argv = preflight.next_argv()
+        if argv is None:
+            assert preflight.outcome is not None
+            self._preflight = None
+            self._on_preflight_done(preflight.outcome)
+            return
+        try:
+            command = RunningCommand(argv, preflight.timeout_s)
+        except OSError as err:
+            preflight.feed(CommandResult(tuple(argv), 127, "", str(err), 0.0))
+            self._next_preflight_step()
+            return
+        self._command = command
+        for fd in command.open_fds():
+            self._reactor.add_reader(fd, command)
+        self._reactor.set_deadline(Timer.COMMAND_DEADLINE, command.deadline)
+
+    def _on_command_output(self, command: RunningCommand) -> None:
+        for fd in command.open_fds():
+            if not command.pump(fd):
+                self._reactor.remove_reader(fd)
+
+    def _drop_command(self, command: RunningCommand) -> None:
+        for fd in command.all_fds():
+            self._reactor.remove_reader(fd)
+        self._reactor.cancel(Timer.COMMAND_DEADLINE)
+
+    def _on_command_done(self, command: RunningCommand, result: CommandResult) -> None:
+        self._drop_command(command)
+        command.close()
+        self._command = None
+        if self._preflight is not None:
+            self._preflight.feed(result)
+            self._next_preflight_step()
+
+    def _on_preflight_done(self, outcome: PreflightOutcome) -> None:
+        serving = self._serving()
+        self._log_outcome(outcome, epoch=serving.epoch if serving else None)
+        reason = self._preflight_reason
+        if not outcome.ok:
+            if isinstance(self._plan, StartNext):
+                self._plan = None  # what is on disk now failed: never start it
+            return
+        binary = outcome.binary
+        running = serving.binary if serving is not None and serving.binary else self._binary
+        running_version = (running.hot_restart_version if running else None) or (
+            self._family.hot_restart_version
+        )
+        if binary is not None and running_version and binary.hot_restart_version != running_version:
+            self._on_incompatible_binary(binary, running_version)
+            return
+        if binary is not None:
+            self._binary = binary
+        # A request that passed the gate is a new chance: no backoff, no old failures.
+        self._hot_failures = 0
+        self._reactor.cancel(Timer.RETRY)
+        self._plan = StartNext(reason)
+
+    def _on_incompatible_binary(self, binary: BinaryInfo, running_version: str) -> None:
+        what = (
+            f"{binary.path} ({binary.release}) has hot-restart version "
+            f"{binary.hot_restart_version}, the running Envoy {running_version}: a hot "
+            "restart into it cannot work (its shared memory differs, #14224)"
+        )
+        if self._settings.on_incompatible_binary == "refuse":
+            self._event(
+                logging.ERROR,
+                "binary.incompatible",
+                f"{what}; keeping the running Envoy. To switch, restart the service (a full "
+                "stop and start), or run with --on-incompatible-binary=restart",
+                version=binary.release,
+                hot_restart_version=binary.hot_restart_version,
+            )
+            return
+        self._event(
+            logging.WARNING,
+            "restart.full",
+            f"{what}; --on-incompatible-binary=restart: stopping every epoch and starting "
+            "epoch 0 on it, accepting an outage until it is LIVE",
+            version=binary.release,
+            hot_restart_version=binary.hot_restart_version,
+        )
+        self._binary = binary
+        for gen in self._alive():
+            gen.killed_by_us = "replaced by an incompatible binary"
+            gen.send_signal(signal.SIGTERM)
+        self._plan = ColdStart("incompatible binary")
+
+    def _log_outcome(self, outcome: PreflightOutcome, epoch: int | None) -> None:
+        binary = outcome.binary
+        if outcome.ok:
+            self._event(
+                logging.INFO,
+                Verdict.PASSED.value,
+                epoch=epoch,
+                duration_s=outcome.duration_s,
+                version=binary.release if binary else None,
+                hot_restart_version=binary.hot_restart_version if binary else None,
+            )
+            return
+        self._event(
+            logging.ERROR,
+            outcome.verdict.value,
+            outcome.message
+            + (f"; epoch {epoch} keeps serving" if epoch is not None and self._serving() else ""),
+            detail=outcome.detail,
+            epoch=epoch,
+            duration_s=outcome.duration_s,
+        )
+
     # -- starting -------------------------------------------------------------
     def _start(
         self, epoch: int, reason: str, *, parent: Generation | None = None, first: bool = False
@@ -444,6 +644,7 @@ class Supervisor:
             # What this epoch starts from; a burst that settles later and finds the
             # same content then restarts nothing. Cheap: unchanged files are not read.
             gen.snapshot = self._changes.rescan()
+        gen.binary = self._binary
         self._generations.append(gen)
         fd = gen.stderr_fd()
         if fd is not None:
@@ -520,6 +721,11 @@ class Supervisor:
         for gen in self._alive():
             if gen.poll() is not None:
                 self._on_exited(gen)
+        command = self._command
+        if command is not None:
+            result = command.result()
+            if result is not None:
+                self._on_command_done(command, result)
 
     def _on_exited(self, gen: Generation) -> None:
         self._on_stderr(gen)
@@ -585,7 +791,7 @@ class Supervisor:
             self._plan = None
             return
         delay = exponential_delay(self._hot_failures, HOT_RETRY_FIRST_S, COLD_BACKOFF_CAP_S)
-        self._plan = HotRetry()
+        self._plan = StartNext("retry")
         self._reactor.set_timeout(Timer.RETRY, delay)
         self._event(
             logging.INFO,
@@ -622,13 +828,12 @@ class Supervisor:
             # Its parent is gone: it would hang or abort (§5, measured), never serve.
             starting.killed_by_us = PARENT_DIED
             starting.kill()
+        if planned:
+            self._plan = ColdStart(f"full restart ({gen.killed_by_us})")
+            return
         parents = self._in_state(GenerationState.DRAINING)
         if parents and not gen.doomed and parents[-1].epoch == gen.epoch - 1:
             self._plan = Respawn(gen.epoch)
-        if planned:
-            if self._plan is None:
-                self._plan = ColdStart("full restart")
-            return
         self._on_outage_failure(f"serving epoch {gen.epoch} died", immediate=True)
 
     def _on_drained(self, gen: Generation, status: str) -> None:
@@ -656,7 +861,10 @@ class Supervisor:
         self._event(
             logging.INFO,
             "child.exited",
-            "drain cut short by a newer epoch" if gen.drain_cut_by_restart else "drain finished",
+            gen.killed_by_us
+            or (
+                "drain cut short by a newer epoch" if gen.drain_cut_by_restart else "drain finished"
+            ),
             epoch=gen.epoch,
             pid=gen.pid,
             status=status,
@@ -707,6 +915,11 @@ class Supervisor:
         self._exit_floor = max(self._exit_floor, floor)
         for timer in Timer:
             self._reactor.cancel(timer)
+        if self._command is not None:
+            self._drop_command(self._command)
+            self._command.abandon()
+            self._command = None
+        self._preflight = None
         alive = self._alive()
         self._event(
             logging.INFO,

@@ -1,0 +1,161 @@
+"""A short-lived helper command (`envoy --mode validate`, `envoy --version`) run in the
+event loop's time: its pipes sit in the selector, it is reaped by its own PID, and a
+deadline kills it. Nothing waits for it, so signals and file events keep flowing while
+Envoy validates a config.
+
+Reaped with `Popen.poll()` on its PID only: a `waitpid(-1)` anywhere in the daemon would
+steal its status, and subprocess would then report exit status 0 for a failed validation
+(CPython `_try_wait` maps ECHILD to 0).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from typing import Final
+
+MAX_OUTPUT_BYTES: Final = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class CommandResult:
+    argv: tuple[str, ...]
+    returncode: int | None  # None: killed at its deadline
+    stdout: str
+    stderr: str
+    duration_s: float
+
+    @property
+    def timed_out(self) -> bool:
+        return self.returncode is None
+
+    @property
+    def output(self) -> str:
+        return "\n".join(part for part in (self.stdout.rstrip(), self.stderr.rstrip()) if part)
+
+
+class RunningCommand:
+    """One helper process; the owner feeds it readable fds and SIGCHLD, and asks `result`."""
+
+    def __init__(self, argv: list[str], timeout_s: float) -> None:
+        self.argv = tuple(argv)
+        self.timeout_s = timeout_s
+        self.started_at = time.monotonic()
+        self.deadline = self.started_at + timeout_s
+        self._process = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            process_group=0,
+            close_fds=True,
+        )
+        assert self._process.stdout is not None and self._process.stderr is not None
+        self._stdout_fd = self._process.stdout.fileno()
+        self._stderr_fd = self._process.stderr.fileno()
+        self._buffers = {self._stdout_fd: bytearray(), self._stderr_fd: bytearray()}
+        for fd in self._buffers:
+            os.set_blocking(fd, False)
+        self._open = set(self._buffers)
+        self._timed_out = False
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
+    def open_fds(self) -> list[int]:
+        return sorted(self._open)
+
+    def all_fds(self) -> list[int]:
+        """Both pipe fds, open or not: what the owner must unregister when done."""
+        return [self._stdout_fd, self._stderr_fd]
+
+    def pump(self, fd: int) -> bool:
+        """Read what is there; False once this fd reached EOF (the caller unregisters it)."""
+        buffer = self._buffers[fd]
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except BlockingIOError:
+                return True
+            if not chunk:
+                self._open.discard(fd)
+                return False
+            if len(buffer) < MAX_OUTPUT_BYTES:
+                buffer.extend(chunk[: MAX_OUTPUT_BYTES - len(buffer)])
+
+    def kill(self) -> None:
+        """At the deadline: SIGKILL its process group (a wrapper script's children too)."""
+        self._timed_out = True
+        if self._process.returncode is None:
+            try:
+                os.killpg(self._process.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                self._process.kill()
+
+    def result(self) -> CommandResult | None:
+        """The outcome once the process is reaped (its output is all read then); the owner
+        unregisters `all_fds()` and calls `close()`."""
+        if self._process.poll() is None:
+            return None
+        for fd in list(self._open):
+            self.pump(fd)
+        stdout = bytes(self._buffers[self._stdout_fd])
+        stderr = bytes(self._buffers[self._stderr_fd])
+        return CommandResult(
+            argv=self.argv,
+            returncode=None if self._timed_out else self._process.returncode,
+            stdout=stdout.decode(errors="replace"),
+            stderr=stderr.decode(errors="replace"),
+            duration_s=time.monotonic() - self.started_at,
+        )
+
+    def close(self) -> None:
+        self._open.clear()
+        for stream in (self._process.stdout, self._process.stderr):
+            if stream is not None and not stream.closed:
+                stream.close()
+
+    def abandon(self) -> None:
+        """On shutdown: kill and reap now (a SIGKILLed process is reaped in moments)."""
+        self.kill()
+        self._process.wait()
+        self.close()
+
+
+def run_now(argv: list[str], timeout_s: float) -> CommandResult:
+    """The same command, blocking: only for start-up checks, before the loop runs."""
+    started = time.monotonic()
+    try:
+        completed = subprocess.run(
+            argv,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=timeout_s,
+            check=False,
+            process_group=0,
+        )
+    except subprocess.TimeoutExpired as err:
+        return CommandResult(
+            tuple(argv),
+            None,
+            _text(err.stdout),
+            _text(err.stderr),
+            time.monotonic() - started,
+        )
+    return CommandResult(
+        tuple(argv),
+        completed.returncode,
+        _text(completed.stdout),
+        _text(completed.stderr),
+        time.monotonic() - started,
+    )
+
+
+def _text(data: bytes | str | None) -> str:
+    if data is None:
+        return ""
+    return data.decode(errors="replace") if isinstance(data, bytes) else data

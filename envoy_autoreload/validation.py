@@ -1,0 +1,211 @@
+"""The gate every requested restart passes: is the binary Envoy, is it hot-restart
+compatible, and does the config validate with the binary that will run?
+
+`envoy --mode validate -c CONFIG` catches broken YAML, unknown fields, routes to
+unknown clusters and missing files in ~40 ms without touching running Envoys
+(ENVOY_FACTS §1). It cannot see a port held by another process or a missing runtime
+dependency: those surface only in the real child, which the supervisor handles.
+
+Binary checks run only when the binary changed (by its stat identity): a package
+upgrade renames a new file over the old one, and a half-written binary fails
+`--version`, so "answers --version as Envoy" is also "whole". `--hot-restart-version`
+then tells whether a hot restart into it can work at all: a different version means a
+different shared-memory layout, and the child would abort (§14, #14224).
+
+`Preflight` is a step machine: it hands out one command at a time and is fed the
+result, so the same logic runs inside the event loop (the supervisor) and blocking at
+start-up (`run_preflight_now`).
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from envoy_autoreload.child import describe_exit
+from envoy_autoreload.command import CommandResult, run_now
+
+BinaryIdentity = tuple[int, int, int, int]
+
+_VERSION_RE: Final = re.compile(r"version:\s*(\S+)")
+_HOT_RESTART_RE: Final = re.compile(r"^\d+\.\d+$")
+_LOG_PREFIX_RE: Final = re.compile(r"^(\[[^\]]*\]\s*)+")
+
+
+@dataclass(frozen=True, slots=True)
+class BinaryInfo:
+    path: Path
+    identity: BinaryIdentity
+    version: str
+    hot_restart_version: str
+
+    @property
+    def release(self) -> str:
+        """`1.40.0` out of `9e55.../1.40.0/Clean/RELEASE/BoringSSL`."""
+        parts = self.version.split("/")
+        return parts[1] if len(parts) > 1 else self.version
+
+
+class Verdict(enum.Enum):
+    PASSED = "validation.passed"
+    FAILED = "validation.failed"
+    BINARY_REFUSED = "binary.refused"
+
+
+@dataclass(frozen=True, slots=True)
+class PreflightOutcome:
+    verdict: Verdict
+    message: str
+    detail: str | None
+    binary: BinaryInfo | None
+    duration_s: float
+
+    @property
+    def ok(self) -> bool:
+        return self.verdict is Verdict.PASSED
+
+
+def binary_identity(path: Path) -> BinaryIdentity | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def envoy_error_line(output: str) -> str | None:
+    """Envoy's own reason: the text of its `critical` line, else its last non-empty line."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if "[critical]" in line:
+            return _LOG_PREFIX_RE.sub("", line)
+    return lines[-1] if lines else None
+
+
+class _Step(enum.Enum):
+    VERSION = "version"
+    HOT_RESTART_VERSION = "hot_restart_version"
+    VALIDATE = "validate"
+
+
+class Preflight:
+    """Checks the binary (when it changed) and validates the config, one command at a time."""
+
+    def __init__(
+        self,
+        envoy: Path,
+        config: Path | None,
+        *,
+        known_binary: BinaryInfo | None,
+        timeout_s: float,
+    ) -> None:
+        self.envoy = envoy
+        self.config = config
+        self.timeout_s = timeout_s
+        self.started_at = time.monotonic()
+        self.outcome: PreflightOutcome | None = None
+        self._steps: list[_Step] = []
+        self._version: str | None = None
+        self._binary: BinaryInfo | None = None
+        identity = binary_identity(envoy)
+        if identity is None or not os.access(envoy, os.X_OK):
+            self._finish(
+                Verdict.BINARY_REFUSED,
+                f"Envoy binary {envoy} is missing or not executable",
+                None,
+            )
+            return
+        self._identity = identity
+        if known_binary is not None and known_binary.identity == identity:
+            self._binary = known_binary
+        else:
+            self._steps += [_Step.VERSION, _Step.HOT_RESTART_VERSION]
+        if config is not None:
+            self._steps.append(_Step.VALIDATE)
+
+    @property
+    def binary_changed(self) -> bool:
+        return _Step.VERSION in self._steps or self._version is not None
+
+    def next_argv(self) -> list[str] | None:
+        if self.outcome is not None:
+            return None
+        if not self._steps:
+            self._finish(Verdict.PASSED, "", None)
+            return None
+        match self._steps[0]:
+            case _Step.VERSION:
+                return [str(self.envoy), "--version"]
+            case _Step.HOT_RESTART_VERSION:
+                return [str(self.envoy), "--hot-restart-version"]
+            case _Step.VALIDATE:
+                assert self.config is not None
+                return [str(self.envoy), "--mode", "validate", "-c", str(self.config)]
+
+    def feed(self, result: CommandResult) -> None:
+        step = self._steps.pop(0)
+        match step:
+            case _Step.VERSION:
+                match = _VERSION_RE.search(result.stdout) if result.returncode == 0 else None
+                if match is None:
+                    self._refuse_binary("does not answer --version as Envoy", result)
+                    return
+                self._version = match.group(1)
+            case _Step.HOT_RESTART_VERSION:
+                # Envoy prints it to stderr, without a newline (ENVOY_FACTS §14).
+                text = (
+                    (result.stderr.strip() or result.stdout.strip())
+                    if result.returncode == 0
+                    else ""
+                )
+                if not _HOT_RESTART_RE.match(text) or self._version is None:
+                    self._refuse_binary("does not answer --hot-restart-version as Envoy", result)
+                    return
+                self._binary = BinaryInfo(self.envoy, self._identity, self._version, text)
+            case _Step.VALIDATE:
+                if result.returncode != 0:
+                    self._finish(
+                        Verdict.FAILED,
+                        f"validation failed: {_failure_reason(result, self.timeout_s)}",
+                        result.output or None,
+                    )
+
+    def _refuse_binary(self, what: str, result: CommandResult) -> None:
+        self._finish(
+            Verdict.BINARY_REFUSED,
+            f"{self.envoy} {what} ({_failure_reason(result, self.timeout_s)}); "
+            "not restarting onto it",
+            result.output or None,
+        )
+
+    def _finish(self, verdict: Verdict, message: str, detail: str | None) -> None:
+        self._steps.clear()
+        self.outcome = PreflightOutcome(
+            verdict=verdict,
+            message=message,
+            detail=detail,
+            binary=self._binary if verdict is Verdict.PASSED else None,
+            duration_s=round(time.monotonic() - self.started_at, 3),
+        )
+
+
+def _failure_reason(result: CommandResult, timeout_s: float) -> str:
+    if result.timed_out:
+        return f"timed out after {timeout_s:g} s"
+    assert result.returncode is not None
+    if result.returncode < 0:
+        return describe_exit(result.returncode)
+    return envoy_error_line(result.output) or describe_exit(result.returncode)
+
+
+def run_preflight_now(preflight: Preflight) -> PreflightOutcome:
+    """Blocking, for start-up checks before the loop runs."""
+    while (argv := preflight.next_argv()) is not None:
+        preflight.feed(run_now(argv, preflight.timeout_s))
+    assert preflight.outcome is not None
+    return preflight.outcome
