@@ -577,12 +577,15 @@ class Supervisor:
             f"{binary.hot_restart_version}, the running Envoy {running_version}: a hot "
             "restart into it cannot work (its shared memory differs, #14224)"
         )
+        serving = self._serving()
         if self._settings.on_incompatible_binary == "refuse":
             self._event(
                 logging.ERROR,
                 "binary.incompatible",
                 f"{what}; keeping the running Envoy. To switch, restart the service (a full "
                 "stop and start), or run with --on-incompatible-binary=restart",
+                epoch=serving.epoch if serving else None,
+                pid=serving.pid if serving else None,
                 version=binary.release,
                 hot_restart_version=binary.hot_restart_version,
             )

@@ -1,0 +1,210 @@
+"""The validation gate and binary checks, against the real Envoy."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.envoy.conftest import ENVOY_BIN, EnvoyFamily
+from tests.helpers import wait_until
+
+
+def _break_yaml(text: str) -> str:
+    return text.replace("routes:", "routes: [", 1)
+
+
+def _unknown_field(text: str) -> str:
+    return "bogus_field: 1\n" + text
+
+
+def _unknown_cluster(text: str) -> str:
+    return re.sub(
+        r"direct_response:\n\s+status: 200\n\s+body: \{[^}]*\}", "route: { cluster: nosuch }", text
+    )
+
+
+BREAKAGES: dict[str, tuple[Callable[[str], str], str]] = {
+    "broken_yaml": (_break_yaml, "yaml-cpp: error"),
+    "unknown_field": (_unknown_field, "bogus_field"),
+    "unknown_cluster": (_unknown_cluster, "unknown cluster 'nosuch'"),
+}
+
+
+def _gated(family: EnvoyFamily, *extra: str) -> list[str]:
+    return ["--watch", str(family.root), "--config", str(family.config), *extra]
+
+
+@pytest.mark.parametrize("breakage", sorted(BREAKAGES))
+def test_a_config_that_fails_validation_never_reaches_a_restart(
+    envoy_family: EnvoyFamily, breakage: str
+) -> None:
+    transform, envoy_says = BREAKAGES[breakage]
+    daemon = envoy_family.start(*_gated(envoy_family))
+    serving = daemon.wait_event("child.serving", epoch=0)
+    envoy_family.write_raw(transform(envoy_family.config.read_text()))
+    failed = daemon.wait_event("validation.failed")
+    assert envoy_says in failed["message"]
+    assert "epoch 0 keeps serving" in failed["message"]
+    assert "[critical]" in failed["output"], "the full output follows the event"
+    assert envoy_family.body() == "v0"
+    assert Path(f"/proc/{serving['pid']}").exists()
+    daemon.signal(signal.SIGHUP)  # an operator's explicit request is gated the same way
+    daemon.wait_event("validation.failed", count=2)
+    envoy_family.write_config("v1")  # the fix restarts
+    daemon.wait_event("child.serving", epoch=1)
+    assert envoy_family.body() == "v1"
+    assert len(daemon.events("child.started")) == 2
+
+
+def test_a_missing_config_file_is_refused(envoy_family: EnvoyFamily) -> None:
+    daemon = envoy_family.start(*_gated(envoy_family))
+    daemon.wait_event("child.serving", epoch=0)
+    envoy_family.config.unlink()
+    failed = daemon.wait_event("validation.failed")
+    assert str(envoy_family.config) in failed["message"]
+    assert envoy_family.body() == "v0"
+    envoy_family.write_config("v1")
+    daemon.wait_event("child.serving", epoch=1)
+
+
+def _fake_envoy(path: Path, body: str) -> Path:
+    path.write_text(f'#!/bin/sh\n{body}\nexec {ENVOY_BIN} "$@"\n')
+    path.chmod(0o755)
+    return path
+
+
+def test_a_validator_that_hangs_times_out_cleanly(envoy_family: EnvoyFamily) -> None:
+    marker = envoy_family.root / "hang"
+    fake = _fake_envoy(
+        envoy_family.root / "envoy-wrapper",
+        f'[ "$1" = "--mode" ] && [ -e {marker} ] && exec sleep 600',
+    )
+    daemon = envoy_family.start(
+        "--envoy", str(fake), "--config", str(envoy_family.config), "--validate-timeout", "1"
+    )
+    serving = daemon.wait_event("child.serving", epoch=0)
+    marker.touch()
+    daemon.signal(signal.SIGHUP)
+    failed = daemon.wait_event("validation.failed")
+    assert "timed out after 1 s" in failed["message"]
+    assert envoy_family.body() == "v0"
+    children = Path(f"/proc/{daemon.pid}/task/{daemon.pid}/children").read_text().split()
+    assert children == [str(serving["pid"])], "the hung validator was killed and reaped"
+    marker.unlink()
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_event("child.serving", epoch=1)
+
+
+def _swap_binary(target: Path, body: str) -> None:
+    """A package upgrade: the new file is written aside, then renamed over the old."""
+    staged = target.with_name(f".{target.name}.dpkg-new")
+    _fake_envoy(staged, body)
+    os.rename(staged, target)
+
+
+INCOMPATIBLE = '[ "$1" = "--hot-restart-version" ] && printf 12.200 >&2 && exit 0'
+
+
+def test_an_incompatible_binary_upgrade_is_refused_without_touching_envoy(
+    envoy_family: EnvoyFamily, tmp_path: Path
+) -> None:
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    wrapper = _fake_envoy(bindir / "envoy", "")
+    daemon = envoy_family.start(*_gated(envoy_family, "--envoy", str(wrapper)))
+    serving = daemon.wait_event("child.serving", epoch=0)
+    _swap_binary(wrapper, INCOMPATIBLE)
+    refused = daemon.wait_event("binary.incompatible")
+    assert "12.200" in refused["message"] and "11.104" in refused["message"]
+    assert "restart the service" in refused["message"]
+    assert envoy_family.body() == "v0"
+    assert Path(f"/proc/{serving['pid']}").exists()
+    assert not daemon.events("child.started", epoch=1)
+    _swap_binary(wrapper, "# 1.40.1")  # positive control: a compatible upgrade hot restarts
+    daemon.wait_event("child.serving", epoch=1)
+
+
+def test_an_incompatible_binary_can_be_taken_with_a_full_restart(
+    envoy_family: EnvoyFamily, tmp_path: Path
+) -> None:
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    wrapper = _fake_envoy(bindir / "envoy", "")
+    daemon = envoy_family.start(
+        *_gated(envoy_family, "--envoy", str(wrapper), "--on-incompatible-binary", "restart")
+    )
+    first = daemon.wait_event("child.serving", epoch=0)
+    _swap_binary(wrapper, INCOMPATIBLE)
+    daemon.wait_event("restart.full")
+    second = daemon.wait_event("child.serving", epoch=0, count=2)
+    assert second["pid"] != first["pid"]
+    assert envoy_family.body() == "v0"
+
+
+def test_a_binary_that_is_not_envoy_is_refused(envoy_family: EnvoyFamily, tmp_path: Path) -> None:
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    wrapper = _fake_envoy(bindir / "envoy", "")
+    daemon = envoy_family.start(*_gated(envoy_family, "--envoy", str(wrapper)))
+    daemon.wait_event("child.serving", epoch=0)
+    _swap_binary(wrapper, "echo 'hello, I am not a proxy'; exit 0")
+    refused = daemon.wait_event("binary.refused")
+    assert "does not answer --version as Envoy" in refused["message"]
+    assert envoy_family.body() == "v0"
+    assert not daemon.events("child.started", epoch=1)
+
+
+def _run(args: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "envoy_autoreload", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def _one_error_line(stderr: str) -> str:
+    assert "Traceback" not in stderr
+    errors = [
+        line
+        for line in stderr.splitlines()
+        if line.startswith(("Error:", "envoy-autoreload: error:"))
+    ]
+    assert len(errors) == 1, stderr
+    return errors[0]
+
+
+def test_startup_errors_exit_with_their_code_and_one_line(
+    envoy_family: EnvoyFamily, tmp_path: Path
+) -> None:
+    script, config = str(envoy_family.script), str(envoy_family.config)
+    result = _run(["--envoy", str(tmp_path / "nope"), "--config", config, script])
+    assert result.returncode == 2 and "nope not found" in _one_error_line(result.stderr)
+
+    not_envoy = tmp_path / "not-envoy"
+    not_envoy.write_text("#!/bin/sh\necho hello\n")
+    not_envoy.chmod(0o755)
+    result = _run(["--envoy", str(not_envoy), "--config", config, script])
+    assert result.returncode == 2
+    assert "does not answer --version as Envoy" in _one_error_line(result.stderr)
+
+    result = _run(["--envoy", str(ENVOY_BIN), "--config", str(tmp_path / "missing.yaml"), script])
+    assert result.returncode == 2 and "missing.yaml does not exist" in _one_error_line(
+        result.stderr
+    )
+
+    envoy_family.write_raw(_unknown_cluster(envoy_family.config.read_text()))
+    result = _run(["--envoy", str(ENVOY_BIN), "--config", config, script])
+    assert result.returncode == 3
+    line = _one_error_line(result.stderr)
+    assert "does not validate" in line and "unknown cluster 'nosuch'" in line
+    assert envoy_family.body() is None, "Envoy was never started"
+    wait_until(lambda: not envoy_family.our_processes(), timeout_s=10, what="no Envoy")
