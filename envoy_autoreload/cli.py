@@ -17,6 +17,7 @@ from typing import Literal
 import click
 
 from envoy_autoreload import __version__
+from envoy_autoreload.check import run_check
 from envoy_autoreload.envoy_config import AdminAddress, parse_admin_address
 from envoy_autoreload.errors import AutoreloadError, ExitCode, StartScriptError
 from envoy_autoreload.logs import LogFormat, configure_logging, log_event
@@ -183,6 +184,13 @@ SECONDS = click.FloatRange(min=0.0)
     help="Longest wait after the first change of a burst.",
 )
 @click.option(
+    "--watch-degraded",
+    is_flag=True,
+    envvar=_env("WATCH_DEGRADED"),
+    show_envvar=True,
+    help="Start even when inotify limits allow watching only part of the paths.",
+)
+@click.option(
     "--no-validate",
     is_flag=True,
     envvar=_env("NO_VALIDATE"),
@@ -205,6 +213,13 @@ SECONDS = click.FloatRange(min=0.0)
     envvar=_env("ON_INCOMPATIBLE_BINARY"),
     show_envvar=True,
     help="A new binary that cannot hot restart: keep the old (refuse), or stop and start.",
+)
+@click.option(
+    "--check",
+    "check_only",
+    is_flag=True,
+    help="Print what would be watched, the binary, validation and inotify limits; start "
+    "nothing. Exit 0 if all is well, 1 if something would fail.",
 )
 @click.option(
     "--log-format",
@@ -239,9 +254,11 @@ def cli(
     ignore: tuple[str, ...],
     debounce_s: float,
     debounce_max_s: float,
+    watch_degraded: bool,
     no_validate: bool,
     validate_timeout_s: float,
     on_incompatible_binary: Literal["refuse", "restart"],
+    check_only: bool,
     log_format: LogFormat,
     log_level: str,
 ) -> None:
@@ -255,10 +272,12 @@ def cli(
     ctx = click.get_current_context()
     envoy_explicit = ctx.get_parameter_source("envoy") != click.core.ParameterSource.DEFAULT
     try:
-        envoy_path = check_envoy(envoy, explicit=envoy_explicit)
+        envoy_path = check_envoy(envoy, explicit=envoy_explicit and not check_only)
     except AutoreloadError as err:
         raise click.BadParameter(str(err), param_hint="--envoy") from err
-    if config is not None:
+    if config is not None and check_only:
+        config = config.absolute()  # a missing one is a FAIL line of the report
+    elif config is not None:
         try:
             config = check_config(config)
         except AutoreloadError as err:
@@ -286,17 +305,10 @@ def cli(
         ignore=ignore,
         debounce_s=debounce_s,
         debounce_max_s=debounce_max_s,
+        watch_degraded=watch_degraded,
         validate=not no_validate,
         validate_timeout_s=validate_timeout_s,
         on_incompatible_binary=on_incompatible_binary,
-    )
-    log_event(
-        logger,
-        logging.INFO,
-        "daemon.started",
-        version=__version__,
-        pid=os.getpid(),
-        start_script=str(start_script),
     )
     roots = settings.watch_roots()
     changes = (
@@ -309,6 +321,16 @@ def cli(
         )
         if roots
         else None
+    )
+    if check_only:
+        sys.exit(run_check(settings, changes, click.echo))
+    log_event(
+        logger,
+        logging.INFO,
+        "daemon.started",
+        version=__version__,
+        pid=os.getpid(),
+        start_script=str(start_script),
     )
     try:
         code = run(settings, changes)

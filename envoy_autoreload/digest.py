@@ -53,6 +53,7 @@ class Snapshot:
     files: Mapping[str, str]
     digest: str
     directories: frozenset[Path]
+    watch_points: int = 0  # directories a watcher needs: the trees plus symlink-chain parents
     unreadable: tuple[str, ...] = ()
     missing: tuple[str, ...] = ()
 
@@ -136,6 +137,7 @@ class ContentScanner:
             files=dict(walk.files),
             digest=hasher.hexdigest(),
             directories=frozenset(walk.directories),
+            watch_points=len(walk.directories | walk.name_watches.keys()),
             unreadable=tuple(walk.unreadable),
             missing=tuple(walk.missing),
         )

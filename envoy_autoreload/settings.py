@@ -35,6 +35,7 @@ class Settings:
     ignore: tuple[str, ...] = ()
     debounce_s: float = 0.3
     debounce_max_s: float = 5.0
+    watch_degraded: bool = False
     validate: bool = True
     validate_timeout_s: float = 30.0
     on_incompatible_binary: Literal["refuse", "restart"] = "refuse"

@@ -49,6 +49,7 @@ from envoy_autoreload.child import Generation, GenerationState, describe_exit, s
 from envoy_autoreload.command import CommandResult, RunningCommand
 from envoy_autoreload.errors import BinaryError, ExitCode, SpawnError, ValidationFailed
 from envoy_autoreload.family import EnvoyFamily
+from envoy_autoreload.limits import check_limits
 from envoy_autoreload.logs import FieldValue, log_event
 from envoy_autoreload.loop import DeadlineReached, Event, FdReady, Reactor, SignalReceived
 from envoy_autoreload.settings import Settings
@@ -286,8 +287,13 @@ class Supervisor:
 
     # -- watching -------------------------------------------------------------
     def _start_watching(self, changes: ChangeDetector) -> None:
-        snapshot = changes.start()
-        self._reactor.add_reader(changes.fileno(), changes)
+        planned = changes.plan()
+        for check in check_limits(planned.watch_points):
+            if not check.ok:
+                self._event(logging.WARNING, "watch.limit_low", check.advice())
+        snapshot = changes.start(degraded_ok=self._settings.watch_degraded)
+        if changes.active:
+            self._reactor.add_reader(changes.fileno(), changes)
         self._event(
             logging.INFO,
             "watch.started",

@@ -11,9 +11,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 from envoy_autoreload.debounce import Debouncer
 from envoy_autoreload.digest import ContentScanner, Snapshot, WatchRoot
+from envoy_autoreload.errors import WatchLimitError
 from envoy_autoreload.logs import log_event
 from envoy_autoreload.watch import Watcher, WatcherKind, open_watcher
 from envoy_autoreload.watch.filters import NoiseFilter
@@ -55,10 +57,35 @@ class ChangeDetector:
     def watch_count(self) -> int:
         return self._watcher.watch_count if self._watcher is not None else 0
 
-    def start(self) -> Snapshot:
-        """Open the watcher and take the first snapshot, watching as the walk goes."""
-        self._watcher = open_watcher(self._watcher_kind, self._noise)
-        return self._rescan()
+    def plan(self) -> Snapshot:
+        """The first snapshot without watching anything: how many watches a run needs.
+        The real walk that follows re-reads no file (the stat cache has them)."""
+        self.snapshot = self._scanner.scan()
+        return self.snapshot
+
+    def start(self, *, degraded_ok: bool) -> Snapshot:
+        """Open the watcher and take the first snapshot, watching as the walk goes.
+
+        Hitting an inotify limit raises `WatchLimitError` (start-up failure) unless
+        `degraded_ok`: then whatever could be watched is, and the rest is named.
+        """
+        try:
+            self._watcher = open_watcher(self._watcher_kind, self._noise)
+        except WatchLimitError as err:
+            if not degraded_ok:
+                raise
+            log_event(logger, logging.ERROR, "watch.degraded", f"{err}; watching nothing")
+            return self.plan()
+        snapshot = self._rescan(report=False)
+        unwatched, why = self._watcher.take_unwatched()
+        if unwatched and not degraded_ok:
+            raise WatchLimitError(f"{why} ({len(unwatched)} directories could not be watched)")
+        self._report_unwatched(unwatched, why, "watch.degraded")
+        return snapshot
+
+    @property
+    def active(self) -> bool:
+        return self._watcher is not None
 
     def fileno(self) -> int:
         assert self._watcher is not None
@@ -96,10 +123,13 @@ class ChangeDetector:
         """The content as it is now, e.g. for a restart SIGHUP asked for mid-burst."""
         return self._rescan()
 
-    def _rescan(self) -> Snapshot:
+    def _rescan(self, *, report: bool = True) -> Snapshot:
         assert self._watcher is not None
         snapshot = self._scanner.scan(self._watcher.watch_directory)
         self._watcher.retire(set(snapshot.directories))
+        if report:
+            unwatched, why = self._watcher.take_unwatched()
+            self._report_unwatched(unwatched, why, "watch.limit_reached")
         previous = self.snapshot
         self.snapshot = snapshot
         if snapshot.unreadable and (previous is None or previous.unreadable != snapshot.unreadable):
@@ -112,6 +142,19 @@ class ChangeDetector:
                 count=len(snapshot.unreadable),
             )
         return snapshot
+
+    def _report_unwatched(self, unwatched: list[Path], why: str, event: str) -> None:
+        if not unwatched:
+            return
+        log_event(
+            logger,
+            logging.ERROR,
+            event,
+            f"{why}; changes under these directories are not seen until the limit is raised "
+            "(SIGHUP still restarts)",
+            paths=[str(p) for p in unwatched[:5]],
+            count=len(unwatched),
+        )
 
     def close(self) -> None:
         if self._watcher is not None:

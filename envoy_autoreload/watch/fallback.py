@@ -11,6 +11,7 @@ backends watch exactly the same set.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import queue
 from pathlib import Path
@@ -25,6 +26,7 @@ from watchdog.events import (
 from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver, ObservedWatch
 
+from envoy_autoreload.limits import watch_limit_message
 from envoy_autoreload.watch.filters import NoiseFilter
 
 _IGNORED_EVENTS = (FileOpenedEvent, FileClosedNoWriteEvent, DirModifiedEvent)
@@ -60,6 +62,12 @@ class WatchdogWatcher:
         self._observer.daemon = True
         self._observer.start()
         self._watches: dict[Path, tuple[ObservedWatch, frozenset[str] | None]] = {}
+        self._unwatched: list[Path] = []
+        self._limit_message = ""
+
+    def take_unwatched(self) -> tuple[list[Path], str]:
+        unwatched, self._unwatched = self._unwatched, []
+        return unwatched, self._limit_message
 
     def fileno(self) -> int:
         return self._read_fd
@@ -77,8 +85,11 @@ class WatchdogWatcher:
             return
         try:
             watch = self._observer.schedule(self._handler, str(path), recursive=False)
-        except OSError:
-            return  # gone or unreadable since the walk saw it
+        except OSError as err:
+            if err.errno in (errno.ENOSPC, errno.EMFILE):
+                self._unwatched.append(path)
+                self._limit_message = watch_limit_message(path, self.watch_count)
+            return  # otherwise gone or unreadable since the walk saw it
         self._watches[path] = (watch, names)
 
     def retire(self, keep: set[Path]) -> None:

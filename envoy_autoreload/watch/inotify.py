@@ -26,7 +26,7 @@ from typing import Final
 
 import inotify_simple
 
-from envoy_autoreload.limits import instance_limit_error, watch_limit_error
+from envoy_autoreload.limits import instance_limit_error, watch_limit_message
 from envoy_autoreload.watch.filters import NoiseFilter
 
 OVERFLOW: Final = "<inotify queue overflow>"
@@ -64,6 +64,13 @@ class InotifyWatcher:
             raise
         self._by_wd: dict[int, tuple[Path, frozenset[str] | None]] = {}
         self._by_path: dict[Path, int] = {}
+        self._unwatched: list[Path] = []
+        self._limit_message = ""
+
+    def take_unwatched(self) -> tuple[list[Path], str]:
+        """Directories that could not be watched since the last call, and why."""
+        unwatched, self._unwatched = self._unwatched, []
+        return unwatched, self._limit_message
 
     def fileno(self) -> int:
         return int(self._inotify.fileno())
@@ -88,7 +95,10 @@ class InotifyWatcher:
             if err.errno in (errno.ENOENT, errno.ENOTDIR):
                 return  # gone since the walk saw it; its parent's event covers it
             if err.errno == errno.ENOSPC:
-                raise watch_limit_error(path, self.watch_count, err) from err
+                # Keep walking: the caller decides whether a partial watch is acceptable.
+                self._unwatched.append(path)
+                self._limit_message = watch_limit_message(path, self.watch_count)
+                return
             if err.errno == errno.EACCES:
                 return  # the walk reports unreadable paths
             raise

@@ -32,7 +32,7 @@ def make_detector(request: pytest.FixtureRequest) -> Iterator[MakeDetector]:
             quiet_s=0.15,
             max_wait_s=3.0,
         )
-        detector.start()
+        detector.start(degraded_ok=False)
         created.append(detector)
         return detector
 
@@ -310,7 +310,7 @@ def test_queue_overflow_means_rescan(tmp_path: Path) -> None:
     detector = ChangeDetector(
         [WatchRoot(conf)], watcher_kind="inotify", ignore_globs=(), quiet_s=0.15, max_wait_s=3
     )
-    detector.start()
+    detector.start(degraded_ok=False)
     try:
         # Nobody reads while more events than the kernel queues are produced.
         for i in range(limit + 100):

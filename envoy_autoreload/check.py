@@ -1,0 +1,187 @@
+"""`envoy-autoreload --check`: say what a run with these options would do, start nothing.
+
+For an operator before a rollout (and for CI of a config repository): the same checks
+the daemon makes at start-up, each reported on one line as ok, warn or FAIL, and an
+exit status of 0 when all is well and 1 when something would fail. Warnings (a start
+script we cannot prove passes the epoch on, a missing watch path) do not fail.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from envoy_autoreload.envoy_config import admin_address_from_config
+from envoy_autoreload.errors import AutoreloadError
+from envoy_autoreload.limits import check_limits
+from envoy_autoreload.settings import Settings
+from envoy_autoreload.validation import BinaryInfo, Preflight, run_preflight_now
+from envoy_autoreload.watch.changes import ChangeDetector
+
+_EPOCH_FLAG = re.compile(r"--restart-epoch[ =]+\"?\$\{?RESTART_EPOCH")
+
+
+class Status(enum.Enum):
+    OK = "ok"
+    WARN = "warn"
+    FAIL = "FAIL"
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    status: Status
+    topic: str
+    text: str
+
+
+def check_start_script(script: Path) -> list[Finding]:
+    try:
+        text = script.read_text(errors="replace")[:1_000_000]
+    except OSError as err:
+        return [Finding(Status.WARN, "start script", f"cannot read {script}: {err.strerror}")]
+    findings = []
+    if _EPOCH_FLAG.search(text):
+        findings.append(
+            Finding(Status.OK, "start script", f'{script} passes --restart-epoch "$RESTART_EPOCH"')
+        )
+    else:
+        findings.append(
+            Finding(
+                Status.WARN,
+                "start script",
+                f'{script} does not visibly pass --restart-epoch "$RESTART_EPOCH": every '
+                "hot restart would start a second epoch 0, which Envoy refuses",
+            )
+        )
+    if "--use-dynamic-base-id" in text and "--base-id-path" not in text:
+        findings.append(
+            Finding(
+                Status.WARN,
+                "start script",
+                "--use-dynamic-base-id without --base-id-path: later epochs cannot learn the "
+                "base id, and Envoy refuses --restart-epoch > 0 with a dynamic one",
+            )
+        )
+    if not re.search(r"^\s*exec\s", text, re.MULTILINE):
+        findings.append(
+            Finding(
+                Status.WARN,
+                "start script",
+                "no `exec`: Envoy would run as the shell's child and signals reach the shell",
+            )
+        )
+    return findings
+
+
+def check_binary(settings: Settings) -> tuple[list[Finding], BinaryInfo | None]:
+    needed = settings.validate and settings.config is not None
+    if settings.envoy is None:
+        status = Status.FAIL if needed else Status.WARN
+        return [Finding(status, "envoy", "no Envoy binary found (give --envoy PATH)")], None
+    outcome = run_preflight_now(
+        Preflight(settings.envoy, None, known_binary=None, timeout_s=settings.validate_timeout_s)
+    )
+    if not outcome.ok or outcome.binary is None:
+        return [Finding(Status.FAIL, "envoy", outcome.message)], None
+    binary = outcome.binary
+    return [
+        Finding(
+            Status.OK,
+            "envoy",
+            f"{binary.path}: version {binary.release}, hot-restart version "
+            f"{binary.hot_restart_version}",
+        )
+    ], binary
+
+
+def check_config(settings: Settings, binary: BinaryInfo | None) -> list[Finding]:
+    config = settings.config
+    if config is None:
+        return [
+            Finding(Status.WARN, "config", "no --config: nothing is validated before a restart")
+        ]
+    findings: list[Finding] = []
+    try:
+        admin = admin_address_from_config(config)
+    except AutoreloadError as err:
+        admin = None
+        findings.append(Finding(Status.WARN, "config", str(err)))
+    if settings.admin_address is not None or admin is not None:
+        where = settings.admin_address or admin
+        findings.append(Finding(Status.OK, "admin", f"LIVE is asked of {where}/server_info"))
+    else:
+        findings.append(
+            Finding(Status.WARN, "admin", "no admin address: LIVE is judged by shared memory")
+        )
+    if not settings.validate:
+        findings.append(Finding(Status.WARN, "config", f"{config}: not validated (--no-validate)"))
+        return findings
+    if settings.envoy is None or binary is None:
+        findings.append(Finding(Status.FAIL, "config", f"{config}: cannot validate without Envoy"))
+        return findings
+    outcome = run_preflight_now(
+        Preflight(
+            settings.envoy, config, known_binary=binary, timeout_s=settings.validate_timeout_s
+        )
+    )
+    if outcome.ok:
+        findings.append(
+            Finding(Status.OK, "config", f"{config} validates ({outcome.duration_s:.2f} s)")
+        )
+    else:
+        findings.append(Finding(Status.FAIL, "config", f"{config}: {outcome.message}"))
+    return findings
+
+
+def check_watching(settings: Settings, changes: ChangeDetector | None) -> list[Finding]:
+    if changes is None:
+        return [Finding(Status.OK, "watch", "no --watch: restarts only on SIGHUP (drop-in mode)")]
+    snapshot = changes.plan()
+    findings = [
+        Finding(
+            Status.OK,
+            "watch",
+            f"paths: {len(changes.roots)}, directories: {len(snapshot.directories)}, files: "
+            f"{len(snapshot.files)}, inotify watches: {snapshot.watch_points} "
+            f"({settings.watcher} watcher)",
+        )
+    ]
+    findings += [
+        Finding(Status.WARN, "watch", f"{path} does not exist (yet)") for path in snapshot.missing
+    ]
+    if snapshot.unreadable:
+        shown = ", ".join(snapshot.unreadable[:5])
+        more = f" and {len(snapshot.unreadable) - 5} more" if len(snapshot.unreadable) > 5 else ""
+        findings.append(
+            Finding(Status.WARN, "watch", f"permission denied, not watched: {shown}{more}")
+        )
+    for check in check_limits(snapshot.watch_points):
+        findings.append(
+            Finding(Status.OK, "inotify", check.describe())
+            if check.ok
+            else Finding(
+                Status.WARN if settings.watch_degraded else Status.FAIL, "inotify", check.advice()
+            )
+        )
+    return findings
+
+
+def run_check(
+    settings: Settings, changes: ChangeDetector | None, emit: Callable[[str], None]
+) -> int:
+    """Print the findings; 0 when nothing would fail, 1 otherwise."""
+    findings = check_start_script(settings.start_script)
+    binary_findings, binary = check_binary(settings)
+    findings += binary_findings
+    findings += check_config(settings, binary)
+    findings += check_watching(settings, changes)
+    width = max(len(f.topic) for f in findings)
+    for finding in findings:
+        emit(f"{finding.status.value:<4}  {finding.topic:<{width}}  {finding.text}")
+    failed = sum(1 for f in findings if f.status is Status.FAIL)
+    warned = sum(1 for f in findings if f.status is Status.WARN)
+    emit(f"verdict: {'would fail' if failed else 'ok'} ({failed} failing, {warned} warnings)")
+    return 1 if failed else 0
