@@ -169,7 +169,6 @@ class ContentScanner:
         if key in walk.visited:
             return
         walk.visited.add(key)
-        walk.directories.add(real)
         walk.on_directory(real, None)
         try:
             entries = sorted(os.scandir(real), key=lambda e: e.name)
@@ -178,6 +177,7 @@ class ContentScanner:
         except PermissionError:
             walk.unreadable.append(display)
             return
+        walk.directories.add(real)
         for entry in entries:
             name = entry.name
             if self._noise.is_noise(name):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,9 +83,13 @@ def check_envoy(value: str, *, explicit: bool) -> Path | None:
 
 def check_start_script(path: Path) -> Path:
     """A usage error naming the path unless it is an executable regular file."""
-    if not path.exists():
-        raise StartScriptError(f"start script {path} does not exist")
-    if not path.is_file():
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise StartScriptError(f"start script {path} does not exist") from None
+    except OSError as err:
+        raise StartScriptError(f"start script {path} cannot be reached: {err.strerror}") from err
+    if not stat.S_ISREG(mode):
         raise StartScriptError(f"start script {path} is not a file")
     if not os.access(path, os.X_OK):
         raise StartScriptError(f"start script {path} is not executable (chmod +x {path})")
@@ -93,8 +98,12 @@ def check_start_script(path: Path) -> Path:
 
 def check_config(path: Path) -> Path:
     """A usage error naming the path unless it is a readable file."""
-    if not path.is_file():
-        raise UsageError(f"Envoy config {path} does not exist or is not a file")
+    try:
+        is_file = stat.S_ISREG(path.stat().st_mode)
+    except OSError as err:
+        raise UsageError(f"Envoy config {path} cannot be read: {err.strerror}") from err
+    if not is_file:
+        raise UsageError(f"Envoy config {path} is not a file")
     if not os.access(path, os.R_OK):
         raise UsageError(f"Envoy config {path} is not readable")
     return path.absolute()

@@ -105,10 +105,12 @@ def start_daemon(
     log_path: Path,
     env: dict[str, str] | None = None,
     cwd: Path | None = None,
+    prefix: tuple[str, ...] = (),
 ) -> Daemon:
+    """`prefix` runs the daemon through a wrapper that execs it (unshare, setpriv)."""
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "envoy_autoreload", "--log-format", "json", *args],
+            [*prefix, sys.executable, "-m", "envoy_autoreload", "--log-format", "json", *args],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,

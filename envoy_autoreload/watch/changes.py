@@ -48,6 +48,7 @@ class ChangeDetector:
         self._debouncer = Debouncer(quiet_s, max_wait_s)
         self.snapshot: Snapshot | None = None
         self.events_total = 0
+        self._reported_unreadable: tuple[str, ...] = ()
 
     @property
     def roots(self) -> tuple[WatchRoot, ...]:
@@ -130,9 +131,9 @@ class ChangeDetector:
         if report:
             unwatched, why = self._watcher.take_unwatched()
             self._report_unwatched(unwatched, why, "watch.limit_reached")
-        previous = self.snapshot
         self.snapshot = snapshot
-        if snapshot.unreadable and (previous is None or previous.unreadable != snapshot.unreadable):
+        if snapshot.unreadable and snapshot.unreadable != self._reported_unreadable:
+            self._reported_unreadable = snapshot.unreadable
             log_event(
                 logger,
                 logging.WARNING,
