@@ -100,6 +100,8 @@ def check_config(path: Path) -> Path:
     """A usage error naming the path unless it is a readable file."""
     try:
         is_file = stat.S_ISREG(path.stat().st_mode)
+    except FileNotFoundError:
+        raise UsageError(f"Envoy config {path} does not exist") from None
     except OSError as err:
         raise UsageError(f"Envoy config {path} cannot be read: {err.strerror}") from err
     if not is_file:
