@@ -364,27 +364,33 @@ class BenchFamily:
         tmp.write_text(self.config_text(body))
         os.replace(tmp, self.config)
 
+    def argv(self, *options: str) -> list[str]:
+        """The daemon's command line: JSON log, watching the family directory, our
+        config and binary, `options`, the start script. `start()` runs it; with
+        `--check` among the options it is the preflight for the same set-up."""
+        return [
+            sys.executable,
+            "-m",
+            "envoy_autoreload",
+            "--log-format",
+            "json",
+            "--watch",
+            str(self.root),
+            "--config",
+            str(self.config),
+            "--envoy",
+            str(self.envoy),
+            "--term-wait",
+            "10",
+            *options,
+            str(self.script),
+        ]
+
     def start(self, *options: str) -> DaemonLog:
         log_path = self.tmp / "daemon.log"
         with open(log_path, "wb") as log:
             self.process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "envoy_autoreload",
-                    "--log-format",
-                    "json",
-                    "--watch",
-                    str(self.root),
-                    "--config",
-                    str(self.config),
-                    "--envoy",
-                    str(self.envoy),
-                    "--term-wait",
-                    "10",
-                    *options,
-                    str(self.script),
-                ],
+                self.argv(*options),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
@@ -433,6 +439,13 @@ class BenchFamily:
 
     def close(self) -> None:
         """SIGTERM, bounded wait, SIGKILL; then strays of ours, shm, temp dir."""
+        self.stop()
+        shm_path(self.base_id).unlink(missing_ok=True)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def stop(self) -> int | None:
+        """Stop the daemon (SIGTERM, bounded wait, SIGKILL) and any Envoy of ours it
+        left; keep the family directory, so `start()` can run again. The exit status."""
         process = self.process
         if process is not None and process.poll() is None:
             process.send_signal(signal.SIGTERM)
@@ -446,8 +459,10 @@ class BenchFamily:
                 pid = event.get("pid")
                 if event.get("event") == "child.started" and isinstance(pid, int):
                     self._kill_if_ours(pid)
-        shm_path(self.base_id).unlink(missing_ok=True)
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        # A child the log never named (the daemon was killed mid-spawn): same test.
+        for pid in _all_pids():
+            self._kill_if_ours(pid)
+        return None if process is None else process.returncode
 
     def _kill_if_ours(self, pid: int) -> None:
         """SIGKILL a child that outlived the daemon, if its command line is our Envoy."""
@@ -455,6 +470,101 @@ class BenchFamily:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             return
-        if f"--base-id\0{self.base_id}\0".encode() in cmdline:
+        if pid == os.getpid():
+            return
+        if (
+            f"--base-id\0{self.base_id}\0".encode() in cmdline
+            and str(self.envoy).encode() in cmdline
+        ):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def _all_pids() -> list[int]:
+    return [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()]
+
+
+# -- what a process costs, from /proc -------------------------------------------------
+CLK_TCK: Final = os.sysconf("SC_CLK_TCK")
+
+
+def proc_status(pid: int) -> dict[str, str]:
+    """/proc/PID/status as name -> value (the leader thread's view)."""
+    return proc_status_path(Path(f"/proc/{pid}/status"))
+
+
+def status_kb(pid: int, name: str) -> int:
+    """A `kB` field of /proc/PID/status (VmRSS, VmHWM, ...)."""
+    return int(proc_status(pid)[name].split()[0])
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of the whole process (every thread, live or gone), in seconds."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    # The command name may contain spaces and parentheses: split after the last ')'.
+    rest = stat.rsplit(")", 1)[1].split()
+    utime, stime = int(rest[11]), int(rest[12])  # fields 14 and 15 of proc(5)
+    return (utime + stime) / CLK_TCK
+
+
+def thread_switches(pid: int) -> dict[int, tuple[int, int]]:
+    """Per thread id: (voluntary, nonvoluntary) context switches so far.
+
+    /proc/PID/status counts the leader thread only; a watchdog observer does its work
+    in other threads, so a fair comparison sums /proc/PID/task/*/status.
+    """
+    counts: dict[int, tuple[int, int]] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError, KeyError, ValueError):
+            fields = proc_status_path(task / "status")
+            counts[int(task.name)] = (
+                int(fields["voluntary_ctxt_switches"]),
+                int(fields["nonvoluntary_ctxt_switches"]),
+            )
+    return counts
+
+
+def proc_status_path(path: Path) -> dict[str, str]:
+    fields: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        name, _, value = line.partition(":")
+        fields[name] = value.strip()
+    return fields
+
+
+def inotify_watches(pid: int) -> int:
+    """inotify watches the process holds: `inotify wd:` lines over its fdinfo."""
+    total = 0
+    for info in Path(f"/proc/{pid}/fdinfo").iterdir():
+        with contextlib.suppress(OSError):
+            total += sum(
+                1 for line in info.read_text().splitlines() if line.startswith("inotify wd:")
+            )
+    return total
+
+
+def thread_count(pid: int) -> int:
+    return int(proc_status(pid)["Threads"])
+
+
+# -- watched trees -----------------------------------------------------------------
+def build_tree(root: Path, files: int, per_dir: int = 100, fanout: int = 10) -> int:
+    """`files` small files, `per_dir` per leaf directory, three levels:
+    root/aNNN/bNN/fNN.json with `fanout` leaf directories per top one. Returns the
+    number of directories created (root included)."""
+    root.mkdir(parents=True, exist_ok=True)
+    directories = 1
+    leaves = math.ceil(files / per_dir) if files else 0
+    written = 0
+    for leaf in range(leaves):
+        top = root / f"a{leaf // fanout:03d}"
+        if leaf % fanout == 0:
+            top.mkdir()
+            directories += 1
+        directory = top / f"b{leaf % fanout:02d}"
+        directory.mkdir()
+        directories += 1
+        for index in range(min(per_dir, files - written)):
+            (directory / f"f{index:02d}.json").write_text(f'{{"leaf": {leaf}, "n": {index}}}\n')
+            written += 1
+    return directories

@@ -86,6 +86,7 @@ class Generation:
     envoy: EnvoyProcess | None = None
     snapshot: Snapshot | None = None
     binary: BinaryInfo | None = None
+    covers_seq: int = 0  # restart requests this generation answers (0: none)
     stderr_tail: collections.deque[str] = field(
         default_factory=lambda: collections.deque(maxlen=STDERR_TAIL_LINES)
     )

@@ -8,6 +8,7 @@ message and an exit code; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -18,6 +19,7 @@ import click
 
 from envoy_autoreload import __version__
 from envoy_autoreload.check import run_check
+from envoy_autoreload.control import ControlServer, default_control_socket
 from envoy_autoreload.envoy_config import AdminAddress, parse_admin_address
 from envoy_autoreload.errors import AutoreloadError, ExitCode, StartScriptError
 from envoy_autoreload.logs import LogFormat, configure_logging, log_event
@@ -28,7 +30,9 @@ from envoy_autoreload.settings import (
     check_envoy,
     check_start_script,
 )
+from envoy_autoreload.status_server import StatusServer, parse_status_address
 from envoy_autoreload.supervisor import run
+from envoy_autoreload.telemetry import Telemetry
 from envoy_autoreload.watch import WatcherKind
 from envoy_autoreload.watch.changes import ChangeDetector
 
@@ -215,6 +219,34 @@ SECONDS = click.FloatRange(min=0.0)
     help="A new binary that cannot hot restart: keep the old (refuse), or stop and start.",
 )
 @click.option(
+    "--status-address",
+    envvar=_env("STATUS_ADDRESS"),
+    show_envvar=True,
+    help="HOST:PORT for GET /status, /metrics, /healthz (off by default; loopback only).",
+)
+@click.option(
+    "--status-allow-remote",
+    is_flag=True,
+    envvar=_env("STATUS_ALLOW_REMOTE"),
+    show_envvar=True,
+    help="Allow a non-loopback --status-address.",
+)
+@click.option(
+    "--control-socket",
+    type=click.Path(path_type=Path),
+    envvar=_env("CONTROL_SOCKET"),
+    show_envvar=True,
+    help="Unix socket for envoy-autoreloadctl "
+    "[default: $RUNTIME_DIRECTORY/control.sock or /run/envoy-autoreload/control.sock].",
+)
+@click.option(
+    "--no-control-socket",
+    is_flag=True,
+    envvar=_env("NO_CONTROL_SOCKET"),
+    show_envvar=True,
+    help="Do not open the control socket.",
+)
+@click.option(
     "--check",
     "check_only",
     is_flag=True,
@@ -258,6 +290,10 @@ def cli(
     no_validate: bool,
     validate_timeout_s: float,
     on_incompatible_binary: Literal["refuse", "restart"],
+    status_address: str | None,
+    status_allow_remote: bool,
+    control_socket: Path | None,
+    no_control_socket: bool,
     check_only: bool,
     log_format: LogFormat,
     log_level: str,
@@ -324,6 +360,12 @@ def cli(
     )
     if check_only:
         sys.exit(run_check(settings, changes, click.echo))
+    address = None
+    if status_address is not None:
+        try:
+            address = parse_status_address(status_address, allow_remote=status_allow_remote)
+        except AutoreloadError as err:
+            raise click.BadParameter(str(err), param_hint="--status-address") from err
     log_event(
         logger,
         logging.INFO,
@@ -332,12 +374,39 @@ def cli(
         pid=os.getpid(),
         start_script=str(start_script),
     )
-    try:
-        code = run(settings, changes)
-    except AutoreloadError as err:
-        click.echo(f"envoy-autoreload: error: {err}", err=True)
-        sys.exit(int(err.exit_code))
+    with contextlib.ExitStack() as stack:
+        try:
+            telemetry = Telemetry()
+            if address is not None:
+                server = StatusServer(address, telemetry)
+                server.start()
+                stack.callback(server.close)
+            control = None if no_control_socket else _open_control(control_socket)
+            if control is not None:
+                stack.callback(control.close)
+            code = run(settings, changes, telemetry=telemetry, control=control)
+        except AutoreloadError as err:
+            click.echo(f"envoy-autoreload: error: {err}", err=True)
+            sys.exit(int(err.exit_code))
     sys.exit(int(code))
+
+
+def _open_control(path: Path | None) -> ControlServer | None:
+    """The given socket must open; the default one is a convenience: without it (no
+    /run access for a non-root drop-in, or a second daemon) we run on and say so."""
+    if path is not None:
+        return ControlServer(path.absolute())
+    default = default_control_socket()
+    try:
+        return ControlServer(default)
+    except AutoreloadError as err:
+        log_event(
+            logger,
+            logging.WARNING,
+            "control.unavailable",
+            f"{err}; envoy-autoreloadctl cannot reach this daemon (give --control-socket)",
+        )
+        return None
 
 
 def main() -> None:

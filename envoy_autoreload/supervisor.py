@@ -31,12 +31,14 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, assert_never
 
+from envoy_autoreload import __version__
 from envoy_autoreload.backoff import (
     COLD_BACKOFF_CAP_S,
     COLD_BACKOFF_FIRST_S,
@@ -47,12 +49,14 @@ from envoy_autoreload.backoff import (
 )
 from envoy_autoreload.child import Generation, GenerationState, describe_exit, spawn
 from envoy_autoreload.command import CommandResult, RunningCommand
+from envoy_autoreload.control import ControlConnection, ControlReply, ControlServer
 from envoy_autoreload.errors import BinaryError, ExitCode, SpawnError, ValidationFailed
 from envoy_autoreload.family import EnvoyFamily
-from envoy_autoreload.limits import check_limits
+from envoy_autoreload.limits import binding_limit, check_limits
 from envoy_autoreload.logs import FieldValue, log_event
 from envoy_autoreload.loop import DeadlineReached, Event, FdReady, Reactor, SignalReceived
 from envoy_autoreload.settings import Settings
+from envoy_autoreload.telemetry import ExitCause, Telemetry
 from envoy_autoreload.validation import (
     BinaryInfo,
     Preflight,
@@ -91,6 +95,7 @@ class StartNext:
     no gate), or it is a retry of one that did (after the RETRY backoff)."""
 
     reason: str
+    seq: int  # the newest request it answers
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,11 +130,30 @@ class Supervisor:
     """Runs generations of the start script and keeps one of them serving."""
 
     def __init__(
-        self, settings: Settings, reactor: Reactor, changes: ChangeDetector | None = None
+        self,
+        settings: Settings,
+        reactor: Reactor,
+        changes: ChangeDetector | None = None,
+        *,
+        telemetry: Telemetry | None = None,
+        control: ControlServer | None = None,
     ) -> None:
         self._settings = settings
         self._reactor = reactor
         self._changes = changes
+        self._telemetry = telemetry or Telemetry()
+        self._control = control
+        # Requests are numbered; a batch answers every request up to its number, so a
+        # control-socket `reload` knows which outcome is its own.
+        self._request_seq = 0
+        self._batch_seq = 0
+        self._batch_began_at: float | None = None
+        self._preflight_seq = 0
+        self._waiters: list[tuple[int, ControlConnection]] = []
+        self._last_failed_seq = 0
+        self._last_start_error = ""
+        self._status_line: str | None = None
+        self._watch_limit = binding_limit("watches").value
         self._family = EnvoyFamily(settings)
         self._generations: list[Generation] = []
         self._requests: list[str] = []
@@ -154,13 +178,17 @@ class Supervisor:
             self._check_before_first_start()
             if self._changes is not None:
                 self._start_watching(self._changes)
+            if self._control is not None:
+                self._reactor.add_reader(self._control.fileno(), self._control)
             self._start(0, "startup", first=True)
             while True:
                 for event in self._reactor.poll():
                     self._dispatch(event)
                     code = self._exit_code
                     if code is not None:
+                        self._publish()
                         return code
+                self._publish()
         finally:
             if self._command is not None:
                 self._command.abandon()
@@ -180,10 +208,12 @@ class Supervisor:
 
     def request_restart(
         self, reason: str, changed: list[str] | None = None, events: int | None = None
-    ) -> None:
-        """Queue a hot restart; any number of queued requests run as one."""
+    ) -> int:
+        """Queue a hot restart; any number of queued requests run as one. Returns the
+        request's number (answered by the batch that covers it)."""
+        self._request_seq += 1
         if self._stopping:
-            return
+            return self._request_seq
         first = not self._requests
         if reason not in self._requests and len(self._requests) < MAX_QUEUED_REASONS:
             self._requests.append(reason)
@@ -200,6 +230,7 @@ class Supervisor:
             count=len(changed) if changed is not None else None,
             events=events,
         )
+        return self._request_seq
 
     # -- dispatch -------------------------------------------------------------
     def _dispatch(self, event: Event) -> None:
@@ -213,6 +244,10 @@ class Supervisor:
                     self._on_watch_readable(key)
                 elif isinstance(key, RunningCommand):
                     self._on_command_output(key)
+                elif isinstance(key, ControlServer):
+                    self._on_control_connect(key)
+                elif isinstance(key, ControlConnection):
+                    self._on_control_request(key)
             case DeadlineReached(key=key):
                 if isinstance(key, Timer) and self._reactor.claim(event):
                     self._on_timer(key)
@@ -311,7 +346,7 @@ class Supervisor:
             )
 
     def _on_watch_readable(self, changes: ChangeDetector) -> None:
-        changes.on_readable(time.monotonic())
+        self._telemetry.watch_events.inc(changes.on_readable(time.monotonic()))
         deadline = changes.deadline()
         if deadline is not None:
             self._reactor.set_deadline(Timer.DEBOUNCE, deadline)
@@ -364,10 +399,11 @@ class Supervisor:
         if self._requests:
             reason = ",".join(self._requests)
             self._requests.clear()
+            self._begin_batch(reason)
             if self._gate_is_on():
                 self._begin_preflight(reason)
                 return
-            self._plan = StartNext(reason)
+            self._plan = StartNext(reason, self._batch_seq)
             self._reactor.cancel(Timer.RETRY)
         plan = self._plan
         if not isinstance(plan, StartNext):
@@ -378,7 +414,7 @@ class Supervisor:
             return  # a cut drain is ending; its exit wakes us again
         if self._must_wait_for_drain():
             return
-        reason = plan.reason
+        reason, seq = plan.reason, plan.seq
         self._plan = None
         self._drain_wait_over = False
         for draining in self._in_state(GenerationState.DRAINING):
@@ -386,7 +422,12 @@ class Supervisor:
             draining.drain_cut_by_restart = True
         self._reactor.cancel(Timer.RETRY)
         self._reactor.cancel(Timer.DRAIN_WAIT)
-        self._start(serving.epoch + 1, reason, parent=serving)
+        self._start(serving.epoch + 1, reason, parent=serving, covers_seq=seq)
+
+    def _begin_batch(self, reason: str) -> None:
+        self._batch_seq = self._request_seq
+        self._batch_began_at = time.monotonic()
+        self._telemetry.restart_began(reason, f"reloading: {reason}")
 
     def _must_wait_for_drain(self) -> bool:
         draining = self._in_state(GenerationState.DRAINING)
@@ -415,7 +456,9 @@ class Supervisor:
                 # will tell it to exit; the same epoch started again from it goes LIVE
                 # in ~0.1 s and ends its drain normally.
                 self._plan = None
-                self._start(plan.epoch, "recovery", parent=parents[-1])
+                self._start(
+                    plan.epoch, "recovery", parent=parents[-1], covers_seq=self._request_seq
+                )
                 return
             plan = self._plan = ColdStart("recovery")
         if plan is None and self._requests:
@@ -434,7 +477,7 @@ class Supervisor:
         self._requests.clear()
         self._plan = None
         self._reactor.cancel(Timer.RETRY)
-        self._start(0, reason)
+        self._start(0, reason, covers_seq=self._request_seq)
 
     def _stop_orphans(self, orphans: list[Generation]) -> None:
         for orphan in orphans:
@@ -514,6 +557,7 @@ class Supervisor:
             timeout_s=self._settings.validate_timeout_s,
         )
         self._preflight_reason = reason
+        self._preflight_seq = self._batch_seq
         self._next_preflight_step()
 
     def _next_preflight_step(self) -> None:
@@ -561,6 +605,14 @@ class Supervisor:
         if not outcome.ok:
             if isinstance(self._plan, StartNext):
                 self._plan = None  # what is on disk now failed: never start it
+            refused = outcome.verdict is Verdict.BINARY_REFUSED
+            self._telemetry.restart_done(
+                "refused" if refused else "validation_failed",
+                reason,
+                error=outcome.message,
+                status=self._status_text(),
+            )
+            self._answer(self._preflight_seq, ControlReply(False, outcome.message))
             return
         binary = outcome.binary
         running = serving.binary if serving is not None and serving.binary else self._binary
@@ -568,16 +620,18 @@ class Supervisor:
             self._family.hot_restart_version
         )
         if binary is not None and running_version and binary.hot_restart_version != running_version:
-            self._on_incompatible_binary(binary, running_version)
+            self._on_incompatible_binary(binary, running_version, reason)
             return
         if binary is not None:
             self._binary = binary
         # A request that passed the gate is a new chance: no backoff, no old failures.
         self._hot_failures = 0
         self._reactor.cancel(Timer.RETRY)
-        self._plan = StartNext(reason)
+        self._plan = StartNext(reason, self._preflight_seq)
 
-    def _on_incompatible_binary(self, binary: BinaryInfo, running_version: str) -> None:
+    def _on_incompatible_binary(
+        self, binary: BinaryInfo, running_version: str, reason: str
+    ) -> None:
         what = (
             f"{binary.path} ({binary.release}) has hot-restart version "
             f"{binary.hot_restart_version}, the running Envoy {running_version}: a hot "
@@ -595,6 +649,8 @@ class Supervisor:
                 version=binary.release,
                 hot_restart_version=binary.hot_restart_version,
             )
+            self._telemetry.restart_done("refused", reason, error=what, status=self._status_text())
+            self._answer(self._preflight_seq, ControlReply(False, f"refused: {what}"))
             return
         self._event(
             logging.WARNING,
@@ -634,7 +690,13 @@ class Supervisor:
 
     # -- starting -------------------------------------------------------------
     def _start(
-        self, epoch: int, reason: str, *, parent: Generation | None = None, first: bool = False
+        self,
+        epoch: int,
+        reason: str,
+        *,
+        parent: Generation | None = None,
+        first: bool = False,
+        covers_seq: int = 0,
     ) -> None:
         assert self._starting() is None, "never two starting generations (upstream #550)"
         if parent is not None:
@@ -654,6 +716,7 @@ class Supervisor:
             # same content then restarts nothing. Cheap: unchanged files are not read.
             gen.snapshot = self._changes.rescan()
         gen.binary = self._binary
+        gen.covers_seq = covers_seq
         self._generations.append(gen)
         fd = gen.stderr_fd()
         if fd is not None:
@@ -713,6 +776,17 @@ class Supervisor:
             startup_s=round(now - gen.started_at, 3),
             reason=gen.reason,
         )
+        if gen.covers_seq and self._batch_began_at is not None:
+            self._telemetry.restart_done(
+                "success",
+                gen.reason,
+                duration_s=now - self._batch_began_at,
+                status=self._status_text(),
+            )
+            self._batch_began_at = None
+        else:
+            self._telemetry.serving_again(self._status_text())
+        self._answer(gen.covers_seq, ControlReply(True, f"serving ({gen.reason})", gen.epoch))
 
     def _on_start_deadline(self) -> None:
         gen = self._starting()
@@ -743,6 +817,7 @@ class Supervisor:
         self._family.forget(gen)
         assert gen.returncode is not None
         status = describe_exit(gen.returncode)
+        self._telemetry.child_exited(_exit_cause(previous, gen, stopping=self._stopping))
         if self._stopping:
             self._event(logging.INFO, "child.exited", epoch=gen.epoch, pid=gen.pid, status=status)
             self._finish_stop_if_done()
@@ -773,6 +848,14 @@ class Supervisor:
             pid=gen.pid,
             cause=cause,
         )
+        self._last_failed_seq = gen.covers_seq
+        self._last_start_error = (
+            f"epoch {gen.epoch} failed to start: {gen.last_error_line() or cause}"
+        )
+        if cause != PARENT_DIED:
+            self._telemetry.restart_done(
+                "start_failed", gen.reason, error=self._last_start_error, status=self._status_text()
+            )
         self._after_failed_start(gen.epoch, cause)
 
     def _after_failed_start(self, epoch: int, cause: str) -> None:
@@ -798,9 +881,13 @@ class Supervisor:
             )
             self._hot_failures = 0
             self._plan = None
+            self._telemetry.restart_done(
+                "abandoned", "retry", error=self._last_start_error, status=self._status_text()
+            )
+            self._answer(self._last_failed_seq, ControlReply(False, self._last_start_error))
             return
         delay = exponential_delay(self._hot_failures, HOT_RETRY_FIRST_S, COLD_BACKOFF_CAP_S)
-        self._plan = StartNext("retry")
+        self._plan = StartNext("retry", self._last_failed_seq)
         self._reactor.set_timeout(Timer.RETRY, delay)
         self._event(
             logging.INFO,
@@ -930,6 +1017,10 @@ class Supervisor:
             self._command = None
         self._preflight = None
         alive = self._alive()
+        self._telemetry.stopping(f"stopping: {reason}")
+        self._answer(self._request_seq, ControlReply(False, f"the daemon is stopping ({reason})"))
+        if self._control is not None:
+            self._reactor.remove_reader(self._control.fileno())
         self._event(
             logging.INFO,
             "shutdown.started",
@@ -973,6 +1064,111 @@ class Supervisor:
             gen.kill()
             gen.process.wait()
             gen.close_stderr()
+
+    # -- control socket and status -------------------------------------------
+    def _on_control_connect(self, server: ControlServer) -> None:
+        while (conn := server.accept()) is not None:
+            self._reactor.add_reader(conn.fileno(), conn)
+
+    def _on_control_request(self, conn: ControlConnection) -> None:
+        request = conn.read_request()
+        if request is None:
+            return
+        self._reactor.remove_reader(conn.fileno())
+        command = request.split()
+        match command:
+            case ["status"]:
+                conn.reply(ControlReply(True, self.state.value, status=dict(self._status())))
+            case ["reload", *flags] if set(flags) <= {"--force"}:
+                self._control_reload(conn, force=bool(flags))
+            case []:
+                conn.close()
+            case _:
+                conn.reply(ControlReply(False, f"unknown request {request!r}: reload, status"))
+
+    def _control_reload(self, conn: ControlConnection, *, force: bool) -> None:
+        if self._stopping:
+            conn.reply(ControlReply(False, "the daemon is stopping"))
+            return
+        serving = self._serving()
+        idle = self._preflight is None and self._starting() is None and not self._requests
+        if not force and idle and serving is not None and self._changes is not None:
+            current = self._changes.rescan()
+            if serving.snapshot is not None and current.digest == serving.snapshot.digest:
+                self._event(
+                    logging.INFO,
+                    "restart.skipped",
+                    "unchanged: the serving epoch already runs this content",
+                    reason="unchanged",
+                    epoch=serving.epoch,
+                    pid=serving.pid,
+                )
+                conn.reply(ControlReply(True, "unchanged, already serving", serving.epoch))
+                return
+        self._waiters.append((self.request_restart("control"), conn))
+
+    def _answer(self, up_to_seq: int, reply: ControlReply) -> None:
+        """Answer every waiting `reload` whose request this outcome covers."""
+        if not up_to_seq:
+            return
+        keep: list[tuple[int, ControlConnection]] = []
+        for seq, conn in self._waiters:
+            if seq <= up_to_seq:
+                conn.reply(reply)
+            else:
+                keep.append((seq, conn))
+        self._waiters = keep
+
+    def _status(self) -> dict[str, object]:
+        def brief(gen: Generation | None) -> dict[str, int] | None:
+            return {"epoch": gen.epoch, "pid": gen.pid} if gen is not None else None
+
+        changes = self._changes
+        snapshot = changes.snapshot if changes is not None else None
+        binary = self._binary
+        return {
+            "state": self.state.value,
+            "serving": brief(self._serving()),
+            "draining": [brief(g) for g in self._in_state(GenerationState.DRAINING)],
+            "starting": brief(self._starting()),
+            "last_restart": self._telemetry.last_restart_dict(),
+            "last_validation_error": self._telemetry.last_validation_error,
+            "watched": {"directories": len(snapshot.directories), "files": len(snapshot.files)}
+            if snapshot is not None
+            else None,
+            "inotify": {"used": changes.watch_count, "limit": self._watch_limit}
+            if changes is not None
+            else None,
+            "envoy": {
+                "version": binary.release if binary else self._family.envoy_version,
+                "hot_restart_version": binary.hot_restart_version
+                if binary
+                else self._family.hot_restart_version,
+            },
+            "daemon": {"pid": os.getpid(), "version": __version__},
+        }
+
+    def _status_text(self) -> str:
+        """The short line systemd shows (STATUS=): what serves, what drains, what happened."""
+        serving = self._serving()
+        parts = [
+            f"epoch {serving.epoch} serving (pid {serving.pid})" if serving else self.state.value
+        ]
+        draining = self._in_state(GenerationState.DRAINING)
+        if draining:
+            parts.append("draining " + ", ".join(f"{g.epoch} (pid {g.pid})" for g in draining))
+        last = self._telemetry.last_restart
+        if last is not None:
+            parts.append(f"last restart: {last.outcome} ({last.reason})")
+        return "; ".join(parts)
+
+    def _publish(self) -> None:
+        serving = self._serving()
+        self._telemetry.epoch.set(serving.epoch if serving else -1)
+        self._telemetry.generations_alive.set(len(self._alive()))
+        line = self._status_text()
+        self._telemetry.publish(self._status(), line if line != self._status_line else None)
+        self._status_line = line
 
     # -- helpers --------------------------------------------------------------
     def _forward(self, signum: signal.Signals) -> None:
@@ -1020,11 +1216,31 @@ class Supervisor:
         log_event(logger, level, event, message, detail=detail, **fields)
 
 
-def run(settings: Settings, changes: ChangeDetector | None = None) -> ExitCode:
+def _exit_cause(previous: GenerationState, gen: Generation, *, stopping: bool) -> ExitCause:
+    if stopping:
+        return "stopped"
+    match previous:
+        case GenerationState.STARTING:
+            return "start_failed"
+        case GenerationState.SERVING:
+            return "replaced" if gen.killed_by_us else "died"
+        case _:
+            return "drained"
+
+
+def run(
+    settings: Settings,
+    changes: ChangeDetector | None = None,
+    *,
+    telemetry: Telemetry | None = None,
+    control: ControlServer | None = None,
+) -> ExitCode:
     """Supervise until stopped; the reactor's signal handlers live exactly this long."""
     with Reactor() as reactor:
         try:
-            return Supervisor(settings, reactor, changes).run()
+            return Supervisor(
+                settings, reactor, changes, telemetry=telemetry, control=control
+            ).run()
         finally:
             if changes is not None:
                 changes.close()

@@ -114,7 +114,12 @@ def start_daemon(
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,
-            env={**os.environ, **(env or {})},
+            # Each daemon its own control socket, never the machine's default one.
+            env={
+                **os.environ,
+                "ENVOY_AUTORELOAD_CONTROL_SOCKET": str(log_path.with_suffix(".sock")),
+                **(env or {}),
+            },
             cwd=cwd,
             start_new_session=True,
         )

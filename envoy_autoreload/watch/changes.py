@@ -92,11 +92,12 @@ class ChangeDetector:
         assert self._watcher is not None
         return self._watcher.fileno()
 
-    def on_readable(self, now: float) -> None:
+    def on_readable(self, now: float) -> int:
+        """Read what the watcher has; returns how many changed paths it reported."""
         assert self._watcher is not None
         changed = self._watcher.read_changes()
         if not changed:
-            return
+            return 0
         for path in sorted(changed)[:20]:
             log_event(logger, logging.DEBUG, "watch.event", path=path)
         if OVERFLOW in changed:
@@ -108,6 +109,7 @@ class ChangeDetector:
             )
         self.events_total += len(changed)
         self._debouncer.add(now, changed)
+        return len(changed)
 
     def deadline(self) -> float | None:
         return self._debouncer.deadline()

@@ -1,0 +1,142 @@
+"""The control socket: a unix stream socket (mode 0600) in the event loop, one JSON line per
+request and per reply. It exists so that a reload can be *truthful*: `kill -HUP` (and
+`nginx -s reload`) answer 0 even when the reload failed, while `reload` here answers
+once it is over, with the new serving epoch or the reason it did not happen.
+
+Requests: `reload`, `reload --force` (restart even when the content is unchanged),
+`status`. Replies: {"ok": bool, "message": str, "epoch": int|null, "status": {...}}.
+Only the socket's owner (and root) can connect: the file mode is the access control.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+from envoy_autoreload.errors import UsageError
+
+MAX_REQUEST_BYTES: Final = 4096
+REPLY_SEND_TIMEOUT_S: Final = 2.0
+
+
+def default_control_socket() -> Path:
+    """Under systemd's $RUNTIME_DIRECTORY when set (RuntimeDirectory=), else /run/...."""
+    runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    base = Path(runtime) if runtime else Path("/run/envoy-autoreload")
+    return base / "control.sock"
+
+
+@dataclass(frozen=True, slots=True)
+class ControlReply:
+    ok: bool
+    message: str
+    epoch: int | None = None
+    status: dict[str, object] | None = None
+
+    def encode(self) -> bytes:
+        body: dict[str, object] = {"ok": self.ok, "message": self.message, "epoch": self.epoch}
+        if self.status is not None:
+            body["status"] = self.status
+        return json.dumps(body).encode() + b"\n"
+
+
+@dataclass(eq=False)
+class ControlConnection:
+    sock: socket.socket
+    buffer: bytearray = field(default_factory=bytearray)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def read_request(self) -> str | None:
+        """The request line once complete; "" when the client went away without one."""
+        try:
+            chunk = self.sock.recv(MAX_REQUEST_BYTES)
+        except BlockingIOError:
+            return None
+        except OSError:
+            return ""
+        if not chunk:
+            return self.buffer.decode(errors="replace").strip()
+        self.buffer.extend(chunk)
+        if b"\n" in self.buffer or len(self.buffer) >= MAX_REQUEST_BYTES:
+            return self.buffer.split(b"\n", 1)[0].decode(errors="replace").strip()
+        return None
+
+    def reply(self, reply: ControlReply) -> None:
+        """Answer and close; a client that went away is not our problem."""
+        with contextlib.suppress(OSError):
+            self.sock.settimeout(REPLY_SEND_TIMEOUT_S)
+            self.sock.sendall(reply.encode())
+        self.close()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
+class ControlServer:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._prepare_directory()
+        self._remove_stale_socket()
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            old_umask = os.umask(0o177)  # created 0600: no window where others may connect
+            try:
+                self._sock.bind(str(path))
+            finally:
+                os.umask(old_umask)
+            self._sock.listen(16)
+        except OSError as err:
+            self._sock.close()
+            raise UsageError(f"cannot create control socket {path}: {err.strerror}") from err
+        self._sock.setblocking(False)
+
+    def _prepare_directory(self) -> None:
+        try:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as err:
+            raise UsageError(
+                f"cannot create {self.path.parent} for the control socket: {err.strerror} "
+                "(give --control-socket PATH)"
+            ) from err
+
+    def _remove_stale_socket(self) -> None:
+        try:
+            mode = self.path.lstat().st_mode
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(mode):
+            raise UsageError(f"control socket path {self.path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(self.path))
+        except OSError:
+            self.path.unlink(missing_ok=True)  # left by a daemon that died
+            return
+        finally:
+            probe.close()
+        raise UsageError(f"another envoy-autoreload answers on {self.path}")
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def accept(self) -> ControlConnection | None:
+        try:
+            conn, _ = self._sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return None
+        conn.setblocking(False)
+        return ControlConnection(conn)
+
+    def close(self) -> None:
+        self._sock.close()
+        with contextlib.suppress(OSError):
+            self.path.unlink()

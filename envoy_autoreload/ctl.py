@@ -1,0 +1,110 @@
+"""`envoy-autoreloadctl reload|status`: the daemon's synchronous client (as supervisorctl
+is to supervisord). `reload` returns when the reload is over: exit 0 with the serving
+epoch on stdout when the new config serves (or the content was already serving), exit 1
+with the reason on stderr when it was refused or failed. `systemctl reload` runs it
+(ExecReload=), so a failed reload is a failed `systemctl reload`.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+from pathlib import Path
+from typing import Final
+
+import click
+
+from envoy_autoreload import __version__
+from envoy_autoreload.control import default_control_socket
+
+EXIT_FAILED: Final = 1
+EXIT_UNREACHABLE: Final = 3
+
+
+def _ask(path: Path, request: str, timeout_s: float) -> dict[str, object]:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout_s)
+        try:
+            sock.connect(str(path))
+        except OSError as err:
+            click.echo(
+                f"envoy-autoreloadctl: cannot reach the daemon at {path}: {err.strerror}", err=True
+            )
+            sys.exit(EXIT_UNREACHABLE)
+        sock.sendall(request.encode() + b"\n")
+        chunks = []
+        try:
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        except TimeoutError:
+            click.echo(f"envoy-autoreloadctl: no answer within {timeout_s:g} s", err=True)
+            sys.exit(EXIT_FAILED)
+    try:
+        reply = json.loads(b"".join(chunks))
+    except ValueError:
+        click.echo("envoy-autoreloadctl: the daemon closed without an answer", err=True)
+        sys.exit(EXIT_FAILED)
+    assert isinstance(reply, dict)
+    return reply
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--control-socket",
+    type=click.Path(path_type=Path),
+    default=default_control_socket,
+    envvar="ENVOY_AUTORELOAD_CONTROL_SOCKET",
+    show_envvar=True,
+    show_default="$RUNTIME_DIRECTORY/control.sock or /run/envoy-autoreload/control.sock",
+)
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=click.FloatRange(min=1),
+    default=300.0,
+    show_default=True,
+    help="Seconds to wait for the answer.",
+)
+@click.version_option(__version__, prog_name="envoy-autoreloadctl")
+@click.pass_context
+def ctl(ctx: click.Context, control_socket: Path, timeout_s: float) -> None:
+    """Talk to a running envoy-autoreload."""
+    ctx.obj = (control_socket, timeout_s)
+
+
+@ctl.command()
+@click.option("--force", is_flag=True, help="Restart even when the content is unchanged.")
+@click.pass_obj
+def reload(obj: tuple[Path, float], force: bool) -> None:
+    """Validate and hot restart; exit 0 only once the new config serves."""
+    path, timeout_s = obj
+    reply = _ask(path, "reload --force" if force else "reload", timeout_s)
+    if reply.get("ok"):
+        click.echo(f"epoch {reply.get('epoch')}: {reply.get('message')}")
+        return
+    click.echo(f"envoy-autoreloadctl: reload failed: {reply.get('message')}", err=True)
+    sys.exit(EXIT_FAILED)
+
+
+@ctl.command()
+@click.option("--json", "as_json", is_flag=True, help="The raw status object.")
+@click.pass_obj
+def status(obj: tuple[Path, float], as_json: bool) -> None:
+    """What the daemon serves and what happened last (as GET /status)."""
+    path, timeout_s = obj
+    reply = _ask(path, "status", timeout_s)
+    state = reply.get("status")
+    if not isinstance(state, dict):
+        click.echo(f"envoy-autoreloadctl: {reply.get('message')}", err=True)
+        sys.exit(EXIT_FAILED)
+    if as_json:
+        click.echo(json.dumps(state, indent=2))
+        return
+    for key, value in state.items():
+        shown = json.dumps(value) if isinstance(value, dict | list) else value
+        click.echo(f"{key + ':':<24}{'-' if value is None else shown}")
+
+
+def main() -> None:
+    ctl.main(prog_name="envoy-autoreloadctl")

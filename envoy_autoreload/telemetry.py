@@ -1,0 +1,142 @@
+"""What the daemon tells the outside world: Prometheus metrics, the status snapshot, and
+systemd's notify messages. The supervisor reports facts here; nothing here decides.
+
+The status snapshot is an immutable dict the event loop replaces whole after each event
+(one reference assignment), so the HTTP thread only ever reads a consistent picture and
+never touches supervisor state. The metrics live in a registry of this object's own
+(no import-time global), whose types are safe to read from another thread.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Final, Literal
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from envoy_autoreload.notify import Notifier
+
+Outcome = Literal["success", "start_failed", "validation_failed", "refused", "abandoned"]
+ExitCause = Literal["drained", "start_failed", "died", "stopped", "replaced"]
+
+RESTART_BUCKETS: Final = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+@dataclass(frozen=True, slots=True)
+class RestartRecord:
+    at: str
+    reason: str
+    outcome: Outcome
+    duration_s: float | None
+    error: str | None
+
+
+class Telemetry:
+    def __init__(self, notifier: Notifier | None = None) -> None:
+        self.notifier = notifier or Notifier()
+        self.registry = CollectorRegistry(auto_describe=True)
+        prefix = "envoy_autoreload"
+        self.restarts = Counter(
+            f"{prefix}_restarts",
+            "Restart attempts by outcome.",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.validation_failures = Counter(
+            f"{prefix}_validation_failures",
+            "Configs refused by envoy --mode validate.",
+            registry=self.registry,
+        )
+        self.child_exits = Counter(
+            f"{prefix}_child_exits",
+            "Envoy processes that exited, by cause.",
+            ["cause"],
+            registry=self.registry,
+        )
+        self.restart_duration = Histogram(
+            f"{prefix}_restart_duration_seconds",
+            "From a restart request to the new epoch LIVE.",
+            buckets=RESTART_BUCKETS,
+            registry=self.registry,
+        )
+        self.epoch = Gauge(
+            f"{prefix}_epoch",
+            "Restart epoch of the serving Envoy (-1: none).",
+            registry=self.registry,
+        )
+        self.generations_alive = Gauge(
+            f"{prefix}_generations_alive",
+            "Envoy processes of this daemon alive now.",
+            registry=self.registry,
+        )
+        self.watch_events = Counter(
+            f"{prefix}_watch_events",
+            "Filesystem events seen (after filtering).",
+            registry=self.registry,
+        )
+        self.last_success = Gauge(
+            f"{prefix}_last_success_timestamp_seconds",
+            "Unix time the last restart (or the first start) went LIVE.",
+            registry=self.registry,
+        )
+        self.epoch.set(-1)
+        self.last_restart: RestartRecord | None = None
+        self.last_validation_error: str | None = None
+        self.snapshot: Mapping[str, object] = {"state": "starting", "serving": None}
+        self._ready_sent = False
+
+    # -- facts from the supervisor --------------------------------------------
+    def restart_began(self, reason: str, status: str) -> None:
+        if self._ready_sent:
+            self.notifier.reloading(status)
+
+    def restart_done(
+        self,
+        outcome: Outcome,
+        reason: str,
+        *,
+        duration_s: float | None = None,
+        error: str | None = None,
+        status: str,
+    ) -> None:
+        self.restarts.labels(outcome=outcome).inc()
+        if outcome == "success":
+            self.last_success.set(time.time())
+            if duration_s is not None:
+                self.restart_duration.observe(duration_s)
+        if outcome == "validation_failed":
+            self.validation_failures.inc()
+            self.last_validation_error = error
+        self.last_restart = RestartRecord(
+            at=datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
+            reason=reason,
+            outcome=outcome,
+            duration_s=round(duration_s, 3) if duration_s is not None else None,
+            error=error,
+        )
+        if outcome != "start_failed":  # a retry may follow; READY comes when it is over
+            self.serving_again(status)
+
+    def serving_again(self, status: str) -> None:
+        """READY=1: the first time an Envoy serves, and after each restart attempt ends."""
+        if not self._ready_sent:
+            self.last_success.set(time.time())
+        self._ready_sent = True
+        self.notifier.ready(status)
+
+    def child_exited(self, cause: ExitCause) -> None:
+        self.child_exits.labels(cause=cause).inc()
+
+    def stopping(self, status: str) -> None:
+        self.notifier.stopping(status)
+
+    def publish(self, snapshot: Mapping[str, object], status_line: str | None) -> None:
+        self.snapshot = snapshot
+        if status_line is not None:
+            self.notifier.status(status_line)
+
+    def last_restart_dict(self) -> dict[str, object] | None:
+        return asdict(self.last_restart) if self.last_restart is not None else None
