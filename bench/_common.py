@@ -360,8 +360,12 @@ class BenchFamily:
 
     def write_config(self, body: str) -> None:
         """Atomic save: write a temp file beside it (`*.tmp`, ignored), rename over."""
+        self.write_config_text(self.config_text(body))
+
+    def write_config_text(self, text: str) -> None:
+        """`write_config` with the whole text given (a broken or extended config)."""
         tmp = self.root / "envoy.yaml.tmp"
-        tmp.write_text(self.config_text(body))
+        tmp.write_text(text)
         os.replace(tmp, self.config)
 
     def argv(self, *options: str) -> list[str]:

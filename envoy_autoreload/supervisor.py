@@ -1151,6 +1151,11 @@ class Supervisor:
     def _status_text(self) -> str:
         """The short line systemd shows (STATUS=): what serves, what drains, what happened."""
         serving = self._serving()
+        if self._stopping:
+            alive = self._alive()
+            return "stopping" + (
+                f": waiting for pids {', '.join(str(g.pid) for g in alive)}" if alive else ""
+            )
         parts = [
             f"epoch {serving.epoch} serving (pid {serving.pid})" if serving else self.state.value
         ]

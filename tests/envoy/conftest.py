@@ -170,10 +170,15 @@ class EnvoyFamily:
         return info
 
     def start(self, *extra_args: str, env: dict[str, str] | None = None) -> Daemon:
+        return self.start_script(self.script, *extra_args, env=env)
+
+    def start_script(
+        self, script: Path, *extra_args: str, env: dict[str, str] | None = None
+    ) -> Daemon:
         # Beside the family's directory, not in it: tests watch that directory, and a
         # log inside it would be a content change at every line.
         log = self.root.parent / f"{self.root.name}.daemon{len(self.daemons)}.log"
-        daemon = start_daemon([*extra_args, str(self.script)], log, env=env)
+        daemon = start_daemon([*extra_args, str(script)], log, env=env)
         self.daemons.append(daemon)
         return daemon
 
