@@ -10,7 +10,7 @@ JSON log: restarts requested, started, serving (LIVE), failed, refused by valida
 
 - **A**: 20 good changes, one every 3 s (each restart finds the old parent gone).
 - **B**: 20 changes every 3 s; the odd ones are broken (a route to an unknown cluster,
-  refused by `envoy --mode validate`), the even ones good, except one (change 10) that
+  refused by `envoy --mode validate`), the even ones good, except one (10 of 20) that
   adds a listener on a port this script holds open with a plain socket: it validates,
   the new epoch fails to bind and exits, the serving epoch keeps serving, and the next
   good change restarts.
@@ -69,7 +69,6 @@ LEAD_S: Final = 2.0  # wrk alone before the first change
 TAIL_S: Final = 6.0  # after the last change: debounce, gate, start, 2 s parent shutdown
 MODE_INTERVAL_S: Final = 3.0
 CEILING_INTERVALS: Final = (2.5, 2.0, 1.5, 1.0)
-CONFLICT_AT: Final = 10  # mode B: the change that adds a listener on a held port
 WRK_ARGS: Final = ("-t2", "-c50", "--latency")
 # Daemon events worth keeping for each run (the rest are counted by name).
 TIMELINE_EVENTS: Final = frozenset(
@@ -278,14 +277,20 @@ class Run:
         }
 
 
+def conflict_index(changes: int) -> int:
+    """Mode B's port conflict: the even change in the middle (10 of 20)."""
+    return max(2, changes // 4 * 2)
+
+
 def schedule(changes: int, mode: Literal["A", "B", "ceiling"]) -> list[Kind]:
     if mode != "B":
         return ["good"] * changes
     kinds: list[Kind] = []
+    conflict_at = conflict_index(changes)
     for index in range(1, changes + 1):
         if index % 2:
             kinds.append("broken")
-        elif index == CONFLICT_AT:
+        elif index == conflict_at:
             kinds.append("conflict")
         else:
             kinds.append("good")

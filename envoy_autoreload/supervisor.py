@@ -35,7 +35,6 @@ import os
 import signal
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Final, assert_never
 
 from envoy_autoreload import __version__
@@ -48,10 +47,12 @@ from envoy_autoreload.backoff import (
     exponential_delay,
 )
 from envoy_autoreload.child import Generation, GenerationState, describe_exit, spawn
-from envoy_autoreload.command import CommandResult, RunningCommand
+from envoy_autoreload.command import RunningCommand
 from envoy_autoreload.control import ControlConnection, ControlReply, ControlServer
+from envoy_autoreload.digest import Snapshot
 from envoy_autoreload.errors import BinaryError, ExitCode, SpawnError, ValidationFailed
 from envoy_autoreload.family import EnvoyFamily
+from envoy_autoreload.gate import Gate
 from envoy_autoreload.limits import binding_limit, check_limits
 from envoy_autoreload.logs import FieldValue, log_event
 from envoy_autoreload.loop import DeadlineReached, Event, FdReady, Reactor, SignalReceived
@@ -59,10 +60,8 @@ from envoy_autoreload.settings import Settings
 from envoy_autoreload.telemetry import ExitCause, Telemetry
 from envoy_autoreload.validation import (
     BinaryInfo,
-    Preflight,
     PreflightOutcome,
     Verdict,
-    run_preflight_now,
 )
 from envoy_autoreload.watch.changes import ChangeDetector
 
@@ -167,9 +166,8 @@ class Supervisor:
         self._exit_code: ExitCode | None = None
         self._warned: set[str] = set()
         self._binary: BinaryInfo | None = None
-        self._preflight: Preflight | None = None
+        self._gate = Gate(settings, reactor, Timer.COMMAND_DEADLINE)
         self._preflight_reason = ""
-        self._command: RunningCommand | None = None
 
     # -- public ---------------------------------------------------------------
     def run(self) -> ExitCode:
@@ -190,8 +188,7 @@ class Supervisor:
                         return code
                 self._publish()
         finally:
-            if self._command is not None:
-                self._command.abandon()
+            self._gate.abandon()
             self._kill_leftovers()
 
     @property
@@ -202,7 +199,7 @@ class Supervisor:
         starting = self._starting()
         if serving is None:
             return SupervisorState.STARTING if starting else SupervisorState.RECOVERING
-        if self._preflight is not None:
+        if self._gate.busy:
             return SupervisorState.VALIDATING
         return SupervisorState.RESTARTING if starting else SupervisorState.SERVING
 
@@ -243,7 +240,7 @@ class Supervisor:
                 elif isinstance(key, ChangeDetector):
                     self._on_watch_readable(key)
                 elif isinstance(key, RunningCommand):
-                    self._on_command_output(key)
+                    self._gate.on_output(key)
                 elif isinstance(key, ControlServer):
                     self._on_control_connect(key)
                 elif isinstance(key, ControlConnection):
@@ -308,8 +305,7 @@ class Supervisor:
             case Timer.DEBOUNCE:
                 self._on_burst_due()
             case Timer.COMMAND_DEADLINE:
-                if self._command is not None:
-                    self._command.kill()  # reaped on SIGCHLD; the result says it timed out
+                self._gate.on_deadline()
             case _:
                 assert_never(timer)
 
@@ -364,22 +360,29 @@ class Supervisor:
         # Compare with what the newest live attempt carries: a starting generation
         # already has this content, and a failed one is gone.
         reference = self._starting() or self._serving()
+        if self._runs_already(reference, burst.snapshot, logging.DEBUG):
+            return
         if reference is not None and reference.snapshot is not None:
-            if burst.snapshot.digest == reference.snapshot.digest:
-                self._event(
-                    logging.DEBUG,
-                    "restart.skipped",
-                    "unchanged, not restarting",
-                    reason="unchanged",
-                    events=burst.events,
-                    epoch=reference.epoch,
-                    pid=reference.pid,
-                )
-                return
             changed = burst.snapshot.changed_since(reference.snapshot)
         else:
             changed = sorted(burst.paths)
         self.request_restart("files_changed", changed, burst.events)
+
+    def _runs_already(self, reference: Generation | None, snapshot: Snapshot, level: int) -> bool:
+        """True (and logged) when `reference` started from exactly this content."""
+        if reference is None or reference.snapshot is None:
+            return False
+        if snapshot.digest != reference.snapshot.digest:
+            return False
+        self._event(
+            level,
+            "restart.skipped",
+            "unchanged, not restarting",
+            reason="unchanged",
+            epoch=reference.epoch,
+            pid=reference.pid,
+        )
+        return True
 
     # -- what to start next -----------------------------------------------------
     def _advance(self) -> None:
@@ -394,13 +397,13 @@ class Supervisor:
             if self._requests:
                 self._full_restart(serving)
             return
-        if self._preflight is not None:
+        if self._gate.busy:
             return  # requests that arrive meanwhile are checked next, as one
         if self._requests:
             reason = ",".join(self._requests)
             self._requests.clear()
             self._begin_batch(reason)
-            if self._gate_is_on():
+            if self._gate.enabled:
                 self._begin_preflight(reason)
                 return
             self._plan = StartNext(reason, self._batch_seq)
@@ -510,32 +513,12 @@ class Supervisor:
         serving.send_signal(signal.SIGTERM)
 
     # -- the gate: binary checks and validation ----------------------------------
-    def _gate_is_on(self) -> bool:
-        """A gate needs a binary, and something to check: a config to validate or a
-        watched binary to vet."""
-        settings = self._settings
-        return settings.envoy is not None and (
-            (settings.validate and settings.config is not None)
-            or (settings.watch_binary and bool(settings.watch))
-        )
-
-    def _validated_config(self) -> Path | None:
-        return self._settings.config if self._settings.validate else None
-
     def _check_before_first_start(self) -> None:
         """Start-up: refuse to start Envoy on a binary that is not Envoy or a config that
         does not validate (blocking is fine: the loop is not running yet)."""
-        if not self._gate_is_on():
+        if not self._gate.enabled:
             return
-        assert self._settings.envoy is not None
-        outcome = run_preflight_now(
-            Preflight(
-                self._settings.envoy,
-                self._validated_config(),
-                known_binary=None,
-                timeout_s=self._settings.validate_timeout_s,
-            )
-        )
+        outcome = self._gate.check_now()
         self._log_outcome(outcome, epoch=0)
         match outcome.verdict:
             case Verdict.PASSED:
@@ -549,54 +532,11 @@ class Supervisor:
                 )
 
     def _begin_preflight(self, reason: str) -> None:
-        assert self._settings.envoy is not None
-        self._preflight = Preflight(
-            self._settings.envoy,
-            self._validated_config(),
-            known_binary=self._binary,
-            timeout_s=self._settings.validate_timeout_s,
-        )
         self._preflight_reason = reason
         self._preflight_seq = self._batch_seq
-        self._next_preflight_step()
-
-    def _next_preflight_step(self) -> None:
-        preflight = self._preflight
-        assert preflight is not None
-        argv = preflight.next_argv()
-        if argv is None:
-            assert preflight.outcome is not None
-            self._preflight = None
-            self._on_preflight_done(preflight.outcome)
-            return
-        try:
-            command = RunningCommand(argv, preflight.timeout_s)
-        except OSError as err:
-            preflight.feed(CommandResult(tuple(argv), 127, "", str(err), 0.0))
-            self._next_preflight_step()
-            return
-        self._command = command
-        for fd in command.open_fds():
-            self._reactor.add_reader(fd, command)
-        self._reactor.set_deadline(Timer.COMMAND_DEADLINE, command.deadline)
-
-    def _on_command_output(self, command: RunningCommand) -> None:
-        for fd in command.open_fds():
-            if not command.pump(fd):
-                self._reactor.remove_reader(fd)
-
-    def _drop_command(self, command: RunningCommand) -> None:
-        for fd in command.all_fds():
-            self._reactor.remove_reader(fd)
-        self._reactor.cancel(Timer.COMMAND_DEADLINE)
-
-    def _on_command_done(self, command: RunningCommand, result: CommandResult) -> None:
-        self._drop_command(command)
-        command.close()
-        self._command = None
-        if self._preflight is not None:
-            self._preflight.feed(result)
-            self._next_preflight_step()
+        outcome = self._gate.begin(self._binary)
+        if outcome is not None:
+            self._on_preflight_done(outcome)
 
     def _on_preflight_done(self, outcome: PreflightOutcome) -> None:
         serving = self._serving()
@@ -804,11 +744,9 @@ class Supervisor:
         for gen in self._alive():
             if gen.poll() is not None:
                 self._on_exited(gen)
-        command = self._command
-        if command is not None:
-            result = command.result()
-            if result is not None:
-                self._on_command_done(command, result)
+        outcome = self._gate.poll()
+        if outcome is not None:
+            self._on_preflight_done(outcome)
 
     def _on_exited(self, gen: Generation) -> None:
         self._on_stderr(gen)
@@ -1011,11 +949,7 @@ class Supervisor:
         self._exit_floor = max(self._exit_floor, floor)
         for timer in Timer:
             self._reactor.cancel(timer)
-        if self._command is not None:
-            self._drop_command(self._command)
-            self._command.abandon()
-            self._command = None
-        self._preflight = None
+        self._gate.abandon()
         alive = self._alive()
         self._telemetry.stopping(f"stopping: {reason}")
         self._answer(self._request_seq, ControlReply(False, f"the daemon is stopping ({reason})"))
@@ -1091,20 +1025,16 @@ class Supervisor:
             conn.reply(ControlReply(False, "the daemon is stopping"))
             return
         serving = self._serving()
-        idle = self._preflight is None and self._starting() is None and not self._requests
-        if not force and idle and serving is not None and self._changes is not None:
-            current = self._changes.rescan()
-            if serving.snapshot is not None and current.digest == serving.snapshot.digest:
-                self._event(
-                    logging.INFO,
-                    "restart.skipped",
-                    "unchanged: the serving epoch already runs this content",
-                    reason="unchanged",
-                    epoch=serving.epoch,
-                    pid=serving.pid,
-                )
-                conn.reply(ControlReply(True, "unchanged, already serving", serving.epoch))
-                return
+        idle = not self._gate.busy and self._starting() is None and not self._requests
+        if (
+            not force
+            and idle
+            and serving is not None
+            and self._changes is not None
+            and self._runs_already(serving, self._changes.rescan(), logging.INFO)
+        ):
+            conn.reply(ControlReply(True, "unchanged, already serving", serving.epoch))
+            return
         self._waiters.append((self.request_restart("control"), conn))
 
     def _answer(self, up_to_seq: int, reply: ControlReply) -> None:
