@@ -24,6 +24,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
@@ -145,11 +146,13 @@ class Generation:
         stream = self.process.stderr
         return stream.fileno() if stream is not None and not stream.closed else None
 
-    def pump_stderr(self) -> bool:
-        """Copy what the child wrote to our stderr and keep its last lines; False at EOF.
+    def pump_stderr(self, on_line: Callable[[str], None] | None = None) -> bool:
+        """Pass on what the child wrote and keep its last lines; False at EOF.
 
-        Passing the bytes through keeps upstream's behaviour (Envoy's log reaches the
-        same journal); keeping the tail lets a failure be logged with its cause.
+        Without `on_line` the bytes go to our stderr unchanged (upstream's behaviour:
+        Envoy's log reaches the same journal); with it, each complete line is handed over
+        (the JSON log wraps it in an event). The tail lets a failure be logged with its
+        cause either way.
         """
         fd = self.stderr_fd()
         if fd is None:
@@ -164,23 +167,32 @@ class Generation:
                     continue
                 chunk = b""
             if not chunk:
-                self._flush_partial()
+                last = self._flush_partial()
+                if last is not None and on_line is not None:
+                    on_line(last)
                 return False
-            _write_through(chunk)
+            if on_line is None:
+                _write_through(chunk)
             lines = (self._partial_line + chunk).split(b"\n")
             self._partial_line = lines.pop()
-            self.stderr_tail.extend(
-                line.decode(errors="replace").rstrip() for line in lines if line.strip()
-            )
+            for raw in lines:
+                line = raw.decode(errors="replace").rstrip()
+                if line:
+                    self.stderr_tail.append(line)
+                    if on_line is not None:
+                        on_line(line)
 
     def close_stderr(self) -> None:
         if self.process.stderr is not None:
             self.process.stderr.close()
 
-    def _flush_partial(self) -> None:
-        if self._partial_line.strip():
-            self.stderr_tail.append(self._partial_line.decode(errors="replace").rstrip())
+    def _flush_partial(self) -> str | None:
+        line = self._partial_line.decode(errors="replace").rstrip()
         self._partial_line = b""
+        if not line:
+            return None
+        self.stderr_tail.append(line)
+        return line
 
     def last_error_line(self) -> str | None:
         return self.stderr_tail[-1] if self.stderr_tail else None

@@ -345,6 +345,7 @@ def cli(
         validate=not no_validate,
         validate_timeout_s=validate_timeout_s,
         on_incompatible_binary=on_incompatible_binary,
+        log_format=log_format,
     )
     roots = settings.watch_roots()
     changes = (

@@ -40,6 +40,7 @@ class Settings:
     validate: bool = True
     validate_timeout_s: float = 30.0
     on_incompatible_binary: Literal["refuse", "restart"] = "refuse"
+    log_format: Literal["human", "json"] = "human"
 
     def watch_roots(self) -> list[WatchRoot]:
         """Nothing without --watch (the drop-in restarter); with it, every --watch path

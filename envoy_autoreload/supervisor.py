@@ -66,6 +66,7 @@ from envoy_autoreload.validation import (
 from envoy_autoreload.watch.changes import ChangeDetector
 
 logger = logging.getLogger(__name__)
+envoy_logger = logging.getLogger("envoy_autoreload.envoy")
 
 KILL_REAP_WAIT_S: Final = 5.0
 MAX_QUEUED_REASONS: Final = 8
@@ -310,7 +311,15 @@ class Supervisor:
                 assert_never(timer)
 
     def _on_stderr(self, gen: Generation) -> None:
-        if not gen.pump_stderr():
+        on_line = None
+        if self._settings.log_format == "json":
+            # One JSON object a line, Envoy's own lines included, each with its epoch/pid.
+            def on_line(line: str) -> None:
+                log_event(
+                    envoy_logger, logging.INFO, "envoy.output", line, epoch=gen.epoch, pid=gen.pid
+                )
+
+        if not gen.pump_stderr(on_line):
             fd = gen.stderr_fd()
             if fd is not None:
                 self._reactor.remove_reader(fd)

@@ -340,3 +340,20 @@ def test_doomed_epoch_is_replaced_the_moment_it_aborts(envoy_family: EnvoyFamily
     assert died["status"] == "killed by SIGABRT"
     daemon.wait_event("child.serving", epoch=0, count=2)
     assert envoy_family.body() == "v0"
+
+
+def test_json_logs_are_json_on_every_line_envoys_own_included(envoy_family: EnvoyFamily) -> None:
+    import json
+
+    daemon = envoy_family.start()
+    daemon.wait_event("child.serving", epoch=0)
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_event("child.serving", epoch=1)
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait_exit() == 0
+    lines = daemon.lines()
+    objects = [json.loads(line) for line in lines]  # raises on any line that is not JSON
+    assert all({"ts", "level", "event", "message", "epoch", "pid"} <= o.keys() for o in objects)
+    envoy_lines = [o for o in objects if o["event"] == "envoy.output"]
+    assert {o["epoch"] for o in envoy_lines} == {0, 1}
+    assert any("starting main dispatch loop" in o["message"] for o in envoy_lines)
