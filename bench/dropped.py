@@ -8,6 +8,7 @@ last old parent's exit falls inside it. Per run: wrk's requests, non-2xx/3xx res
 socket errors (connect/read/write/timeout), p99 and max latency; from the daemon's
 JSON log: restarts requested, started, serving (LIVE), failed, refused by validation.
 
+- **0**: wrk alone for ~8 s, no change: the baseline for p99 and req/s.
 - **A**: 20 good changes, one every 3 s (each restart finds the old parent gone).
 - **B**: 20 changes every 3 s; the odd ones are broken (a route to an unknown cluster,
   refused by `envoy --mode validate`), the even ones good, except one (10 of 20) that
@@ -407,8 +408,12 @@ def main() -> int:
         held.bind(("127.0.0.1", 0))
         held.listen(1)
         if not args.skip_modes:
+            # The baseline: wrk alone, no change (its p99 is the one to compare with).
+            baseline = Run("0 (no changes)", MODE_INTERVAL_S, [])
+            modes.append(traffic_run(baseline, [], wrk_binary, args.envoy, None))
             for mode in ("A", "B"):
-                run = Run(f"{mode} ({'good' if mode == 'A' else 'broken+conflict'})", 3.0, [])
+                label = f"{mode} ({'good' if mode == 'A' else 'broken+conflict'})"
+                run = Run(label, MODE_INTERVAL_S, [])
                 modes.append(
                     traffic_run(run, schedule(args.changes, mode), wrk_binary, args.envoy, held)
                 )

@@ -18,6 +18,8 @@ from envoy_autoreload.envoy_config import admin_address_from_config
 from envoy_autoreload.errors import AutoreloadError
 from envoy_autoreload.limits import check_limits
 from envoy_autoreload.settings import Settings
+from envoy_autoreload.settings import check_config as settings_check_config
+from envoy_autoreload.settings import check_start_script as settings_check_start_script
 from envoy_autoreload.validation import BinaryInfo, Preflight, run_preflight_now
 from envoy_autoreload.watch.changes import ChangeDetector
 
@@ -38,6 +40,10 @@ class Finding:
 
 
 def check_start_script(script: Path) -> list[Finding]:
+    try:
+        settings_check_start_script(script)
+    except AutoreloadError as err:
+        return [Finding(Status.FAIL, "start script", str(err))]
     try:
         text = script.read_text(errors="replace")[:1_000_000]
     except OSError as err:
@@ -104,6 +110,10 @@ def check_config(settings: Settings, binary: BinaryInfo | None) -> list[Finding]
             Finding(Status.WARN, "config", "no --config: nothing is validated before a restart")
         ]
     findings: list[Finding] = []
+    try:
+        settings_check_config(config)
+    except AutoreloadError as err:
+        return [Finding(Status.FAIL, "config", str(err))]
     try:
         admin = admin_address_from_config(config)
     except AutoreloadError as err:

@@ -48,6 +48,8 @@ def _start_script(ctx: click.Context, param: click.Parameter, value: Path) -> Pa
     try:
         return check_start_script(value)
     except StartScriptError as err:
+        if ctx.params.get("check_only"):
+            return value.absolute()  # --check reports it as a FAIL line, exit 1
         raise click.BadParameter(str(err), ctx=ctx, param=param) from err
 
 
@@ -250,6 +252,7 @@ SECONDS = click.FloatRange(min=0.0)
     "--check",
     "check_only",
     is_flag=True,
+    is_eager=True,  # known before START_SCRIPT is checked
     help="Print what would be watched, the binary, validation and inotify limits; start "
     "nothing. Exit 0 if all is well, 1 if something would fail.",
 )

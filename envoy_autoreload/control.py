@@ -15,6 +15,7 @@ import json
 import os
 import socket
 import stat
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -22,7 +23,7 @@ from typing import Final
 from envoy_autoreload.errors import UsageError
 
 MAX_REQUEST_BYTES: Final = 4096
-REPLY_SEND_TIMEOUT_S: Final = 2.0
+IDLE_TIMEOUT_S: Final = 5.0
 
 
 def default_control_socket() -> Path:
@@ -49,6 +50,7 @@ class ControlReply:
 @dataclass(eq=False)
 class ControlConnection:
     sock: socket.socket
+    opened_at: float = field(default_factory=time.monotonic)
     buffer: bytearray = field(default_factory=bytearray)
 
     def fileno(self) -> int:
@@ -70,10 +72,11 @@ class ControlConnection:
         return None
 
     def reply(self, reply: ControlReply) -> None:
-        """Answer and close; a client that went away is not our problem."""
+        """Answer and close, never blocking the loop: a reply is far smaller than the
+        socket buffer, and a client that does not read or went away is dropped."""
         with contextlib.suppress(OSError):
-            self.sock.settimeout(REPLY_SEND_TIMEOUT_S)
-            self.sock.sendall(reply.encode())
+            self.sock.setblocking(False)
+            self.sock.send(reply.encode())
         self.close()
 
     def close(self) -> None:

@@ -29,16 +29,22 @@ def _ask(path: Path, request: str, timeout_s: float) -> dict[str, object]:
             sock.connect(str(path))
         except OSError as err:
             click.echo(
-                f"envoy-autoreloadctl: cannot reach the daemon at {path}: {err.strerror}", err=True
+                f"envoy-autoreloadctl: cannot reach the daemon at {path}: {err.strerror or err}",
+                err=True,
             )
             sys.exit(EXIT_UNREACHABLE)
-        sock.sendall(request.encode() + b"\n")
         chunks = []
         try:
+            sock.sendall(request.encode() + b"\n")
             while chunk := sock.recv(65536):
                 chunks.append(chunk)
         except TimeoutError:
             click.echo(f"envoy-autoreloadctl: no answer within {timeout_s:g} s", err=True)
+            sys.exit(EXIT_FAILED)
+        except OSError as err:
+            click.echo(
+                f"envoy-autoreloadctl: the daemon went away: {err.strerror or err}", err=True
+            )
             sys.exit(EXIT_FAILED)
     try:
         reply = json.loads(b"".join(chunks))

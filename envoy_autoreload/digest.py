@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ from typing import Final
 from envoy_autoreload.watch.filters import NoiseFilter
 
 MAX_SYMLINK_HOPS: Final = 40
+RACY_WINDOW_S: Final = 2.0
 
 # Called for each directory before it is listed: (directory, names) where names is None
 # for "everything in it matters" and a set of entry names for a symlink chain's parents.
@@ -142,20 +144,25 @@ class ContentScanner:
             missing=tuple(walk.missing),
         )
 
-    def _scan_root(self, root: WatchRoot, walk: _Walk) -> None:
-        hops, real = resolution_hops(root.path)
+    def _watch_chain(self, path: Path, walk: _Walk) -> Path:
+        """Name-watch every (directory, entry) a path resolves through; its real path."""
+        hops, real = resolution_hops(path)
         for directory, name in hops:
             known = walk.name_watches.setdefault(directory, set())
             if name not in known:
                 known.add(name)
                 walk.on_directory(directory, frozenset(known))
+        return real
+
+    def _scan_root(self, root: WatchRoot, walk: _Walk) -> None:
+        real = self._watch_chain(root.path, walk)
         try:
             st = os.stat(real)
         except FileNotFoundError:
             walk.missing.append(str(root.path))
             return
-        except PermissionError:
-            walk.unreadable.append(str(root.path))
+        except OSError as err:  # permission, a symlink loop (ELOOP), ENOTDIR races
+            walk.unreadable.append(f"{root.path} ({err.strerror})")
             return
         if stat.S_ISDIR(st.st_mode):
             self._walk_directory(str(root.path), real, st, walk, hidden=False)
@@ -174,7 +181,7 @@ class ContentScanner:
             entries = sorted(os.scandir(real), key=lambda e: e.name)
         except FileNotFoundError:
             return
-        except PermissionError:
+        except OSError:
             walk.unreadable.append(display)
             return
         walk.directories.add(real)
@@ -187,10 +194,14 @@ class ContentScanner:
                 child_st = os.stat(entry.path)
             except FileNotFoundError:
                 continue  # vanished, or a dangling symlink
-            except PermissionError:
-                walk.unreadable.append(child_display)
+            except OSError as err:  # permission, a symlink loop (ELOOP)
+                walk.unreadable.append(f"{child_display} ({err.strerror})")
                 continue
             child_hidden = hidden or name.startswith("..")
+            if not child_hidden and entry.is_symlink():
+                # A link out of the tree (certbot's live/ -> archive/): watch where it
+                # leads, or a renewal there would never be seen.
+                self._watch_chain(Path(entry.path), walk)
             if stat.S_ISDIR(child_st.st_mode):
                 child_real = Path(os.path.realpath(entry.path))
                 self._walk_directory(child_display, child_real, child_st, walk, hidden=child_hidden)
@@ -208,8 +219,12 @@ class ContentScanner:
                     content_hash = hashlib.file_digest(handle, "sha256").hexdigest()
             except FileNotFoundError:
                 return
-            except PermissionError:
-                walk.unreadable.append(display)
+            except OSError as err:
+                walk.unreadable.append(f"{display} ({err.strerror})")
                 return
-        walk.cache[display] = (stat_key, content_hash)
+        # Timestamps are coarse: a rewrite of the same size within the same tick keeps
+        # the stat key. Like git's "racily clean" entries, a file modified in the last
+        # seconds is not trusted from the cache; it is read again next time.
+        if time.time() - st.st_mtime > RACY_WINDOW_S:
+            walk.cache[display] = (stat_key, content_hash)
         walk.files[display] = content_hash

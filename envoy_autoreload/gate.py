@@ -88,9 +88,10 @@ class Gate:
 
     def abandon(self) -> None:
         """On shutdown: kill and reap the running command, forget the preflight."""
-        if self._command is not None:
-            self._drop(self._command)
-            self._command.abandon()
+        command = self._command
+        if command is not None:
+            self._drop(command)
+            command.abandon()
         self._preflight = None
 
     def _next_step(self) -> PreflightOutcome | None:

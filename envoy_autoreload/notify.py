@@ -31,6 +31,7 @@ class Notifier:
             contextlib.suppress(OSError),
             socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock,
         ):
+            sock.setblocking(False)  # a full receiver queue must not stall the event loop
             sock.sendto(payload, self._address)
 
     def ready(self, status: str) -> None:

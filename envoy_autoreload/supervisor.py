@@ -48,7 +48,12 @@ from envoy_autoreload.backoff import (
 )
 from envoy_autoreload.child import Generation, GenerationState, describe_exit, spawn
 from envoy_autoreload.command import RunningCommand
-from envoy_autoreload.control import ControlConnection, ControlReply, ControlServer
+from envoy_autoreload.control import (
+    IDLE_TIMEOUT_S,
+    ControlConnection,
+    ControlReply,
+    ControlServer,
+)
 from envoy_autoreload.digest import Snapshot
 from envoy_autoreload.errors import BinaryError, ExitCode, SpawnError, ValidationFailed
 from envoy_autoreload.family import EnvoyFamily
@@ -87,6 +92,7 @@ class Timer(enum.Enum):
     KILL_WAIT = "kill_wait"  # how long SIGKILLed children get to be reaped
     DEBOUNCE = "debounce"  # a burst of file events is due (quiet window or max wait)
     COMMAND_DEADLINE = "command_deadline"  # --validate-timeout for a validation step
+    CONTROL_IDLE = "control_idle"  # control clients that never sent a request are dropped
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +102,7 @@ class StartNext:
 
     reason: str
     seq: int  # the newest request it answers
+    content: Snapshot | None = None  # what the gate validated, when watching
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +157,7 @@ class Supervisor:
         self._batch_began_at: float | None = None
         self._preflight_seq = 0
         self._waiters: list[tuple[int, ControlConnection]] = []
+        self._idle_clients: list[ControlConnection] = []
         self._last_failed_seq = 0
         self._last_start_error = ""
         self._status_line: str | None = None
@@ -169,6 +177,7 @@ class Supervisor:
         self._binary: BinaryInfo | None = None
         self._gate = Gate(settings, reactor, Timer.COMMAND_DEADLINE)
         self._preflight_reason = ""
+        self._preflight_content: Snapshot | None = None
 
     # -- public ---------------------------------------------------------------
     def run(self) -> ExitCode:
@@ -307,6 +316,8 @@ class Supervisor:
                 self._on_burst_due()
             case Timer.COMMAND_DEADLINE:
                 self._gate.on_deadline()
+            case Timer.CONTROL_IDLE:
+                self._drop_idle_control_clients()
             case _:
                 assert_never(timer)
 
@@ -368,28 +379,37 @@ class Supervisor:
             return
         # Compare with what the newest live attempt carries: a starting generation
         # already has this content, and a failed one is gone.
-        reference = self._starting() or self._serving()
+        reference = self._newest_content()
         if self._runs_already(reference, burst.snapshot, logging.DEBUG):
             return
-        if reference is not None and reference.snapshot is not None:
-            changed = burst.snapshot.changed_since(reference.snapshot)
+        if reference is not None:
+            changed = burst.snapshot.changed_since(reference)
         else:
             changed = sorted(burst.paths)
         self.request_restart("files_changed", changed, burst.events)
 
-    def _runs_already(self, reference: Generation | None, snapshot: Snapshot, level: int) -> bool:
-        """True (and logged) when `reference` started from exactly this content."""
-        if reference is None or reference.snapshot is None:
+    def _newest_content(self) -> Snapshot | None:
+        """The content the newest attempt carries: being validated, validated and
+        waiting to start, starting, or serving. A failed attempt is none of these."""
+        if self._gate.busy:
+            return self._preflight_content
+        if isinstance(self._plan, StartNext) and self._plan.content is not None:
+            return self._plan.content
+        generation = self._starting() or self._serving()
+        return generation.snapshot if generation is not None else None
+
+    def _runs_already(self, reference: Snapshot | None, snapshot: Snapshot, level: int) -> bool:
+        """True (and logged) when `reference` is exactly this content."""
+        if reference is None or snapshot.digest != reference.digest:
             return False
-        if snapshot.digest != reference.snapshot.digest:
-            return False
+        serving = self._serving()
         self._event(
             level,
             "restart.skipped",
             "unchanged, not restarting",
             reason="unchanged",
-            epoch=reference.epoch,
-            pid=reference.pid,
+            epoch=serving.epoch if serving else None,
+            pid=serving.pid if serving else None,
         )
         return True
 
@@ -426,6 +446,14 @@ class Supervisor:
             return  # a cut drain is ending; its exit wakes us again
         if self._must_wait_for_drain():
             return
+        if plan.content is not None and self._changes is not None:
+            current = self._changes.rescan()
+            if current.digest != plan.content.digest:
+                # Changed since it was validated: never start unvalidated content.
+                self._plan = None
+                self.request_restart("files_changed", current.changed_since(plan.content))
+                self._advance()
+                return
         reason, seq = plan.reason, plan.seq
         self._plan = None
         self._drain_wait_over = False
@@ -434,7 +462,7 @@ class Supervisor:
             draining.drain_cut_by_restart = True
         self._reactor.cancel(Timer.RETRY)
         self._reactor.cancel(Timer.DRAIN_WAIT)
-        self._start(serving.epoch + 1, reason, parent=serving, covers_seq=seq)
+        self._start(serving.epoch + 1, reason, parent=serving, covers_seq=seq, content=plan.content)
 
     def _begin_batch(self, reason: str) -> None:
         self._batch_seq = self._request_seq
@@ -468,9 +496,9 @@ class Supervisor:
                 # will tell it to exit; the same epoch started again from it goes LIVE
                 # in ~0.1 s and ends its drain normally.
                 self._plan = None
-                self._start(
-                    plan.epoch, "recovery", parent=parents[-1], covers_seq=self._request_seq
-                )
+                # Answers no reload: the dead epoch's own batch was answered when it went
+                # LIVE, and requests since then still need the gate.
+                self._start(plan.epoch, "recovery", parent=parents[-1])
                 return
             plan = self._plan = ColdStart("recovery")
         if plan is None and self._requests:
@@ -543,6 +571,8 @@ class Supervisor:
     def _begin_preflight(self, reason: str) -> None:
         self._preflight_reason = reason
         self._preflight_seq = self._batch_seq
+        # Pinned before validating: what starts must be what was validated (see _advance).
+        self._preflight_content = self._changes.rescan() if self._changes is not None else None
         outcome = self._gate.begin(self._binary)
         if outcome is not None:
             self._on_preflight_done(outcome)
@@ -576,7 +606,7 @@ class Supervisor:
         # A request that passed the gate is a new chance: no backoff, no old failures.
         self._hot_failures = 0
         self._reactor.cancel(Timer.RETRY)
-        self._plan = StartNext(reason, self._preflight_seq)
+        self._plan = StartNext(reason, self._preflight_seq, self._preflight_content)
 
     def _on_incompatible_binary(
         self, binary: BinaryInfo, running_version: str, reason: str
@@ -646,6 +676,7 @@ class Supervisor:
         parent: Generation | None = None,
         first: bool = False,
         covers_seq: int = 0,
+        content: Snapshot | None = None,
     ) -> None:
         assert self._starting() is None, "never two starting generations (upstream #550)"
         if parent is not None:
@@ -663,7 +694,7 @@ class Supervisor:
         if self._changes is not None:
             # What this epoch starts from; a burst that settles later and finds the
             # same content then restarts nothing. Cheap: unchanged files are not read.
-            gen.snapshot = self._changes.rescan()
+            gen.snapshot = content if content is not None else self._changes.rescan()
         gen.binary = self._binary
         gen.covers_seq = covers_seq
         self._generations.append(gen)
@@ -1012,12 +1043,27 @@ class Supervisor:
     def _on_control_connect(self, server: ControlServer) -> None:
         while (conn := server.accept()) is not None:
             self._reactor.add_reader(conn.fileno(), conn)
+            self._idle_clients.append(conn)
+        if self._idle_clients and not self._reactor.has_deadline(Timer.CONTROL_IDLE):
+            self._reactor.set_timeout(Timer.CONTROL_IDLE, IDLE_TIMEOUT_S)
+
+    def _drop_idle_control_clients(self) -> None:
+        now = time.monotonic()
+        for conn in [c for c in self._idle_clients if now - c.opened_at >= IDLE_TIMEOUT_S]:
+            self._idle_clients.remove(conn)
+            self._reactor.remove_reader(conn.fileno())
+            conn.close()
+        if self._idle_clients:
+            oldest = min(c.opened_at for c in self._idle_clients)
+            self._reactor.set_deadline(Timer.CONTROL_IDLE, oldest + IDLE_TIMEOUT_S)
 
     def _on_control_request(self, conn: ControlConnection) -> None:
         request = conn.read_request()
         if request is None:
             return
         self._reactor.remove_reader(conn.fileno())
+        if conn in self._idle_clients:
+            self._idle_clients.remove(conn)
         command = request.split()
         match command:
             case ["status"]:
@@ -1040,7 +1086,7 @@ class Supervisor:
             and idle
             and serving is not None
             and self._changes is not None
-            and self._runs_already(serving, self._changes.rescan(), logging.INFO)
+            and self._runs_already(serving.snapshot, self._changes.rescan(), logging.INFO)
         ):
             conn.reply(ControlReply(True, "unchanged, already serving", serving.epoch))
             return

@@ -127,7 +127,11 @@ class ChangeDetector:
         return self._rescan()
 
     def _rescan(self, *, report: bool = True) -> Snapshot:
-        assert self._watcher is not None
+        if self._watcher is None:
+            # Degraded without an inotify instance: content is still hashed, so SIGHUP
+            # and the control socket still know what serves.
+            self.snapshot = self._scanner.scan()
+            return self.snapshot
         snapshot = self._scanner.scan(self._watcher.watch_directory)
         self._watcher.retire(set(snapshot.directories))
         if report:

@@ -61,7 +61,7 @@ class WatchdogWatcher:
         self._observer: BaseObserver = Observer()
         self._observer.daemon = True
         self._observer.start()
-        self._watches: dict[Path, tuple[ObservedWatch, frozenset[str] | None]] = {}
+        self._watches: dict[Path, tuple[ObservedWatch, frozenset[str] | None, int]] = {}
         self._unwatched: list[Path] = []
         self._limit_message = ""
 
@@ -77,12 +77,21 @@ class WatchdogWatcher:
         return len(self._watches)
 
     def watch_directory(self, path: Path, names: frozenset[str] | None) -> None:
+        try:
+            inode = os.stat(path).st_ino
+        except OSError:
+            return
         existing = self._watches.get(path)
         if existing is not None:
-            watch, current = existing
-            merged = None if current is None or names is None else current | names
-            self._watches[path] = (watch, merged)
-            return
+            watch, current, watched_inode = existing
+            if watched_inode == inode:
+                merged = None if current is None or names is None else current | names
+                self._watches[path] = (watch, merged, inode)
+                return
+            # Replaced by a rename: the old emitter follows the old inode away.
+            del self._watches[path]
+            with contextlib.suppress(KeyError, OSError):
+                self._observer.unschedule(watch)
         try:
             watch = self._observer.schedule(self._handler, str(path), recursive=False)
         except OSError as err:
@@ -90,10 +99,10 @@ class WatchdogWatcher:
                 self._unwatched.append(path)
                 self._limit_message = watch_limit_message(path, self.watch_count)
             return  # otherwise gone or unreadable since the walk saw it
-        self._watches[path] = (watch, names)
+        self._watches[path] = (watch, names, inode)
 
     def retire(self, keep: set[Path]) -> None:
-        for path, (watch, names) in list(self._watches.items()):
+        for path, (watch, names, _inode) in list(self._watches.items()):
             if path in keep or names is not None:
                 continue
             del self._watches[path]

@@ -46,6 +46,7 @@ WATCH_MASK: Final[int] = int(
 _IN_ISDIR: Final[int] = int(_F.ISDIR)
 _IN_CREATE: Final[int] = int(_F.CREATE)
 _IN_MOVED_TO: Final[int] = int(_F.MOVED_TO)
+_IN_MOVED_FROM: Final[int] = int(_F.MOVED_FROM)
 _IN_IGNORED: Final[int] = int(_F.IGNORED)
 _IN_Q_OVERFLOW: Final[int] = int(_F.Q_OVERFLOW)
 _SELF_EVENTS: Final[int] = int(_F.DELETE_SELF | _F.MOVE_SELF)
@@ -80,15 +81,12 @@ class InotifyWatcher:
         return len(self._by_wd)
 
     def watch_directory(self, path: Path, names: frozenset[str] | None) -> None:
-        """Watch `path`: every entry (names None) or only the given names."""
-        wd = self._by_path.get(path)
-        if wd is not None:
-            current = self._by_wd[wd][1]
-            if current is None or names is None:
-                self._by_wd[wd] = (path, None)
-            else:
-                self._by_wd[wd] = (path, current | names)
-            return
+        """Watch `path`: every entry (names None) or only the given names.
+
+        Always asks the kernel: a directory replaced by a rename keeps its path but is
+        a new inode, and the old watch follows the old inode away (inotify(7)). The
+        kernel answers with the existing wd when the inode is the same one.
+        """
         try:
             wd = int(self._inotify.add_watch(str(path), WATCH_MASK))
         except OSError as err:
@@ -102,8 +100,14 @@ class InotifyWatcher:
             if err.errno == errno.EACCES:
                 return  # the walk reports unreadable paths
             raise
+        old_wd = self._by_path.get(path)
+        if old_wd is not None and old_wd != wd:
+            self._drop_watch(old_wd)  # the old inode moved away: stop following it
         previous = self._by_wd.get(wd)
-        if previous is not None and previous[0] != path:
+        if previous is not None and previous[0] == path:
+            current = previous[1]
+            names = None if current is None or names is None else current | names
+        elif previous is not None:
             # Same inode reached by another path (a bind mount or a moved directory).
             self._by_path.pop(previous[0], None)
         self._by_wd[wd] = (path, names)
@@ -117,9 +121,7 @@ class InotifyWatcher:
             _path, names = self._by_wd.get(wd, (path, None))
             if names is not None:
                 continue  # a symlink chain's parent, kept by name
-            self._forget(wd)
-            with contextlib.suppress(OSError):  # already gone: IN_IGNORED is on its way
-                self._inotify.rm_watch(wd)
+            self._drop_watch(wd)
 
     def read_changes(self) -> set[str]:
         """Drain pending events without blocking; return the paths that matter."""
@@ -145,8 +147,10 @@ class InotifyWatcher:
             if names is not None and name not in names:
                 continue
             path = directory / name
-            if mask & _IN_CREATE and not mask & _IN_ISDIR and not _is_symlink(path):
+            if mask & _IN_CREATE and not mask & _IN_ISDIR and not _appears_whole(path):
                 continue  # its IN_CLOSE_WRITE follows; never read a half-written file
+            if mask & _IN_ISDIR and mask & _IN_MOVED_FROM:
+                self._drop_tree(path)  # its watches would report the new place as here
             if names is None and mask & _IN_ISDIR and mask & (_IN_CREATE | _IN_MOVED_TO):
                 self._watch_new_tree(path)
             changed.add(str(path))
@@ -157,6 +161,16 @@ class InotifyWatcher:
             dirs[:] = [d for d in dirs if not self._noise.is_noise(d)]
             self.watch_directory(Path(current), None)
 
+    def _drop_watch(self, wd: int) -> None:
+        self._forget(wd)
+        with contextlib.suppress(OSError):  # already gone: IN_IGNORED is on its way
+            self._inotify.rm_watch(wd)
+
+    def _drop_tree(self, top: Path) -> None:
+        for path, wd in list(self._by_path.items()):
+            if path == top or path.is_relative_to(top):
+                self._drop_watch(wd)
+
     def _forget(self, wd: int) -> None:
         entry = self._by_wd.pop(wd, None)
         if entry is not None and self._by_path.get(entry[0]) == wd:
@@ -166,8 +180,11 @@ class InotifyWatcher:
         self._inotify.close()
 
 
-def _is_symlink(path: Path) -> bool:
+def _appears_whole(path: Path) -> bool:
+    """A symlink, or a hard link to an existing file (link(2) after an O_TMPFILE write):
+    entries that appear complete, with no IN_CLOSE_WRITE to follow."""
     try:
-        return stat.S_ISLNK(os.lstat(path).st_mode)
+        st = os.lstat(path)
     except OSError:
         return False
+    return stat.S_ISLNK(st.st_mode) or (stat.S_ISREG(st.st_mode) and st.st_nlink > 1)

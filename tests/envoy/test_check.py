@@ -69,3 +69,10 @@ def test_check_on_a_bad_setup_names_each_problem_and_exits_1(
     assert "no `exec`" in warnings
     assert "nowhere does not exist" in warnings
     assert "would fail" in result.stdout.splitlines()[-1]
+
+
+def test_check_with_a_missing_start_script_fails_with_exit_1(tmp_path: Path) -> None:
+    result = _check("--envoy", str(ENVOY_BIN), str(tmp_path / "missing.sh"))
+    assert result.returncode == 1
+    fails = _lines(result, "FAIL")
+    assert len(fails) == 1 and "missing.sh does not exist" in fails[0]

@@ -208,3 +208,61 @@ def test_startup_errors_exit_with_their_code_and_one_line(
     assert "does not validate" in line and "unknown cluster 'nosuch'" in line
     assert envoy_family.body() is None, "Envoy was never started"
     wait_until(lambda: not envoy_family.our_processes(), timeout_s=10, what="no Envoy")
+
+
+def test_sigterm_while_validating_stops_in_order(envoy_family: EnvoyFamily) -> None:
+    marker = envoy_family.root / "slow"
+    fake = _fake_envoy(
+        envoy_family.root / "envoy-wrapper",
+        f'[ "$1" = "--mode" ] && [ -e {marker} ] && exec sleep 600',
+    )
+    daemon = envoy_family.start("--envoy", str(fake), "--config", str(envoy_family.config))
+    serving = daemon.wait_event("child.serving", epoch=0)
+    marker.touch()
+    daemon.signal(signal.SIGHUP)
+    wait_until(
+        lambda: (
+            len(Path(f"/proc/{daemon.pid}/task/{daemon.pid}/children").read_text().split()) == 2
+        ),
+        timeout_s=10,
+        what="the validator running beside Envoy",
+    )
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait_exit() == 0
+    exited = daemon.events("child.exited", pid=serving["pid"])
+    assert exited and exited[0]["status"] == "exit status 0", "TERMed in order, not KILLed"
+    assert not any("Traceback" in line for line in daemon.lines())
+
+
+def test_a_burst_that_settles_during_validation_is_not_a_second_restart(
+    envoy_family: EnvoyFamily,
+) -> None:
+    marker = envoy_family.root / "slow"
+    fake = _fake_envoy(
+        envoy_family.root / "envoy-wrapper",
+        f'[ "$1" = "--mode" ] && [ -e {marker} ] && sleep 2',
+    )
+    data = envoy_family.root / "data"
+    data.mkdir()
+    daemon = envoy_family.start(
+        "--envoy",
+        str(fake),
+        "--watch",
+        str(data),
+        "--config",
+        str(envoy_family.config),
+        "--no-watch-binary",
+        "--log-level",
+        "debug",
+    )
+    daemon.wait_event("child.serving", epoch=0)
+    marker.touch()
+    envoy_family.write_config("v1")
+    daemon.wait_event("restart.requested", reason="files_changed")
+    # While it validates, the same bytes are written again (a config push re-run).
+    envoy_family.write_config("v1")
+    daemon.wait_event("restart.skipped", reason="unchanged")
+    daemon.wait_event("child.serving", epoch=1)
+    daemon.wait_event("child.exited", epoch=0)  # past any queued second restart
+    assert len(daemon.events("child.started")) == 2
+    assert envoy_family.body() == "v1"

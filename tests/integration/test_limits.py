@@ -174,3 +174,31 @@ def test_unreadable_directory_is_named_and_the_rest_is_watched(
         assert daemon.wait_exit() == 0
     finally:
         secret.chmod(0o755)
+
+
+@needs_userns
+def test_watch_degraded_without_any_inotify_instance_still_serves_and_restarts(
+    tmp_path: Path, tree: Path, fake_envoy_script: Path, daemons: list[Daemon]
+) -> None:
+    prefix = (
+        "unshare",
+        "-U",
+        "-r",
+        "sh",
+        "-c",
+        'echo 0 > /proc/sys/user/max_inotify_instances && exec "$0" "$@"',
+    )
+    daemon = start_daemon(
+        [*ARGS, "--watch-degraded", "--watch", str(tree), str(fake_envoy_script)],
+        tmp_path / "d.log",
+        prefix=prefix,
+    )
+    daemons.append(daemon)
+    degraded = daemon.wait_event("watch.degraded")
+    assert "instance limit" in degraded["message"]
+    assert "user.max_inotify_instances" in degraded["message"]
+    daemon.wait_event("child.serving", epoch=0)
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_event("child.serving", epoch=1)
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait_exit() == 0

@@ -55,16 +55,6 @@ def _burst(detector: ChangeDetector) -> SettledBurst:
     return burst
 
 
-def _changed(detector: ChangeDetector, before: str) -> list[str]:
-    burst = _burst(detector)
-    assert burst.snapshot.digest != before, "content changed but the digest did not"
-    return [Path(p).name for p in burst.snapshot.changed_since(None) if p in _diff(burst)]
-
-
-def _diff(burst: SettledBurst) -> set[str]:
-    return set(burst.paths) | set(burst.snapshot.files)
-
-
 def _digest(detector: ChangeDetector) -> str:
     assert detector.snapshot is not None
     return detector.snapshot.digest
@@ -320,3 +310,78 @@ def test_queue_overflow_means_rescan(tmp_path: Path) -> None:
         assert len(burst.snapshot.files) == limit + 100, "the rescan saw every file"
     finally:
         detector.close()
+
+
+def test_subdirectory_replaced_by_a_rename_is_watched_anew(
+    make_detector: MakeDetector, config_dir: Path, tmp_path: Path
+) -> None:
+    sub = config_dir / "sub"
+    sub.mkdir()
+    (sub / "a.yaml").write_text("a: 1\n")
+    detector = make_detector(config_dir)
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    (staged / "a.yaml").write_text("a: 2\n")
+    os.rename(sub, tmp_path / "old")  # what an rsync --delay-updates of a tree does
+    os.rename(staged, sub)
+    _assert_changed_to(detector, sub / "a.yaml", "a: 2\n")
+    (sub / "a.yaml").write_text("a: 3\n")  # the new inode is watched, not the old one
+    _assert_changed_to(detector, sub / "a.yaml", "a: 3\n")
+    (tmp_path / "old" / "a.yaml").write_text("moved away\n")
+    assert next_burst(detector, timeout_s=1.0) is None, "the moved-away tree is not ours"
+
+
+def test_watched_root_replaced_by_a_rename_is_watched_anew(
+    make_detector: MakeDetector, config_dir: Path, tmp_path: Path
+) -> None:
+    detector = make_detector(config_dir)
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    (staged / "envoy.yaml").write_text("version: 2\n")
+    os.rename(config_dir, tmp_path / "previous")
+    os.rename(staged, config_dir)
+    config = config_dir / "envoy.yaml"
+    _assert_changed_to(detector, config, "version: 2\n")
+    config.write_text("version: 3\n")
+    _assert_changed_to(detector, config, "version: 3\n")
+
+
+def test_a_symlink_out_of_the_tree_is_followed(
+    make_detector: MakeDetector, config_dir: Path, tmp_path: Path
+) -> None:
+    """certbot: conf/cert.pem -> live/cert.pem -> ../archive/cert1.pem."""
+    archive, live = tmp_path / "archive", tmp_path / "live"
+    archive.mkdir()
+    live.mkdir()
+    (archive / "cert1.pem").write_text("cert 1\n")
+    os.symlink("../archive/cert1.pem", live / "cert.pem")
+    os.symlink(live / "cert.pem", config_dir / "cert.pem")
+    detector = make_detector(config_dir)
+    (archive / "cert2.pem").write_text("cert 2\n")  # a renewal: new file, link swapped
+    os.symlink("../archive/cert2.pem", live / "cert.pem.new")
+    os.rename(live / "cert.pem.new", live / "cert.pem")
+    _assert_changed_to(detector, config_dir / "cert.pem", "cert 2\n")
+    (archive / "cert2.pem").write_text("cert 2b\n")  # the target itself is watched too
+    _assert_changed_to(detector, config_dir / "cert.pem", "cert 2b\n")
+
+
+def test_a_symlink_loop_is_reported_not_fatal(
+    make_detector: MakeDetector, config_dir: Path
+) -> None:
+    os.symlink("b", config_dir / "a")
+    os.symlink("a", config_dir / "b")
+    detector = make_detector(config_dir)
+    assert detector.snapshot is not None
+    assert any("Too many levels of symbolic links" in p for p in detector.snapshot.unreadable)
+    (config_dir / "envoy.yaml").write_text("version: 2\n")  # and the rest is watched
+    _assert_changed_to(detector, config_dir / "envoy.yaml", "version: 2\n")
+
+
+def test_a_hard_link_into_the_tree_is_seen(
+    make_detector: MakeDetector, config_dir: Path, tmp_path: Path
+) -> None:
+    outside = tmp_path / "prepared.yaml"
+    outside.write_text("extra: 1\n")
+    detector = make_detector(config_dir)
+    os.link(outside, config_dir / "extra.yaml")
+    _assert_changed_to(detector, config_dir / "extra.yaml", "extra: 1\n")
