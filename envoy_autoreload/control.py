@@ -16,11 +16,13 @@ import os
 import socket
 import stat
 import time
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
 from envoy_autoreload.errors import UsageError
+from envoy_autoreload.loop import Reactor
 
 MAX_REQUEST_BYTES: Final = 4096
 IDLE_TIMEOUT_S: Final = 5.0
@@ -143,3 +145,57 @@ class ControlServer:
         self._sock.close()
         with contextlib.suppress(OSError):
             self.path.unlink()
+
+
+class ControlDesk:
+    """Who waits for what: clients that have not sent their request yet (dropped after
+    IDLE_TIMEOUT_S, so a silent client cannot hold an fd for ever), and `reload` clients
+    by request number, answered by the first outcome that covers that number."""
+
+    def __init__(self, reactor: Reactor, idle_deadline_key: Hashable) -> None:
+        self._reactor = reactor
+        self._idle_key = idle_deadline_key
+        self._idle: list[ControlConnection] = []
+        self._waiting: list[tuple[int, ControlConnection]] = []
+
+    def accept_all(self, server: ControlServer) -> None:
+        while (conn := server.accept()) is not None:
+            self._reactor.add_reader(conn.fileno(), conn)
+            self._idle.append(conn)
+        if self._idle and not self._reactor.has_deadline(self._idle_key):
+            self._reactor.set_timeout(self._idle_key, IDLE_TIMEOUT_S)
+
+    def read(self, conn: ControlConnection) -> str | None:
+        """The client's request once complete (it is then no longer read from)."""
+        request = conn.read_request()
+        if request is None:
+            return None
+        self._reactor.remove_reader(conn.fileno())
+        if conn in self._idle:
+            self._idle.remove(conn)
+        return request
+
+    def drop_idle(self) -> None:
+        now = time.monotonic()
+        for conn in [c for c in self._idle if now - c.opened_at >= IDLE_TIMEOUT_S]:
+            self._idle.remove(conn)
+            self._reactor.remove_reader(conn.fileno())
+            conn.close()
+        if self._idle:
+            oldest = min(c.opened_at for c in self._idle)
+            self._reactor.set_deadline(self._idle_key, oldest + IDLE_TIMEOUT_S)
+
+    def wait(self, seq: int, conn: ControlConnection) -> None:
+        self._waiting.append((seq, conn))
+
+    def answer(self, up_to_seq: int, reply: ControlReply) -> None:
+        """Answer every waiting client whose request this outcome covers."""
+        if not up_to_seq:
+            return
+        keep: list[tuple[int, ControlConnection]] = []
+        for seq, conn in self._waiting:
+            if seq <= up_to_seq:
+                conn.reply(reply)
+            else:
+                keep.append((seq, conn))
+        self._waiting = keep

@@ -48,12 +48,7 @@ from envoy_autoreload.backoff import (
 )
 from envoy_autoreload.child import Generation, GenerationState, describe_exit, spawn
 from envoy_autoreload.command import RunningCommand
-from envoy_autoreload.control import (
-    IDLE_TIMEOUT_S,
-    ControlConnection,
-    ControlReply,
-    ControlServer,
-)
+from envoy_autoreload.control import ControlConnection, ControlDesk, ControlReply, ControlServer
 from envoy_autoreload.digest import Snapshot
 from envoy_autoreload.errors import BinaryError, ExitCode, SpawnError, ValidationFailed
 from envoy_autoreload.family import EnvoyFamily
@@ -156,8 +151,7 @@ class Supervisor:
         self._batch_seq = 0
         self._batch_began_at: float | None = None
         self._preflight_seq = 0
-        self._waiters: list[tuple[int, ControlConnection]] = []
-        self._idle_clients: list[ControlConnection] = []
+        self._desk = ControlDesk(reactor, Timer.CONTROL_IDLE)
         self._last_failed_seq = 0
         self._last_start_error = ""
         self._status_line: str | None = None
@@ -252,7 +246,7 @@ class Supervisor:
                 elif isinstance(key, RunningCommand):
                     self._gate.on_output(key)
                 elif isinstance(key, ControlServer):
-                    self._on_control_connect(key)
+                    self._desk.accept_all(key)
                 elif isinstance(key, ControlConnection):
                     self._on_control_request(key)
             case DeadlineReached(key=key):
@@ -317,7 +311,7 @@ class Supervisor:
             case Timer.COMMAND_DEADLINE:
                 self._gate.on_deadline()
             case Timer.CONTROL_IDLE:
-                self._drop_idle_control_clients()
+                self._desk.drop_idle()
             case _:
                 assert_never(timer)
 
@@ -591,7 +585,7 @@ class Supervisor:
                 error=outcome.message,
                 status=self._status_text(),
             )
-            self._answer(self._preflight_seq, ControlReply(False, outcome.message))
+            self._desk.answer(self._preflight_seq, ControlReply(False, outcome.message))
             return
         binary = outcome.binary
         running = serving.binary if serving is not None and serving.binary else self._binary
@@ -629,7 +623,7 @@ class Supervisor:
                 hot_restart_version=binary.hot_restart_version,
             )
             self._telemetry.restart_done("refused", reason, error=what, status=self._status_text())
-            self._answer(self._preflight_seq, ControlReply(False, f"refused: {what}"))
+            self._desk.answer(self._preflight_seq, ControlReply(False, f"refused: {what}"))
             return
         self._event(
             logging.WARNING,
@@ -766,7 +760,7 @@ class Supervisor:
             self._batch_began_at = None
         else:
             self._telemetry.serving_again(self._status_text())
-        self._answer(gen.covers_seq, ControlReply(True, f"serving ({gen.reason})", gen.epoch))
+        self._desk.answer(gen.covers_seq, ControlReply(True, f"serving ({gen.reason})", gen.epoch))
 
     def _on_start_deadline(self) -> None:
         gen = self._starting()
@@ -862,7 +856,7 @@ class Supervisor:
             self._telemetry.restart_done(
                 "abandoned", "retry", error=self._last_start_error, status=self._status_text()
             )
-            self._answer(self._last_failed_seq, ControlReply(False, self._last_start_error))
+            self._desk.answer(self._last_failed_seq, ControlReply(False, self._last_start_error))
             return
         delay = exponential_delay(self._hot_failures, HOT_RETRY_FIRST_S, COLD_BACKOFF_CAP_S)
         self._plan = StartNext("retry", self._last_failed_seq)
@@ -992,7 +986,9 @@ class Supervisor:
         self._gate.abandon()
         alive = self._alive()
         self._telemetry.stopping(f"stopping: {reason}")
-        self._answer(self._request_seq, ControlReply(False, f"the daemon is stopping ({reason})"))
+        self._desk.answer(
+            self._request_seq, ControlReply(False, f"the daemon is stopping ({reason})")
+        )
         if self._control is not None:
             self._reactor.remove_reader(self._control.fileno())
         self._event(
@@ -1040,32 +1036,11 @@ class Supervisor:
             gen.close_stderr()
 
     # -- control socket and status -------------------------------------------
-    def _on_control_connect(self, server: ControlServer) -> None:
-        while (conn := server.accept()) is not None:
-            self._reactor.add_reader(conn.fileno(), conn)
-            self._idle_clients.append(conn)
-        if self._idle_clients and not self._reactor.has_deadline(Timer.CONTROL_IDLE):
-            self._reactor.set_timeout(Timer.CONTROL_IDLE, IDLE_TIMEOUT_S)
-
-    def _drop_idle_control_clients(self) -> None:
-        now = time.monotonic()
-        for conn in [c for c in self._idle_clients if now - c.opened_at >= IDLE_TIMEOUT_S]:
-            self._idle_clients.remove(conn)
-            self._reactor.remove_reader(conn.fileno())
-            conn.close()
-        if self._idle_clients:
-            oldest = min(c.opened_at for c in self._idle_clients)
-            self._reactor.set_deadline(Timer.CONTROL_IDLE, oldest + IDLE_TIMEOUT_S)
-
     def _on_control_request(self, conn: ControlConnection) -> None:
-        request = conn.read_request()
+        request = self._desk.read(conn)
         if request is None:
             return
-        self._reactor.remove_reader(conn.fileno())
-        if conn in self._idle_clients:
-            self._idle_clients.remove(conn)
-        command = request.split()
-        match command:
+        match request.split():
             case ["status"]:
                 conn.reply(ControlReply(True, self.state.value, status=dict(self._status())))
             case ["reload", *flags] if set(flags) <= {"--force"}:
@@ -1090,19 +1065,7 @@ class Supervisor:
         ):
             conn.reply(ControlReply(True, "unchanged, already serving", serving.epoch))
             return
-        self._waiters.append((self.request_restart("control"), conn))
-
-    def _answer(self, up_to_seq: int, reply: ControlReply) -> None:
-        """Answer every waiting `reload` whose request this outcome covers."""
-        if not up_to_seq:
-            return
-        keep: list[tuple[int, ControlConnection]] = []
-        for seq, conn in self._waiters:
-            if seq <= up_to_seq:
-                conn.reply(reply)
-            else:
-                keep.append((seq, conn))
-        self._waiters = keep
+        self._desk.wait(self.request_restart("control"), conn)
 
     def _status(self) -> dict[str, object]:
         def brief(gen: Generation | None) -> dict[str, int] | None:

@@ -264,3 +264,18 @@ def test_the_systemd_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "KillMode=mixed" in unit and "Type=notify" in unit
     assert "ExecReload=" in unit and "envoy-autoreloadctl reload" in unit
+
+
+def test_a_silent_control_client_is_dropped_and_others_still_served(
+    envoy_family: EnvoyFamily,
+) -> None:
+    daemon = envoy_family.start("--config", str(envoy_family.config))
+    daemon.wait_event("child.serving", epoch=0)
+    sock_path = daemon.log_path.with_suffix(".sock")
+    silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    silent.connect(str(sock_path))
+    silent.settimeout(30)
+    assert silent.recv(100) == b"", "closed by the daemon after its idle timeout"
+    silent.close()
+    status = _ctl(sock_path, "status", "--json")
+    assert status.returncode == 0 and json.loads(status.stdout)["serving"]["epoch"] == 0
