@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import dataclasses
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -192,8 +193,6 @@ def idle_observer(seconds: float) -> Idle:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
             process.wait(timeout=10)
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
 
 
