@@ -361,6 +361,13 @@ class Supervisor:
         if deadline is not None:
             self._reactor.set_deadline(Timer.DEBOUNCE, deadline)
 
+    def _current_content(self, changes: ChangeDetector) -> Snapshot:
+        """What is on disk now; events already in the kernel's queue are read first (and
+        start their debounce), so "nothing happened since the last scan" is true."""
+        if changes.active:
+            self._on_watch_readable(changes)
+        return changes.current()
+
     def _on_burst_due(self) -> None:
         changes = self._changes
         if changes is None:
@@ -441,7 +448,7 @@ class Supervisor:
         if self._must_wait_for_drain():
             return
         if plan.content is not None and self._changes is not None:
-            current = self._changes.rescan()
+            current = self._current_content(self._changes)
             if current.digest != plan.content.digest:
                 # Changed since it was validated: never start unvalidated content.
                 self._plan = None
@@ -566,7 +573,9 @@ class Supervisor:
         self._preflight_reason = reason
         self._preflight_seq = self._batch_seq
         # Pinned before validating: what starts must be what was validated (see _advance).
-        self._preflight_content = self._changes.rescan() if self._changes is not None else None
+        self._preflight_content = (
+            self._current_content(self._changes) if self._changes is not None else None
+        )
         outcome = self._gate.begin(self._binary)
         if outcome is not None:
             self._on_preflight_done(outcome)
@@ -688,7 +697,7 @@ class Supervisor:
         if self._changes is not None:
             # What this epoch starts from; a burst that settles later and finds the
             # same content then restarts nothing. Cheap: unchanged files are not read.
-            gen.snapshot = content if content is not None else self._changes.rescan()
+            gen.snapshot = content if content is not None else self._current_content(self._changes)
         gen.binary = self._binary
         gen.covers_seq = covers_seq
         self._generations.append(gen)
@@ -1061,7 +1070,9 @@ class Supervisor:
             and idle
             and serving is not None
             and self._changes is not None
-            and self._runs_already(serving.snapshot, self._changes.rescan(), logging.INFO)
+            and self._runs_already(
+                serving.snapshot, self._current_content(self._changes), logging.INFO
+            )
         ):
             conn.reply(ControlReply(True, "unchanged, already serving", serving.epoch))
             return
