@@ -29,10 +29,12 @@ or a cold start), never several flags that could disagree.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import os
 import signal
+import subprocess
 import time
 from dataclasses import dataclass
 from typing import Final, assert_never
@@ -112,6 +114,7 @@ class ColdStart:
     """Nothing serves: start epoch 0 once the whole family is gone."""
 
     reason: str
+    covers_seq: int = 0  # a validated batch this start carries (a full restart)
 
 
 Plan = StartNext | Respawn | ColdStart
@@ -172,6 +175,8 @@ class Supervisor:
         self._gate = Gate(settings, reactor, Timer.COMMAND_DEADLINE)
         self._preflight_reason = ""
         self._preflight_content: Snapshot | None = None
+        self._abandoned_digest: str | None = None  # content whose restart was given up
+        self._cold_attempt_seq = 0  # newest request a cold start has already tried
 
     # -- public ---------------------------------------------------------------
     def run(self) -> ExitCode:
@@ -277,6 +282,8 @@ class Supervisor:
                 self._on_start_deadline()
             case Timer.RETRY:
                 pass  # _advance() starts whatever waited for the backoff
+            case Timer.DRAIN_WAIT if not isinstance(self._plan, StartNext):
+                pass  # stale: what waited for the drain is gone
             case Timer.DRAIN_WAIT:
                 self._drain_wait_over = True
                 for gen in self._in_state(GenerationState.DRAINING):
@@ -290,8 +297,8 @@ class Supervisor:
                         waited_s=self._settings.max_drain_wait_s,
                     )
             case Timer.ORPHAN_KILL:
-                for gen in self._in_state(GenerationState.DRAINING):
-                    if gen.killed_by_us is not None:
+                for gen in self._alive():
+                    if gen.killed_by_us is not None and gen.state is not GenerationState.STARTING:
                         self._event(
                             logging.WARNING, "child.killing_orphan", epoch=gen.epoch, pid=gen.pid
                         )
@@ -383,6 +390,14 @@ class Supervisor:
         reference = self._newest_content()
         if self._runs_already(reference, burst.snapshot, logging.DEBUG):
             return
+        if burst.snapshot.digest == self._abandoned_digest:
+            self._event(
+                logging.INFO,
+                "restart.skipped",
+                "the content whose restart was given up on; change it or send SIGHUP",
+                reason="failed_before",
+            )
+            return
         if reference is not None:
             changed = burst.snapshot.changed_since(reference)
         else:
@@ -423,13 +438,15 @@ class Supervisor:
         if serving is None:
             self._recover(backing_off=self._reactor.has_deadline(Timer.RETRY))
             return
-        if serving.doomed:
-            if self._requests:
-                self._full_restart(serving)
-            return
-        if self._gate.busy:
-            return  # requests that arrive meanwhile are checked next, as one
+        if serving.killed_by_us is not None or self._gate.busy:
+            return  # a full restart is under way, or requests wait for the gate, as one
         if self._requests:
+            if self._requests_change_nothing(serving):
+                return
+            if self._gate.enabled and self._changes is None and self._must_wait_for_drain():
+                # Nothing pins what was validated without watching: validate right before
+                # the start instead, after the drain wait.
+                return
             reason = ",".join(self._requests)
             self._requests.clear()
             self._begin_batch(reason)
@@ -440,13 +457,11 @@ class Supervisor:
             self._reactor.cancel(Timer.RETRY)
         plan = self._plan
         if not isinstance(plan, StartNext):
+            self._reactor.cancel(Timer.DRAIN_WAIT)
+            self._drain_wait_over = False
             return
         if self._reactor.has_deadline(Timer.RETRY):
             return  # a retry waits out its backoff
-        if len(self._alive()) >= MAX_FAMILY_PROCESSES:
-            return  # a cut drain is ending; its exit wakes us again
-        if self._must_wait_for_drain():
-            return
         if plan.content is not None and self._changes is not None:
             current = self._current_content(self._changes)
             if current.digest != plan.content.digest:
@@ -455,6 +470,15 @@ class Supervisor:
                 self.request_restart("files_changed", current.changed_since(plan.content))
                 self._advance()
                 return
+        if serving.doomed:
+            # Its parent died early: a hot restart from it would hang (measured). The
+            # validated request is carried out as a stop and a cold start instead.
+            self._full_restart(serving, plan)
+            return
+        if len(self._alive()) >= MAX_FAMILY_PROCESSES:
+            return  # a cut drain is ending; its exit wakes us again
+        if self._must_wait_for_drain():
+            return
         reason, seq = plan.reason, plan.seq
         self._plan = None
         self._drain_wait_over = False
@@ -464,6 +488,23 @@ class Supervisor:
         self._reactor.cancel(Timer.RETRY)
         self._reactor.cancel(Timer.DRAIN_WAIT)
         self._start(serving.epoch + 1, reason, parent=serving, covers_seq=seq, content=plan.content)
+
+    def _requests_change_nothing(self, serving: Generation) -> bool:
+        """Queued requests that only say "files changed" (or a plain reload), when the
+        content is what serves: answered as unchanged, not restarted (a batch requeued
+        after a recovery, a push re-run). SIGHUP and forced reloads always restart."""
+        changes = self._changes
+        if not set(self._requests) <= {"files_changed", "control"}:
+            return False
+        if changes is None or not self._settings.watch or serving.snapshot is None:
+            return False
+        if not self._runs_already(serving.snapshot, self._current_content(changes), logging.INFO):
+            return False
+        self._requests.clear()
+        self._desk.answer(
+            self._request_seq, ControlReply(True, "unchanged, already serving", serving.epoch)
+        )
+        return True
 
     def _begin_batch(self, reason: str) -> None:
         self._batch_seq = self._request_seq
@@ -502,23 +543,32 @@ class Supervisor:
                 self._start(plan.epoch, "recovery", parent=parents[-1])
                 return
             plan = self._plan = ColdStart("recovery")
-        if plan is None and self._requests:
-            plan = self._plan = ColdStart("recovery")
         if not isinstance(plan, ColdStart):
-            return
+            if plan is None and not self._requests:
+                return
+            # Nothing serves: whatever else was planned, recovery comes first.
+            plan = self._plan = ColdStart("recovery")
         orphans = self._alive()
         if orphans:
             # Epoch 0 cannot bind its domain socket while any of the family lives
             # (#10902); a draining parent without a successor serves nothing.
             self._stop_orphans(orphans)
             return
-        if backing_off and not self._requests:
+        # A request newer than the last cold attempt (an operator's SIGHUP, a fixed
+        # config) skips the backoff once; queued requests are not consumed: they pass
+        # the gate once something serves.
+        fresh_request = self._request_seq > self._cold_attempt_seq
+        if backing_off and not fresh_request:
             return
-        reason = ",".join(self._requests) or plan.reason
-        self._requests.clear()
+        self._cold_attempt_seq = self._request_seq
         self._plan = None
         self._reactor.cancel(Timer.RETRY)
-        self._start(0, reason, covers_seq=self._request_seq)
+        self._start(0, plan.reason, covers_seq=plan.covers_seq)
+
+    def _requeue(self, reason: str) -> None:
+        for part in reason.split(","):
+            if part and part not in ("startup", "recovery") and part not in self._requests:
+                self._requests.append(part)
 
     def _stop_orphans(self, orphans: list[Generation]) -> None:
         for orphan in orphans:
@@ -531,15 +581,13 @@ class Supervisor:
                     epoch=orphan.epoch,
                     pid=orphan.pid,
                 )
-                orphan.send_signal(signal.SIGTERM)
-                # A hung orphan (§7) would block epoch 0 for ever: KILL it in time.
-                self._reactor.set_timeout(Timer.ORPHAN_KILL, self._settings.term_wait_s)
+                # A hung orphan (§7) would block epoch 0 for ever: KILLed in time.
+                self._terminate(orphan)
 
-    def _full_restart(self, serving: Generation) -> None:
+    def _full_restart(self, serving: Generation, plan: StartNext) -> None:
         """A doomed epoch cannot hot restart (its child hangs, measured); stop it and
-        cold-start epoch 0 now instead of at its abort: the same ~0.1 s outage, sooner."""
-        if serving.killed_by_us is not None:
-            return
+        cold-start epoch 0 with the validated request: the ~0.1 s outage its abort would
+        cause anyway, at a moment of the operator's choosing."""
         serving.killed_by_us = "full restart: its parent died early, so it cannot hot restart"
         self._event(
             logging.WARNING,
@@ -548,7 +596,14 @@ class Supervisor:
             epoch=serving.epoch,
             pid=serving.pid,
         )
-        serving.send_signal(signal.SIGTERM)
+        self._plan = ColdStart(plan.reason, covers_seq=plan.seq)
+        self._terminate(serving)
+
+    def _terminate(self, gen: Generation) -> None:
+        """TERM one we decided to stop; KILL it after --term-wait if it hangs (§7)."""
+        gen.send_signal(signal.SIGTERM)
+        if not self._reactor.has_deadline(Timer.ORPHAN_KILL):
+            self._reactor.set_timeout(Timer.ORPHAN_KILL, self._settings.term_wait_s)
 
     # -- the gate: binary checks and validation ----------------------------------
     def _check_before_first_start(self) -> None:
@@ -584,7 +639,11 @@ class Supervisor:
         serving = self._serving()
         self._log_outcome(outcome, epoch=serving.epoch if serving else None)
         reason = self._preflight_reason
+        if serving is None or isinstance(self._plan, Respawn | ColdStart):
+            self._requeue(reason)  # recovery first; the request passes the gate after it
+            return
         if not outcome.ok:
+            self._batch_began_at = None
             if isinstance(self._plan, StartNext):
                 self._plan = None  # what is on disk now failed: never start it
             refused = outcome.verdict is Verdict.BINARY_REFUSED
@@ -631,6 +690,7 @@ class Supervisor:
                 version=binary.release,
                 hot_restart_version=binary.hot_restart_version,
             )
+            self._batch_began_at = None
             self._telemetry.restart_done("refused", reason, error=what, status=self._status_text())
             self._desk.answer(self._preflight_seq, ControlReply(False, f"refused: {what}"))
             return
@@ -645,8 +705,8 @@ class Supervisor:
         self._binary = binary
         for gen in self._alive():
             gen.killed_by_us = "replaced by an incompatible binary"
-            gen.send_signal(signal.SIGTERM)
-        self._plan = ColdStart("incompatible binary")
+            self._terminate(gen)
+        self._plan = ColdStart("incompatible binary", covers_seq=self._preflight_seq)
 
     def _log_outcome(self, outcome: PreflightOutcome, epoch: int | None) -> None:
         binary = outcome.binary
@@ -692,7 +752,12 @@ class Supervisor:
             if first:
                 raise SpawnError(message) from err
             self._event(logging.ERROR, "restart.failed", message, epoch=epoch, cause="exec failed")
-            self._after_failed_start(epoch, "exec failed")
+            self._last_failed_seq = covers_seq
+            self._last_start_error = message
+            self._telemetry.restart_done(
+                "start_failed", reason, error=message, status=self._status_text()
+            )
+            self._after_failed_start(epoch, "exec failed", content)
             return
         if self._changes is not None:
             # What this epoch starts from; a burst that settles later and finds the
@@ -749,6 +814,7 @@ class Supervisor:
                 parent.draining_since = gen.started_at
         gen.transition(GenerationState.SERVING)
         gen.serving_at = now
+        self._abandoned_digest = None
         self._hot_failures = 0
         self._cold_failures = 0
         self._event(
@@ -837,9 +903,9 @@ class Supervisor:
             self._telemetry.restart_done(
                 "start_failed", gen.reason, error=self._last_start_error, status=self._status_text()
             )
-        self._after_failed_start(gen.epoch, cause)
+        self._after_failed_start(gen.epoch, cause, gen.snapshot)
 
-    def _after_failed_start(self, epoch: int, cause: str) -> None:
+    def _after_failed_start(self, epoch: int, cause: str, content: Snapshot | None) -> None:
         if cause == PARENT_DIED:
             return  # the recovery from its parent's death is already planned
         if self._settings.exit_on_child_failure:
@@ -862,13 +928,16 @@ class Supervisor:
             )
             self._hot_failures = 0
             self._plan = None
+            self._batch_began_at = None
+            # The same content again (a push re-run) is not a new chance; a change is.
+            self._abandoned_digest = content.digest if content is not None else None
             self._telemetry.restart_done(
                 "abandoned", "retry", error=self._last_start_error, status=self._status_text()
             )
             self._desk.answer(self._last_failed_seq, ControlReply(False, self._last_start_error))
             return
         delay = exponential_delay(self._hot_failures, HOT_RETRY_FIRST_S, COLD_BACKOFF_CAP_S)
-        self._plan = StartNext("retry", self._last_failed_seq)
+        self._plan = StartNext("retry", self._last_failed_seq, content)
         self._reactor.set_timeout(Timer.RETRY, delay)
         self._event(
             logging.INFO,
@@ -891,11 +960,22 @@ class Supervisor:
             pid=gen.pid,
             status=status,
         )
-        # Whatever was planned for the dead epoch (a hot retry) no longer applies.
         self._reactor.cancel(Timer.RETRY)
         self._hot_failures = 0
+        if planned:
+            if not isinstance(self._plan, ColdStart):
+                self._plan = ColdStart(f"full restart ({gen.killed_by_us})")
+            return
+        # A batch the dead epoch was about to take (being validated, or validated and
+        # waiting, or starting) goes back in the queue: it passes the gate and is
+        # answered once something serves again. Nothing is dropped silently.
+        if self._gate.busy:
+            self._gate.abandon()
+            self._requeue(self._preflight_reason)
+        if isinstance(self._plan, StartNext):
+            self._requeue(self._plan.reason)
         self._plan = None
-        if self._settings.exit_on_child_failure and not planned:
+        if self._settings.exit_on_child_failure:
             self._begin_stop(
                 "the serving child died and --exit-on-child-failure is set", ExitCode.CHILD_KILLED
             )
@@ -905,9 +985,7 @@ class Supervisor:
             # Its parent is gone: it would hang or abort (§5, measured), never serve.
             starting.killed_by_us = PARENT_DIED
             starting.kill()
-        if planned:
-            self._plan = ColdStart(f"full restart ({gen.killed_by_us})")
-            return
+            self._requeue(starting.reason)
         parents = self._in_state(GenerationState.DRAINING)
         if parents and not gen.doomed and parents[-1].epoch == gen.epoch - 1:
             self._plan = Respawn(gen.epoch)
@@ -1041,7 +1119,8 @@ class Supervisor:
         """Last resort on the way out (a bug raised): no child outlives the daemon."""
         for gen in self._alive():
             gen.kill()
-            gen.process.wait()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                gen.process.wait(timeout=KILL_REAP_WAIT_S)
             gen.close_stderr()
 
     # -- control socket and status -------------------------------------------
@@ -1070,13 +1149,11 @@ class Supervisor:
             and idle
             and serving is not None
             and self._changes is not None
-            and self._runs_already(
-                serving.snapshot, self._current_content(self._changes), logging.INFO
-            )
+            and self._runs_already(serving.snapshot, self._changes.rescan(), logging.INFO)
         ):
             conn.reply(ControlReply(True, "unchanged, already serving", serving.epoch))
             return
-        self._desk.wait(self.request_restart("control"), conn)
+        self._desk.wait(self.request_restart("control --force" if force else "control"), conn)
 
     def _status(self) -> dict[str, object]:
         def brief(gen: Generation | None) -> dict[str, int] | None:

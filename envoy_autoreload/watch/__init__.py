@@ -18,6 +18,10 @@ WatcherKind = Literal["auto", "inotify", "watchdog"]
 
 
 class Watcher(Protocol):
+    # True when an event is readable as soon as the change returns (inotify's kernel
+    # queue); a thread-fed backend may lag, so "no event yet" proves nothing there.
+    drains_synchronously: bool
+
     def fileno(self) -> int: ...
 
     @property

@@ -50,6 +50,7 @@ class ChangeDetector:
         self.events_total = 0
         self._reported_unreadable: tuple[str, ...] = ()
         self._events_at_snapshot = -1
+        self._complete = True  # every directory watched: no change can go unseen
 
     @property
     def roots(self) -> tuple[WatchRoot, ...]:
@@ -129,10 +130,16 @@ class ChangeDetector:
         The caller drains pending events first (`on_readable`), so none is missed."""
         if (
             self._watcher is not None
+            and self._watcher.drains_synchronously
+            and self._complete
             and self.snapshot is not None
             and self.events_total == self._events_at_snapshot
         ):
             return self.snapshot
+        return self._rescan()
+
+    def rescan(self) -> Snapshot:
+        """The content as it is now, walked afresh (an operator's explicit reload)."""
         return self._rescan()
 
     def _rescan(self, *, report: bool = True) -> Snapshot:
@@ -163,6 +170,7 @@ class ChangeDetector:
     def _report_unwatched(self, unwatched: list[Path], why: str, event: str) -> None:
         if not unwatched:
             return
+        self._complete = False
         log_event(
             logger,
             logging.ERROR,

@@ -51,6 +51,8 @@ class _QueueingHandler(FileSystemEventHandler):
 
 
 class WatchdogWatcher:
+    drains_synchronously = False  # events arrive through watchdog's thread
+
     def __init__(self, noise: NoiseFilter) -> None:
         self._noise = noise
         self._read_fd, self._write_fd = os.pipe()

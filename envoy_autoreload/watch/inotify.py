@@ -55,6 +55,8 @@ _SELF_EVENTS: Final[int] = int(_F.DELETE_SELF | _F.MOVE_SELF)
 class InotifyWatcher:
     """Directory watches on one inotify instance; reports changed paths."""
 
+    drains_synchronously = True
+
     def __init__(self, noise: NoiseFilter) -> None:
         self._noise = noise
         try:
