@@ -177,6 +177,7 @@ class Supervisor:
         self._preflight_content: Snapshot | None = None
         self._abandoned_digest: str | None = None  # content whose restart was given up
         self._cold_attempt_seq = 0  # newest request a cold start has already tried
+        self._missing_reported: tuple[str, ...] = ()  # watched paths found gone
 
     # -- public ---------------------------------------------------------------
     def run(self) -> ExitCode:
@@ -388,6 +389,8 @@ class Supervisor:
         # Compare with what the newest live attempt carries: a starting generation
         # already has this content, and a failed one is gone.
         reference = self._newest_content()
+        if self._held_while_missing(burst.snapshot, reference):
+            return
         if self._runs_already(reference, burst.snapshot, logging.DEBUG):
             return
         if burst.snapshot.digest == self._abandoned_digest:
@@ -403,6 +406,31 @@ class Supervisor:
         else:
             changed = sorted(burst.paths)
         self.request_restart("files_changed", changed, burst.events)
+
+    def _held_while_missing(self, snapshot: Snapshot, reference: Snapshot | None) -> bool:
+        """A watched path that existed is gone (the config deleted, a directory removed
+        by a push that deletes before it copies): no restart until it is back. Envoy
+        would refuse the config anyway; a warning, not a validation error, says why.
+        Paths missing since start-up do not hold anything."""
+        known = set(reference.missing) if reference is not None else set()
+        gone = tuple(p for p in snapshot.missing if p not in known)
+        back = [p for p in self._missing_reported if p not in snapshot.missing]
+        if back:
+            self._event(logging.INFO, "watch.restored", "is back", paths=back)
+        if gone and gone != self._missing_reported:
+            serving = self._serving()
+            self._event(
+                logging.WARNING,
+                "watch.missing",
+                f"{', '.join(gone)} {'is' if len(gone) == 1 else 'are'} missing: no restart "
+                "until it is back"
+                + (f"; epoch {serving.epoch} keeps serving" if serving is not None else ""),
+                epoch=serving.epoch if serving is not None else None,
+                pid=serving.pid if serving is not None else None,
+                paths=list(gone),
+            )
+        self._missing_reported = gone
+        return bool(gone)
 
     def _newest_content(self) -> Snapshot | None:
         """The content the newest attempt carries: being validated, validated and

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import itertools
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -71,3 +72,27 @@ def allocate_base_id() -> int:
             ALLOCATED_BASE_IDS.add(base_id)
             return base_id
     raise AssertionError("unreachable")
+
+
+def holds_for(
+    predicate: Callable[[], bool], *, duration_s: float, what: str, interval_s: float = 0.05
+) -> None:
+    """Assert `predicate` stays true for `duration_s`: the observation window a "nothing
+    happens" claim needs (it fails the moment something does)."""
+    deadline = time.monotonic() + duration_s
+    while time.monotonic() < deadline:
+        assert predicate(), f"expected {what} for {duration_s:g} s"
+        time.sleep(interval_s)
+
+
+@contextlib.contextmanager
+def port_held() -> Iterator[int]:
+    """A port another process listens on: an Envoy config that binds it cannot start,
+    and `envoy --mode validate` cannot tell (ENVOY_FACTS §1)."""
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen()
+    try:
+        yield int(blocker.getsockname()[1])
+    finally:
+        blocker.close()

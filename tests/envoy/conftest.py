@@ -5,9 +5,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,10 +96,15 @@ class EnvoyFamily:
     admin_port: int = field(default_factory=free_port)
     listener_port: int = field(default_factory=free_port)
     daemons: list[Daemon] = field(default_factory=list)
+    config_name: str = "envoy.yaml"  # relative to root; may name a subdirectory
 
     @property
     def config(self) -> Path:
-        return self.root / "envoy.yaml"
+        return self.root / self.config_name
+
+    def watched(self, *extra: str) -> list[str]:
+        """Arguments for the daemon to watch the config's directory and validate it."""
+        return ["--watch", str(self.config.parent), "--config", str(self.config), *extra]
 
     @property
     def script(self) -> Path:
@@ -116,6 +122,18 @@ class EnvoyFamily:
         access_log: Path | None = None,
     ) -> None:
         """Write the config atomically (rename over), as an editor or config push would."""
+        self.write_raw(
+            self.render(body, extra_listener_port=extra_listener_port, access_log=access_log)
+        )
+
+    def render(
+        self,
+        body: str,
+        *,
+        extra_listener_port: int | None = None,
+        access_log: Path | None = None,
+    ) -> str:
+        """The config text whose listener answers `body`."""
         log_block = (
             ACCESS_LOG_TEMPLATE.format(path=access_log, file_log_type=FILE_LOG_TYPE)
             if access_log
@@ -140,11 +158,10 @@ class EnvoyFamily:
                     hcm_type=HCM_TYPE,
                 )
             )
-        self.write_raw(
-            CONFIG_TEMPLATE.format(admin_port=self.admin_port, listeners="".join(listeners))
-        )
+        return CONFIG_TEMPLATE.format(admin_port=self.admin_port, listeners="".join(listeners))
 
     def write_raw(self, text: str) -> None:
+        self.config.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.config.with_suffix(".tmp")
         tmp.write_text(text)
         os.replace(tmp, self.config)
@@ -152,7 +169,10 @@ class EnvoyFamily:
     def write_script(self, prelude: str = "") -> None:
         self.script.write_text(
             START_SCRIPT.format(
-                prelude=prelude, envoy=ENVOY_BIN, config=self.config, base_id=self.base_id
+                prelude=prelude,
+                envoy=ENVOY_BIN,
+                config=shlex.quote(str(self.config)),
+                base_id=self.base_id,
             )
         )
         self.script.chmod(0o755)
@@ -207,14 +227,30 @@ class EnvoyFamily:
         return leaked
 
 
+MakeFamily = Callable[..., EnvoyFamily]
+
+
 @pytest.fixture
-def envoy_family(tmp_path: Path) -> Iterator[EnvoyFamily]:
+def make_envoy_family(tmp_path: Path) -> Iterator[MakeFamily]:
+    """Families serving "v0", each cleaned up however the test ends; keyword arguments
+    go to EnvoyFamily (a `config_name` in a subdirectory, with spaces, ...)."""
     assert ENVOY_BIN.exists(), f"real Envoy expected at {ENVOY_BIN} (pip install -e '.[test]')"
-    family = EnvoyFamily(tmp_path)
-    family.write_config("v0")
-    family.write_script()
+    families: list[EnvoyFamily] = []
+
+    def make(**kwargs: Any) -> EnvoyFamily:
+        family = EnvoyFamily(tmp_path, **kwargs)
+        families.append(family)
+        family.write_config("v0")
+        family.write_script()
+        return family
+
     try:
-        yield family
+        yield make
     finally:
-        leaked = family.cleanup()
+        leaked = [pid for family in families for pid in family.cleanup()]
     assert not leaked, f"Envoy processes outlived the daemon: {leaked}"
+
+
+@pytest.fixture
+def envoy_family(make_envoy_family: MakeFamily) -> EnvoyFamily:
+    return make_envoy_family()

@@ -2,45 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
-import socket
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 from tests.envoy.conftest import EnvoyFamily
-from tests.helpers import wait_until
-
-
-class FreshConnectionPoller:
-    """Asks the listener over a new connection every few ms and counts what it sees."""
-
-    def __init__(self, family: EnvoyFamily) -> None:
-        self.family = family
-        self.bodies: list[str] = []
-        self.failures = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            body = self.family.body()
-            if body is None:
-                self.failures += 1
-            else:
-                self.bodies.append(body)
-            self._stop.wait(0.005)
-
-    def __enter__(self) -> FreshConnectionPoller:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
+from tests.envoy.probe import ServingProbe
+from tests.helpers import port_held, wait_until
 
 
 def test_epoch_0_serves_and_sigterm_exits_0(envoy_family: EnvoyFamily) -> None:
@@ -60,16 +29,16 @@ def test_sighup_serves_new_config_at_epoch_1_without_a_failed_request(
 ) -> None:
     daemon = envoy_family.start()
     daemon.wait_event("child.serving", epoch=0)
-    with FreshConnectionPoller(envoy_family) as poller:
-        wait_until(lambda: poller.bodies, timeout_s=10, what="the poller's first answer")
+    with ServingProbe(envoy_family.listener_port, interval_s=0.005) as probe:
         envoy_family.write_config("v1")
         daemon.signal(signal.SIGHUP)
         daemon.wait_event("child.serving", epoch=1)
-        wait_until(lambda: "v1" in poller.bodies, timeout_s=10, what="v1 on a fresh connection")
-    assert poller.failures == 0
-    assert poller.bodies[0] == "v0"
-    first_v1 = poller.bodies.index("v1")
-    assert set(poller.bodies[first_v1:]) == {"v1"}, "once v1 serves, v0 never answers again"
+        probe.wait_for_body("v1")
+    probe.assert_never_failed()
+    bodies = probe.bodies()
+    assert bodies[0] == "v0"
+    first_v1 = bodies.index("v1")
+    assert set(bodies[first_v1:]) == {"v1"}, "once v1 serves, v0 never answers again"
     daemon.wait_event("child.exited", epoch=0)  # the old parent ends its drain by itself
 
 
@@ -106,52 +75,12 @@ def test_sigterm_exits_1_when_a_child_must_be_killed(envoy_family: EnvoyFamily) 
     assert daemon.events("shutdown.killing", pid=serving["pid"])
 
 
-@contextlib.contextmanager
-def _port_held() -> Iterator[int]:
-    """A listening socket of another process's kind: Envoy cannot bind its port."""
-    blocker = socket.socket()
-    blocker.bind(("127.0.0.1", 0))
-    blocker.listen()
-    try:
-        yield int(blocker.getsockname()[1])
-    finally:
-        blocker.close()
-
-
-def test_port_conflict_keeps_old_epoch_serving_and_next_good_config_reuses_the_epoch(
-    envoy_family: EnvoyFamily,
-) -> None:
-    daemon = envoy_family.start()
-    old = daemon.wait_event("child.serving", epoch=0)
-    with _port_held() as held_port, FreshConnectionPoller(envoy_family) as poller:
-        # Validation cannot see this (ENVOY_FACTS §1): only the child finds the port taken.
-        envoy_family.write_config("v1", extra_listener_port=held_port)
-        daemon.signal(signal.SIGHUP)
-        failed = daemon.wait_event("restart.failed", epoch=1)
-        assert "Address already in use" in failed["message"]
-        assert "Address already in use" in failed["output"]
-        assert "epoch 0 keeps serving" in failed["message"]
-        # The fix is pushed while the port is still held: it does not need that port.
-        envoy_family.write_config("v2")
-        daemon.signal(signal.SIGHUP)
-        new = daemon.wait_event("child.serving", epoch=1)
-        wait_until(lambda: "v2" in poller.bodies, timeout_s=10, what="v2 served")
-    assert poller.failures == 0, "the old epoch served throughout"
-    assert set(poller.bodies) == {"v0", "v2"}
-    assert new["pid"] != old["pid"]
-    # The stuck INITIALIZING flag was cleared before the next attempt could be refused.
-    cleared = daemon.events("hot_restart.flag_cleared", epoch=1)
-    assert cleared and cleared[0]["line"] < new["line"]
-    # Every attempt used epoch 1: a failed start never consumes an epoch.
-    assert {e["epoch"] for e in daemon.events("child.started")} == {0, 1}
-
-
 def test_a_failing_restart_is_retried_a_bounded_number_of_times(
     envoy_family: EnvoyFamily,
 ) -> None:
     daemon = envoy_family.start()
     old = daemon.wait_event("child.serving", epoch=0)
-    with _port_held() as held_port:
+    with port_held() as held_port:
         envoy_family.write_config("v1", extra_listener_port=held_port)
         daemon.signal(signal.SIGHUP)
         abandoned = daemon.wait_event("restart.abandoned", epoch=1, timeout_s=60)

@@ -3,75 +3,14 @@
 from __future__ import annotations
 
 import os
-import re
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-
+from tests.envoy.breakages import unknown_cluster
 from tests.envoy.conftest import ENVOY_BIN, EnvoyFamily
 from tests.helpers import wait_until
-
-
-def _break_yaml(text: str) -> str:
-    return text.replace("routes:", "routes: [", 1)
-
-
-def _unknown_field(text: str) -> str:
-    return "bogus_field: 1\n" + text
-
-
-def _unknown_cluster(text: str) -> str:
-    return re.sub(
-        r"direct_response:\n\s+status: 200\n\s+body: \{[^}]*\}", "route: { cluster: nosuch }", text
-    )
-
-
-BREAKAGES: dict[str, tuple[Callable[[str], str], str]] = {
-    "broken_yaml": (_break_yaml, "yaml-cpp: error"),
-    "unknown_field": (_unknown_field, "bogus_field"),
-    "unknown_cluster": (_unknown_cluster, "unknown cluster 'nosuch'"),
-}
-
-
-def _gated(family: EnvoyFamily, *extra: str) -> list[str]:
-    return ["--watch", str(family.root), "--config", str(family.config), *extra]
-
-
-@pytest.mark.parametrize("breakage", sorted(BREAKAGES))
-def test_a_config_that_fails_validation_never_reaches_a_restart(
-    envoy_family: EnvoyFamily, breakage: str
-) -> None:
-    transform, envoy_says = BREAKAGES[breakage]
-    daemon = envoy_family.start(*_gated(envoy_family))
-    serving = daemon.wait_event("child.serving", epoch=0)
-    envoy_family.write_raw(transform(envoy_family.config.read_text()))
-    failed = daemon.wait_event("validation.failed")
-    assert envoy_says in failed["message"]
-    assert "epoch 0 keeps serving" in failed["message"]
-    assert "[critical]" in failed["output"], "the full output follows the event"
-    assert envoy_family.body() == "v0"
-    assert Path(f"/proc/{serving['pid']}").exists()
-    daemon.signal(signal.SIGHUP)  # an operator's explicit request is gated the same way
-    daemon.wait_event("validation.failed", count=2)
-    envoy_family.write_config("v1")  # the fix restarts
-    daemon.wait_event("child.serving", epoch=1)
-    assert envoy_family.body() == "v1"
-    assert len(daemon.events("child.started")) == 2
-
-
-def test_a_missing_config_file_is_refused(envoy_family: EnvoyFamily) -> None:
-    daemon = envoy_family.start(*_gated(envoy_family))
-    daemon.wait_event("child.serving", epoch=0)
-    envoy_family.config.unlink()
-    failed = daemon.wait_event("validation.failed")
-    assert str(envoy_family.config) in failed["message"]
-    assert envoy_family.body() == "v0"
-    envoy_family.write_config("v1")
-    daemon.wait_event("child.serving", epoch=1)
 
 
 def _fake_envoy(path: Path, body: str) -> Path:
@@ -118,7 +57,7 @@ def test_an_incompatible_binary_upgrade_is_refused_without_touching_envoy(
     bindir = tmp_path / "bin"
     bindir.mkdir()
     wrapper = _fake_envoy(bindir / "envoy", "")
-    daemon = envoy_family.start(*_gated(envoy_family, "--envoy", str(wrapper)))
+    daemon = envoy_family.start(*envoy_family.watched("--envoy", str(wrapper)))
     serving = daemon.wait_event("child.serving", epoch=0)
     _swap_binary(wrapper, INCOMPATIBLE)
     refused = daemon.wait_event("binary.incompatible")
@@ -138,7 +77,7 @@ def test_an_incompatible_binary_can_be_taken_with_a_full_restart(
     bindir.mkdir()
     wrapper = _fake_envoy(bindir / "envoy", "")
     daemon = envoy_family.start(
-        *_gated(envoy_family, "--envoy", str(wrapper), "--on-incompatible-binary", "restart")
+        *envoy_family.watched("--envoy", str(wrapper), "--on-incompatible-binary", "restart")
     )
     first = daemon.wait_event("child.serving", epoch=0)
     _swap_binary(wrapper, INCOMPATIBLE)
@@ -152,7 +91,7 @@ def test_a_binary_that_is_not_envoy_is_refused(envoy_family: EnvoyFamily, tmp_pa
     bindir = tmp_path / "bin"
     bindir.mkdir()
     wrapper = _fake_envoy(bindir / "envoy", "")
-    daemon = envoy_family.start(*_gated(envoy_family, "--envoy", str(wrapper)))
+    daemon = envoy_family.start(*envoy_family.watched("--envoy", str(wrapper)))
     daemon.wait_event("child.serving", epoch=0)
     _swap_binary(wrapper, "echo 'hello, I am not a proxy'; exit 0")
     refused = daemon.wait_event("binary.refused")
@@ -201,7 +140,7 @@ def test_startup_errors_exit_with_their_code_and_one_line(
         result.stderr
     )
 
-    envoy_family.write_raw(_unknown_cluster(envoy_family.config.read_text()))
+    envoy_family.write_raw(unknown_cluster(envoy_family.config.read_text()))
     result = _run(["--envoy", str(ENVOY_BIN), "--config", config, script])
     assert result.returncode == 3
     line = _one_error_line(result.stderr)

@@ -10,16 +10,12 @@ from tests.envoy.conftest import EnvoyFamily
 from tests.helpers import wait_until
 
 
-def _watched(family: EnvoyFamily, *extra: str) -> list[str]:
-    return ["--watch", str(family.root), "--config", str(family.config), *extra]
-
-
 def test_a_500_file_burst_with_one_config_edit_is_exactly_one_restart(
     envoy_family: EnvoyFamily,
 ) -> None:
     data = envoy_family.root / "data"
     data.mkdir()
-    daemon = envoy_family.start(*_watched(envoy_family))
+    daemon = envoy_family.start(*envoy_family.watched())
     daemon.wait_event("child.serving", epoch=0)
     for i in range(250):
         (data / f"route-{i}.json").write_text(f'{{"n": {i}}}')
@@ -36,7 +32,7 @@ def test_a_500_file_burst_with_one_config_edit_is_exactly_one_restart(
 
 
 def test_unchanged_content_does_not_restart(envoy_family: EnvoyFamily) -> None:
-    daemon = envoy_family.start(*_watched(envoy_family, "--log-level", "debug"))
+    daemon = envoy_family.start(*envoy_family.watched("--log-level", "debug"))
     daemon.wait_event("child.serving", epoch=0)
     os.utime(envoy_family.config)
     daemon.wait_event("restart.skipped", reason="unchanged")
@@ -51,7 +47,7 @@ def test_unchanged_content_does_not_restart(envoy_family: EnvoyFamily) -> None:
 
 
 def test_sighup_is_not_delayed_by_the_debounce(envoy_family: EnvoyFamily) -> None:
-    daemon = envoy_family.start(*_watched(envoy_family, "--debounce", "60", "--debounce-max", "60"))
+    daemon = envoy_family.start(*envoy_family.watched("--debounce", "60", "--debounce-max", "60"))
     daemon.wait_event("child.serving", epoch=0)
     envoy_family.write_config("v1")
     daemon.signal(signal.SIGHUP)
