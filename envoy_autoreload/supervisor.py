@@ -75,6 +75,9 @@ MAX_QUEUED_REASONS: Final = 8
 MAX_FAMILY_PROCESSES: Final = 3
 EARLY_DRAIN_MARGIN_S: Final = 0.25
 PARENT_DIED: Final = "its parent, the serving epoch, died"
+# Exit codes by which a POSIX shell says it could not run a command (the script's own
+# mistake, not Envoy's).
+SHELL_CANNOT_RUN: Final = {126: "a command in it is not executable", 127: "command not found"}
 
 
 class Timer(enum.Enum):
@@ -178,6 +181,7 @@ class Supervisor:
         self._abandoned_digest: str | None = None  # content whose restart was given up
         self._cold_attempt_seq = 0  # newest request a cold start has already tried
         self._missing_reported: tuple[str, ...] = ()  # watched paths found gone
+        self._ever_served = False
 
     # -- public ---------------------------------------------------------------
     def run(self) -> ExitCode:
@@ -779,7 +783,14 @@ class Supervisor:
             message = f"cannot execute start script {self._settings.start_script}: {err.strerror}"
             if first:
                 raise SpawnError(message) from err
-            self._event(logging.ERROR, "restart.failed", message, epoch=epoch, cause="exec failed")
+            serving = self._serving()
+            self._event(
+                logging.ERROR,
+                "restart.failed",
+                message + (f"; epoch {serving.epoch} keeps serving" if serving else ""),
+                epoch=epoch,
+                cause="exec failed",
+            )
             self._last_failed_seq = covers_seq
             self._last_start_error = message
             self._telemetry.restart_done(
@@ -842,6 +853,7 @@ class Supervisor:
                 parent.draining_since = gen.started_at
         gen.transition(GenerationState.SERVING)
         gen.serving_at = now
+        self._ever_served = True
         self._abandoned_digest = None
         self._hot_failures = 0
         self._cold_failures = 0
@@ -912,6 +924,15 @@ class Supervisor:
     def _on_start_failed(self, gen: Generation, cause: str) -> None:
         self._reactor.cancel(Timer.PROBE)
         self._reactor.cancel(Timer.START_DEADLINE)
+        shell_says = SHELL_CANNOT_RUN.get(gen.returncode or 0)
+        if shell_says is not None and not self._ever_served:
+            # The script's own mistake (a wrong Envoy path), not Envoy's: no retry will
+            # fix it, so start-up fails at once. Once something served, it is a failed
+            # start like any other and the serving epoch keeps serving.
+            raise SpawnError(
+                f"the start script {self._settings.start_script} exited {gen.returncode} "
+                f"({shell_says}) before Envoy ran: {gen.last_error_line() or 'no output'}"
+            )
         serving = self._serving()
         self._event(
             logging.INFO if cause == PARENT_DIED else logging.ERROR,
@@ -1017,7 +1038,7 @@ class Supervisor:
         parents = self._in_state(GenerationState.DRAINING)
         if parents and not gen.doomed and parents[-1].epoch == gen.epoch - 1:
             self._plan = Respawn(gen.epoch)
-        self._on_outage_failure(f"serving epoch {gen.epoch} died", immediate=True)
+        self._on_outage_failure(f"serving epoch {gen.epoch} died", died=True)
 
     def _on_drained(self, gen: Generation, status: str) -> None:
         successor = self._serving()
@@ -1062,13 +1083,17 @@ class Supervisor:
             return False
         return time.monotonic() < gen.draining_since + shutdown_s - EARLY_DRAIN_MARGIN_S
 
-    def _on_outage_failure(self, what: str, *, immediate: bool) -> None:
+    def _on_outage_failure(self, what: str, *, immediate: bool = False, died: bool = False) -> None:
         """Nothing serves: count it against the crash budget and plan the recovery.
 
-        `immediate` for the first attempt after a death (the outage is already on);
-        consecutive failed cold starts back off 1 s doubling to 30 s.
+        A death (`died`) is met at once when it is the first failure in the budget's
+        window: the outage is already on. Further deaths within it are a crash loop (an
+        Envoy that dies soon after LIVE) and back off 1 s doubling, as consecutive failed
+        cold starts do; `immediate` when the respawn from a draining parent failed and
+        epoch 0 is the other way to try.
         """
-        if self._crash_budget.record(time.monotonic()):
+        now = time.monotonic()
+        if self._crash_budget.record(now):
             self._event(
                 logging.ERROR,
                 "daemon.crash_budget_exhausted",
@@ -1081,12 +1106,20 @@ class Supervisor:
         if not isinstance(self._plan, Respawn):
             self._plan = ColdStart("recovery")
         epoch = self._plan.epoch if isinstance(self._plan, Respawn) else 0
-        if immediate:
-            self._event(logging.INFO, "restart.recovery_scheduled", what, epoch=epoch, in_s=0.0)
-            return
-        self._cold_failures += 1
-        delay = exponential_delay(self._cold_failures, COLD_BACKOFF_FIRST_S, COLD_BACKOFF_CAP_S)
-        self._reactor.set_timeout(Timer.RETRY, delay)
+        if died:
+            repeats = self._crash_budget.recent(now) - 1
+            delay = (
+                exponential_delay(repeats, COLD_BACKOFF_FIRST_S, COLD_BACKOFF_CAP_S)
+                if repeats
+                else 0.0
+            )
+        elif immediate:
+            delay = 0.0
+        else:
+            self._cold_failures += 1
+            delay = exponential_delay(self._cold_failures, COLD_BACKOFF_FIRST_S, COLD_BACKOFF_CAP_S)
+        if delay:
+            self._reactor.set_timeout(Timer.RETRY, delay)
         self._event(logging.INFO, "restart.recovery_scheduled", what, epoch=epoch, in_s=delay)
 
     # -- stopping -------------------------------------------------------------

@@ -100,6 +100,38 @@ def _kill_if_ours(pid: int, daemon_pid: int) -> None:
             return
 
 
+def assert_one_clear_line(event: Event, *needles: str) -> None:
+    """The event's message is one line an operator can act on; detail goes elsewhere."""
+    message = str(event["message"])
+    assert "\n" not in message and "Traceback" not in message, message
+    for needle in needles:
+        assert needle in message, (needle, message)
+
+
+def run_cli(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """One run of the command line to its end (start-up errors, --check, --help)."""
+    return subprocess.run(
+        [sys.executable, "-m", "envoy_autoreload", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )
+
+
+def one_error_line(stderr: str) -> str:
+    """A user's mistake is one line naming it, never a traceback."""
+    assert "Traceback" not in stderr
+    errors = [
+        line
+        for line in stderr.splitlines()
+        if line.startswith(("Error:", "envoy-autoreload: error:"))
+    ]
+    assert len(errors) == 1, stderr
+    return errors[0]
+
+
 def start_daemon(
     args: list[str],
     log_path: Path,

@@ -189,16 +189,22 @@ class EnvoyFamily:
         info: dict[str, Any] = json.loads(result[1])
         return info
 
-    def start(self, *extra_args: str, env: dict[str, str] | None = None) -> Daemon:
-        return self.start_script(self.script, *extra_args, env=env)
+    def start(
+        self, *extra_args: str, env: dict[str, str] | None = None, prefix: tuple[str, ...] = ()
+    ) -> Daemon:
+        return self.start_script(self.script, *extra_args, env=env, prefix=prefix)
 
     def start_script(
-        self, script: Path, *extra_args: str, env: dict[str, str] | None = None
+        self,
+        script: Path,
+        *extra_args: str,
+        env: dict[str, str] | None = None,
+        prefix: tuple[str, ...] = (),
     ) -> Daemon:
         # Beside the family's directory, not in it: tests watch that directory, and a
         # log inside it would be a content change at every line.
         log = self.root.parent / f"{self.root.name}.daemon{len(self.daemons)}.log"
-        daemon = start_daemon([*extra_args, str(script)], log, env=env)
+        daemon = start_daemon([*extra_args, str(script)], log, env=env, prefix=prefix)
         self.daemons.append(daemon)
         return daemon
 

@@ -94,9 +94,11 @@ class ServingProbe:
         return outages
 
     def wait_for_body(self, body: str, timeout_s: float = 15.0) -> None:
-        """Until a request sees `body`: the new config serves to new clients."""
+        """Until a request sent from now on sees `body`: it serves to new clients now
+        (and any outage before has ended)."""
+        since = time.monotonic()
         wait_until(
-            lambda: body in self.bodies()[-3:],
+            lambda: any(a.body == body for a in self.answers() if a.at >= since),
             timeout_s=timeout_s,
             what=f"the probe to see {body!r}",
         )

@@ -14,21 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon import Daemon, Event
+from tests.daemon import Daemon, assert_one_clear_line
 from tests.envoy.breakages import BREAKAGES, break_yaml
 from tests.envoy.conftest import EnvoyFamily, MakeFamily
 from tests.envoy.probe import ServingProbe
 from tests.helpers import holds_for, port_held
 
 DEBOUNCE = ("--debounce", "0.3")
-
-
-def assert_one_clear_line(event: Event, *needles: str) -> None:
-    """The event's message is one line an operator can act on; detail goes elsewhere."""
-    message = str(event["message"])
-    assert "\n" not in message and "Traceback" not in message, message
-    for needle in needles:
-        assert needle in message, (needle, message)
 
 
 def nothing_started_since(daemon: Daemon, epoch: int) -> Callable[[], bool]:

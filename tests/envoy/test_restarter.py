@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from pathlib import Path
 
 from tests.envoy.conftest import EnvoyFamily
@@ -98,42 +97,6 @@ def test_a_failing_restart_is_retried_a_bounded_number_of_times(
     assert envoy_family.body() == "v2"
 
 
-def test_serving_envoy_killed_comes_back_at_epoch_0(envoy_family: EnvoyFamily) -> None:
-    daemon = envoy_family.start()
-    first = daemon.wait_event("child.serving", epoch=0)
-    os.kill(int(first["pid"]), signal.SIGKILL)
-    died = daemon.wait_event("child.died", pid=first["pid"])
-    scheduled = daemon.wait_event("restart.recovery_scheduled", epoch=0)
-    assert scheduled["in_s"] == 0, "the first attempt after a death is immediate"
-    second = daemon.wait_event("child.serving", epoch=0, count=2)
-    assert second["pid"] != first["pid"] and second["reason"] == "recovery"
-    assert died["line"] < scheduled["line"] < second["line"]
-    assert len(daemon.events("child.started")) == 2
-    wait_until(lambda: envoy_family.body() == "v0", timeout_s=10, what="serving again")
-
-
-def test_a_flood_of_200_sighups_is_a_few_restarts(envoy_family: EnvoyFamily) -> None:
-    daemon = envoy_family.start()
-    daemon.wait_event("child.serving", epoch=0)
-    envoy_family.write_config("v1")
-    for _ in range(200):
-        daemon.signal(signal.SIGHUP)
-        time.sleep(0.005)  # pacing the load: 200 signals over about a second
-    daemon.wait_event("child.serving", epoch=1)
-    # Requests queued behind epoch 1 run as one restart once epoch 0 has drained.
-    daemon.wait_event("child.exited", epoch=0)
-    wait_until(
-        lambda: len(daemon.events("child.started")) == len(daemon.events("child.serving")),
-        timeout_s=30,
-        what="every started epoch serving",
-    )
-    assert daemon.process.poll() is None
-    assert envoy_family.body() == "v1"
-    started = [e["epoch"] for e in daemon.events("child.started")]
-    assert started in ([0, 1], [0, 1, 2]), started
-    assert not daemon.events("restart.failed")
-
-
 def test_a_start_that_hangs_is_killed_at_its_deadline_and_the_old_epoch_serves(
     envoy_family: EnvoyFamily,
 ) -> None:
@@ -201,21 +164,6 @@ def test_restart_waits_for_the_previous_parent_then_gives_up_at_max_drain_wait(
     assert epoch_0_exit["ts"] >= impatient.events("child.started", epoch=2)[0]["ts"]
 
 
-def test_start_script_without_exec_is_warned_about_and_still_supervised(
-    envoy_family: EnvoyFamily,
-) -> None:
-    text = envoy_family.script.read_text().replace("exec ", "", 1)
-    envoy_family.script.write_text(text)
-    daemon = envoy_family.start()
-    daemon.wait_event("child.serving", epoch=0)
-    warning = daemon.wait_event("start_script.no_exec")
-    assert "exec" in warning["message"]
-    assert envoy_family.body() == "v0"
-    daemon.signal(signal.SIGTERM)
-    assert daemon.wait_exit() == 0
-    wait_until(lambda: not envoy_family.our_processes(), timeout_s=15, what="Envoy gone")
-
-
 def test_serving_child_killed_during_the_drain_is_respawned_from_the_draining_parent(
     envoy_family: EnvoyFamily,
 ) -> None:
@@ -255,20 +203,6 @@ def test_draining_parent_killed_early_means_a_cold_start_not_a_hot_restart(
     assert cold["pid"] not in (parent["pid"], doomed["pid"])
     wait_until(lambda: envoy_family.body() == "v1", timeout_s=10, what="v1 after the cold start")
     assert not daemon.events("child.started", epoch=2)
-
-
-def test_doomed_epoch_is_replaced_the_moment_it_aborts(envoy_family: EnvoyFamily) -> None:
-    daemon = envoy_family.start()
-    parent = daemon.wait_event("child.serving", epoch=0)
-    daemon.signal(signal.SIGHUP)
-    doomed = daemon.wait_event("child.serving", epoch=1)
-    os.kill(int(parent["pid"]), signal.SIGKILL)
-    daemon.wait_event("child.drain_cut", epoch=0)
-    # Envoy aborts it about parent-shutdown (2 s) + 10 s after it went LIVE.
-    died = daemon.wait_event("child.died", pid=doomed["pid"], timeout_s=60)
-    assert died["status"] == "killed by SIGABRT"
-    daemon.wait_event("child.serving", epoch=0, count=2)
-    assert envoy_family.body() == "v0"
 
 
 def test_json_logs_are_json_on_every_line_envoys_own_included(envoy_family: EnvoyFamily) -> None:

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
+from tests.daemon import one_error_line, run_cli
 from tests.envoy.breakages import unknown_cluster
 from tests.envoy.conftest import ENVOY_BIN, EnvoyFamily
 from tests.helpers import wait_until
@@ -100,50 +99,22 @@ def test_a_binary_that_is_not_envoy_is_refused(envoy_family: EnvoyFamily, tmp_pa
     assert not daemon.events("child.started", epoch=1)
 
 
-def _run(args: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "envoy_autoreload", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-
-
-def _one_error_line(stderr: str) -> str:
-    assert "Traceback" not in stderr
-    errors = [
-        line
-        for line in stderr.splitlines()
-        if line.startswith(("Error:", "envoy-autoreload: error:"))
-    ]
-    assert len(errors) == 1, stderr
-    return errors[0]
-
-
 def test_startup_errors_exit_with_their_code_and_one_line(
     envoy_family: EnvoyFamily, tmp_path: Path
 ) -> None:
     script, config = str(envoy_family.script), str(envoy_family.config)
-    result = _run(["--envoy", str(tmp_path / "nope"), "--config", config, script])
-    assert result.returncode == 2 and "nope not found" in _one_error_line(result.stderr)
+    result = run_cli(["--envoy", str(tmp_path / "nope"), "--config", config, script])
+    assert result.returncode == 2 and "nope not found" in one_error_line(result.stderr)
 
-    not_envoy = tmp_path / "not-envoy"
-    not_envoy.write_text("#!/bin/sh\necho hello\n")
-    not_envoy.chmod(0o755)
-    result = _run(["--envoy", str(not_envoy), "--config", config, script])
-    assert result.returncode == 2
-    assert "does not answer --version as Envoy" in _one_error_line(result.stderr)
-
-    result = _run(["--envoy", str(ENVOY_BIN), "--config", str(tmp_path / "missing.yaml"), script])
-    assert result.returncode == 2 and "missing.yaml does not exist" in _one_error_line(
-        result.stderr
+    result = run_cli(
+        ["--envoy", str(ENVOY_BIN), "--config", str(tmp_path / "missing.yaml"), script]
     )
+    assert result.returncode == 2 and "missing.yaml does not exist" in one_error_line(result.stderr)
 
     envoy_family.write_raw(unknown_cluster(envoy_family.config.read_text()))
-    result = _run(["--envoy", str(ENVOY_BIN), "--config", config, script])
+    result = run_cli(["--envoy", str(ENVOY_BIN), "--config", config, script])
     assert result.returncode == 3
-    line = _one_error_line(result.stderr)
+    line = one_error_line(result.stderr)
     assert "does not validate" in line and "unknown cluster 'nosuch'" in line
     assert envoy_family.body() is None, "Envoy was never started"
     wait_until(lambda: not envoy_family.our_processes(), timeout_s=10, what="no Envoy")
