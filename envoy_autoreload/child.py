@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import enum
 import errno
 import os
@@ -211,9 +212,36 @@ def _write_through(chunk: bytes) -> None:
         pass
 
 
+PR_SET_PDEATHSIG: Final = 1
+
+
+def _dies_with_the_daemon() -> Callable[[], None] | None:
+    """Run in the child between fork and exec: ask for SIGTERM when the daemon dies.
+
+    Envoy asks for this itself (ENVOY_FACTS §11), but only once it runs: a start script
+    that does work before `exec envoy`, or forgets `exec`, would otherwise outlive a
+    SIGKILLed daemon and start (or keep) an Envoy nobody supervises, holding the ports.
+    The request survives exec. Checking the parent afterwards closes the race with a
+    daemon that died before the request was made. Linux only; elsewhere, nothing.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up before fork, not in the child
+    daemon_pid = os.getpid()
+
+    def request() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != daemon_pid:
+            os._exit(1)
+
+    return request
+
+
 def spawn(start_script: Path, script_args: tuple[str, ...], epoch: int, reason: str) -> Generation:
     """Exec the start script directly with RESTART_EPOCH; raises OSError if exec fails."""
     env = {**os.environ, "RESTART_EPOCH": str(epoch)}
+    # preexec_fn is unsafe in a threaded process only when it takes a lock another thread
+    # may hold; this one makes two system calls (the status thread holds nothing of them).
     process = subprocess.Popen(
         [str(start_script), *script_args],
         env=env,
@@ -221,6 +249,7 @@ def spawn(start_script: Path, script_args: tuple[str, ...], epoch: int, reason: 
         stderr=subprocess.PIPE,
         process_group=0,
         close_fds=True,
+        preexec_fn=_dies_with_the_daemon(),
     )
     assert process.stderr is not None
     os.set_blocking(process.stderr.fileno(), False)

@@ -19,7 +19,7 @@ import pytest
 from tests.daemon import assert_one_clear_line
 from tests.envoy.conftest import EnvoyFamily
 from tests.envoy.probe import ServingProbe
-from tests.helpers import free_port, wait_until
+from tests.helpers import free_port, holds_for, wait_until
 
 
 def report(request: pytest.FixtureRequest, name: str, value: float) -> None:
@@ -210,16 +210,39 @@ def _port_is_free(port: int) -> bool:
         return True
 
 
-def test_the_daemon_killed_leaves_no_envoy_holding_the_ports(envoy_family: EnvoyFamily) -> None:
+@pytest.mark.parametrize("script", ["execs_envoy", "forgets_exec", "still_preparing"])
+def test_the_daemon_killed_leaves_no_envoy_holding_the_ports(
+    envoy_family: EnvoyFamily, script: str
+) -> None:
+    text = envoy_family.script.read_text()
+    if script == "forgets_exec":
+        envoy_family.script.write_text(text.replace("exec ", "", 1))
+    elif script == "still_preparing":
+        # Epoch 1's script is still at work (a slow template step) when the daemon dies.
+        envoy_family.write_script(prelude='[ "$RESTART_EPOCH" = 1 ] && sleep 3\n')
     daemon = envoy_family.start()
     daemon.wait_event("child.serving", epoch=0)
     daemon.signal(signal.SIGHUP)
-    daemon.wait_event("child.serving", epoch=1)
-    assert len(envoy_family.our_processes()) == 2, "one serving, one draining"
+    if script == "still_preparing":
+        daemon.wait_event("child.started", epoch=1)
+    else:
+        daemon.wait_event("child.serving", epoch=1)
+        assert len(envoy_family.our_processes()) == 2, "one serving, one draining"
+    started = [int(e["pid"]) for e in daemon.events("child.started")]
     daemon.process.kill()
     daemon.process.wait(timeout=10)
-    # Envoy asks the kernel for SIGTERM when its parent dies (ENVOY_FACTS §11).
+    # Envoy asks the kernel for SIGTERM when its parent dies (ENVOY_FACTS §11); the daemon
+    # asks the same for the start script, so a script that has not exec'd yet dies too.
     wait_until(lambda: not envoy_family.our_processes(), timeout_s=15, what="no Envoy left")
+    wait_until(
+        lambda: not [pid for pid in started if Path(f"/proc/{pid}").exists()],
+        timeout_s=5,  # well before a parent-less Envoy would abort by itself (~10 s)
+        what="no start script left",
+    )
+    holds_for(
+        lambda: not envoy_family.our_processes(),
+        duration_s=4.0,
+        what="no Envoy started by an orphaned script",
+    )
     assert _port_is_free(envoy_family.listener_port)
     assert _port_is_free(envoy_family.admin_port)
-    assert not Path(f"/proc/{daemon.pid}").exists()
