@@ -6,7 +6,10 @@ Two policies, both from the restarter-core contract:
   request: never loop on one failure;
 - when nothing serves, cold starts back off 1 s doubling to 30 s, and five failures
   within five minutes end the daemon with exit 1 so the process manager takes over
-  (supervisor's "exited too quickly" idea, with a window instead of a counter).
+  (supervisor's "exited too quickly" idea, with a window instead of a counter);
+- the serving Envoy's death is met at once when it is the first failure in that
+  window (the outage is already on), and backs off like a failed cold start when it is
+  not: an Envoy that dies soon after LIVE is a crash loop, not bad luck.
 """
 
 from __future__ import annotations
