@@ -4,8 +4,9 @@ Standalone on purpose (nothing from `tests/`): a bench must run from a plain che
 after the README's set-up, `python bench/NAME.py`.
 
 Each script gets its own Envoy family: a temp directory holding `envoy.yaml` and a start
-script that execs the real Envoy with its own `--base-id` (50000-50999, one half per
-script) and free ports on 127.0.0.1. The daemon runs as `python -m envoy_autoreload
+script that execs the real Envoy with its own `--base-id` (from 50000-50999; an id whose
+shared memory exists is skipped, and `run_all` runs one script at a time) and free ports
+on 127.0.0.1. The daemon runs as `python -m envoy_autoreload
 --log-format json` in its own session; its stderr (our JSON events plus Envoy's own lines)
 goes to a file beside the family's directory, never inside a watched one (a log line
 there would be a content change).
@@ -468,18 +469,22 @@ class BenchFamily:
             self._kill_if_ours(pid)
         return None if process is None else process.returncode
 
-    def _kill_if_ours(self, pid: int) -> None:
-        """SIGKILL a child that outlived the daemon, if its command line is our Envoy."""
+    def owns(self, pid: int) -> bool:
+        """Whether `pid` is alive and its command line is our Envoy (binary, base id)."""
+        if pid == os.getpid():
+            return False
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
-            return
-        if pid == os.getpid():
-            return
-        if (
+            return False
+        return (
             f"--base-id\0{self.base_id}\0".encode() in cmdline
             and str(self.envoy).encode() in cmdline
-        ):
+        )
+
+    def _kill_if_ours(self, pid: int) -> None:
+        """SIGKILL a child that outlived the daemon, if its command line is our Envoy."""
+        if self.owns(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 
