@@ -7,9 +7,9 @@ Two policies, both from the restarter-core contract:
 - when nothing serves, cold starts back off 1 s doubling to 30 s, and five failures
   within five minutes end the daemon with exit 1 so the process manager takes over
   (supervisor's "exited too quickly" idea, with a window instead of a counter);
-- the serving Envoy's death is met at once when it is the first failure in that
-  window (the outage is already on), and backs off like a failed cold start when it is
-  not: an Envoy that dies soon after LIVE is a crash loop, not bad luck.
+- the serving Envoy's death is met at once, unless it is another quick death in a row
+  (less than 10 s after LIVE): an Envoy that keeps dying soon after LIVE is a crash
+  loop, not bad luck, and backs off like a failed cold start.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ COLD_BACKOFF_FIRST_S: Final = 1.0
 COLD_BACKOFF_CAP_S: Final = 30.0
 CRASH_BUDGET_FAILURES: Final = 5
 CRASH_BUDGET_WINDOW_S: Final = 300.0
+STABLE_SERVING_S: Final = 10.0
 
 
 def exponential_delay(failures: int, first_s: float, cap_s: float) -> float:
@@ -48,3 +49,25 @@ class CrashBudget:
 
     def recent(self, now: float) -> int:
         return sum(1 for at in self._failures if at > now - self.window_s)
+
+
+class DeathPacing:
+    """How soon to start again after the serving Envoy died.
+
+    A death after at least `stable_s` of serving is met at once, and so is the first
+    quick one: the outage is already on. Each further quick death in a row (an Envoy
+    that dies soon after LIVE: a crash loop) waits 1 s, doubling to 30 s.
+    """
+
+    def __init__(self, stable_s: float = STABLE_SERVING_S) -> None:
+        self.stable_s = stable_s
+        self._quick_in_a_row = 0
+
+    def delay_after(self, served_s: float) -> float:
+        if served_s >= self.stable_s:
+            self._quick_in_a_row = 1
+            return 0.0
+        self._quick_in_a_row += 1
+        if self._quick_in_a_row == 1:
+            return 0.0
+        return exponential_delay(self._quick_in_a_row - 1, COLD_BACKOFF_FIRST_S, COLD_BACKOFF_CAP_S)

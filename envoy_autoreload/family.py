@@ -93,6 +93,15 @@ class EnvoyFamily:
             return None
         return gen.envoy.command_line.parent_shutdown_time_s or ENVOY_DEFAULT_PARENT_SHUTDOWN_S
 
+    def config_path(self, gen: Generation) -> Path | None:
+        """The config this generation runs: --config, else Envoy's own -c."""
+        if self._settings.config is not None:
+            return self._settings.config
+        envoy = gen.envoy
+        if envoy is not None and envoy.command_line.config_path:
+            return envoy.resolve(envoy.command_line.config_path)
+        return None
+
     def admin_address(self, gen: Generation) -> AdminAddress | None:
         if self._settings.admin_address is not None:
             return self._settings.admin_address
@@ -106,9 +115,7 @@ class EnvoyFamily:
                 return parse_admin_address(text)
             except (OSError, AutoreloadError):
                 return None  # Envoy writes it once admin listens; ask again next probe
-        config = self._settings.config
-        if config is None and envoy is not None and envoy.command_line.config_path:
-            config = envoy.resolve(envoy.command_line.config_path)
+        config = self.config_path(gen)
         address: AdminAddress | None = None
         if config is not None:
             try:

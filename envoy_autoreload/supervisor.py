@@ -46,6 +46,7 @@ from envoy_autoreload.backoff import (
     HOT_RESTART_RETRIES,
     HOT_RETRY_FIRST_S,
     CrashBudget,
+    DeathPacing,
     exponential_delay,
 )
 from envoy_autoreload.child import Generation, GenerationState, describe_exit, spawn
@@ -170,6 +171,7 @@ class Supervisor:
         self._cold_failures = 0
         self._drain_wait_over = False
         self._crash_budget = CrashBudget()
+        self._death_pacing = DeathPacing()
         self._stopping = False
         self._exit_floor = ExitCode.CLEAN_STOP
         self._exit_code: ExitCode | None = None
@@ -181,6 +183,7 @@ class Supervisor:
         self._abandoned_digest: str | None = None  # content whose restart was given up
         self._cold_attempt_seq = 0  # newest request a cold start has already tried
         self._missing_reported: tuple[str, ...] = ()  # watched paths found gone
+        self._last_started_content: Snapshot | None = None
         self._ever_served = False
 
     # -- public ---------------------------------------------------------------
@@ -416,13 +419,19 @@ class Supervisor:
         by a push that deletes before it copies): no restart until it is back. Envoy
         would refuse the config anyway; a warning, not a validation error, says why.
         Paths missing since start-up do not hold anything."""
-        known = set(reference.missing) if reference is not None else set()
-        gone = tuple(p for p in snapshot.missing if p not in known)
-        back = [p for p in self._missing_reported if p not in snapshot.missing]
+        known = reference or self._last_started_content
+        gone = [p for p in snapshot.missing if known is None or p not in known.missing]
+        serving = self._serving()
+        if self._settings.config is None and serving is not None:
+            # Without --config the config is not a watched path of its own; the one the
+            # serving Envoy runs (its -c) is checked directly.
+            config = self._family.config_path(serving)
+            if config is not None and not config.exists():
+                gone.append(str(config))
+        back = [p for p in self._missing_reported if p not in gone and p not in snapshot.missing]
         if back:
             self._event(logging.INFO, "watch.restored", "is back", paths=back)
-        if gone and gone != self._missing_reported:
-            serving = self._serving()
+        if gone and tuple(gone) != self._missing_reported:
             self._event(
                 logging.WARNING,
                 "watch.missing",
@@ -433,8 +442,18 @@ class Supervisor:
                 pid=serving.pid if serving is not None else None,
                 paths=list(gone),
             )
-        self._missing_reported = gone
+        self._missing_reported = tuple(gone)
         return bool(gone)
+
+    def _drop_held_batch(self, plan: StartNext) -> None:
+        """A validated restart whose files went missing before it started: it is over
+        (refused); the files' return is a change like any other."""
+        message = f"not restarted: {', '.join(self._missing_reported)} went missing"
+        self._batch_began_at = None
+        self._telemetry.restart_done(
+            "refused", plan.reason, error=message, status=self._status_text()
+        )
+        self._desk.answer(plan.seq, ControlReply(False, message))
 
     def _newest_content(self) -> Snapshot | None:
         """The content the newest attempt carries: being validated, validated and
@@ -499,6 +518,9 @@ class Supervisor:
             if current.digest != plan.content.digest:
                 # Changed since it was validated: never start unvalidated content.
                 self._plan = None
+                if self._held_while_missing(current, plan.content):
+                    self._drop_held_batch(plan)
+                    return
                 self.request_restart("files_changed", current.changed_since(plan.content))
                 self._advance()
                 return
@@ -802,6 +824,7 @@ class Supervisor:
             # What this epoch starts from; a burst that settles later and finds the
             # same content then restarts nothing. Cheap: unchanged files are not read.
             gen.snapshot = content if content is not None else self._current_content(self._changes)
+            self._last_started_content = gen.snapshot
         gen.binary = self._binary
         gen.covers_seq = covers_seq
         self._generations.append(gen)
@@ -1038,7 +1061,8 @@ class Supervisor:
         parents = self._in_state(GenerationState.DRAINING)
         if parents and not gen.doomed and parents[-1].epoch == gen.epoch - 1:
             self._plan = Respawn(gen.epoch)
-        self._on_outage_failure(f"serving epoch {gen.epoch} died", died=True)
+        served_s = time.monotonic() - (gen.serving_at or gen.started_at)
+        self._on_outage_failure(f"serving epoch {gen.epoch} died", served_s=served_s)
 
     def _on_drained(self, gen: Generation, status: str) -> None:
         successor = self._serving()
@@ -1083,14 +1107,16 @@ class Supervisor:
             return False
         return time.monotonic() < gen.draining_since + shutdown_s - EARLY_DRAIN_MARGIN_S
 
-    def _on_outage_failure(self, what: str, *, immediate: bool = False, died: bool = False) -> None:
+    def _on_outage_failure(
+        self, what: str, *, immediate: bool = False, served_s: float | None = None
+    ) -> None:
         """Nothing serves: count it against the crash budget and plan the recovery.
 
-        A death (`died`) is met at once when it is the first failure in the budget's
-        window: the outage is already on. Further deaths within it are a crash loop (an
-        Envoy that dies soon after LIVE) and back off 1 s doubling, as consecutive failed
-        cold starts do; `immediate` when the respawn from a draining parent failed and
-        epoch 0 is the other way to try.
+        A death (`served_s`: how long the dead Envoy served) is paced by `DeathPacing`: at
+        once, unless it is a crash loop. A respawn from a draining parent is never
+        delayed (the parent stops serving new connections once its child died);
+        `immediate` when that respawn failed and epoch 0 is the other way to try.
+        Consecutive failed cold starts back off 1 s doubling to 30 s.
         """
         now = time.monotonic()
         if self._crash_budget.record(now):
@@ -1106,13 +1132,10 @@ class Supervisor:
         if not isinstance(self._plan, Respawn):
             self._plan = ColdStart("recovery")
         epoch = self._plan.epoch if isinstance(self._plan, Respawn) else 0
-        if died:
-            repeats = self._crash_budget.recent(now) - 1
-            delay = (
-                exponential_delay(repeats, COLD_BACKOFF_FIRST_S, COLD_BACKOFF_CAP_S)
-                if repeats
-                else 0.0
-            )
+        if served_s is not None:
+            delay = self._death_pacing.delay_after(served_s)
+            if isinstance(self._plan, Respawn):
+                delay = 0.0
         elif immediate:
             delay = 0.0
         else:

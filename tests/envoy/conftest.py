@@ -82,7 +82,7 @@ FILE_LOG_TYPE = "type.googleapis.com/envoy.extensions.access_loggers.file.v3.Fil
 START_SCRIPT = """\
 #!/bin/sh
 {prelude}exec {envoy} -c {config} --restart-epoch "$RESTART_EPOCH" --base-id {base_id} \\
-    --drain-time-s 1 --parent-shutdown-time-s 2 --file-flush-interval-msec 100 \\
+    --drain-time-s 1 --parent-shutdown-time-s {parent_shutdown_s} --file-flush-interval-msec 100 \\
     --log-level info
 """
 
@@ -166,13 +166,14 @@ class EnvoyFamily:
         tmp.write_text(text)
         os.replace(tmp, self.config)
 
-    def write_script(self, prelude: str = "") -> None:
+    def write_script(self, prelude: str = "", parent_shutdown_s: int = 2) -> None:
         self.script.write_text(
             START_SCRIPT.format(
                 prelude=prelude,
                 envoy=ENVOY_BIN,
                 config=shlex.quote(str(self.config)),
                 base_id=self.base_id,
+                parent_shutdown_s=parent_shutdown_s,
             )
         )
         self.script.chmod(0o755)

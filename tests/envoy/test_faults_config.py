@@ -45,6 +45,7 @@ def test_a_config_refused_by_validation_never_reaches_a_restart(
         envoy_family.write_config("v1")  # the fix restarts
         daemon.wait_event("child.serving", epoch=1)
         probe.wait_for_body("v1")
+        daemon.wait_event("child.exited", epoch=0)
     probe.assert_never_failed()
     assert set(probe.bodies()) == {"v0", "v1"}
     assert len(daemon.events("validation.failed")) == 2
@@ -78,12 +79,19 @@ def test_a_config_written_in_two_parts_restarts_once_on_the_whole_file(
             assert not daemon.events("validation.failed"), "the half was never tried"
         daemon.wait_event("child.serving", epoch=1)
         probe.wait_for_body("v1")
+        daemon.wait_event("child.exited", epoch=0)
     probe.assert_never_failed()
     assert len(daemon.events("child.started", epoch=1)) == 1, "the whole file, once"
 
 
-def test_a_deleted_config_restarts_nothing_until_it_is_back(envoy_family: EnvoyFamily) -> None:
-    daemon = envoy_family.start(*envoy_family.watched(*DEBOUNCE))
+@pytest.mark.parametrize("config_option", ["given", "from_envoys_command_line"])
+def test_a_deleted_config_restarts_nothing_until_it_is_back(
+    envoy_family: EnvoyFamily, config_option: str
+) -> None:
+    args = ["--watch", str(envoy_family.root), *DEBOUNCE, "--log-level", "debug"]
+    if config_option == "given":
+        args += ["--config", str(envoy_family.config)]
+    daemon = envoy_family.start(*args)
     daemon.wait_event("child.serving", epoch=0)
     original = envoy_family.config.read_text()
     with ServingProbe(envoy_family.listener_port) as probe:
@@ -91,16 +99,55 @@ def test_a_deleted_config_restarts_nothing_until_it_is_back(envoy_family: EnvoyF
         missing = daemon.wait_event("watch.missing")
         assert_one_clear_line(missing, str(envoy_family.config), "epoch 0 keeps serving")
         assert missing["level"] == "warning"
-        holds_for(nothing_started_since(daemon, 1), duration_s=1.0, what="no restart")
+        (envoy_family.root / "other.txt").write_text("another change while it is missing\n")
+        holds_for(
+            lambda: (
+                nothing_started_since(daemon, 1)()
+                and not daemon.events("watch.restored")
+                and len(daemon.events("watch.missing")) == 1
+            ),
+            duration_s=1.5,
+            what="no restart, and no second word about the same loss",
+        )
         # The same bytes back (a push that deletes before it copies): nothing to do.
+        (envoy_family.root / "other.txt").unlink()
         envoy_family.write_raw(original)
-        daemon.wait_event("watch.restored")
+        restored = daemon.wait_event("watch.restored")
+        skipped = daemon.wait_event("restart.skipped", reason="unchanged")
+        assert restored["line"] < skipped["line"]
+        assert not daemon.events("restart.requested"), "neither the loss nor the return"
         envoy_family.write_config("v1")
         daemon.wait_event("child.serving", epoch=1)
         probe.wait_for_body("v1")
+        daemon.wait_event("child.exited", epoch=0)  # probed until the old epoch is gone
     probe.assert_never_failed()
     assert not daemon.events("validation.failed"), "a missing file is not a broken config"
+    assert not daemon.events("restart.failed")
     assert len(daemon.events("child.started", epoch=1)) == 1
+
+
+def test_a_config_deleted_while_a_restart_waits_is_held_not_refused(
+    envoy_family: EnvoyFamily,
+) -> None:
+    daemon = envoy_family.start(*envoy_family.watched(*DEBOUNCE))
+    daemon.wait_event("child.serving", epoch=0)
+    with ServingProbe(envoy_family.listener_port) as probe:
+        envoy_family.write_config("v1")
+        daemon.wait_event("child.serving", epoch=1)
+        envoy_family.write_config("v2")  # validated, then waits for epoch 0's drain
+        daemon.wait_event("restart.waiting", epoch=0)
+        envoy_family.config.unlink()
+        missing = daemon.wait_event("watch.missing")
+        assert_one_clear_line(missing, str(envoy_family.config), "epoch 1 keeps serving")
+        daemon.wait_event("child.exited", epoch=0)
+        holds_for(nothing_started_since(daemon, 2), duration_s=1.0, what="no restart")
+        envoy_family.write_config("v2")
+        daemon.wait_event("child.serving", epoch=2, timeout_s=30)
+        probe.wait_for_body("v2")
+        daemon.wait_event("child.exited", epoch=1)
+    probe.assert_never_failed()
+    assert not daemon.events("validation.failed")
+    assert len(daemon.events("child.started", epoch=2)) == 1
 
 
 def test_a_deleted_watched_directory_restarts_once_when_it_is_created_again(
@@ -122,6 +169,7 @@ def test_a_deleted_watched_directory_restarts_once_when_it_is_created_again(
         family.write_config("v2")
         daemon.wait_event("child.serving", epoch=2, timeout_s=30)
         probe.wait_for_body("v2")
+        daemon.wait_event("child.exited", epoch=1)
     probe.assert_never_failed()
     assert not daemon.events("validation.failed")
     assert len(daemon.events("child.started", epoch=1)) == 1
@@ -130,20 +178,21 @@ def test_a_deleted_watched_directory_restarts_once_when_it_is_created_again(
 def test_a_port_held_by_another_process_fails_the_new_epoch_not_the_old(
     envoy_family: EnvoyFamily,
 ) -> None:
-    daemon = envoy_family.start()
+    daemon = envoy_family.start(*envoy_family.watched(*DEBOUNCE))
     old = daemon.wait_event("child.serving", epoch=0)
     with port_held() as held_port, ServingProbe(envoy_family.listener_port) as probe:
         # Validation cannot see this (ENVOY_FACTS §1): only the child finds the port taken.
         envoy_family.write_config("v1", extra_listener_port=held_port)
-        daemon.signal(signal.SIGHUP)
+        passed = daemon.wait_event("validation.passed", count=2)  # the first was at start-up
         failed = daemon.wait_event("restart.failed", epoch=1)
+        assert passed["line"] < failed["line"]
         assert_one_clear_line(failed, "Address already in use", "epoch 0 keeps serving")
         assert "Address already in use" in failed["output"]
         # The fix is pushed while the port is still held: it does not need that port.
         envoy_family.write_config("v2")
-        daemon.signal(signal.SIGHUP)
         new = daemon.wait_event("child.serving", epoch=1)
         probe.wait_for_body("v2")
+        daemon.wait_event("child.exited", epoch=0)
     probe.assert_never_failed()
     assert set(probe.bodies()) == {"v0", "v2"}
     assert new["pid"] != old["pid"]
@@ -179,6 +228,7 @@ def test_symlinks_out_of_the_tree_and_symlink_loops_neither_hang_nor_crash(
         envoy_family.write_config("v1")
         daemon.wait_event("child.serving", epoch=2, timeout_s=30)
         probe.wait_for_body("v1")
+        daemon.wait_event("child.exited", epoch=1)
     probe.assert_never_failed()
     assert daemon.process.poll() is None
 
@@ -196,6 +246,7 @@ def test_a_config_path_with_spaces_and_non_ascii_characters_works(
         family.write_config("v1")
         daemon.wait_event("child.serving", epoch=1)
         probe.wait_for_body("v1")
+        daemon.wait_event("child.exited", epoch=0)
     probe.assert_never_failed()
     started = daemon.wait_event("watch.started")
     assert started["roots"][0] == str(family.config.parent)

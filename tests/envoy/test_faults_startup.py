@@ -68,6 +68,7 @@ def test_a_start_script_without_exec_is_warned_about_and_still_supervised(
         daemon.signal(signal.SIGHUP)
         daemon.wait_event("child.serving", epoch=1)
         probe.wait_for_body("v1")
+        daemon.wait_event("child.exited", epoch=0)
     probe.assert_never_failed()
     daemon.signal(signal.SIGTERM)
     assert daemon.wait_exit() == 0
@@ -164,6 +165,7 @@ def test_inotify_enospc_later_keeps_envoy_serving_and_names_what_is_unseen(
         envoy_family.write_config("v1")  # what was watched still is
         daemon.wait_event("child.serving", epoch=1)
         probe.wait_for_body("v1")
+        daemon.wait_event("child.exited", epoch=0)
     probe.assert_never_failed()
     assert daemon.process.poll() is None
     assert "Traceback" not in "\n".join(daemon.lines())
@@ -176,6 +178,8 @@ def test_an_unreadable_directory_is_named_and_the_rest_is_watched(
         pytest.skip("needs setpriv")
     secret = envoy_family.root / "secret"
     (secret / "inner").mkdir(parents=True)
+    later = envoy_family.root / "later"
+    later.mkdir()
     secret.chmod(0o000)
     try:
         # Root reads everything; without the DAC-override capabilities it does not.
@@ -189,9 +193,14 @@ def test_an_unreadable_directory_is_named_and_the_rest_is_watched(
         assert warned["paths"] == [str(secret)] and warned["count"] == 1
         assert_one_clear_line(warned, "permission denied")
         with ServingProbe(envoy_family.listener_port) as probe:
+            later.chmod(0o000)  # one that becomes unreadable while running
             envoy_family.write_config("v1")  # everything else is watched
+            again = daemon.wait_event("watch.unreadable", count=2)
+            assert sorted(again["paths"]) == sorted([str(secret), str(later)])
             daemon.wait_event("child.serving", epoch=1)
             probe.wait_for_body("v1")
+            daemon.wait_event("child.exited", epoch=0)
         probe.assert_never_failed()
     finally:
         secret.chmod(0o755)
+        later.chmod(0o755)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from envoy_autoreload.backoff import CrashBudget, exponential_delay
+from envoy_autoreload.backoff import CrashBudget, DeathPacing, exponential_delay
 from envoy_autoreload.hot_restart_shm import (
     INITIALIZING,
     ShmUnsupported,
@@ -73,3 +73,14 @@ def test_crash_budget_is_five_failures_in_a_sliding_window() -> None:
     assert budget.record(299.5)
     spread = CrashBudget(max_failures=5, window_s=300)
     assert not any(spread.record(t) for t in (0, 200, 400, 600, 800, 1000))
+
+
+def test_a_death_after_stable_serving_is_met_at_once_and_a_crash_loop_backs_off() -> None:
+    pacing = DeathPacing(stable_s=10)
+    # A crash loop: each Envoy dies a second after LIVE.
+    assert [pacing.delay_after(1.0) for _ in range(5)] == [0.0, 1.0, 2.0, 4.0, 8.0]
+    # An Envoy that served a while is bad luck, not a loop, however recent the last one.
+    assert pacing.delay_after(20.0) == 0.0
+    assert pacing.delay_after(20.0) == 0.0
+    # A quick death right after a stable one is the start of a loop.
+    assert pacing.delay_after(0.5) == 1.0
