@@ -503,6 +503,10 @@ class Supervisor:
             self._begin_batch(reason)
             if self._gate.enabled:
                 self._begin_preflight(reason)
+                if not self._gate.busy:
+                    # Decided at once (nothing had to run: a known binary, no config to
+                    # validate): no event will follow to carry the plan out, so now.
+                    self._advance()
                 return
             self._plan = StartNext(reason, self._batch_seq)
             self._reactor.cancel(Timer.RETRY)
