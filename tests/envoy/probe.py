@@ -11,6 +11,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from tests.daemon import Daemon
 from tests.helpers import http_get, wait_until
 
 PROBE_INTERVAL_S = 0.1
@@ -112,3 +113,11 @@ class ServingProbe:
         span = answers[-1].at - answers[0].at
         # The probe really ran throughout (a stalled thread would prove nothing).
         assert len(answers) >= span / self.interval_s * 0.5, (len(answers), span)
+
+
+def serves_after_drain(daemon: Daemon, probe: ServingProbe, body: str, epoch: int) -> None:
+    """`epoch` goes LIVE, new clients get `body`, and the epoch before it finishes its
+    drain: a probe kept until here has seen the whole hand-over."""
+    daemon.wait_event("child.serving", epoch=epoch, timeout_s=30)
+    probe.wait_for_body(body)
+    daemon.wait_event("child.exited", epoch=epoch - 1)

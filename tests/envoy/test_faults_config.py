@@ -17,7 +17,7 @@ import pytest
 from tests.daemon import Daemon, assert_one_clear_line
 from tests.envoy.breakages import BREAKAGES, break_yaml
 from tests.envoy.conftest import EnvoyFamily, MakeFamily
-from tests.envoy.probe import ServingProbe
+from tests.envoy.probe import ServingProbe, serves_after_drain
 from tests.helpers import holds_for, port_held
 
 DEBOUNCE = ("--debounce", "0.3")
@@ -43,9 +43,7 @@ def test_a_config_refused_by_validation_never_reaches_a_restart(
         daemon.wait_event("validation.failed", count=2)
         assert nothing_started_since(daemon, 1)()
         envoy_family.write_config("v1")  # the fix restarts
-        daemon.wait_event("child.serving", epoch=1)
-        probe.wait_for_body("v1")
-        daemon.wait_event("child.exited", epoch=0)
+        serves_after_drain(daemon, probe, "v1", epoch=1)
     probe.assert_never_failed()
     assert set(probe.bodies()) == {"v0", "v1"}
     assert len(daemon.events("validation.failed")) == 2
@@ -77,9 +75,7 @@ def test_a_config_written_in_two_parts_restarts_once_on_the_whole_file(
                 holds_for(nothing_started_since(daemon, 1), duration_s=1.0, what="no restart yet")
                 handle.write(whole[cut:])
             assert not daemon.events("validation.failed"), "the half was never tried"
-        daemon.wait_event("child.serving", epoch=1)
-        probe.wait_for_body("v1")
-        daemon.wait_event("child.exited", epoch=0)
+        serves_after_drain(daemon, probe, "v1", epoch=1)
     probe.assert_never_failed()
     assert len(daemon.events("child.started", epoch=1)) == 1, "the whole file, once"
 
@@ -117,9 +113,7 @@ def test_a_deleted_config_restarts_nothing_until_it_is_back(
         assert restored["line"] < skipped["line"]
         assert not daemon.events("restart.requested"), "neither the loss nor the return"
         envoy_family.write_config("v1")
-        daemon.wait_event("child.serving", epoch=1)
-        probe.wait_for_body("v1")
-        daemon.wait_event("child.exited", epoch=0)  # probed until the old epoch is gone
+        serves_after_drain(daemon, probe, "v1", epoch=1)  # probed until the old epoch is gone
     probe.assert_never_failed()
     assert not daemon.events("validation.failed"), "a missing file is not a broken config"
     assert not daemon.events("restart.failed")
@@ -142,9 +136,7 @@ def test_a_config_deleted_while_a_restart_waits_is_held_not_refused(
         daemon.wait_event("child.exited", epoch=0)
         holds_for(nothing_started_since(daemon, 2), duration_s=1.0, what="no restart")
         envoy_family.write_config("v2")
-        daemon.wait_event("child.serving", epoch=2, timeout_s=30)
-        probe.wait_for_body("v2")
-        daemon.wait_event("child.exited", epoch=1)
+        serves_after_drain(daemon, probe, "v2", epoch=2)
     probe.assert_never_failed()
     assert not daemon.events("validation.failed")
     assert len(daemon.events("child.started", epoch=2)) == 1
@@ -167,9 +159,7 @@ def test_a_deleted_watched_directory_restarts_once_when_it_is_created_again(
         probe.wait_for_body("v1")
         # Watched anew: the next edit in the re-created directory is seen too.
         family.write_config("v2")
-        daemon.wait_event("child.serving", epoch=2, timeout_s=30)
-        probe.wait_for_body("v2")
-        daemon.wait_event("child.exited", epoch=1)
+        serves_after_drain(daemon, probe, "v2", epoch=2)
     probe.assert_never_failed()
     assert not daemon.events("validation.failed")
     assert len(daemon.events("child.started", epoch=1)) == 1
@@ -226,9 +216,7 @@ def test_symlinks_out_of_the_tree_and_symlink_loops_neither_hang_nor_crash(
         (outside / "cert.pem").write_text("cert 2\n")  # a renewal outside the tree
         daemon.wait_event("child.serving", epoch=1)
         envoy_family.write_config("v1")
-        daemon.wait_event("child.serving", epoch=2, timeout_s=30)
-        probe.wait_for_body("v1")
-        daemon.wait_event("child.exited", epoch=1)
+        serves_after_drain(daemon, probe, "v1", epoch=2)
     probe.assert_never_failed()
     assert daemon.process.poll() is None
 
@@ -244,9 +232,7 @@ def test_a_config_path_with_spaces_and_non_ascii_characters_works(
         failed = daemon.wait_event("validation.failed")
         assert_one_clear_line(failed, str(family.config))
         family.write_config("v1")
-        daemon.wait_event("child.serving", epoch=1)
-        probe.wait_for_body("v1")
-        daemon.wait_event("child.exited", epoch=0)
+        serves_after_drain(daemon, probe, "v1", epoch=1)
     probe.assert_never_failed()
     started = daemon.wait_event("watch.started")
     assert started["roots"][0] == str(family.config.parent)

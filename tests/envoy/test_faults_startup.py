@@ -19,7 +19,7 @@ import pytest
 
 from tests.daemon import assert_one_clear_line, one_error_line, run_cli
 from tests.envoy.conftest import EnvoyFamily
-from tests.envoy.probe import ServingProbe
+from tests.envoy.probe import ServingProbe, serves_after_drain
 from tests.helpers import wait_until
 from tests.userns import needs_userns, with_inotify_limit
 
@@ -66,9 +66,7 @@ def test_a_start_script_without_exec_is_warned_about_and_still_supervised(
     with ServingProbe(envoy_family.listener_port) as probe:
         envoy_family.write_config("v1")
         daemon.signal(signal.SIGHUP)
-        daemon.wait_event("child.serving", epoch=1)
-        probe.wait_for_body("v1")
-        daemon.wait_event("child.exited", epoch=0)
+        serves_after_drain(daemon, probe, "v1", epoch=1)
     probe.assert_never_failed()
     daemon.signal(signal.SIGTERM)
     assert daemon.wait_exit() == 0
@@ -163,9 +161,7 @@ def test_inotify_enospc_later_keeps_envoy_serving_and_names_what_is_unseen(
         assert_one_clear_line(reached, "sysctl -w user.max_inotify_watches=")
         assert any(p.endswith(("new", "deeper")) for p in reached["paths"])
         envoy_family.write_config("v1")  # what was watched still is
-        daemon.wait_event("child.serving", epoch=1)
-        probe.wait_for_body("v1")
-        daemon.wait_event("child.exited", epoch=0)
+        serves_after_drain(daemon, probe, "v1", epoch=1)
     probe.assert_never_failed()
     assert daemon.process.poll() is None
     assert "Traceback" not in "\n".join(daemon.lines())
@@ -197,9 +193,7 @@ def test_an_unreadable_directory_is_named_and_the_rest_is_watched(
             envoy_family.write_config("v1")  # everything else is watched
             again = daemon.wait_event("watch.unreadable", count=2)
             assert sorted(again["paths"]) == sorted([str(secret), str(later)])
-            daemon.wait_event("child.serving", epoch=1)
-            probe.wait_for_body("v1")
-            daemon.wait_event("child.exited", epoch=0)
+            serves_after_drain(daemon, probe, "v1", epoch=1)
         probe.assert_never_failed()
     finally:
         secret.chmod(0o755)
