@@ -56,14 +56,22 @@ class DeathPacing:
 
     A death after at least `stable_s` of serving is met at once, and so is the first
     quick one: the outage is already on. Each further quick death in a row (an Envoy
-    that dies soon after LIVE: a crash loop) waits 1 s, doubling to 30 s.
+    that dies soon after LIVE: a crash loop) waits 1 s, doubling to 30 s. A row ends
+    with a stable death, or when the last death is older than the crash budget's window.
     """
 
-    def __init__(self, stable_s: float = STABLE_SERVING_S) -> None:
+    def __init__(
+        self, stable_s: float = STABLE_SERVING_S, forget_s: float = CRASH_BUDGET_WINDOW_S
+    ) -> None:
         self.stable_s = stable_s
+        self.forget_s = forget_s
         self._quick_in_a_row = 0
+        self._last_death_at: float | None = None
 
-    def delay_after(self, served_s: float) -> float:
+    def delay_after(self, served_s: float, now: float) -> float:
+        last, self._last_death_at = self._last_death_at, now
+        if last is not None and now - last > self.forget_s:
+            self._quick_in_a_row = 0
         if served_s >= self.stable_s:
             self._quick_in_a_row = 1
             return 0.0

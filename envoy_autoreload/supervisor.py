@@ -37,6 +37,7 @@ import signal
 import subprocess
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Final, assert_never
 
 from envoy_autoreload import __version__
@@ -94,6 +95,7 @@ class Timer(enum.Enum):
     DEBOUNCE = "debounce"  # a burst of file events is due (quiet window or max wait)
     COMMAND_DEADLINE = "command_deadline"  # --validate-timeout for a validation step
     CONTROL_IDLE = "control_idle"  # control clients that never sent a request are dropped
+    ADVANCE = "advance"  # a decision made without an event: carried out from the loop
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,8 +290,8 @@ class Supervisor:
                 self._probe()
             case Timer.START_DEADLINE:
                 self._on_start_deadline()
-            case Timer.RETRY:
-                pass  # _advance() starts whatever waited for the backoff
+            case Timer.RETRY | Timer.ADVANCE:
+                pass  # _advance() runs after every event
             case Timer.DRAIN_WAIT if not isinstance(self._plan, StartNext):
                 pass  # stale: what waited for the drain is gone
             case Timer.DRAIN_WAIT:
@@ -424,9 +426,15 @@ class Supervisor:
         serving = self._serving()
         if self._settings.config is None and serving is not None:
             # Without --config the config is not a watched path of its own; the one the
-            # serving Envoy runs (its -c) is checked directly.
+            # serving Envoy runs (its -c) is checked directly when it is in a watched
+            # tree (elsewhere its return would raise no event to end the hold).
             config = self._family.config_path(serving)
-            if config is not None and not config.exists():
+            if (
+                config is not None
+                and self._is_watched(config)
+                and not config.exists()
+                and str(config) not in gone
+            ):
                 gone.append(str(config))
         back = [p for p in self._missing_reported if p not in gone and p not in snapshot.missing]
         if back:
@@ -444,6 +452,17 @@ class Supervisor:
             )
         self._missing_reported = tuple(gone)
         return bool(gone)
+
+    def _is_watched(self, path: Path) -> bool:
+        """Whether `path` lies in a watched directory tree (or is a watched file)."""
+        if self._changes is None:
+            return False
+        target = os.path.abspath(path)
+        for root in self._changes.roots:
+            top = os.path.abspath(root.path)
+            if target == top or target.startswith(top.rstrip(os.sep) + os.sep):
+                return True
+        return False
 
     def _drop_held_batch(self, plan: StartNext) -> None:
         """A validated restart whose files went missing before it started: it is over
@@ -505,8 +524,9 @@ class Supervisor:
                 self._begin_preflight(reason)
                 if not self._gate.busy:
                     # Decided at once (nothing had to run: a known binary, no config to
-                    # validate): no event will follow to carry the plan out, so now.
-                    self._advance()
+                    # validate): no event will follow to carry the plan out. Back through
+                    # the loop, not recursion: signals and exits come first.
+                    self._reactor.set_timeout(Timer.ADVANCE, 0)
                 return
             self._plan = StartNext(reason, self._batch_seq)
             self._reactor.cancel(Timer.RETRY)
@@ -526,7 +546,7 @@ class Supervisor:
                     self._drop_held_batch(plan)
                     return
                 self.request_restart("files_changed", current.changed_since(plan.content))
-                self._advance()
+                self._reactor.set_timeout(Timer.ADVANCE, 0)
                 return
         if serving.doomed:
             # Its parent died early: a hot restart from it would hang (measured). The
@@ -1137,7 +1157,7 @@ class Supervisor:
             self._plan = ColdStart("recovery")
         epoch = self._plan.epoch if isinstance(self._plan, Respawn) else 0
         if served_s is not None:
-            delay = self._death_pacing.delay_after(served_s)
+            delay = self._death_pacing.delay_after(served_s, now)
             if isinstance(self._plan, Respawn):
                 delay = 0.0
         elif immediate:

@@ -76,11 +76,13 @@ def test_crash_budget_is_five_failures_in_a_sliding_window() -> None:
 
 
 def test_a_death_after_stable_serving_is_met_at_once_and_a_crash_loop_backs_off() -> None:
-    pacing = DeathPacing(stable_s=10)
+    pacing = DeathPacing(stable_s=10, forget_s=300)
     # A crash loop: each Envoy dies a second after LIVE.
-    assert [pacing.delay_after(1.0) for _ in range(5)] == [0.0, 1.0, 2.0, 4.0, 8.0]
+    assert [pacing.delay_after(1.0, now=t) for t in range(5)] == [0.0, 1.0, 2.0, 4.0, 8.0]
     # An Envoy that served a while is bad luck, not a loop, however recent the last one.
-    assert pacing.delay_after(20.0) == 0.0
-    assert pacing.delay_after(20.0) == 0.0
-    # A quick death right after a stable one is the start of a loop.
-    assert pacing.delay_after(0.5) == 1.0
+    assert pacing.delay_after(20.0, now=30) == 0.0
+    assert pacing.delay_after(20.0, now=60) == 0.0
+    # A quick death right after a stable one is the start of a loop...
+    assert pacing.delay_after(0.5, now=61) == 1.0
+    # ...but one long after the last death is a first death again.
+    assert pacing.delay_after(0.5, now=10_000) == 0.0
