@@ -37,7 +37,6 @@ import signal
 import subprocess
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Final, assert_never
 
 from envoy_autoreload import __version__
@@ -68,6 +67,7 @@ from envoy_autoreload.validation import (
     Verdict,
 )
 from envoy_autoreload.watch.changes import ChangeDetector
+from envoy_autoreload.watch.missing import MissingPaths
 
 logger = logging.getLogger(__name__)
 envoy_logger = logging.getLogger("envoy_autoreload.envoy")
@@ -184,7 +184,7 @@ class Supervisor:
         self._preflight_content: Snapshot | None = None
         self._abandoned_digest: str | None = None  # content whose restart was given up
         self._cold_attempt_seq = 0  # newest request a cold start has already tried
-        self._missing_reported: tuple[str, ...] = ()  # watched paths found gone
+        self._missing = MissingPaths(changes.roots if changes is not None else ())
         self._last_started_content: Snapshot | None = None
         self._ever_served = False
 
@@ -417,57 +417,23 @@ class Supervisor:
         self.request_restart("files_changed", changed, burst.events)
 
     def _held_while_missing(self, snapshot: Snapshot, reference: Snapshot | None) -> bool:
-        """A watched path that existed is gone (the config deleted, a directory removed
-        by a push that deletes before it copies): no restart until it is back. Envoy
-        would refuse the config anyway; a warning, not a validation error, says why.
-        Paths missing since start-up do not hold anything."""
-        known = reference or self._last_started_content
-        gone = [p for p in snapshot.missing if known is None or p not in known.missing]
+        """A watched path that existed is gone: no restart until it is back."""
         serving = self._serving()
+        config = None
         if self._settings.config is None and serving is not None:
-            # Without --config the config is not a watched path of its own; the one the
-            # serving Envoy runs (its -c) is checked directly when it is in a watched
-            # tree (elsewhere its return would raise no event to end the hold).
-            config = self._family.config_path(serving)
-            if (
-                config is not None
-                and self._is_watched(config)
-                and not config.exists()
-                and str(config) not in gone
-            ):
-                gone.append(str(config))
-        back = [p for p in self._missing_reported if p not in gone and p not in snapshot.missing]
-        if back:
-            self._event(logging.INFO, "watch.restored", "is back", paths=back)
-        if gone and tuple(gone) != self._missing_reported:
-            self._event(
-                logging.WARNING,
-                "watch.missing",
-                f"{', '.join(gone)} {'is' if len(gone) == 1 else 'are'} missing: no restart "
-                "until it is back"
-                + (f"; epoch {serving.epoch} keeps serving" if serving is not None else ""),
-                epoch=serving.epoch if serving is not None else None,
-                pid=serving.pid if serving is not None else None,
-                paths=list(gone),
-            )
-        self._missing_reported = tuple(gone)
-        return bool(gone)
-
-    def _is_watched(self, path: Path) -> bool:
-        """Whether `path` lies in a watched directory tree (or is a watched file)."""
-        if self._changes is None:
-            return False
-        target = os.path.abspath(path)
-        for root in self._changes.roots:
-            top = os.path.abspath(root.path)
-            if target == top or target.startswith(top.rstrip(os.sep) + os.sep):
-                return True
-        return False
+            config = self._family.config_path(serving)  # the -c it runs
+        return self._missing.hold(
+            snapshot,
+            reference or self._last_started_content,
+            config=config,
+            epoch=serving.epoch if serving is not None else None,
+            pid=serving.pid if serving is not None else None,
+        )
 
     def _drop_held_batch(self, plan: StartNext) -> None:
         """A validated restart whose files went missing before it started: it is over
         (refused); the files' return is a change like any other."""
-        message = f"not restarted: {', '.join(self._missing_reported)} went missing"
+        message = f"not restarted: {', '.join(self._missing.reported)} went missing"
         self._batch_began_at = None
         self._telemetry.restart_done(
             "refused", plan.reason, error=message, status=self._status_text()
