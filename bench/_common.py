@@ -5,8 +5,9 @@ after the README's set-up, `python bench/NAME.py`.
 
 Each script gets its own Envoy family: a temp directory holding `envoy.yaml` and a start
 script that execs the real Envoy with its own `--base-id` (from 50000-50999; an id whose
-shared memory exists is skipped, and `run_all` runs one script at a time) and free ports
-on 127.0.0.1. The daemon runs as `python -m envoy_autoreload
+shared memory exists is skipped, and `run_all` runs one script at a time) and ports on
+127.0.0.1 from below the ephemeral range, locked against other benches and test runs
+(`free_port()`). The daemon runs as `python -m envoy_autoreload
 --log-format json` in its own session; its stderr (our JSON events plus Envoy's own lines)
 goes to a file beside the family's directory, never inside a watched one (a log line
 there would be a content change).
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import fcntl
 import json
 import math
 import os
@@ -102,10 +104,72 @@ def stop_on_sigterm() -> None:
     signal.signal(signal.SIGHUP, handler)
 
 
-def free_port() -> int:
+# Ports for Envoy: from below the kernel's ephemeral range (bind(0) lands inside it, where
+# every client connection also takes its local port, so one could take the port between
+# our probe and Envoy's bind), each flock'ed in the directory tests/helpers.py uses too, and
+# held until this process exits: a bench and a test run never get the same port.
+PORT_LOCK_DIR: Final = Path("/tmp/envoy-autoreload-test-ports")
+PORT_FLOOR: Final = 20000
+PORT_CEILING: Final = 32000
+_held_port_locks: list[int] = []  # fds of our lock files; closing one frees its port
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _lock_port(port: int) -> int | None:
+    """The fd of `port`'s lock file, flock'ed by us, or None when another process has it."""
+    path = PORT_LOCK_DIR / f"{port}.lock"
+    try:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+    except PermissionError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _is_bindable(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 nothing is bound to and no other bench or test run is given."""
+    ceiling = min(PORT_CEILING, _ephemeral_low() - 1)
+    if ceiling <= PORT_FLOOR:
+        raise BenchError(f"no ports below the ephemeral range from {PORT_FLOOR}")
+    try:
+        PORT_LOCK_DIR.mkdir(parents=True)
+        PORT_LOCK_DIR.chmod(0o1777)
+    except FileExistsError:
+        pass
+    span = ceiling - PORT_FLOOR + 1
+    start = (os.getpid() * 256 + len(_held_port_locks)) % span
+    for step in range(span):
+        port = PORT_FLOOR + (start + step) % span
+        fd = _lock_port(port)
+        if fd is None:
+            continue
+        if _is_bindable(port):
+            _held_port_locks.append(fd)
+            return port
+        os.close(fd)
+    raise BenchError(f"no free port in {PORT_FLOOR}-{ceiling} (locks in {PORT_LOCK_DIR})")
 
 
 def shm_path(base_id: int) -> Path:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ALLOCATED_BASE_IDS, shm_of, wait_until
+from tests.helpers import ALLOCATED_BASE_IDS, port_lock_fds, shm_of, wait_until
 
 
 def _children() -> set[int]:
@@ -36,6 +36,14 @@ def _open_fds() -> set[tuple[int, str]]:
     return fds
 
 
+def leaked_fds(before: set[tuple[int, str]]) -> set[tuple[int, str]]:
+    """Descriptors open now that were not in `before`, less the port locks `free_port()`
+    holds for the whole session on purpose (tests/helpers.py): only those exact (fd,
+    lock file) pairs, so any other descriptor a test leaves open, a stray lock file
+    included, still fails it."""
+    return _open_fds() - before - port_lock_fds()
+
+
 @pytest.fixture(autouse=True)
 def nothing_leaks() -> Iterator[None]:
     ids_before = set(ALLOCATED_BASE_IDS)
@@ -53,5 +61,5 @@ def nothing_leaks() -> Iterator[None]:
     assert not leaked_shm, f"shared memory left behind: {leaked_shm}"
     leaked_threads = [t for t in threading.enumerate() if t not in threads_before and t.is_alive()]
     assert not leaked_threads, f"threads left running: {leaked_threads}"
-    leaked_fds = _open_fds() - fds_before
-    assert not leaked_fds, f"file descriptors left open: {sorted(leaked_fds)}"
+    leaked = leaked_fds(fds_before)
+    assert not leaked, f"file descriptors left open: {sorted(leaked)}"

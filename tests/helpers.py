@@ -1,15 +1,20 @@
-"""Shared test helpers: waiting with deadlines, free ports, HTTP over fresh connections."""
+"""Shared test helpers: waiting with deadlines, ports no one else is given, HTTP over fresh
+connections."""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import functools
 import http.client
 import itertools
 import os
 import socket
+import threading
 import time
-from collections.abc import Callable, Iterator
-from typing import TypeVar
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Final, TypeVar
 
 T = TypeVar("T")
 
@@ -37,10 +42,152 @@ def wait_until(
         time.sleep(interval_s)
 
 
-def free_port() -> int:
+# -- ports ------------------------------------------------------------------------------
+# Ports for Envoy come from below the kernel's ephemeral range. A port the kernel hands
+# out for `bind(0)` lies in that range, the same one every client connection (our probes,
+# the daemon's admin calls) takes its local port from, so between our unbind and Envoy's
+# bind a connection could take it: a full run once failed with `cannot bind
+# '127.0.0.1:39791': Address already in use`. Below the range only explicit binds land.
+#
+# Each port handed out is flock'ed in a directory every test run on the machine shares (and
+# bench/_common.py too), and stays locked until this process exits: two pytest processes,
+# or one test and a bench, never get the same port. The kernel drops the lock with the
+# process, so a crashed run leaves no stale claim behind (the files stay; they are empty).
+# A bind check then skips ports something else (not cooperating) is bound to.
+
+PORT_LOCK_DIR: Final = Path("/tmp/envoy-autoreload-test-ports")
+PORT_FLOOR: Final = 20000
+PORT_CEILING: Final = 32000  # inclusive; lowered to stay below the ephemeral range
+_PORT_BLOCK: Final = 256  # a run starts at a PID-picked block, so parallel runs rarely meet
+
+
+def ephemeral_port_range() -> tuple[int, int]:
+    """The kernel's range for local ports of connect() and bind(0) (ip(7))."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+    return int(low), int(high)
+
+
+def allocatable_ports() -> range:
+    """The ports tests may take: PORT_FLOOR up to below the ephemeral range."""
+    ceiling = min(PORT_CEILING, ephemeral_port_range()[0] - 1)
+    if ceiling - PORT_FLOOR < 1000:
+        raise AssertionError(
+            f"ip_local_port_range starts at {ephemeral_port_range()[0]}: fewer than 1000 "
+            f"ports left below it from {PORT_FLOOR} for tests"
+        )
+    return range(PORT_FLOOR, ceiling + 1)
+
+
+def _is_bindable(port: int) -> bool:
+    """Nothing is bound to 127.0.0.1:port now. No SO_REUSEADDR, so a port still in
+    TIME_WAIT counts as taken too: stricter than Envoy needs, never looser."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+class PortAllocator:
+    """Hands out each of `ports` (tried in that order) at most once across every process
+    that uses the same `lock_dir`: a port is taken when its lock file is flock'ed by us
+    and nothing is bound to it. Locks are held until `close()` or process exit."""
+
+    def __init__(self, ports: Sequence[int], lock_dir: Path = PORT_LOCK_DIR) -> None:
+        self._ports = list(ports)
+        self._next = 0
+        self._lock_dir = lock_dir
+        self._held: dict[int, int] = {}  # port -> fd of its flock'ed lock file
+        self._mutex = threading.Lock()
+
+    def allocate(self) -> int:
+        with self._mutex:
+            self._make_lock_dir()
+            while self._next < len(self._ports):
+                port = self._ports[self._next]
+                self._next += 1
+                fd = self._lock(port)
+                if fd is None:
+                    continue  # another process (or allocator) has it
+                if not _is_bindable(port):
+                    os.close(fd)  # bound by someone outside the scheme; leave it to them
+                    continue
+                self._held[port] = fd
+                return port
+        raise AssertionError(
+            f"no free port left among {len(self._ports)} candidates (locks in {self._lock_dir})"
+        )
+
+    def _make_lock_dir(self) -> None:
+        try:
+            self._lock_dir.mkdir(parents=True)
+        except FileExistsError:
+            return
+        self._lock_dir.chmod(0o1777)  # like /tmp: any user's run can add its lock files
+
+    def _lock(self, port: int) -> int | None:
+        path = self._lock_dir / f"{port}.lock"
+        # Read-only is enough for flock, and opens another user's lock file; O_CREAT only
+        # when it is missing (fs.protected_regular refuses O_CREAT on another user's file
+        # in a sticky directory). Non-inheritable (PEP 446): no child of ours holds it.
+        try:
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+        except PermissionError:
+            return None  # not ours to take; skipping a port is always safe
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return fd
+
+    def held_fds(self) -> set[tuple[int, str]]:
+        """(fd, target) of each lock file held, as /proc/self/fd shows them."""
+        with self._mutex:
+            return {(fd, os.readlink(f"/proc/self/fd/{fd}")) for fd in self._held.values()}
+
+    def close(self) -> None:
+        """Release every port (a short-lived allocator; the session's one never closes)."""
+        with self._mutex:
+            for fd in self._held.values():
+                os.close(fd)
+            self._held.clear()
+
+
+def _session_ports() -> list[int]:
+    """The test range rotated to a block picked by PID: parallel runs start apart."""
+    ports = allocatable_ports()
+    blocks = max(1, len(ports) // _PORT_BLOCK)
+    start = (os.getpid() % blocks) * _PORT_BLOCK
+    return [*ports[start:], *ports[:start]]
+
+
+@functools.cache
+def _session_allocator() -> PortAllocator:
+    """Built on first use, not at import: a machine with no room below the ephemeral
+    range fails the tests that need a port, not every import of this module."""
+    return PortAllocator(_session_ports())
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing holds and no other test or bench will be given
+    while this process lives (see PORT_LOCK_DIR above)."""
+    return _session_allocator().allocate()
+
+
+def port_lock_fds() -> set[tuple[int, str]]:
+    """The lock files `free_port()` holds for the whole session: open on purpose, so the
+    fd-leak guard leaves exactly these out."""
+    if _session_allocator.cache_info().currsize == 0:
+        return set()
+    return _session_allocator().held_fds()
 
 
 def http_get(port: int, path: str = "/", timeout_s: float = 2.0) -> tuple[int, str] | None:
@@ -90,7 +237,7 @@ def port_held() -> Iterator[int]:
     """A port another process listens on: an Envoy config that binds it cannot start,
     and `envoy --mode validate` cannot tell (ENVOY_FACTS §1)."""
     blocker = socket.socket()
-    blocker.bind(("127.0.0.1", 0))
+    blocker.bind(("127.0.0.1", free_port()))
     blocker.listen()
     try:
         yield int(blocker.getsockname()[1])
