@@ -238,14 +238,19 @@ MakeFamily = Callable[..., EnvoyFamily]
 
 
 @pytest.fixture
-def make_envoy_family(tmp_path: Path) -> Iterator[MakeFamily]:
+def make_envoy_family(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[MakeFamily]:
     """Families serving "v0", each cleaned up however the test ends; keyword arguments
-    go to EnvoyFamily (a `config_name` in a subdirectory, with spaces, ...)."""
+    go to EnvoyFamily (a `config_name` in a subdirectory, with spaces, ...). The first
+    family lives in `tmp_path`; each later one in a fresh directory of its own (never
+    inside the first, which a test may be watching)."""
     assert ENVOY_BIN.exists(), f"real Envoy expected at {ENVOY_BIN} (pip install -e '.[test]')"
     families: list[EnvoyFamily] = []
 
     def make(**kwargs: Any) -> EnvoyFamily:
-        family = EnvoyFamily(tmp_path, **kwargs)
+        root = tmp_path_factory.mktemp(f"{tmp_path.name}-family") if families else tmp_path
+        family = EnvoyFamily(root, **kwargs)
         families.append(family)
         family.write_config("v0")
         family.write_script()
