@@ -1,4 +1,4 @@
-"""One Envoy generation: the start script run once with RESTART_EPOCH, and what became of it.
+"""The start script run as a real process: spawn, signal, kill, reap and read its stderr.
 
 A generation is spawned from the main thread only: Envoy sets PR_SET_PDEATHSIG to
 SIGTERM, and Linux ties that to the *thread* that forked it, so a child spawned from a
@@ -18,81 +18,30 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
-import enum
 import errno
 import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
-from envoy_autoreload.digest import Snapshot
 from envoy_autoreload.envoy_process import EnvoyProcess, executable_of
 
-if TYPE_CHECKING:
-    from envoy_autoreload.validation import BinaryInfo
-
 STDERR_TAIL_LINES: Final = 12
+# Output without a newline is kept up to this much, then passed on as a line: a child
+# that writes megabytes without a newline must not grow the daemon (REVIEW-core 14).
+MAX_PARTIAL_LINE: Final = 64 * 1024
 
 
-class GenerationState(enum.Enum):
-    STARTING = "starting"
-    SERVING = "serving"
-    DRAINING = "draining"
-    EXITED = "exited"
+class ScriptChild:
+    """One run of the start script: the real `ChildProcess` of `ports.py`."""
 
-
-# STARTING -> SERVING: Envoy reported LIVE at this epoch.
-# STARTING -> EXITED: it failed before LIVE (exit, signal, or killed at its deadline).
-# SERVING -> DRAINING: a newer generation went LIVE; Envoy drains this one by itself.
-# SERVING -> EXITED: the serving proxy died.
-# DRAINING -> EXITED: the normal end of a drain, or an early death.
-ALLOWED_TRANSITIONS: Final[dict[GenerationState, frozenset[GenerationState]]] = {
-    GenerationState.STARTING: frozenset({GenerationState.SERVING, GenerationState.EXITED}),
-    GenerationState.SERVING: frozenset({GenerationState.DRAINING, GenerationState.EXITED}),
-    GenerationState.DRAINING: frozenset({GenerationState.EXITED}),
-    GenerationState.EXITED: frozenset(),
-}
-
-
-def describe_exit(returncode: int) -> str:
-    """`exit status 1` or `killed by SIGKILL`, from a Popen returncode."""
-    if returncode >= 0:
-        return f"exit status {returncode}"
-    try:
-        name = signal.Signals(-returncode).name
-    except ValueError:
-        name = f"signal {-returncode}"
-    return f"killed by {name}"
-
-
-@dataclass(eq=False)
-class Generation:
-    """A child process at one restart epoch; the supervisor drives its state."""
-
-    epoch: int
-    process: subprocess.Popen[bytes]
-    reason: str
-    started_at: float
-    started_wall: float
-    state: GenerationState = GenerationState.STARTING
-    serving_at: float | None = None
-    draining_since: float | None = None
-    drain_cut_by_restart: bool = False
-    doomed: bool = False
-    killed_by_us: str | None = None
-    envoy: EnvoyProcess | None = None
-    snapshot: Snapshot | None = None
-    binary: BinaryInfo | None = None
-    covers_seq: int = 0  # restart requests this generation answers (0: none)
-    stderr_tail: collections.deque[str] = field(
-        default_factory=lambda: collections.deque(maxlen=STDERR_TAIL_LINES)
-    )
-    _partial_line: bytes = b""
+    def __init__(self, process: subprocess.Popen[bytes]) -> None:
+        self.process = process
+        self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
+        self._partial_line = b""
 
     @property
     def pid(self) -> int:
@@ -102,17 +51,6 @@ class Generation:
     def returncode(self) -> int | None:
         return self.process.returncode
 
-    def is_alive(self) -> bool:
-        return self.state is not GenerationState.EXITED
-
-    def transition(self, new: GenerationState) -> GenerationState:
-        """Move to `new` if the edge is allowed; returns the state it left."""
-        old = self.state
-        if new not in ALLOWED_TRANSITIONS[old]:
-            raise AssertionError(f"generation {self.epoch}: {old.value} -> {new.value} not allowed")
-        self.state = new
-        return old
-
     def poll(self) -> int | None:
         """Reap this PID if it exited; never touches any other child."""
         return self.process.poll()
@@ -120,16 +58,17 @@ class Generation:
     def send_signal(self, signum: signal.Signals) -> None:
         self.process.send_signal(signum)
 
-    def signal_envoy(self, signum: signal.Signals) -> None:
+    def signal_envoy(self, signum: signal.Signals, envoy: EnvoyProcess | None) -> None:
         """Signal Envoy itself: the child, or the Envoy under a start script that did not
         exec (a shell dies of SIGUSR1, and its Envoy with it through PDEATHSIG, §11)."""
-        envoy = self.envoy
         if envoy is not None and envoy.pid != self.pid and self.poll() is None:
             exe = executable_of(envoy.pid)
             if exe is not None and exe == envoy.exe:
-                with contextlib.suppress(ProcessLookupError):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(envoy.pid, signum)
-                return
+            # Never the shell instead: SIGUSR1 would kill it, and Envoy with it
+            # (REVIEW-core finding 4).
+            return
         self.process.send_signal(signum)
 
     def kill(self) -> None:
@@ -142,6 +81,10 @@ class Generation:
             os.killpg(self.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             self.process.kill()
+
+    def wait(self, timeout_s: float) -> None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=timeout_s)
 
     def stderr_fd(self) -> int | None:
         stream = self.process.stderr
@@ -174,14 +117,20 @@ class Generation:
                 return False
             if on_line is None:
                 _write_through(chunk)
-            lines = (self._partial_line + chunk).split(b"\n")
-            self._partial_line = lines.pop()
-            for raw in lines:
-                line = raw.decode(errors="replace").rstrip()
-                if line:
-                    self.stderr_tail.append(line)
-                    if on_line is not None:
-                        on_line(line)
+            self._split_lines(chunk, on_line)
+
+    def _split_lines(self, chunk: bytes, on_line: Callable[[str], None] | None) -> None:
+        lines = (self._partial_line + chunk).split(b"\n")
+        self._partial_line = lines.pop()
+        if len(self._partial_line) > MAX_PARTIAL_LINE:
+            lines.append(self._partial_line)
+            self._partial_line = b""
+        for raw in lines:
+            line = raw.decode(errors="replace").rstrip()
+            if line:
+                self.stderr_tail.append(line)
+                if on_line is not None:
+                    on_line(line)
 
     def close_stderr(self) -> None:
         if self.process.stderr is not None:
@@ -237,26 +186,28 @@ def _dies_with_the_daemon() -> Callable[[], None] | None:
     return request
 
 
-def spawn(start_script: Path, script_args: tuple[str, ...], epoch: int, reason: str) -> Generation:
-    """Exec the start script directly with RESTART_EPOCH; raises OSError if exec fails."""
-    env = {**os.environ, "RESTART_EPOCH": str(epoch)}
-    # preexec_fn is unsafe in a threaded process only when it takes a lock another thread
-    # may hold; this one makes two system calls (the status thread holds nothing of them).
-    process = subprocess.Popen(
-        [str(start_script), *script_args],
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        process_group=0,
-        close_fds=True,
-        preexec_fn=_dies_with_the_daemon(),
-    )
-    assert process.stderr is not None
-    os.set_blocking(process.stderr.fileno(), False)
-    return Generation(
-        epoch=epoch,
-        process=process,
-        reason=reason,
-        started_at=time.monotonic(),
-        started_wall=time.time(),
-    )
+class ScriptSpawner:
+    """Runs the start script; the real `Processes` of `ports.py`."""
+
+    def __init__(self, start_script: Path, script_args: tuple[str, ...]) -> None:
+        self._start_script = start_script
+        self._script_args = script_args
+
+    def spawn(self, epoch: int) -> ScriptChild:
+        """Exec the start script directly with RESTART_EPOCH; raises OSError if exec fails."""
+        env = {**os.environ, "RESTART_EPOCH": str(epoch)}
+        # preexec_fn is unsafe in a threaded process only when it takes a lock another
+        # thread may hold; this one makes two system calls (the status thread holds
+        # nothing of them).
+        process = subprocess.Popen(
+            [str(self._start_script), *self._script_args],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            process_group=0,
+            close_fds=True,
+            preexec_fn=_dies_with_the_daemon(),
+        )
+        assert process.stderr is not None
+        os.set_blocking(process.stderr.fileno(), False)
+        return ScriptChild(process)

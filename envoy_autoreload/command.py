@@ -20,6 +20,17 @@ from typing import Final
 MAX_OUTPUT_BYTES: Final = 1 << 20
 
 
+def describe_exit(returncode: int) -> str:
+    """`exit status 1` or `killed by SIGKILL`, from a Popen returncode."""
+    if returncode >= 0:
+        return f"exit status {returncode}"
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = f"signal {-returncode}"
+    return f"killed by {name}"
+
+
 @dataclass(frozen=True, slots=True)
 class CommandResult:
     argv: tuple[str, ...]

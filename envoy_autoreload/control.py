@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Final
 
 from envoy_autoreload.errors import UsageError
-from envoy_autoreload.loop import Reactor
+from envoy_autoreload.ports import Reactor
 
 MAX_REQUEST_BYTES: Final = 4096
 IDLE_TIMEOUT_S: Final = 5.0

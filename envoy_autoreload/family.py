@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Final
 
 from envoy_autoreload.admin import fetch_server_info
-from envoy_autoreload.child import Generation
 from envoy_autoreload.envoy_config import (
     AdminAddress,
     admin_address_from_config,
@@ -36,6 +35,7 @@ from envoy_autoreload.hot_restart_shm import (
     shm_path,
 )
 from envoy_autoreload.logs import log_event
+from envoy_autoreload.roster import Generation
 from envoy_autoreload.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -46,7 +46,8 @@ ENVOY_DEFAULT_PARENT_SHUTDOWN_S: Final = 900.0
 
 
 class EnvoyFamily:
-    """Per-daemon knowledge about the family; per-generation facts live on the Generation."""
+    """Per-daemon knowledge about the family; per-generation facts live on the Generation.
+    The real `EnvoyFacts` of `ports.py`."""
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
@@ -171,6 +172,22 @@ class EnvoyFamily:
                 f"generation alive for {NO_ADMIN_SETTLE_S:g} s is taken as LIVE",
             )
             return True
+
+    def handed_over(self, gen: Generation) -> bool:
+        """Whether a starting generation past epoch 0 already told its parent to drain:
+        the INITIALIZING flag is clear while it lives (ENVOY_FACTS §0, §3). Killing it
+        then would strand the parent, which refuses new connections once its child
+        took over (REVIEW-core finding 3). Unknown counts as no."""
+        if gen.epoch == 0 or not gen.is_alive() or gen.envoy is None:
+            return False  # before Envoy exec'd, a clear flag proves nothing
+        base_id = self.base_id_of(gen)
+        if base_id is None:
+            return False
+        try:
+            path = shm_path(base_id)
+            return not read_flags(path, layout_for(segment_version(path))) & INITIALIZING
+        except ShmUnsupported:
+            return False
 
     # -- shared memory --------------------------------------------------------
     def restore_flag(self, parent: Generation, epoch: int) -> None:

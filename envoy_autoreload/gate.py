@@ -12,7 +12,7 @@ from collections.abc import Hashable
 from pathlib import Path
 
 from envoy_autoreload.command import CommandResult, RunningCommand
-from envoy_autoreload.loop import Reactor
+from envoy_autoreload.ports import Reactor
 from envoy_autoreload.settings import Settings
 from envoy_autoreload.validation import (
     BinaryInfo,
@@ -22,7 +22,9 @@ from envoy_autoreload.validation import (
 )
 
 
-class Gate:
+class CommandGate:
+    """The real `Gate` of `ports.py`."""
+
     def __init__(self, settings: Settings, reactor: Reactor, deadline_key: Hashable) -> None:
         self._settings = settings
         self._reactor = reactor
@@ -64,7 +66,14 @@ class Gate:
         self._preflight = self._new_preflight(known_binary)
         return self._next_step()
 
-    def on_output(self, command: RunningCommand) -> None:
+    def owns(self, key: Hashable) -> bool:
+        """Whether an fd event's key is one of our command's pipes."""
+        return key is not None and key is self._command
+
+    def on_output(self, key: Hashable) -> None:
+        command = self._command
+        if command is None or key is not command:
+            return
         for fd in command.open_fds():
             if not command.pump(fd):
                 self._reactor.remove_reader(fd)

@@ -1,9 +1,11 @@
-"""The restarter core: which generation to start, when, and what to do when one fails.
+"""The restarter core's decisions: which generation to start, when, and what an exit means.
 
-Owns every generation and all restart policy; consumes the reactor's events in the main
-thread. Facts about the Envoy family (admin address, LIVE, base id, shared memory) come
-from `family.py`; how a restart was asked for (a signal, file changes) does not matter
-here: every request arrives as `request_restart`.
+Read `states.py` first: it holds every state, every allowed move and every deadline. This
+module decides; `roster.py` records the generations, `batches.py` answers requests,
+`triggers.py` turns file changes into requests, `shutdown.py` stops, `status.py` shows.
+The world (processes, Envoy's admin and shared memory, helper commands, the watched
+files, the clock) is reached only through `ports.py`, so the simulation in
+`tests/simulation/` runs this very code against a modelled Envoy.
 
 The rules, each from a measured failure of upstream's hot-restarter.py (ENVOY_FACTS):
 - One generation starts at a time (upstream #550); requests that arrive meanwhile are
@@ -22,24 +24,19 @@ The rules, each from a measured failure of upstream's hot-restarter.py (ENVOY_FA
   no child of ours is starting (§3, #726, #33446).
 - We never signal a draining generation while its successor lives: the successor would
   abort about 10 s after its parent-shutdown time (§6).
-
-What to start next is one value, `_plan` (a hot retry, a respawn from a draining parent,
-or a cold start), never several flags that could disagree.
+- No exception while handling an event ends the daemon or touches Envoy (DESIGN-core
+  §4): it is logged once as `daemon.internal_error`, counted, and the loop goes on.
 """
 
 from __future__ import annotations
 
-import contextlib
-import enum
 import logging
-import os
 import signal
-import subprocess
-import time
-from dataclasses import dataclass
+import traceback
+from collections.abc import Callable, Hashable
+from pathlib import Path
 from typing import Final, assert_never
 
-from envoy_autoreload import __version__
 from envoy_autoreload.backoff import (
     COLD_BACKOFF_CAP_S,
     COLD_BACKOFF_FIRST_S,
@@ -49,92 +46,50 @@ from envoy_autoreload.backoff import (
     DeathPacing,
     exponential_delay,
 )
-from envoy_autoreload.child import Generation, GenerationState, describe_exit, spawn
-from envoy_autoreload.command import RunningCommand
+from envoy_autoreload.batches import Batches
+from envoy_autoreload.child import ScriptSpawner
+from envoy_autoreload.command import describe_exit
 from envoy_autoreload.control import ControlConnection, ControlDesk, ControlReply, ControlServer
 from envoy_autoreload.digest import Snapshot
+from envoy_autoreload.envoy_binary import BinaryInfo
 from envoy_autoreload.errors import BinaryError, ExitCode, SpawnError, ValidationFailed
 from envoy_autoreload.family import EnvoyFamily
-from envoy_autoreload.gate import Gate
+from envoy_autoreload.gate import CommandGate
 from envoy_autoreload.limits import binding_limit, check_limits
 from envoy_autoreload.logs import FieldValue, log_event
-from envoy_autoreload.loop import DeadlineReached, Event, FdReady, Reactor, SignalReceived
+from envoy_autoreload.loop import DeadlineReached, Event, FdReady, SignalReceived
+from envoy_autoreload.loop import Reactor as RealReactor
+from envoy_autoreload.ports import Content, EnvoyFacts, Gate, Processes, Reactor
+from envoy_autoreload.roster import Generation, Roster
 from envoy_autoreload.settings import Settings
-from envoy_autoreload.telemetry import ExitCause, Telemetry
-from envoy_autoreload.validation import (
-    BinaryInfo,
-    PreflightOutcome,
-    Verdict,
+from envoy_autoreload.shutdown import Shutdown
+from envoy_autoreload.states import (
+    FORWARDS_SIGNALS,
+    PLAN_EDGES,
+    ColdStart,
+    GenerationState,
+    IllegalMove,
+    Plan,
+    Respawn,
+    StartNext,
+    SupervisorState,
+    Timer,
+    kind_of,
 )
-from envoy_autoreload.watch.changes import ChangeDetector
-from envoy_autoreload.watch.missing import MissingPaths
+from envoy_autoreload.status import StatusView
+from envoy_autoreload.telemetry import ExitCause, Telemetry
+from envoy_autoreload.triggers import Triggers, runs_already
+from envoy_autoreload.validation import PreflightOutcome, Verdict
 
 logger = logging.getLogger(__name__)
 envoy_logger = logging.getLogger("envoy_autoreload.envoy")
 
-KILL_REAP_WAIT_S: Final = 5.0
-MAX_QUEUED_REASONS: Final = 8
 MAX_FAMILY_PROCESSES: Final = 3
 EARLY_DRAIN_MARGIN_S: Final = 0.25
 PARENT_DIED: Final = "its parent, the serving epoch, died"
 # Exit codes by which a POSIX shell says it could not run a command (the script's own
 # mistake, not Envoy's).
 SHELL_CANNOT_RUN: Final = {126: "a command in it is not executable", 127: "command not found"}
-
-
-class Timer(enum.Enum):
-    """The supervisor's deadlines; at most one of each is armed."""
-
-    PROBE = "probe"  # ask the starting generation whether it is LIVE yet
-    START_DEADLINE = "start_deadline"  # --start-timeout for the starting generation
-    RETRY = "retry"  # backoff before the next attempt (hot retry or cold start)
-    DRAIN_WAIT = "drain_wait"  # --max-drain-wait for the previous parent to exit
-    ORPHAN_KILL = "orphan_kill"  # orphans TERMed so epoch 0 can start get KILLed after it
-    TERM_WAIT = "term_wait"  # --term-wait after SIGTERM to every child
-    KILL_WAIT = "kill_wait"  # how long SIGKILLed children get to be reaped
-    DEBOUNCE = "debounce"  # a burst of file events is due (quiet window or max wait)
-    COMMAND_DEADLINE = "command_deadline"  # --validate-timeout for a validation step
-    CONTROL_IDLE = "control_idle"  # control clients that never sent a request are dropped
-    ADVANCE = "advance"  # a decision made without an event: carried out from the loop
-
-
-@dataclass(frozen=True, slots=True)
-class StartNext:
-    """Start the next epoch once pacing allows: the request passed the gate (or there is
-    no gate), or it is a retry of one that did (after the RETRY backoff)."""
-
-    reason: str
-    seq: int  # the newest request it answers
-    content: Snapshot | None = None  # what the gate validated, when watching
-
-
-@dataclass(frozen=True, slots=True)
-class Respawn:
-    """Start the dead serving epoch again from its still-draining parent."""
-
-    epoch: int
-
-
-@dataclass(frozen=True, slots=True)
-class ColdStart:
-    """Nothing serves: start epoch 0 once the whole family is gone."""
-
-    reason: str
-    covers_seq: int = 0  # a validated batch this start carries (a full restart)
-
-
-Plan = StartNext | Respawn | ColdStart
-
-
-class SupervisorState(enum.Enum):
-    """Derived from the generations and the plan, for status lines; never stored."""
-
-    STARTING = "starting"
-    SERVING = "serving"
-    VALIDATING = "validating"
-    RESTARTING = "restarting"
-    RECOVERING = "recovering"
-    STOPPING = "stopping"
 
 
 class Supervisor:
@@ -144,98 +99,124 @@ class Supervisor:
         self,
         settings: Settings,
         reactor: Reactor,
-        changes: ChangeDetector | None = None,
+        changes: Content | None = None,
         *,
         telemetry: Telemetry | None = None,
         control: ControlServer | None = None,
+        processes: Processes | None = None,
+        family: EnvoyFacts | None = None,
+        gate: Gate | None = None,
     ) -> None:
         self._settings = settings
         self._reactor = reactor
         self._changes = changes
         self._telemetry = telemetry or Telemetry()
         self._control = control
-        # Requests are numbered; a batch answers every request up to its number, so a
-        # control-socket `reload` knows which outcome is its own.
-        self._request_seq = 0
-        self._batch_seq = 0
-        self._batch_began_at: float | None = None
-        self._preflight_seq = 0
         self._desk = ControlDesk(reactor, Timer.CONTROL_IDLE)
-        self._last_failed_seq = 0
-        self._last_start_error = ""
-        self._status_line: str | None = None
-        self._watch_limit = binding_limit("watches").value
-        self._family = EnvoyFamily(settings)
-        self._generations: list[Generation] = []
-        self._requests: list[str] = []
+        self._batches = Batches(reactor, self._desk, self._telemetry)
+        self._family = family or EnvoyFamily(settings)
+        spawner = processes or ScriptSpawner(settings.start_script, settings.script_args)
+        self._roster = Roster(spawner, reactor)
+        self._gate = gate or CommandGate(settings, reactor, Timer.COMMAND_DEADLINE)
+        self._shutdown = Shutdown(reactor, self._roster, self._family, settings.term_wait_s)
+        self._triggers = Triggers(changes.roots if changes is not None else ())
+        self._view = StatusView(
+            self._roster, self._telemetry, self._family, changes, binding_limit("watches").value
+        )
         self._plan: Plan | None = None
         self._hot_failures = 0
         self._cold_failures = 0
         self._drain_wait_over = False
         self._crash_budget = CrashBudget()
         self._death_pacing = DeathPacing()
-        self._stopping = False
-        self._exit_floor = ExitCode.CLEAN_STOP
-        self._exit_code: ExitCode | None = None
         self._warned: set[str] = set()
         self._binary: BinaryInfo | None = None
-        self._gate = Gate(settings, reactor, Timer.COMMAND_DEADLINE)
         self._preflight_reason = ""
+        self._preflight_seq = 0
         self._preflight_content: Snapshot | None = None
-        self._abandoned_digest: str | None = None  # content whose restart was given up
         self._cold_attempt_seq = 0  # newest request a cold start has already tried
-        self._missing = MissingPaths(changes.roots if changes is not None else ())
         self._last_started_content: Snapshot | None = None
         self._ever_served = False
+        self._last_failed_seq = 0
+        self._last_start_error = ""
+        self._status_line: str | None = None
+        self._errors_seen: set[str] = set()
+        self.internal_errors: list[BaseException] = []
 
     # -- public ---------------------------------------------------------------
     def run(self) -> ExitCode:
-        """Start epoch 0 and supervise until stopped; always leaves no child behind."""
+        """Start epoch 0 and supervise until stopped."""
         try:
-            self._check_before_first_start()
-            if self._changes is not None:
-                self._start_watching(self._changes)
-            if self._control is not None:
-                self._reactor.add_reader(self._control.fileno(), self._control)
-            self._start(0, "startup", first=True)
+            self.begin()
             while True:
-                for event in self._reactor.poll():
-                    self._dispatch(event)
-                    code = self._exit_code
-                    if code is not None:
-                        self._publish()
-                        return code
-                self._publish()
+                code = self.handle(self._reactor.poll())
+                if code is not None:
+                    return code
         finally:
             self._gate.abandon()
-            self._kill_leftovers()
+            self._shutdown.kill_leftovers()
+
+    def begin(self) -> None:
+        """Start-up, before the loop: refuse a non-Envoy binary or a config that does not
+        validate (blocking is fine here), start watching, start epoch 0."""
+        self._check_before_first_start()
+        if self._changes is not None:
+            self._start_watching(self._changes)
+        if self._control is not None:
+            self._reactor.add_reader(self._control.fileno(), self._control)
+        self._start(0, "startup", first=True)
+
+    def handle(self, events: list[Event]) -> ExitCode | None:
+        """Handle one poll's events; the exit code once the daemon is done."""
+        for event in events:
+            self._contained(self._dispatch, event)
+            self._contained(self._advance, event)
+            code = self._shutdown.exit_code
+            if code is not None:
+                self._contained(self._publish, event)
+                return code
+        self._contained(self._publish, None)
+        return None
 
     @property
     def state(self) -> SupervisorState:
-        if self._stopping:
+        if self._shutdown.stopping:
             return SupervisorState.STOPPING
-        serving = self._serving()
-        starting = self._starting()
+        serving = self._roster.serving()
+        starting = self._roster.starting()
         if serving is None:
             return SupervisorState.STARTING if starting else SupervisorState.RECOVERING
         if self._gate.busy:
             return SupervisorState.VALIDATING
         return SupervisorState.RESTARTING if starting else SupervisorState.SERVING
 
+    @property
+    def stopping(self) -> bool:
+        return self._shutdown.stopping
+
+    @property
+    def plan(self) -> Plan | None:
+        return self._plan
+
+    @property
+    def roster(self) -> Roster:
+        return self._roster
+
+    @property
+    def batches(self) -> Batches:
+        return self._batches
+
     def request_restart(
         self, reason: str, changed: list[str] | None = None, events: int | None = None
     ) -> int:
         """Queue a hot restart; any number of queued requests run as one. Returns the
         request's number (answered by the batch that covers it)."""
-        self._request_seq += 1
-        if self._stopping:
-            return self._request_seq
-        first = not self._requests
-        if reason not in self._requests and len(self._requests) < MAX_QUEUED_REASONS:
-            self._requests.append(reason)
+        seq, first = self._batches.add(reason)
+        if self._shutdown.stopping:
+            return seq
         # A new request is a new chance: earlier failures no longer count against it.
         self._hot_failures = 0
-        serving = self._serving()
+        serving = self._roster.serving()
         self._event(
             logging.INFO if first else logging.DEBUG,
             "restart.requested" if first else "restart.coalesced",
@@ -246,30 +227,66 @@ class Supervisor:
             count=len(changed) if changed is not None else None,
             events=events,
         )
-        return self._request_seq
+        return seq
+
+    # -- containment ----------------------------------------------------------
+    def _contained(self, handler: _Handler, event: Event | None) -> None:
+        """The loop's one containment boundary (DESIGN-core §4): an exception in a
+        handler is our bug, never a reason to stop Envoy. Logged once per distinct
+        error with its traceback, counted, and the loop goes on."""
+        try:
+            handler(event)
+        except SpawnError:
+            if self._ever_served:
+                raise AssertionError("start-up errors end start-up only") from None
+            raise  # a start script that cannot run Envoy: start-up fails (exit 3)
+        except Exception as err:  # noqa: BLE001 -- the containment boundary
+            self._internal_error(err, event)
+
+    def _internal_error(self, err: Exception, event: Event | None) -> None:
+        self.internal_errors.append(err)
+        self._telemetry.internal_errors.inc()
+        frames = traceback.extract_tb(err.__traceback__)
+        where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
+        key = f"{type(err).__name__}@{where}"
+        if key in self._errors_seen:
+            return
+        self._errors_seen.add(key)
+        self._event(
+            logging.ERROR,
+            "daemon.internal_error",
+            f"{type(err).__name__}: {err} (while handling {event!r}); Envoy keeps serving, "
+            "the daemon carries on; please report this",
+            detail="".join(traceback.format_exception(err)).rstrip(),
+        )
 
     # -- dispatch -------------------------------------------------------------
-    def _dispatch(self, event: Event) -> None:
+    def _dispatch(self, event: Event | None) -> None:
         match event:
+            case None:
+                pass
             case SignalReceived(signum=signum):
                 self._on_signal(signum)
+            case FdReady(key=Generation() as gen):
+                self._on_stderr(gen)
+            case FdReady(key=ControlServer() as server):
+                self._desk.accept_all(server)
+            case FdReady(key=ControlConnection() as conn):
+                self._on_control_request(conn)
             case FdReady(key=key):
-                if isinstance(key, Generation):
-                    self._on_stderr(key)
-                elif isinstance(key, ChangeDetector):
-                    self._on_watch_readable(key)
-                elif isinstance(key, RunningCommand):
-                    self._gate.on_output(key)
-                elif isinstance(key, ControlServer):
-                    self._desk.accept_all(key)
-                elif isinstance(key, ControlConnection):
-                    self._on_control_request(key)
-            case DeadlineReached(key=key):
-                if isinstance(key, Timer) and self._reactor.claim(event):
-                    self._on_timer(key)
+                self._on_fd(key)
+            case DeadlineReached(key=Timer() as timer) if self._reactor.claim(event):
+                self._on_timer(timer)
+            case DeadlineReached():
+                pass  # stale, or not ours
             case _:
                 assert_never(event)
-        self._advance()
+
+    def _on_fd(self, key: Hashable) -> None:
+        if key is self._changes and self._changes is not None:
+            self._on_watch_readable(self._changes)
+        elif self._gate.owns(key):
+            self._gate.on_output(key)
 
     def _on_signal(self, signum: signal.Signals) -> None:
         match signum:
@@ -292,37 +309,16 @@ class Supervisor:
                 self._on_start_deadline()
             case Timer.RETRY | Timer.ADVANCE:
                 pass  # _advance() runs after every event
-            case Timer.DRAIN_WAIT if not isinstance(self._plan, StartNext):
-                pass  # stale: what waited for the drain is gone
             case Timer.DRAIN_WAIT:
-                self._drain_wait_over = True
-                for gen in self._in_state(GenerationState.DRAINING):
-                    self._event(
-                        logging.WARNING,
-                        "restart.drain_wait_exceeded",
-                        f"restarting although epoch {gen.epoch} still drains: Envoy will end "
-                        "its drain now and its open connections may be reset",
-                        epoch=gen.epoch,
-                        pid=gen.pid,
-                        waited_s=self._settings.max_drain_wait_s,
-                    )
+                self._on_drain_wait_over()
             case Timer.ORPHAN_KILL:
-                for gen in self._alive():
-                    if gen.killed_by_us is not None and gen.state is not GenerationState.STARTING:
-                        self._event(
-                            logging.WARNING, "child.killing_orphan", epoch=gen.epoch, pid=gen.pid
-                        )
-                        gen.kill()
+                self._kill_orphans()
+            case Timer.HUNG_DRAIN:
+                pass
             case Timer.TERM_WAIT:
-                self._kill_remaining()
+                self._shutdown.kill_remaining()
             case Timer.KILL_WAIT:
-                self._event(
-                    logging.ERROR,
-                    "shutdown.kill_timeout",
-                    "children did not go away after SIGKILL",
-                    pids=[g.pid for g in self._alive()],
-                )
-                self._exit_code = ExitCode.CHILD_KILLED
+                self._shutdown.kill_timed_out()
             case Timer.DEBOUNCE:
                 self._on_burst_due()
             case Timer.COMMAND_DEADLINE:
@@ -331,6 +327,27 @@ class Supervisor:
                 self._desk.drop_idle()
             case _:
                 assert_never(timer)
+
+    def _on_drain_wait_over(self) -> None:
+        if not isinstance(self._plan, StartNext):
+            return  # stale: what waited for the drain is gone
+        self._drain_wait_over = True
+        for gen in self._roster.draining():
+            self._event(
+                logging.WARNING,
+                "restart.drain_wait_exceeded",
+                f"restarting although epoch {gen.epoch} still drains: Envoy will end "
+                "its drain now and its open connections may be reset",
+                epoch=gen.epoch,
+                pid=gen.pid,
+                waited_s=self._settings.max_drain_wait_s,
+            )
+
+    def _kill_orphans(self) -> None:
+        for gen in self._roster.alive():
+            if gen.marks.stop_reason is not None and gen.state is not GenerationState.STARTING:
+                self._event(logging.WARNING, "child.killing_orphan", epoch=gen.epoch, pid=gen.pid)
+                gen.process.kill()
 
     def _on_stderr(self, gen: Generation) -> None:
         on_line = None
@@ -341,14 +358,14 @@ class Supervisor:
                     envoy_logger, logging.INFO, "envoy.output", line, epoch=gen.epoch, pid=gen.pid
                 )
 
-        if not gen.pump_stderr(on_line):
-            fd = gen.stderr_fd()
+        if not gen.process.pump_stderr(on_line):
+            fd = gen.process.stderr_fd()
             if fd is not None:
                 self._reactor.remove_reader(fd)
-            gen.close_stderr()
+            gen.process.close_stderr()
 
     # -- watching -------------------------------------------------------------
-    def _start_watching(self, changes: ChangeDetector) -> None:
+    def _start_watching(self, changes: Content) -> None:
         planned = changes.plan()
         for check in check_limits(planned.watch_points):
             if not check.ok:
@@ -372,13 +389,13 @@ class Supervisor:
                 path=missing,
             )
 
-    def _on_watch_readable(self, changes: ChangeDetector) -> None:
-        self._telemetry.watch_events.inc(changes.on_readable(time.monotonic()))
+    def _on_watch_readable(self, changes: Content) -> None:
+        self._telemetry.watch_events.inc(changes.on_readable(self._reactor.now()))
         deadline = changes.deadline()
         if deadline is not None:
             self._reactor.set_deadline(Timer.DEBOUNCE, deadline)
 
-    def _current_content(self, changes: ChangeDetector) -> Snapshot:
+    def _current_content(self, changes: Content) -> Snapshot:
         """What is on disk now; events already in the kernel's queue are read first (and
         start their debounce), so "nothing happened since the last scan" is true."""
         if changes.active:
@@ -389,56 +406,28 @@ class Supervisor:
         changes = self._changes
         if changes is None:
             return
-        burst = changes.settle(time.monotonic())
+        burst = changes.settle(self._reactor.now())
         if burst is None:
             deadline = changes.deadline()
             if deadline is not None:
                 self._reactor.set_deadline(Timer.DEBOUNCE, deadline)
             return
-        # Compare with what the newest live attempt carries: a starting generation
-        # already has this content, and a failed one is gone.
-        reference = self._newest_content()
-        if self._held_while_missing(burst.snapshot, reference):
-            return
-        if self._runs_already(reference, burst.snapshot, logging.DEBUG):
-            return
-        if burst.snapshot.digest == self._abandoned_digest:
-            self._event(
-                logging.INFO,
-                "restart.skipped",
-                "the content whose restart was given up on; change it or send SIGHUP",
-                reason="failed_before",
-            )
-            return
-        if reference is not None:
-            changed = burst.snapshot.changed_since(reference)
-        else:
-            changed = sorted(burst.paths)
-        self.request_restart("files_changed", changed, burst.events)
+        serving = self._roster.serving()
+        verdict = self._triggers.judge(
+            burst,
+            self._newest_content(),
+            self._last_started_content,
+            serving,
+            self._config_of(serving),
+        )
+        if verdict is not None:
+            self.request_restart("files_changed", verdict.changed, verdict.events)
 
     def _held_while_missing(self, snapshot: Snapshot, reference: Snapshot | None) -> bool:
-        """A watched path that existed is gone: no restart until it is back."""
-        serving = self._serving()
-        config = None
-        if self._settings.config is None and serving is not None:
-            config = self._family.config_path(serving)  # the -c it runs
-        return self._missing.hold(
-            snapshot,
-            reference or self._last_started_content,
-            config=config,
-            epoch=serving.epoch if serving is not None else None,
-            pid=serving.pid if serving is not None else None,
+        serving = self._roster.serving()
+        return self._triggers.held(
+            snapshot, reference or self._last_started_content, serving, self._config_of(serving)
         )
-
-    def _drop_held_batch(self, plan: StartNext) -> None:
-        """A validated restart whose files went missing before it started: it is over
-        (refused); the files' return is a change like any other."""
-        message = f"not restarted: {', '.join(self._missing.reported)} went missing"
-        self._batch_began_at = None
-        self._telemetry.restart_done(
-            "refused", plan.reason, error=message, status=self._status_text()
-        )
-        self._desk.answer(plan.seq, ControlReply(False, message))
 
     def _newest_content(self) -> Snapshot | None:
         """The content the newest attempt carries: being validated, validated and
@@ -447,55 +436,33 @@ class Supervisor:
             return self._preflight_content
         if isinstance(self._plan, StartNext) and self._plan.content is not None:
             return self._plan.content
-        generation = self._starting() or self._serving()
+        generation = self._roster.starting() or self._roster.serving()
         return generation.snapshot if generation is not None else None
 
-    def _runs_already(self, reference: Snapshot | None, snapshot: Snapshot, level: int) -> bool:
-        """True (and logged) when `reference` is exactly this content."""
-        if reference is None or snapshot.digest != reference.digest:
-            return False
-        serving = self._serving()
-        self._event(
-            level,
-            "restart.skipped",
-            "unchanged, not restarting",
-            reason="unchanged",
-            epoch=serving.epoch if serving else None,
-            pid=serving.pid if serving else None,
-        )
-        return True
+    # -- the plan ---------------------------------------------------------------
+    def _replan(self, new: Plan | None, why: str) -> None:
+        """The one writer of the plan: every move must be in `PLAN_EDGES`."""
+        edge = (kind_of(self._plan), kind_of(new))
+        if why not in PLAN_EDGES.get(edge, frozenset()):
+            raise IllegalMove(f"plan {edge[0].value} -> {edge[1].value} ({why}) not allowed")
+        self._plan = new
 
     # -- what to start next -----------------------------------------------------
-    def _advance(self) -> None:
-        """Start the next generation if one is wanted and allowed now."""
-        if self._stopping or self._exit_code is not None or self._starting() is not None:
+    def _advance(self, _event: Event | None = None) -> None:
+        """Start the next generation if one is wanted and allowed now (gunicorn's
+        `manage_workers`: a few questions, each answered by a method of its own)."""
+        if self._shutdown.stopping or self._shutdown.exit_code is not None:
             return
-        serving = self._serving()
+        if self._roster.starting() is not None:
+            return
+        serving = self._roster.serving()
         if serving is None:
             self._recover(backing_off=self._reactor.has_deadline(Timer.RETRY))
             return
-        if serving.killed_by_us is not None or self._gate.busy:
+        if serving.marks.stop_reason is not None or self._gate.busy:
             return  # a full restart is under way, or requests wait for the gate, as one
-        if self._requests:
-            if self._requests_change_nothing(serving):
-                return
-            if self._gate.enabled and self._changes is None and self._must_wait_for_drain():
-                # Nothing pins what was validated without watching: validate right before
-                # the start instead, after the drain wait.
-                return
-            reason = ",".join(self._requests)
-            self._requests.clear()
-            self._begin_batch(reason)
-            if self._gate.enabled:
-                self._begin_preflight(reason)
-                if not self._gate.busy:
-                    # Decided at once (nothing had to run: a known binary, no config to
-                    # validate): no event will follow to carry the plan out. Back through
-                    # the loop, not recursion: signals and exits come first.
-                    self._reactor.set_timeout(Timer.ADVANCE, 0)
-                return
-            self._plan = StartNext(reason, self._batch_seq)
-            self._reactor.cancel(Timer.RETRY)
+        if self._batches.queued and not self._take_requests(serving):
+            return
         plan = self._plan
         if not isinstance(plan, StartNext):
             self._reactor.cancel(Timer.DRAIN_WAIT)
@@ -503,60 +470,98 @@ class Supervisor:
             return
         if self._reactor.has_deadline(Timer.RETRY):
             return  # a retry waits out its backoff
-        if plan.content is not None and self._changes is not None:
-            current = self._current_content(self._changes)
-            if current.digest != plan.content.digest:
-                # Changed since it was validated: never start unvalidated content.
-                self._plan = None
-                if self._held_while_missing(current, plan.content):
-                    self._drop_held_batch(plan)
-                    return
-                self.request_restart("files_changed", current.changed_since(plan.content))
-                self._reactor.set_timeout(Timer.ADVANCE, 0)
-                return
-        if serving.doomed:
+        if self._changed_since_validated(plan):
+            return
+        if serving.marks.doomed:
             # Its parent died early: a hot restart from it would hang (measured). The
             # validated request is carried out as a stop and a cold start instead.
             self._full_restart(serving, plan)
             return
-        if len(self._alive()) >= MAX_FAMILY_PROCESSES:
+        if len(self._roster.alive()) >= MAX_FAMILY_PROCESSES:
             return  # a cut drain is ending; its exit wakes us again
         if self._must_wait_for_drain():
             return
-        reason, seq = plan.reason, plan.seq
-        self._plan = None
+        self._start_next(serving, plan)
+
+    def _take_requests(self, serving: Generation) -> bool:
+        """Turn the queued requests into a batch; True when a plan may follow now."""
+        if self._requests_change_nothing(serving):
+            return False
+        if self._gate.enabled and self._changes is None and self._must_wait_for_drain():
+            # Nothing pins what was validated without watching: validate right before
+            # the start instead, after the drain wait.
+            return False
+        reason = self._batches.take()
+        if self._gate.enabled:
+            self._begin_preflight(reason)
+            if not self._gate.busy:
+                # Decided at once (nothing had to run: a known binary, no config to
+                # validate): no event will follow to carry the plan out. Back through
+                # the loop, not recursion: signals and exits come first.
+                self._reactor.set_timeout(Timer.ADVANCE, 0)
+            return False
+        self._replan(StartNext(reason, self._batches.seq), "no_gate")
+        self._reactor.cancel(Timer.RETRY)
+        return True
+
+    def _changed_since_validated(self, plan: StartNext) -> bool:
+        """Never start unvalidated content: a change since validation goes back to the
+        gate as a new request."""
+        if plan.content is None or self._changes is None:
+            return False
+        current = self._current_content(self._changes)
+        if current.digest == plan.content.digest:
+            return False
+        if self._held_while_missing(current, plan.content):
+            self._replan(None, "went_missing")
+            self._drop_held_batch(plan)
+            return True
+        self._replan(None, "changed_since_validated")
+        self.request_restart("files_changed", current.changed_since(plan.content))
+        self._reactor.set_timeout(Timer.ADVANCE, 0)
+        return True
+
+    def _start_next(self, serving: Generation, plan: StartNext) -> None:
+        self._replan(None, "started")
         self._drain_wait_over = False
-        for draining in self._in_state(GenerationState.DRAINING):
+        for draining in self._roster.draining():
             # A third process makes the serving one end this drain at once (§8).
-            draining.drain_cut_by_restart = True
+            self._roster.mark_drain_cut(draining)
         self._reactor.cancel(Timer.RETRY)
         self._reactor.cancel(Timer.DRAIN_WAIT)
-        self._start(serving.epoch + 1, reason, parent=serving, covers_seq=seq, content=plan.content)
+        self._start(
+            serving.epoch + 1,
+            plan.reason,
+            parent=serving,
+            covers_seq=plan.seq,
+            content=plan.content,
+        )
 
     def _requests_change_nothing(self, serving: Generation) -> bool:
         """Queued requests that only say "files changed" (or a plain reload), when the
         content is what serves: answered as unchanged, not restarted (a batch requeued
         after a recovery, a push re-run). SIGHUP and forced reloads always restart."""
         changes = self._changes
-        if not set(self._requests) <= {"files_changed", "control"}:
+        if not set(self._batches.queued) <= {"files_changed", "control"}:
             return False
         if changes is None or not self._settings.watch or serving.snapshot is None:
             return False
-        if not self._runs_already(serving.snapshot, self._current_content(changes), logging.INFO):
+        current = self._current_content(changes)
+        if not runs_already(serving.snapshot, current, logging.INFO, serving):
             return False
-        self._requests.clear()
-        self._desk.answer(
-            self._request_seq, ControlReply(True, "unchanged, already serving", serving.epoch)
+        self._batches.queued.clear()
+        self._batches.finish(
+            "unchanged",
+            "files_changed",
+            seq=self._batches.request_seq,
+            status=self._status_text(),
+            epoch=serving.epoch,
+            message="unchanged, already serving",
         )
         return True
 
-    def _begin_batch(self, reason: str) -> None:
-        self._batch_seq = self._request_seq
-        self._batch_began_at = time.monotonic()
-        self._telemetry.restart_began(reason, f"reloading: {reason}")
-
     def _must_wait_for_drain(self) -> bool:
-        draining = self._in_state(GenerationState.DRAINING)
+        draining = self._roster.draining()
         if not draining or self._drain_wait_over or self._settings.max_drain_wait_s <= 0:
             return False
         if not self._reactor.has_deadline(Timer.DRAIN_WAIT):
@@ -572,27 +577,35 @@ class Supervisor:
             )
         return True
 
+    def _drop_held_batch(self, plan: StartNext) -> None:
+        """A validated restart whose files went missing before it started: it is over
+        (refused); the files' return is a change like any other."""
+        message = f"not restarted: {', '.join(self._triggers.missing.reported)} went missing"
+        self._batches.finish(
+            "refused", plan.reason, seq=plan.seq, error=message, status=self._status_text()
+        )
+
+    # -- recovery ---------------------------------------------------------------
     def _recover(self, backing_off: bool) -> None:
         """Nothing serves: respawn from a draining parent if one is there, else epoch 0."""
         plan = self._plan
         if isinstance(plan, Respawn):
-            parents = self._in_state(GenerationState.DRAINING)
+            parents = self._roster.draining()
             if parents:
-                # Measured: the dead epoch's parent refuses new connections and nobody
-                # will tell it to exit; the same epoch started again from it goes LIVE
-                # in ~0.1 s and ends its drain normally.
-                self._plan = None
                 # Answers no reload: the dead epoch's own batch was answered when it went
                 # LIVE, and requests since then still need the gate.
+                self._replan(None, "started")
                 self._start(plan.epoch, "recovery", parent=parents[-1])
                 return
-            plan = self._plan = ColdStart("recovery")
-        if not isinstance(plan, ColdStart):
-            if plan is None and not self._requests:
+            self._replan(ColdStart("recovery"), "recovery")
+        elif not isinstance(plan, ColdStart):
+            if plan is None and not self._batches.queued:
                 return
             # Nothing serves: whatever else was planned, recovery comes first.
-            plan = self._plan = ColdStart("recovery")
-        orphans = self._alive()
+            self._replan(ColdStart("recovery"), "recovery")
+        cold = self._plan
+        assert isinstance(cold, ColdStart)
+        orphans = self._roster.alive()
         if orphans:
             # Epoch 0 cannot bind its domain socket while any of the family lives
             # (#10902); a draining parent without a successor serves nothing.
@@ -601,27 +614,23 @@ class Supervisor:
         # A request newer than the last cold attempt (an operator's SIGHUP, a fixed
         # config) skips the backoff once; queued requests are not consumed: they pass
         # the gate once something serves.
-        fresh_request = self._request_seq > self._cold_attempt_seq
+        fresh_request = self._batches.request_seq > self._cold_attempt_seq
         if backing_off and not fresh_request:
             return
-        self._cold_attempt_seq = self._request_seq
-        self._plan = None
+        self._cold_attempt_seq = self._batches.request_seq
+        self._replan(None, "started")
         self._reactor.cancel(Timer.RETRY)
-        self._start(0, plan.reason, covers_seq=plan.covers_seq)
-
-    def _requeue(self, reason: str) -> None:
-        for part in reason.split(","):
-            if part and part not in ("startup", "recovery") and part not in self._requests:
-                self._requests.append(part)
+        self._start(0, cold.reason, covers_seq=cold.covers_seq)
 
     def _stop_orphans(self, orphans: list[Generation]) -> None:
         for orphan in orphans:
-            if orphan.killed_by_us is None:
-                orphan.killed_by_us = "no successor serves; stopped so epoch 0 can start"
+            if orphan.marks.stop_reason is None:
+                reason = "no successor serves; stopped so epoch 0 can start"
+                self._roster.mark_stopping(orphan, reason)
                 self._event(
                     logging.WARNING,
                     "child.stopping_orphan",
-                    orphan.killed_by_us,
+                    reason,
                     epoch=orphan.epoch,
                     pid=orphan.pid,
                 )
@@ -632,20 +641,21 @@ class Supervisor:
         """A doomed epoch cannot hot restart (its child hangs, measured); stop it and
         cold-start epoch 0 with the validated request: the ~0.1 s outage its abort would
         cause anyway, at a moment of the operator's choosing."""
-        serving.killed_by_us = "full restart: its parent died early, so it cannot hot restart"
+        reason = "full restart: its parent died early, so it cannot hot restart"
+        self._roster.mark_stopping(serving, reason)
         self._event(
             logging.WARNING,
             "restart.full",
-            f"{serving.killed_by_us}; stopping it and starting epoch 0 (a short outage)",
+            f"{reason}; stopping it and starting epoch 0 (a short outage)",
             epoch=serving.epoch,
             pid=serving.pid,
         )
-        self._plan = ColdStart(plan.reason, covers_seq=plan.seq)
+        self._replan(ColdStart(plan.reason, covers_seq=plan.seq), "full_restart")
         self._terminate(serving)
 
     def _terminate(self, gen: Generation) -> None:
         """TERM one we decided to stop; KILL it after --term-wait if it hangs (§7)."""
-        gen.send_signal(signal.SIGTERM)
+        gen.process.send_signal(signal.SIGTERM)
         if not self._reactor.has_deadline(Timer.ORPHAN_KILL):
             self._reactor.set_timeout(Timer.ORPHAN_KILL, self._settings.term_wait_s)
 
@@ -670,7 +680,7 @@ class Supervisor:
 
     def _begin_preflight(self, reason: str) -> None:
         self._preflight_reason = reason
-        self._preflight_seq = self._batch_seq
+        self._preflight_seq = self._batches.seq
         # Pinned before validating: what starts must be what was validated (see _advance).
         self._preflight_content = (
             self._current_content(self._changes) if self._changes is not None else None
@@ -680,27 +690,26 @@ class Supervisor:
             self._on_preflight_done(outcome)
 
     def _on_preflight_done(self, outcome: PreflightOutcome) -> None:
-        serving = self._serving()
+        serving = self._roster.serving()
         self._log_outcome(outcome, epoch=serving.epoch if serving else None)
         reason = self._preflight_reason
         if serving is None or isinstance(self._plan, Respawn | ColdStart):
-            self._requeue(reason)  # recovery first; the request passes the gate after it
+            self._batches.requeue(reason)  # recovery first; it passes the gate after it
             return
         if not outcome.ok:
-            self._batch_began_at = None
             if isinstance(self._plan, StartNext):
-                self._plan = None  # what is on disk now failed: never start it
+                self._replan(None, "gate_failed")  # what is on disk now failed
             refused = outcome.verdict is Verdict.BINARY_REFUSED
-            self._telemetry.restart_done(
+            self._batches.finish(
                 "refused" if refused else "validation_failed",
                 reason,
+                seq=self._preflight_seq,
                 error=outcome.message,
                 status=self._status_text(),
             )
-            self._desk.answer(self._preflight_seq, ControlReply(False, outcome.message))
             return
         binary = outcome.binary
-        running = serving.binary if serving is not None and serving.binary else self._binary
+        running = serving.binary if serving.binary else self._binary
         running_version = (running.hot_restart_version if running else None) or (
             self._family.hot_restart_version
         )
@@ -712,7 +721,7 @@ class Supervisor:
         # A request that passed the gate is a new chance: no backoff, no old failures.
         self._hot_failures = 0
         self._reactor.cancel(Timer.RETRY)
-        self._plan = StartNext(reason, self._preflight_seq, self._preflight_content)
+        self._replan(StartNext(reason, self._preflight_seq, self._preflight_content), "gate_passed")
 
     def _on_incompatible_binary(
         self, binary: BinaryInfo, running_version: str, reason: str
@@ -722,8 +731,8 @@ class Supervisor:
             f"{binary.hot_restart_version}, the running Envoy {running_version}: a hot "
             "restart into it cannot work (its shared memory differs, #14224)"
         )
-        serving = self._serving()
         if self._settings.on_incompatible_binary == "refuse":
+            serving = self._roster.serving()
             self._event(
                 logging.ERROR,
                 "binary.incompatible",
@@ -734,9 +743,14 @@ class Supervisor:
                 version=binary.release,
                 hot_restart_version=binary.hot_restart_version,
             )
-            self._batch_began_at = None
-            self._telemetry.restart_done("refused", reason, error=what, status=self._status_text())
-            self._desk.answer(self._preflight_seq, ControlReply(False, f"refused: {what}"))
+            self._batches.finish(
+                "refused",
+                reason,
+                seq=self._preflight_seq,
+                error=what,
+                message=f"refused: {what}",
+                status=self._status_text(),
+            )
             return
         self._event(
             logging.WARNING,
@@ -747,10 +761,13 @@ class Supervisor:
             hot_restart_version=binary.hot_restart_version,
         )
         self._binary = binary
-        for gen in self._alive():
-            gen.killed_by_us = "replaced by an incompatible binary"
+        for gen in self._roster.alive():
+            self._roster.mark_stopping(gen, "replaced by an incompatible binary")
             self._terminate(gen)
-        self._plan = ColdStart("incompatible binary", covers_seq=self._preflight_seq)
+        self._replan(
+            ColdStart("incompatible binary", covers_seq=self._preflight_seq),
+            "incompatible_binary",
+        )
 
     def _log_outcome(self, outcome: PreflightOutcome, epoch: int | None) -> None:
         binary = outcome.binary
@@ -764,11 +781,11 @@ class Supervisor:
                 hot_restart_version=binary.hot_restart_version if binary else None,
             )
             return
+        serves = epoch is not None and self._roster.serving() is not None
         self._event(
             logging.ERROR,
             outcome.verdict.value,
-            outcome.message
-            + (f"; epoch {epoch} keeps serving" if epoch is not None and self._serving() else ""),
+            outcome.message + (f"; epoch {epoch} keeps serving" if serves else ""),
             detail=outcome.detail,
             epoch=epoch,
             duration_s=outcome.duration_s,
@@ -785,48 +802,49 @@ class Supervisor:
         covers_seq: int = 0,
         content: Snapshot | None = None,
     ) -> None:
-        assert self._starting() is None, "never two starting generations (upstream #550)"
         if parent is not None:
             # No child of ours is starting, so a set flag can only be a dead child's.
             self._family.restore_flag(parent, epoch)
+        if self._changes is not None and content is None:
+            # What this epoch starts from; a burst that settles later and finds the
+            # same content then restarts nothing. Cheap: unchanged files are not read.
+            content = self._current_content(self._changes)
         try:
-            gen = spawn(self._settings.start_script, self._settings.script_args, epoch, reason)
+            gen = self._roster.spawn(
+                epoch, reason, covers_seq=covers_seq, snapshot=content, binary=self._binary
+            )
         except OSError as err:
             message = f"cannot execute start script {self._settings.start_script}: {err.strerror}"
             if first:
                 raise SpawnError(message) from err
-            serving = self._serving()
-            self._event(
-                logging.ERROR,
-                "restart.failed",
-                message + (f"; epoch {serving.epoch} keeps serving" if serving else ""),
-                epoch=epoch,
-                cause="exec failed",
-            )
-            self._last_failed_seq = covers_seq
-            self._last_start_error = message
-            self._telemetry.restart_done(
-                "start_failed", reason, error=message, status=self._status_text()
-            )
-            self._after_failed_start(epoch, "exec failed", content)
+            self._on_exec_failed(epoch, reason, message, covers_seq, content)
             return
-        if self._changes is not None:
-            # What this epoch starts from; a burst that settles later and finds the
-            # same content then restarts nothing. Cheap: unchanged files are not read.
-            gen.snapshot = content if content is not None else self._current_content(self._changes)
-            self._last_started_content = gen.snapshot
-        gen.binary = self._binary
-        gen.covers_seq = covers_seq
-        self._generations.append(gen)
-        fd = gen.stderr_fd()
+        if content is not None:
+            self._last_started_content = content
+        fd = gen.process.stderr_fd()
         if fd is not None:
             self._reactor.add_reader(fd, gen)
         self._reactor.set_timeout(Timer.START_DEADLINE, self._settings.start_timeout_s)
         self._reactor.set_timeout(Timer.PROBE, 0.01)
-        self._event(logging.INFO, "child.started", epoch=epoch, pid=gen.pid, reason=reason)
+
+    def _on_exec_failed(
+        self, epoch: int, reason: str, message: str, covers_seq: int, content: Snapshot | None
+    ) -> None:
+        serving = self._roster.serving()
+        self._event(
+            logging.ERROR,
+            "restart.failed",
+            message + (f"; epoch {serving.epoch} keeps serving" if serving else ""),
+            epoch=epoch,
+            cause="exec failed",
+        )
+        self._last_failed_seq = covers_seq
+        self._last_start_error = message
+        self._batches.retry_pending(reason, error=message, status=self._status_text())
+        self._after_failed_start(epoch, "exec failed", content)
 
     def _probe(self) -> None:
-        gen = self._starting()
+        gen = self._roster.starting()
         if gen is None:
             return
         self._family.observe(gen)
@@ -842,69 +860,44 @@ class Supervisor:
         if self._family.is_live(gen):
             self._on_live(gen)
             return
-        elapsed = time.monotonic() - gen.started_at
+        elapsed = self._reactor.now() - gen.started_at
         self._reactor.set_timeout(Timer.PROBE, min(0.1, max(0.01, elapsed / 4)))
 
     def _on_live(self, gen: Generation) -> None:
-        now = time.monotonic()
         self._reactor.cancel(Timer.PROBE)
         self._reactor.cancel(Timer.START_DEADLINE)
-        for old in self._in_state(GenerationState.SERVING):
-            old.transition(GenerationState.DRAINING)
-            self._event(
-                logging.INFO,
-                "child.draining",
-                f"epoch {old.epoch} drains; Envoy ends it after its parent-shutdown time",
-                epoch=old.epoch,
-                pid=old.pid,
-                successor_epoch=gen.epoch,
-            )
-        for parent in self._in_state(GenerationState.DRAINING):
-            if parent.epoch == gen.epoch - 1:
-                # Envoy ends the parent's drain at the child's real LIVE + parent-shutdown
-                # time; the child's spawn is a lower bound we know for sure.
-                parent.draining_since = gen.started_at
-        gen.transition(GenerationState.SERVING)
-        gen.serving_at = now
+        self._roster.went_live(gen)
         self._ever_served = True
-        self._abandoned_digest = None
+        self._triggers.abandoned_digest = None
         self._hot_failures = 0
         self._cold_failures = 0
-        self._event(
-            logging.INFO,
-            "child.serving",
-            epoch=gen.epoch,
-            pid=gen.pid,
-            startup_s=round(now - gen.started_at, 3),
-            reason=gen.reason,
-        )
-        if gen.covers_seq and self._batch_began_at is not None:
-            self._telemetry.restart_done(
+        reply = ControlReply(True, f"serving ({gen.reason})", gen.epoch)
+        if gen.covers_seq and self._batches.in_flight:
+            self._batches.finish(
                 "success",
                 gen.reason,
-                duration_s=now - self._batch_began_at,
+                seq=gen.covers_seq,
                 status=self._status_text(),
+                epoch=gen.epoch,
+                message=reply.message,
             )
-            self._batch_began_at = None
         else:
-            self._telemetry.serving_again(self._status_text())
-        self._desk.answer(gen.covers_seq, ControlReply(True, f"serving ({gen.reason})", gen.epoch))
+            self._batches.served_without_batch(self._status_text(), gen.covers_seq, reply)
 
     def _on_start_deadline(self) -> None:
-        gen = self._starting()
+        gen = self._roster.starting()
         if gen is None:
             return
-        gen.killed_by_us = f"not LIVE within --start-timeout {self._settings.start_timeout_s:g} s"
-        self._event(
-            logging.WARNING, "child.start_timeout", gen.killed_by_us, epoch=gen.epoch, pid=gen.pid
-        )
+        reason = f"not LIVE within --start-timeout {self._settings.start_timeout_s:g} s"
+        self._roster.mark_stopping(gen, reason)
+        self._event(logging.WARNING, "child.start_timeout", reason, epoch=gen.epoch, pid=gen.pid)
         # A child can wait forever on an unresponsive parent (§7); kill it, never the parent.
-        gen.kill()
+        gen.process.kill()
 
     # -- exits ----------------------------------------------------------------
     def _reap(self) -> None:
-        for gen in self._alive():
-            if gen.poll() is not None:
+        for gen in self._roster.alive():
+            if gen.process.poll() is not None:
                 self._on_exited(gen)
         outcome = self._gate.poll()
         if outcome is not None:
@@ -912,25 +905,24 @@ class Supervisor:
 
     def _on_exited(self, gen: Generation) -> None:
         self._on_stderr(gen)
-        previous = gen.transition(GenerationState.EXITED)
-        self._generations.remove(gen)
+        previous = self._roster.exited(gen)
         self._family.forget(gen)
         assert gen.returncode is not None
         status = describe_exit(gen.returncode)
-        self._telemetry.child_exited(_exit_cause(previous, gen, stopping=self._stopping))
-        if self._stopping:
+        self._telemetry.child_exited(_exit_cause(previous, gen, self._shutdown.stopping))
+        if self._shutdown.stopping:
             self._event(logging.INFO, "child.exited", epoch=gen.epoch, pid=gen.pid, status=status)
-            self._finish_stop_if_done()
+            self._shutdown.finish_if_done()
             return
         match previous:
             case GenerationState.STARTING:
-                self._on_start_failed(gen, gen.killed_by_us or status)
+                self._on_start_failed(gen, gen.marks.stop_reason or status)
             case GenerationState.SERVING:
                 self._on_serving_died(gen, status)
             case GenerationState.DRAINING:
                 self._on_drained(gen, status)
             case GenerationState.EXITED:
-                raise AssertionError("an exited generation cannot exit again")
+                raise IllegalMove("an exited generation cannot exit again")
             case _:
                 assert_never(previous)
 
@@ -946,24 +938,23 @@ class Supervisor:
                 f"the start script {self._settings.start_script} exited {gen.returncode} "
                 f"({shell_says}) before Envoy ran: {gen.last_error_line() or 'no output'}"
             )
-        serving = self._serving()
+        serving = self._roster.serving()
+        self._last_start_error = (
+            f"epoch {gen.epoch} failed to start: {gen.last_error_line() or cause}"
+        )
         self._event(
             logging.INFO if cause == PARENT_DIED else logging.ERROR,
             "restart.failed",
-            f"epoch {gen.epoch} failed to start: {gen.last_error_line() or cause}"
-            + (f"; epoch {serving.epoch} keeps serving" if serving else ""),
+            self._last_start_error + (f"; epoch {serving.epoch} keeps serving" if serving else ""),
             detail="\n".join(gen.stderr_tail) or None,
             epoch=gen.epoch,
             pid=gen.pid,
             cause=cause,
         )
         self._last_failed_seq = gen.covers_seq
-        self._last_start_error = (
-            f"epoch {gen.epoch} failed to start: {gen.last_error_line() or cause}"
-        )
         if cause != PARENT_DIED:
-            self._telemetry.restart_done(
-                "start_failed", gen.reason, error=self._last_start_error, status=self._status_text()
+            self._batches.retry_pending(
+                gen.reason, error=self._last_start_error, status=self._status_text()
             )
         self._after_failed_start(gen.epoch, cause, gen.snapshot)
 
@@ -975,31 +966,16 @@ class Supervisor:
                 "a child failed and --exit-on-child-failure is set", ExitCode.CHILD_KILLED
             )
             return
-        if self._serving() is None:
-            respawn_failed = bool(self._in_state(GenerationState.DRAINING))
+        if self._roster.serving() is None:
+            respawn_failed = bool(self._roster.draining())
             self._on_outage_failure(f"epoch {epoch} failed to start", immediate=respawn_failed)
             return
         self._hot_failures += 1
         if self._hot_failures > HOT_RESTART_RETRIES:
-            self._event(
-                logging.WARNING,
-                "restart.abandoned",
-                f"epoch {epoch} failed {self._hot_failures} times; keeping the serving epoch "
-                "until the next change or SIGHUP",
-                epoch=epoch,
-            )
-            self._hot_failures = 0
-            self._plan = None
-            self._batch_began_at = None
-            # The same content again (a push re-run) is not a new chance; a change is.
-            self._abandoned_digest = content.digest if content is not None else None
-            self._telemetry.restart_done(
-                "abandoned", "retry", error=self._last_start_error, status=self._status_text()
-            )
-            self._desk.answer(self._last_failed_seq, ControlReply(False, self._last_start_error))
+            self._abandon(epoch, content)
             return
         delay = exponential_delay(self._hot_failures, HOT_RETRY_FIRST_S, COLD_BACKOFF_CAP_S)
-        self._plan = StartNext("retry", self._last_failed_seq, content)
+        self._replan(StartNext("retry", self._last_failed_seq, content), "retry")
         self._reactor.set_timeout(Timer.RETRY, delay)
         self._event(
             logging.INFO,
@@ -1009,12 +985,33 @@ class Supervisor:
             in_s=delay,
         )
 
+    def _abandon(self, epoch: int, content: Snapshot | None) -> None:
+        self._event(
+            logging.WARNING,
+            "restart.abandoned",
+            f"epoch {epoch} failed {self._hot_failures} times; keeping the serving epoch "
+            "until the next change or SIGHUP",
+            epoch=epoch,
+        )
+        self._hot_failures = 0
+        if self._plan is not None:
+            self._replan(None, "abandoned")
+        # The same content again (a push re-run) is not a new chance; a change is.
+        self._triggers.abandoned_digest = content.digest if content is not None else None
+        self._batches.finish(
+            "abandoned",
+            "retry",
+            seq=self._last_failed_seq,
+            error=self._last_start_error,
+            status=self._status_text(),
+        )
+
     def _on_serving_died(self, gen: Generation, status: str) -> None:
-        planned = gen.killed_by_us is not None
+        planned = gen.marks.stop_reason is not None
         self._event(
             logging.INFO if planned else logging.ERROR,
             "child.died",
-            f"the serving Envoy exited ({status}): {gen.killed_by_us}"
+            f"the serving Envoy exited ({status}): {gen.marks.stop_reason}"
             if planned
             else f"the serving Envoy died ({status}); nothing serves until a new epoch is LIVE",
             detail=None if planned else "\n".join(gen.stderr_tail) or None,
@@ -1026,42 +1023,50 @@ class Supervisor:
         self._hot_failures = 0
         if planned:
             if not isinstance(self._plan, ColdStart):
-                self._plan = ColdStart(f"full restart ({gen.killed_by_us})")
+                self._replan(
+                    ColdStart(f"full restart ({gen.marks.stop_reason})"), "serving_stopped"
+                )
             return
-        # A batch the dead epoch was about to take (being validated, or validated and
-        # waiting, or starting) goes back in the queue: it passes the gate and is
-        # answered once something serves again. Nothing is dropped silently.
-        if self._gate.busy:
-            self._gate.abandon()
-            self._requeue(self._preflight_reason)
-        if isinstance(self._plan, StartNext):
-            self._requeue(self._plan.reason)
-        self._plan = None
+        self._requeue_pending()
         if self._settings.exit_on_child_failure:
             self._begin_stop(
                 "the serving child died and --exit-on-child-failure is set", ExitCode.CHILD_KILLED
             )
             return
-        starting = self._starting()
+        starting = self._roster.starting()
         if starting is not None:
             # Its parent is gone: it would hang or abort (§5, measured), never serve.
-            starting.killed_by_us = PARENT_DIED
-            starting.kill()
-            self._requeue(starting.reason)
-        parents = self._in_state(GenerationState.DRAINING)
-        if parents and not gen.doomed and parents[-1].epoch == gen.epoch - 1:
-            self._plan = Respawn(gen.epoch)
-        served_s = time.monotonic() - (gen.serving_at or gen.started_at)
+            self._roster.mark_stopping(starting, PARENT_DIED)
+            starting.process.kill()
+            self._batches.requeue(starting.reason)
+        parents = self._roster.draining()
+        if parents and not gen.marks.doomed and parents[-1].epoch == gen.epoch - 1:
+            self._replan(Respawn(gen.epoch), "serving_died")
+        served_s = self._reactor.now() - (gen.serving_at or gen.started_at)
         self._on_outage_failure(f"serving epoch {gen.epoch} died", served_s=served_s)
 
+    def _requeue_pending(self) -> None:
+        """A batch the dead epoch was about to take (being validated, or validated and
+        waiting, or starting) goes back in the queue: it passes the gate and is answered
+        once something serves again. Nothing is dropped silently."""
+        if self._gate.busy:
+            self._gate.abandon()
+            self._batches.requeue(self._preflight_reason)
+        plan = self._plan
+        if isinstance(plan, StartNext):
+            self._batches.requeue(plan.reason)
+            self._replan(None, "serving_died")
+        elif plan is not None:
+            raise IllegalMove(f"a recovery plan while an epoch served: {plan}")
+
     def _on_drained(self, gen: Generation, status: str) -> None:
-        successor = self._serving()
+        successor = self._roster.serving()
         if successor is not None and self._died_early(gen, successor):
             # Measured: the successor aborts ~10 s after its parent-shutdown time
             # (sooner when that is >= 5 s), and a hot restart from it hangs for ever
             # with the flag stuck. So no hot restart: epoch 0 at the next request, or
             # the moment it dies.
-            successor.doomed = True
+            self._roster.mark_doomed(successor)
             self._event(
                 logging.ERROR,
                 "child.drain_cut",
@@ -1076,13 +1081,11 @@ class Supervisor:
                 serving_pid=successor.pid,
             )
             return
+        ended = "drain cut short by a newer epoch" if gen.marks.drain_cut_by_restart else None
         self._event(
             logging.INFO,
             "child.exited",
-            gen.killed_by_us
-            or (
-                "drain cut short by a newer epoch" if gen.drain_cut_by_restart else "drain finished"
-            ),
+            gen.marks.stop_reason or ended or "drain finished",
             epoch=gen.epoch,
             pid=gen.pid,
             status=status,
@@ -1090,12 +1093,12 @@ class Supervisor:
 
     def _died_early(self, gen: Generation, successor: Generation) -> bool:
         """Before Envoy would have ended it; unknown timing never counts as early."""
-        if gen.drain_cut_by_restart or gen.draining_since is None:
+        if gen.marks.drain_cut_by_restart or gen.draining_since is None:
             return False
         shutdown_s = self._family.parent_shutdown_s(successor)
         if shutdown_s is None:
             return False
-        return time.monotonic() < gen.draining_since + shutdown_s - EARLY_DRAIN_MARGIN_S
+        return self._reactor.now() < gen.draining_since + shutdown_s - EARLY_DRAIN_MARGIN_S
 
     def _on_outage_failure(
         self, what: str, *, immediate: bool = False, served_s: float | None = None
@@ -1108,7 +1111,7 @@ class Supervisor:
         `immediate` when that respawn failed and epoch 0 is the other way to try.
         Consecutive failed cold starts back off 1 s doubling to 30 s.
         """
-        now = time.monotonic()
+        now = self._reactor.now()
         if self._crash_budget.record(now):
             self._event(
                 logging.ERROR,
@@ -1119,83 +1122,41 @@ class Supervisor:
             )
             self._begin_stop("crash budget exhausted", ExitCode.CHILD_KILLED)
             return
-        if not isinstance(self._plan, Respawn):
-            self._plan = ColdStart("recovery")
+        if not isinstance(self._plan, Respawn | ColdStart):
+            self._replan(ColdStart("recovery"), "recovery")
         epoch = self._plan.epoch if isinstance(self._plan, Respawn) else 0
-        if served_s is not None:
-            delay = self._death_pacing.delay_after(served_s, now)
-            if isinstance(self._plan, Respawn):
-                delay = 0.0
-        elif immediate:
-            delay = 0.0
-        else:
-            self._cold_failures += 1
-            delay = exponential_delay(self._cold_failures, COLD_BACKOFF_FIRST_S, COLD_BACKOFF_CAP_S)
+        delay = self._recovery_delay(now, immediate, served_s)
         if delay:
             self._reactor.set_timeout(Timer.RETRY, delay)
         self._event(logging.INFO, "restart.recovery_scheduled", what, epoch=epoch, in_s=delay)
 
+    def _recovery_delay(self, now: float, immediate: bool, served_s: float | None) -> float:
+        if served_s is not None:
+            delay = self._death_pacing.delay_after(served_s, now)
+            return 0.0 if isinstance(self._plan, Respawn) else delay
+        if immediate:
+            return 0.0
+        self._cold_failures += 1
+        return exponential_delay(self._cold_failures, COLD_BACKOFF_FIRST_S, COLD_BACKOFF_CAP_S)
+
     # -- stopping -------------------------------------------------------------
     def _begin_stop(self, reason: str, floor: ExitCode) -> None:
-        if self._stopping:
-            self._event(logging.INFO, "shutdown.already_stopping", reason)
+        if not self._shutdown.begin(reason, floor):
             return
-        self._stopping = True
-        self._exit_floor = max(self._exit_floor, floor)
         for timer in Timer:
             self._reactor.cancel(timer)
         self._gate.abandon()
-        alive = self._alive()
         self._telemetry.stopping(f"stopping: {reason}")
-        self._desk.answer(
-            self._request_seq, ControlReply(False, f"the daemon is stopping ({reason})")
+        self._batches.finish(
+            "stopping",
+            reason,
+            seq=self._batches.request_seq,
+            status=self._status_text(),
+            message=f"the daemon is stopping ({reason})",
         )
         if self._control is not None:
             self._reactor.remove_reader(self._control.fileno())
-        self._event(
-            logging.INFO,
-            "shutdown.started",
-            reason,
-            epochs=[g.epoch for g in alive],
-            pids=[g.pid for g in alive],
-            term_wait_s=self._settings.term_wait_s,
-        )
-        for gen in alive:
-            gen.send_signal(signal.SIGTERM)
-        if alive:
-            self._reactor.set_timeout(Timer.TERM_WAIT, self._settings.term_wait_s)
-        self._finish_stop_if_done()
-
-    def _kill_remaining(self) -> None:
-        alive = self._alive()
-        for gen in alive:
-            self._event(
-                logging.WARNING,
-                "shutdown.killing",
-                f"still alive {self._settings.term_wait_s:g} s after SIGTERM; sending SIGKILL",
-                epoch=gen.epoch,
-                pid=gen.pid,
-            )
-            gen.kill()
-        if alive:
-            self._exit_floor = ExitCode.CHILD_KILLED
-            self._reactor.set_timeout(Timer.KILL_WAIT, KILL_REAP_WAIT_S)
-
-    def _finish_stop_if_done(self) -> None:
-        if self._stopping and not self._alive():
-            self._reactor.cancel(Timer.TERM_WAIT)
-            self._reactor.cancel(Timer.KILL_WAIT)
-            self._exit_code = self._exit_floor
-            self._family.remove_shared_memory()
-            self._event(logging.INFO, "shutdown.finished", exit_code=int(self._exit_code))
-
-    def _kill_leftovers(self) -> None:
-        """Last resort on the way out (a bug raised): no child outlives the daemon."""
-        for gen in self._alive():
-            gen.kill()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                gen.process.wait(timeout=KILL_REAP_WAIT_S)
-            gen.close_stderr()
+        self._shutdown.signal_all(reason)
 
     # -- control socket and status -------------------------------------------
     def _on_control_request(self, conn: ControlConnection) -> None:
@@ -1204,7 +1165,7 @@ class Supervisor:
             return
         match request.split():
             case ["status"]:
-                conn.reply(ControlReply(True, self.state.value, status=dict(self._status())))
+                conn.reply(ControlReply(True, self.state.value, status=self._status()))
             case ["reload", *flags] if set(flags) <= {"--force"}:
                 self._control_reload(conn, force=bool(flags))
             case []:
@@ -1213,74 +1174,32 @@ class Supervisor:
                 conn.reply(ControlReply(False, f"unknown request {request!r}: reload, status"))
 
     def _control_reload(self, conn: ControlConnection, *, force: bool) -> None:
-        if self._stopping:
+        if self._shutdown.stopping:
             conn.reply(ControlReply(False, "the daemon is stopping"))
             return
-        serving = self._serving()
-        idle = not self._gate.busy and self._starting() is None and not self._requests
+        serving = self._roster.serving()
+        idle = not self._gate.busy and self._roster.starting() is None and not self._batches.queued
         if (
             not force
             and idle
             and serving is not None
             and self._changes is not None
-            and self._runs_already(serving.snapshot, self._changes.rescan(), logging.INFO)
+            and runs_already(serving.snapshot, self._changes.rescan(), logging.INFO, serving)
         ):
             conn.reply(ControlReply(True, "unchanged, already serving", serving.epoch))
             return
-        self._desk.wait(self.request_restart("control --force" if force else "control"), conn)
+        self._batches.wait(self.request_restart("control --force" if force else "control"), conn)
 
     def _status(self) -> dict[str, object]:
-        def brief(gen: Generation | None) -> dict[str, int] | None:
-            return {"epoch": gen.epoch, "pid": gen.pid} if gen is not None else None
-
-        changes = self._changes
-        snapshot = changes.snapshot if changes is not None else None
-        binary = self._binary
-        return {
-            "state": self.state.value,
-            "serving": brief(self._serving()),
-            "draining": [brief(g) for g in self._in_state(GenerationState.DRAINING)],
-            "starting": brief(self._starting()),
-            "last_restart": self._telemetry.last_restart_dict(),
-            "last_validation_error": self._telemetry.last_validation_error,
-            "watched": {"directories": len(snapshot.directories), "files": len(snapshot.files)}
-            if snapshot is not None
-            else None,
-            "inotify": {"used": changes.watch_count, "limit": self._watch_limit}
-            if changes is not None
-            else None,
-            "envoy": {
-                "version": binary.release if binary else self._family.envoy_version,
-                "hot_restart_version": binary.hot_restart_version
-                if binary
-                else self._family.hot_restart_version,
-            },
-            "daemon": {"pid": os.getpid(), "version": __version__},
-        }
+        return self._view.snapshot(self.state, self._binary)
 
     def _status_text(self) -> str:
-        """The short line systemd shows (STATUS=): what serves, what drains, what happened."""
-        serving = self._serving()
-        if self._stopping:
-            alive = self._alive()
-            return "stopping" + (
-                f": waiting for pids {', '.join(str(g.pid) for g in alive)}" if alive else ""
-            )
-        parts = [
-            f"epoch {serving.epoch} serving (pid {serving.pid})" if serving else self.state.value
-        ]
-        draining = self._in_state(GenerationState.DRAINING)
-        if draining:
-            parts.append("draining " + ", ".join(f"{g.epoch} (pid {g.pid})" for g in draining))
-        last = self._telemetry.last_restart
-        if last is not None:
-            parts.append(f"last restart: {last.outcome} ({last.reason})")
-        return "; ".join(parts)
+        return self._view.line(self.state)
 
-    def _publish(self) -> None:
-        serving = self._serving()
+    def _publish(self, _event: Event | None = None) -> None:
+        serving = self._roster.serving()
         self._telemetry.epoch.set(serving.epoch if serving else -1)
-        self._telemetry.generations_alive.set(len(self._alive()))
+        self._telemetry.generations_alive.set(len(self._roster.alive()))
         line = self._status_text()
         self._telemetry.publish(self._status(), line if line != self._status_line else None)
         self._status_line = line
@@ -1289,9 +1208,9 @@ class Supervisor:
     def _forward(self, signum: signal.Signals) -> None:
         # Not to a starting child: before Envoy installs its handlers, SIGUSR1's default
         # action would kill it (and a shell that did not exec dies of it, §11).
-        targets = [g for g in self._alive() if g.state is not GenerationState.STARTING]
+        targets = [g for g in self._roster.alive() if g.state in FORWARDS_SIGNALS]
         for gen in targets:
-            gen.signal_envoy(signum)
+            gen.process.signal_envoy(signum, gen.envoy)
         self._event(
             logging.INFO,
             "signal.forwarded",
@@ -1300,24 +1219,17 @@ class Supervisor:
             pids=[g.pid for g in targets],
         )
 
+    def _config_of(self, serving: Generation | None) -> Path | None:
+        """The -c the serving Envoy runs, when --config does not name it: a missing
+        path check needs it (see `MissingPaths.hold`)."""
+        if self._settings.config is None and serving is not None:
+            return self._family.config_path(serving)
+        return None
+
     def _warn_once(self, event: str, message: str, epoch: int, pid: int) -> None:
         if event not in self._warned:
             self._warned.add(event)
             self._event(logging.WARNING, event, message, epoch=epoch, pid=pid)
-
-    def _alive(self) -> list[Generation]:
-        return [g for g in self._generations if g.is_alive()]
-
-    def _in_state(self, state: GenerationState) -> list[Generation]:
-        return [g for g in self._generations if g.state is state]
-
-    def _serving(self) -> Generation | None:
-        serving = self._in_state(GenerationState.SERVING)
-        return serving[-1] if serving else None
-
-    def _starting(self) -> Generation | None:
-        starting = self._in_state(GenerationState.STARTING)
-        return starting[-1] if starting else None
 
     @staticmethod
     def _event(
@@ -1331,27 +1243,30 @@ class Supervisor:
         log_event(logger, level, event, message, detail=detail, **fields)
 
 
-def _exit_cause(previous: GenerationState, gen: Generation, *, stopping: bool) -> ExitCause:
+_Handler = Callable[[Event | None], None]
+
+
+def _exit_cause(previous: GenerationState, gen: Generation, stopping: bool) -> ExitCause:
     if stopping:
         return "stopped"
     match previous:
         case GenerationState.STARTING:
             return "start_failed"
         case GenerationState.SERVING:
-            return "replaced" if gen.killed_by_us else "died"
+            return "replaced" if gen.marks.stop_reason else "died"
         case _:
             return "drained"
 
 
 def run(
     settings: Settings,
-    changes: ChangeDetector | None = None,
+    changes: Content | None = None,
     *,
     telemetry: Telemetry | None = None,
     control: ControlServer | None = None,
 ) -> ExitCode:
     """Supervise until stopped; the reactor's signal handlers live exactly this long."""
-    with Reactor() as reactor:
+    with RealReactor() as reactor:
         try:
             return Supervisor(
                 settings, reactor, changes, telemetry=telemetry, control=control

@@ -82,6 +82,11 @@ class Telemetry:
             "Unix time the last restart (or the first start) went LIVE.",
             registry=self.registry,
         )
+        self.internal_errors = Counter(
+            f"{prefix}_internal_errors",
+            "Exceptions contained by the event loop (a bug of ours; Envoy kept serving).",
+            registry=self.registry,
+        )
         self.epoch.set(-1)
         self.last_restart: RestartRecord | None = None
         self.last_validation_error: str | None = None

@@ -27,28 +27,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from envoy_autoreload.child import describe_exit
-from envoy_autoreload.command import CommandResult, run_now
+from envoy_autoreload.command import CommandResult, describe_exit, run_now
 
-BinaryIdentity = tuple[int, int, int, int]
+# BinaryInfo is re-exported: callers that only validate need not know where it lives.
+from envoy_autoreload.envoy_binary import BinaryInfo as BinaryInfo
+from envoy_autoreload.envoy_binary import binary_identity
 
 _VERSION_RE: Final = re.compile(r"version:\s*(\S+)")
 _HOT_RESTART_RE: Final = re.compile(r"^\d+\.\d+$")
 _LOG_PREFIX_RE: Final = re.compile(r"^(\[[^\]]*\]\s*)+")
-
-
-@dataclass(frozen=True, slots=True)
-class BinaryInfo:
-    path: Path
-    identity: BinaryIdentity
-    version: str
-    hot_restart_version: str
-
-    @property
-    def release(self) -> str:
-        """`1.40.0` out of `9e55.../1.40.0/Clean/RELEASE/BoringSSL`."""
-        parts = self.version.split("/")
-        return parts[1] if len(parts) > 1 else self.version
 
 
 class Verdict(enum.Enum):
@@ -68,14 +55,6 @@ class PreflightOutcome:
     @property
     def ok(self) -> bool:
         return self.verdict is Verdict.PASSED
-
-
-def binary_identity(path: Path) -> BinaryIdentity | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def envoy_error_line(output: str) -> str | None:

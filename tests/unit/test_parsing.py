@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from envoy_autoreload.child import ALLOWED_TRANSITIONS, GenerationState, describe_exit
+from envoy_autoreload.command import describe_exit
 from envoy_autoreload.envoy_config import (
     AdminAddress,
     admin_address_from_config,
@@ -14,6 +14,7 @@ from envoy_autoreload.envoy_config import (
 )
 from envoy_autoreload.envoy_process import parse_envoy_argv
 from envoy_autoreload.errors import ConfigError, UsageError
+from envoy_autoreload.states import ALLOWED_TRANSITIONS, GenerationState
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,178 @@
+"""The generations we own: who is alive, in which state, and what we know of each.
+
+The only writer of a generation's state and marks (`states.py`), and the one place that
+logs their lifecycle lines (`child.started`, `child.draining`, `child.serving`). The
+supervisor decides; the roster records, so "which one serves" can never disagree between
+two lists. Processes come in through the `Processes` port: the simulation's are models.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from envoy_autoreload.digest import Snapshot
+from envoy_autoreload.envoy_binary import BinaryInfo
+from envoy_autoreload.envoy_process import EnvoyProcess
+from envoy_autoreload.logs import log_event
+from envoy_autoreload.ports import ChildProcess, Processes, Reactor
+from envoy_autoreload.states import (
+    ALIVE,
+    ALLOWED_TRANSITIONS,
+    GenerationState,
+    IllegalMove,
+    Marks,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Generation:
+    """A child process at one restart epoch."""
+
+    epoch: int
+    process: ChildProcess
+    reason: str
+    started_at: float  # the reactor's clock
+    state: GenerationState = GenerationState.STARTING
+    marks: Marks = field(default_factory=Marks)
+    serving_at: float | None = None
+    draining_since: float | None = None
+    envoy: EnvoyProcess | None = None  # the Envoy behind it, once it exec'd
+    snapshot: Snapshot | None = None  # the content it started from, when watching
+    binary: BinaryInfo | None = None
+    covers_seq: int = 0  # restart requests this generation answers (0: none)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.returncode
+
+    @property
+    def stderr_tail(self) -> Sequence[str]:
+        return self.process.stderr_tail
+
+    def is_alive(self) -> bool:
+        return self.state in ALIVE
+
+    def last_error_line(self) -> str | None:
+        return self.process.last_error_line()
+
+
+class Roster:
+    def __init__(self, processes: Processes, reactor: Reactor) -> None:
+        self._processes = processes
+        self._reactor = reactor
+        self._generations: list[Generation] = []
+
+    # -- queries ----------------------------------------------------------------
+    def alive(self) -> list[Generation]:
+        return [g for g in self._generations if g.is_alive()]
+
+    def in_state(self, state: GenerationState) -> list[Generation]:
+        return [g for g in self._generations if g.state is state]
+
+    def serving(self) -> Generation | None:
+        serving = self.in_state(GenerationState.SERVING)
+        return serving[-1] if serving else None
+
+    def starting(self) -> Generation | None:
+        starting = self.in_state(GenerationState.STARTING)
+        return starting[-1] if starting else None
+
+    def draining(self) -> list[Generation]:
+        return self.in_state(GenerationState.DRAINING)
+
+    # -- lifecycle ----------------------------------------------------------------
+    def spawn(
+        self,
+        epoch: int,
+        reason: str,
+        *,
+        covers_seq: int,
+        snapshot: Snapshot | None,
+        binary: BinaryInfo | None,
+    ) -> Generation:
+        """Start the script at `epoch`; raises OSError when it cannot be executed."""
+        if self.starting() is not None:
+            raise IllegalMove("never two starting generations (upstream #550)")
+        process = self._processes.spawn(epoch)
+        gen = Generation(
+            epoch=epoch,
+            process=process,
+            reason=reason,
+            started_at=self._reactor.now(),
+            snapshot=snapshot,
+            binary=binary,
+            covers_seq=covers_seq,
+        )
+        self._generations.append(gen)
+        log_event(logger, logging.INFO, "child.started", epoch=epoch, pid=gen.pid, reason=reason)
+        return gen
+
+    def went_live(self, gen: Generation) -> None:
+        """`gen` reported LIVE: the one it replaces drains (Envoy ends it, §2)."""
+        now = self._reactor.now()
+        for old in self.in_state(GenerationState.SERVING):
+            _move(old, GenerationState.DRAINING)
+            log_event(
+                logger,
+                logging.INFO,
+                "child.draining",
+                f"epoch {old.epoch} drains; Envoy ends it after its parent-shutdown time",
+                epoch=old.epoch,
+                pid=old.pid,
+                successor_epoch=gen.epoch,
+            )
+        for parent in self.draining():
+            if parent.epoch == gen.epoch - 1:
+                # Envoy ends the parent's drain at the child's real LIVE + parent-shutdown
+                # time; the child's spawn is a lower bound we know for sure.
+                parent.draining_since = gen.started_at
+        _move(gen, GenerationState.SERVING)
+        gen.serving_at = now
+        log_event(
+            logger,
+            logging.INFO,
+            "child.serving",
+            epoch=gen.epoch,
+            pid=gen.pid,
+            startup_s=round(now - gen.started_at, 3),
+            reason=gen.reason,
+        )
+
+    def exited(self, gen: Generation) -> GenerationState:
+        """It was reaped: forget it; returns the state it was in."""
+        previous = _move(gen, GenerationState.EXITED)
+        self._generations.remove(gen)
+        return previous
+
+    # -- marks ----------------------------------------------------------------------
+    @staticmethod
+    def mark_stopping(gen: Generation, reason: str) -> None:
+        gen.marks.stop_reason = reason
+
+    @staticmethod
+    def mark_doomed(gen: Generation) -> None:
+        gen.marks.doomed = True
+
+    @staticmethod
+    def mark_drain_cut(gen: Generation) -> None:
+        gen.marks.drain_cut_by_restart = True
+
+    @staticmethod
+    def owe_sigusr1(gen: Generation, owed: bool) -> None:
+        gen.marks.owes_sigusr1 = owed
+
+
+def _move(gen: Generation, new: GenerationState) -> GenerationState:
+    old = gen.state
+    if new not in ALLOWED_TRANSITIONS[old]:
+        raise IllegalMove(f"generation {gen.epoch}: {old.value} -> {new.value} not allowed")
+    gen.state = new
+    return old

@@ -1,0 +1,73 @@
+"""The status view (`/status`, `envoy-autoreloadctl status`) and systemd's STATUS= line.
+
+Read-only: built from the roster and the telemetry after each event; nothing here
+decides or writes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from envoy_autoreload import __version__
+from envoy_autoreload.envoy_binary import BinaryInfo
+from envoy_autoreload.ports import Content, EnvoyFacts
+from envoy_autoreload.roster import Generation, Roster
+from envoy_autoreload.states import SupervisorState
+from envoy_autoreload.telemetry import Telemetry
+
+
+@dataclass(frozen=True, slots=True)
+class StatusView:
+    roster: Roster
+    telemetry: Telemetry
+    family: EnvoyFacts
+    changes: Content | None
+    watch_limit: int | None
+
+    def snapshot(self, state: SupervisorState, binary: BinaryInfo | None) -> dict[str, object]:
+        roster, changes = self.roster, self.changes
+        snapshot = changes.snapshot if changes is not None else None
+        return {
+            "state": state.value,
+            "serving": _brief(roster.serving()),
+            "draining": [_brief(g) for g in roster.draining()],
+            "starting": _brief(roster.starting()),
+            "last_restart": self.telemetry.last_restart_dict(),
+            "last_validation_error": self.telemetry.last_validation_error,
+            "watched": {"directories": len(snapshot.directories), "files": len(snapshot.files)}
+            if snapshot is not None
+            else None,
+            "inotify": {"used": changes.watch_count, "limit": self.watch_limit}
+            if changes is not None
+            else None,
+            "envoy": {
+                "version": binary.release if binary else self.family.envoy_version,
+                "hot_restart_version": binary.hot_restart_version
+                if binary
+                else self.family.hot_restart_version,
+            },
+            "daemon": {"pid": os.getpid(), "version": __version__},
+        }
+
+    def line(self, state: SupervisorState) -> str:
+        """The short line systemd shows: what serves, what drains, what happened last."""
+        roster = self.roster
+        if state is SupervisorState.STOPPING:
+            alive = roster.alive()
+            return "stopping" + (
+                f": waiting for pids {', '.join(str(g.pid) for g in alive)}" if alive else ""
+            )
+        serving = roster.serving()
+        parts = [f"epoch {serving.epoch} serving (pid {serving.pid})" if serving else state.value]
+        draining = roster.draining()
+        if draining:
+            parts.append("draining " + ", ".join(f"{g.epoch} (pid {g.pid})" for g in draining))
+        last = self.telemetry.last_restart
+        if last is not None:
+            parts.append(f"last restart: {last.outcome} ({last.reason})")
+        return "; ".join(parts)
+
+
+def _brief(gen: Generation | None) -> dict[str, int] | None:
+    return {"epoch": gen.epoch, "pid": gen.pid} if gen is not None else None

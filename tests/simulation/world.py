@@ -1,0 +1,406 @@
+"""Simulated implementations of every port in `envoy_autoreload/ports.py`.
+
+A virtual clock that tests move by hand (trio's MockClock), processes that are model
+Envoys (`model.py`), a gate whose validation takes virtual time, and a watched config
+whose writes raise events through the real `Debouncer`. The supervisor under test is
+the real one: only the world is simulated, so everything it decides is real code.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from envoy_autoreload.debounce import Debouncer
+from envoy_autoreload.digest import Snapshot, WatchRoot
+from envoy_autoreload.envoy_binary import BinaryInfo
+from envoy_autoreload.envoy_process import EnvoyProcess
+from envoy_autoreload.loop import SIGNAL_PRIORITY, DeadlineReached, Event, FdReady, SignalReceived
+from envoy_autoreload.roster import Generation
+from envoy_autoreload.states import Timer
+from envoy_autoreload.validation import PreflightOutcome, Verdict
+from envoy_autoreload.watch.changes import SettledBurst
+from tests.simulation.model import Content, EnvoyModel, Proc, ProcState
+
+CONFIG_PATH = Path("/sim/etc/envoy/envoy.yaml")
+HOT_RESTART_VERSION = "11.104"
+
+
+class SimReactor:
+    """The reactor on a virtual clock. `poll()` never blocks: it returns what is due now,
+    and the harness moves time between polls."""
+
+    def __init__(self) -> None:
+        self._now = 0.0
+        self._deadlines: dict[Hashable, float] = {}
+        self._readers: dict[int, Hashable] = {}
+        self.pending_signals: set[signal.Signals] = set()
+        self.ready: list[Hashable] = []  # keys whose fd is readable now
+
+    def now(self) -> float:
+        return self._now
+
+    def move_to(self, at: float) -> None:
+        assert at >= self._now, "the clock never goes back"
+        self._now = at
+
+    def next_deadline(self) -> float | None:
+        return min(self._deadlines.values()) if self._deadlines else None
+
+    def poll(self) -> list[Event]:
+        ordered = sorted(self.pending_signals, key=SIGNAL_PRIORITY.index)
+        self.pending_signals = set()
+        events: list[Event] = [SignalReceived(s) for s in ordered]
+        ready, self.ready = self.ready, []
+        events.extend(FdReady(key) for key in ready)
+        due = sorted((at, str(key), key) for key, at in self._deadlines.items() if at <= self._now)
+        events.extend(DeadlineReached(key) for _at, _name, key in due)
+        return events
+
+    def claim(self, event: DeadlineReached) -> bool:
+        at = self._deadlines.get(event.key)
+        if at is None or at > self._now:
+            return False
+        del self._deadlines[event.key]
+        return True
+
+    def set_timeout(self, key: Hashable, after_s: float) -> None:
+        self._deadlines[key] = self._now + max(0.0, after_s)
+
+    def set_deadline(self, key: Hashable, at: float) -> None:
+        self._deadlines[key] = at
+
+    def cancel(self, key: Hashable) -> None:
+        self._deadlines.pop(key, None)
+
+    def has_deadline(self, key: Hashable) -> bool:
+        return key in self._deadlines
+
+    def add_reader(self, fd: int, key: Hashable) -> None:
+        self._readers[fd] = key
+
+    def remove_reader(self, fd: int) -> None:
+        self._readers.pop(fd, None)
+
+
+class SimChild:
+    """A start script that exec'd a model Envoy: the `ChildProcess` port."""
+
+    def __init__(self, world: SimWorld, proc: Proc) -> None:
+        self._world = world
+        self.proc = proc
+        self._reaped: int | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._reaped
+
+    @property
+    def stderr_tail(self) -> Sequence[str]:
+        return self.proc.stderr[-12:]
+
+    def poll(self) -> int | None:
+        if self._reaped is None and not self.proc.alive:
+            self._reaped = self.proc.returncode
+        return self._reaped
+
+    def send_signal(self, signum: signal.Signals) -> None:
+        if self._reaped is None:  # Popen.send_signal polls first (bpo-38630)
+            self._world.deliver(self.proc, signum)
+
+    def signal_envoy(self, signum: signal.Signals, envoy: EnvoyProcess | None) -> None:
+        self.send_signal(signum)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def wait(self, timeout_s: float) -> None:
+        return None
+
+    def stderr_fd(self) -> int | None:
+        return None
+
+    def pump_stderr(self, on_line: Callable[[str], None] | None = None) -> bool:
+        return False
+
+    def close_stderr(self) -> None:
+        return None
+
+    def last_error_line(self) -> str | None:
+        return self.proc.stderr[-1] if self.proc.stderr else None
+
+
+@dataclass
+class Spawned:
+    pid: int
+    at: float
+    epoch: int
+    content: Content | None
+    newest_serving_epoch: int | None
+    alive_epochs: tuple[int, ...]
+
+
+class SimProcesses:
+    def __init__(self, world: SimWorld) -> None:
+        self._world = world
+
+    def spawn(self, epoch: int) -> SimChild:
+        return self._world.spawn(epoch)
+
+
+class SimFacts:
+    """`EnvoyFacts` answered from the model: LIVE over a fresh admin connection means
+    the process at that epoch is LIVE (§15); the flag is the model's flag."""
+
+    def __init__(self, world: SimWorld) -> None:
+        self._world = world
+        self.base_id: int | None = 0
+        self.hot_restart_version: str | None = None
+        self.envoy_version: str | None = None
+        self.admin_blind = False  # admin is not where we look (REVIEW-core finding 3)
+
+    def _proc(self, gen: Generation) -> Proc:
+        return self._world.model.by_pid(gen.pid)
+
+    def observe(self, gen: Generation) -> None:
+        return None
+
+    def is_live(self, gen: Generation) -> bool:
+        proc = self._proc(gen)
+        if self.admin_blind:
+            return False
+        if proc.state is ProcState.LIVE and proc.epoch == gen.epoch:
+            self.hot_restart_version = proc.hot_restart_version
+            return True
+        return False
+
+    def handed_over(self, gen: Generation) -> bool:
+        proc = self._proc(gen)
+        return gen.epoch > 0 and proc.state is ProcState.LIVE
+
+    def restore_flag(self, parent: Generation, epoch: int) -> None:
+        self._world.model.clear_flag()
+
+    def remove_shared_memory(self) -> None:
+        return None
+
+    def parent_shutdown_s(self, gen: Generation) -> float | None:
+        return self._world.model.parent_shutdown_s
+
+    def config_path(self, gen: Generation) -> Path | None:
+        return CONFIG_PATH
+
+    def forget(self, gen: Generation) -> None:
+        return None
+
+
+@dataclass
+class _Validation:
+    content: Content | None
+    binary_ok: bool
+    hot_restart_version: str
+    done_at: float | None  # None: hangs until killed at its deadline
+    killed: bool = False
+
+
+class SimGate:
+    """`envoy --mode validate` (and the binary checks) taking virtual time."""
+
+    def __init__(self, world: SimWorld, timeout_s: float) -> None:
+        self._world = world
+        self._timeout_s = timeout_s
+        self._running: _Validation | None = None
+        self.duration_s = 0.04  # §1: ~40 ms
+        self.hangs = False
+        self.passed: set[str | None] = set()  # digests that passed
+
+    @property
+    def enabled(self) -> bool:
+        return True
+
+    @property
+    def busy(self) -> bool:
+        return self._running is not None
+
+    def owns(self, key: Hashable) -> bool:
+        return False
+
+    def next_at(self) -> float | None:
+        running = self._running
+        if running is None or running.killed or running.done_at is None:
+            return None
+        return running.done_at
+
+    def check_now(self) -> PreflightOutcome:
+        world = self._world
+        return self._verdict(_Validation(world.disk, world.binary_ok, world.binary_hrv, 0.0))
+
+    def begin(self, known_binary: BinaryInfo | None) -> PreflightOutcome | None:
+        assert self._running is None
+        world = self._world
+        done = None if self.hangs else world.reactor.now() + self.duration_s
+        self._running = _Validation(world.disk, world.binary_ok, world.binary_hrv, done)
+        world.reactor.set_timeout(Timer.COMMAND_DEADLINE, self._timeout_s)
+        return None
+
+    def finish_due(self, now: float) -> None:
+        running = self._running
+        if running is not None and running.done_at is not None and running.done_at <= now:
+            running.done_at = -1.0  # finished: SIGCHLD
+            self._world.reactor.pending_signals.add(signal.SIGCHLD)
+
+    def on_output(self, key: Hashable) -> None:
+        return None
+
+    def on_deadline(self) -> None:
+        running = self._running
+        if running is not None:
+            running.killed = True
+            running.done_at = -1.0
+            self._world.reactor.pending_signals.add(signal.SIGCHLD)
+
+    def poll(self) -> PreflightOutcome | None:
+        running = self._running
+        if running is None or running.done_at != -1.0:
+            return None
+        self._running = None
+        self._world.reactor.cancel(Timer.COMMAND_DEADLINE)
+        if running.killed:
+            return _outcome(Verdict.FAILED, "validation failed: timed out", None)
+        return self._verdict(running)
+
+    def abandon(self) -> None:
+        self._running = None
+
+    def _verdict(self, run: _Validation) -> PreflightOutcome:
+        binary = BinaryInfo(Path("/sim/envoy"), (1, 1, 1, 1), "x/1.40.0/x", run.hot_restart_version)
+        if not run.binary_ok:
+            return _outcome(Verdict.BINARY_REFUSED, "binary refused: not Envoy", None)
+        if run.content is None:
+            return _outcome(Verdict.FAILED, "validation failed: Invalid path", binary)
+        if not run.content.good:
+            return _outcome(Verdict.FAILED, "validation failed: bad config", binary)
+        self.passed.add(run.content.digest)
+        return _outcome(Verdict.PASSED, "", binary)
+
+
+def _outcome(verdict: Verdict, message: str, binary: BinaryInfo | None) -> PreflightOutcome:
+    return PreflightOutcome(verdict, message, None, binary, 0.04)
+
+
+class SimContent:
+    """The watched config: writes raise events; the real Debouncer settles them."""
+
+    def __init__(self, world: SimWorld, quiet_s: float, max_wait_s: float) -> None:
+        self._world = world
+        self._debouncer = Debouncer(quiet_s, max_wait_s)
+        self._unread = 0
+        self.snapshot: Snapshot | None = None
+        self.events_total = 0
+
+    def __hash__(self) -> int:
+        return id(self)
+
+    @property
+    def roots(self) -> tuple[WatchRoot, ...]:
+        return (WatchRoot(CONFIG_PATH),)
+
+    @property
+    def active(self) -> bool:
+        return True
+
+    @property
+    def watch_count(self) -> int:
+        return 1
+
+    def written(self) -> None:
+        """A write landed: the kernel has an event for us."""
+        self._unread += 1
+        self._world.reactor.ready.append(self)
+
+    def plan(self) -> Snapshot:
+        return self.current()
+
+    def start(self, *, degraded_ok: bool) -> Snapshot:
+        self.snapshot = self.current()
+        return self.snapshot
+
+    def fileno(self) -> int:
+        return -1
+
+    def on_readable(self, now: float) -> int:
+        count, self._unread = self._unread, 0
+        if count:
+            self._debouncer.add(now, {str(CONFIG_PATH)})
+            self.events_total += count
+        return count
+
+    def deadline(self) -> float | None:
+        return self._debouncer.deadline()
+
+    def settle(self, now: float) -> SettledBurst | None:
+        if not self._debouncer.is_due(now):
+            return None
+        paths = self._debouncer.take()
+        self.snapshot = self.current()
+        return SettledBurst(len(paths), frozenset(paths), self.snapshot)
+
+    def current(self) -> Snapshot:
+        content = self._world.disk
+        if content is None:
+            return Snapshot({}, "missing", frozenset(), missing=(str(CONFIG_PATH),))
+        return Snapshot({str(CONFIG_PATH): content.digest}, content.digest, frozenset())
+
+    def rescan(self) -> Snapshot:
+        return self.current()
+
+    def close(self) -> None:
+        return None
+
+
+@dataclass
+class SimWorld:
+    """The whole simulated world around one supervisor."""
+
+    parent_shutdown_s: float = 3.0
+    disk: Content | None = field(default_factory=lambda: Content(0))
+    binary_ok: bool = True
+    binary_hrv: str = HOT_RESTART_VERSION
+    reactor: SimReactor = field(default_factory=SimReactor)
+    spawned: list[Spawned] = field(default_factory=list)
+    stopping: Callable[[], bool] = lambda: False
+    planned_stop: Callable[[int], bool] = lambda pid: False
+
+    def __post_init__(self) -> None:
+        self.model = EnvoyModel(self.parent_shutdown_s)
+        self.model.on_exit = lambda proc: self.reactor.pending_signals.add(signal.SIGCHLD)
+        self.gate_validated: set[str | None] = set()
+
+    def spawn(self, epoch: int) -> SimChild:
+        model = self.model
+        model.now = self.reactor.now()
+        serving = model.serving()
+        alive = tuple(p.epoch for p in model.alive())
+        proc = model.spawn(epoch, self.disk, self.binary_hrv)
+        self.spawned.append(
+            Spawned(
+                proc.pid,
+                model.now,
+                epoch,
+                self.disk,
+                serving.epoch if serving else None,
+                alive,
+            )
+        )
+        return SimChild(self, proc)
+
+    def deliver(self, proc: Proc, signum: signal.Signals) -> None:
+        self.model.now = self.reactor.now()
+        planned = self.planned_stop(proc.pid)
+        self.model.send_signal(proc, signum, stopping=self.stopping(), planned=planned)
