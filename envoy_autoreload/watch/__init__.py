@@ -8,7 +8,9 @@ and both report changed paths; the debouncer and the digest do the rest.
 
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal, Protocol
 
@@ -35,7 +37,34 @@ class Watcher(Protocol):
 
     def take_unwatched(self) -> tuple[list[Path], str]: ...
 
+    def take_unwatchable(self) -> list[tuple[Path, str]]: ...
+
     def close(self) -> None: ...
+
+
+def directories_under(top: Path, noise: NoiseFilter) -> Iterator[Path]:
+    """`top` and every directory below it, parents first, symlinks not followed.
+
+    For a tree that appears in one piece (`mkdir -p`, `mv staged conf/`): each is
+    watched as soon as it is found, before its entries are listed. An explicit stack,
+    not `os.walk`, which recurses on Python 3.11 and would raise RecursionError on a
+    tree ~1000 levels deep, inside the loop (review #13). Unreadable or vanished
+    directories are skipped: the settle's rescan reports them.
+    """
+    stack = [top]
+    while stack:
+        directory = stack.pop()
+        yield directory
+        try:
+            with os.scandir(directory) as entries:
+                names = sorted(
+                    entry.name
+                    for entry in entries
+                    if entry.is_dir(follow_symlinks=False) and not noise.is_noise(entry.name)
+                )
+        except OSError:
+            continue
+        stack.extend(directory / name for name in reversed(names))
 
 
 def open_watcher(kind: WatcherKind, noise: NoiseFilter) -> Watcher:

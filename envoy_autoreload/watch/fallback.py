@@ -27,6 +27,7 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver, ObservedWatch
 
 from envoy_autoreload.limits import watch_limit_message
+from envoy_autoreload.watch import directories_under
 from envoy_autoreload.watch.filters import NoiseFilter
 
 _IGNORED_EVENTS = (FileOpenedEvent, FileClosedNoWriteEvent, DirModifiedEvent)
@@ -66,10 +67,15 @@ class WatchdogWatcher:
         self._watches: dict[Path, tuple[ObservedWatch, frozenset[str] | None, int]] = {}
         self._unwatched: list[Path] = []
         self._limit_message = ""
+        self._unwatchable: list[tuple[Path, str]] = []
 
     def take_unwatched(self) -> tuple[list[Path], str]:
         unwatched, self._unwatched = self._unwatched, []
         return unwatched, self._limit_message
+
+    def take_unwatchable(self) -> list[tuple[Path, str]]:
+        unwatchable, self._unwatchable = self._unwatchable, []
+        return unwatchable
 
     def fileno(self) -> int:
         return self._read_fd
@@ -100,12 +106,14 @@ class WatchdogWatcher:
             if err.errno in (errno.ENOSPC, errno.EMFILE):
                 self._unwatched.append(path)
                 self._limit_message = watch_limit_message(path, self.watch_count)
+            elif err.errno not in (errno.ENOENT, errno.ENOTDIR, errno.EACCES):
+                self._unwatchable.append((path, err.strerror or str(err)))
             return  # otherwise gone or unreadable since the walk saw it
         self._watches[path] = (watch, names, inode)
 
     def retire(self, keep: set[Path]) -> None:
-        for path, (watch, names, _inode) in list(self._watches.items()):
-            if path in keep or names is not None:
+        for path, (watch, _names, _inode) in list(self._watches.items()):
+            if path in keep:
                 continue
             del self._watches[path]
             with contextlib.suppress(KeyError, OSError):
@@ -132,9 +140,8 @@ class WatchdogWatcher:
             changed.add(str(path))
 
     def _watch_new_tree(self, top: Path) -> None:
-        for current, dirs, _files in os.walk(top):
-            dirs[:] = [d for d in dirs if not self._noise.is_noise(d)]
-            self.watch_directory(Path(current), None)
+        for directory in directories_under(top, self._noise):
+            self.watch_directory(directory, None)
 
     def close(self) -> None:
         self._observer.stop()

@@ -27,6 +27,7 @@ from typing import Final
 import inotify_simple
 
 from envoy_autoreload.limits import instance_limit_error, watch_limit_message
+from envoy_autoreload.watch import directories_under
 from envoy_autoreload.watch.filters import NoiseFilter
 
 OVERFLOW: Final = "<inotify queue overflow>"
@@ -69,11 +70,17 @@ class InotifyWatcher:
         self._by_path: dict[Path, int] = {}
         self._unwatched: list[Path] = []
         self._limit_message = ""
+        self._unwatchable: list[tuple[Path, str]] = []
 
     def take_unwatched(self) -> tuple[list[Path], str]:
         """Directories that could not be watched since the last call, and why."""
         unwatched, self._unwatched = self._unwatched, []
         return unwatched, self._limit_message
+
+    def take_unwatchable(self) -> list[tuple[Path, str]]:
+        """Directories the kernel refused for another reason since the last call."""
+        unwatchable, self._unwatchable = self._unwatchable, []
+        return unwatchable
 
     def fileno(self) -> int:
         return int(self._inotify.fileno())
@@ -88,12 +95,18 @@ class InotifyWatcher:
         Always asks the kernel: a directory replaced by a rename keeps its path but is
         a new inode, and the old watch follows the old inode away (inotify(7)). The
         kernel answers with the existing wd when the inode is the same one.
+
+        No errno escapes: this runs inside the daemon's loop, where an exception stops
+        every Envoy (review #13). ENOSPC is the watch limit (the caller decides whether
+        a partial watch will do); anything else that inotify_add_watch(2) can say
+        (ENAMETOOLONG for a path over PATH_MAX, ELOOP, ENOMEM) makes the directory
+        unwatchable, for `take_unwatchable` to report.
         """
         try:
             wd = int(self._inotify.add_watch(str(path), WATCH_MASK))
         except OSError as err:
             if err.errno in (errno.ENOENT, errno.ENOTDIR):
-                return  # gone since the walk saw it; its parent's event covers it
+                return  # gone since the walk saw it; the walk watches its nearest ancestor
             if err.errno == errno.ENOSPC:
                 # Keep walking: the caller decides whether a partial watch is acceptable.
                 self._unwatched.append(path)
@@ -101,7 +114,8 @@ class InotifyWatcher:
                 return
             if err.errno == errno.EACCES:
                 return  # the walk reports unreadable paths
-            raise
+            self._unwatchable.append((path, err.strerror or str(err)))
+            return
         old_wd = self._by_path.get(path)
         if old_wd is not None and old_wd != wd:
             self._drop_watch(old_wd)  # the old inode moved away: stop following it
@@ -116,14 +130,12 @@ class InotifyWatcher:
         self._by_path[path] = wd
 
     def retire(self, keep: set[Path]) -> None:
-        """Drop watches on directories the last walk no longer reached (moved away)."""
+        """Drop watches on directories the last walk no longer reached (moved away),
+        name watches included: a renamed-away directory's watch follows its inode and
+        would report the old place's events as ours (inotify(7))."""
         for path, wd in list(self._by_path.items()):
-            if path in keep:
-                continue
-            _path, names = self._by_wd.get(wd, (path, None))
-            if names is not None:
-                continue  # a symlink chain's parent, kept by name
-            self._drop_watch(wd)
+            if path not in keep:
+                self._drop_watch(wd)
 
     def read_changes(self) -> set[str]:
         """Drain pending events without blocking; return the paths that matter."""
@@ -159,9 +171,8 @@ class InotifyWatcher:
         return changed
 
     def _watch_new_tree(self, top: Path) -> None:
-        for current, dirs, _files in os.walk(top):
-            dirs[:] = [d for d in dirs if not self._noise.is_noise(d)]
-            self.watch_directory(Path(current), None)
+        for directory in directories_under(top, self._noise):
+            self.watch_directory(directory, None)
 
     def _drop_watch(self, wd: int) -> None:
         self._forget(wd)

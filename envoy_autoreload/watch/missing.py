@@ -17,6 +17,18 @@ from envoy_autoreload.logs import log_event
 logger = logging.getLogger(__name__)
 
 
+def _reachable(path: Path) -> bool:
+    """Whether `path` can be stat'ed. Any error counts as missing: an unsearchable
+    directory (EACCES), a name over NAME_MAX, a loop. `Path.exists()` raises for all
+    but ENOENT/ENOTDIR/EBADF/ELOOP on Python 3.11, inside the loop (review #13); and a
+    config we cannot reach is one Envoy, running as us, could not read either."""
+    try:
+        os.stat(path)
+    except (OSError, ValueError):  # ValueError: an embedded NUL byte
+        return False
+    return True
+
+
 class MissingPaths:
     """Decides, for each settled snapshot, whether a vanished path holds the restart."""
 
@@ -50,7 +62,7 @@ class MissingPaths:
         if (
             config is not None
             and self.is_watched(config)
-            and not config.exists()
+            and not _reachable(config)
             and str(config) not in gone
         ):
             gone.append(str(config))
