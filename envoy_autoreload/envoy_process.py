@@ -123,18 +123,28 @@ def executable_of(pid: int) -> str | None:
 
 
 INTERPRETERS: Final = ("python", "perl", "ruby", "node", "env", "tini", "dumb-init")
-_ENVOY_FLAGS: Final = frozenset({"-c", "--config-path", "--config-yaml", "--restart-epoch"})
+# What the kernel appends to /proc/PID/exe once the binary was replaced on disk: the
+# normal state of a serving Envoy during a binary upgrade.
+_DELETED: Final = " (deleted)"
 
 
-def looks_like_envoy(exe: str, argv: list[str]) -> bool:
-    """An `envoy*` binary, or any other binary (not a shell or an interpreter, such as
-    the PyPI wrapper's python before it execs) whose arguments are Envoy's."""
+def looks_like_envoy(exe: str, argv: list[str], expected_exe: Path | None = None) -> bool:
+    """An `envoy*` binary, the Envoy binary the daemon was told about (`--envoy`), or a
+    binary (not a shell or an interpreter) given `--restart-epoch`, which only Envoy takes.
+
+    A `-c` alone proves nothing: `curl -c jar`, `jq -c`, `wc -c`, `head -c`, `su -c` and
+    `flock -c` all run in start scripts before `exec envoy`, and taking one for Envoy
+    gives the wrong base id and parent-shutdown time for the generation's whole life.
+    """
+    exe = exe.removesuffix(_DELETED)
     name = os.path.basename(exe)
     if name.startswith("envoy"):
         return True
+    if expected_exe is not None and exe == os.path.realpath(expected_exe):
+        return True
     if is_shell(exe) or name.startswith(INTERPRETERS):
-        return False
-    return any(arg.partition("=")[0] in _ENVOY_FLAGS for arg in argv[1:])
+        return False  # e.g. the PyPI wrapper's python before it execs the real binary
+    return any(arg == "--restart-epoch" or arg.startswith("--restart-epoch=") for arg in argv[1:])
 
 
 def is_shell(exe: str) -> bool:
@@ -156,16 +166,19 @@ def _children_of(pid: int) -> list[int]:
     return children
 
 
-def find_envoy(pid: int, max_depth: int = 3) -> EnvoyProcess | None:
+def find_envoy(
+    pid: int, max_depth: int = 3, expected_exe: Path | None = None
+) -> EnvoyProcess | None:
     """The Envoy process started by a generation: the PID itself after `exec envoy`, or,
-    when the start script did not exec, the first Envoy among its descendants."""
+    when the start script did not exec, the first Envoy among its descendants.
+    `expected_exe` (the `--envoy` binary) also counts as Envoy whatever its name."""
     frontier = [pid]
     for _ in range(max_depth + 1):
         next_frontier: list[int] = []
         for candidate in frontier:
             exe = executable_of(candidate)
             argv = _read_argv(candidate) if exe is not None else None
-            if exe is not None and argv is not None and looks_like_envoy(exe, argv):
+            if exe is not None and argv is not None and looks_like_envoy(exe, argv, expected_exe):
                 if not argv:
                     # Mid-execve, /proc shows the new exe before the new cmdline: ask again.
                     return None

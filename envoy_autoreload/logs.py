@@ -8,6 +8,12 @@ them at once (structlog's logging best practices).
 Multi-line detail (a validator's output, a child's last stderr lines) travels with its
 event: indented `  | ` lines in human form, one `output` field in JSON, so grep on the
 event name finds it and nothing is lost.
+
+Envoy's own lines (`envoy.output` through ENVOY_LOGGER, JSON format only) are Envoy's
+to filter, with its `-l`: --log-level sets what the daemon says, and an Envoy crash
+backtrace must not vanish because the daemon logs at `warning`. In human format the
+same bytes pass through untouched, so both formats show the same lines. Each record
+takes the level Envoy printed (`[critical]` is CRITICAL), so a consumer can filter on it.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import re
 import sys
 from collections.abc import Mapping
 from typing import Final, Literal
@@ -25,6 +32,24 @@ FieldValue = str | int | float | bool | None | list[str] | list[int]
 _EXTRA_EVENT: Final = "autoreload_event"
 _EXTRA_FIELDS: Final = "autoreload_fields"
 _EXTRA_DETAIL: Final = "autoreload_detail"
+
+ENVOY_LOGGER: Final = "envoy_autoreload.envoy"
+"""The logger Envoy's own stderr lines go through; it ignores --log-level."""
+
+# Envoy's default line format is `[%Y-%m-%d %T.%e][%t][%l][%n] %v`: the level is the
+# third bracketed field. Anything else (a custom --log-format, a backtrace's
+# continuation, the start script's own output) keeps the level it was logged at.
+_ENVOY_PREFIX: Final = re.compile(
+    r"\[[^\]]*\]\[[^\]]*\]\[(trace|debug|info|warning|error|critical)\]"
+)
+_ENVOY_LEVELS: Final = {
+    "trace": logging.DEBUG,
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+}
 
 
 def log_event(
@@ -47,6 +72,26 @@ def log_event(
         message,
         extra={_EXTRA_EVENT: event, _EXTRA_FIELDS: fields, _EXTRA_DETAIL: detail},
     )
+
+
+def envoy_line_level(line: str, default: int = logging.INFO) -> int:
+    """The logging level of one line of Envoy's stderr: the level Envoy printed in its
+    prefix (`[2025-01-01 12:00:00.123][41][critical][main] ...` is CRITICAL), else
+    `default` (a backtrace's continuation, a start script's own output)."""
+    match = _ENVOY_PREFIX.match(line)
+    return default if match is None else _ENVOY_LEVELS[match.group(1)]
+
+
+class _EnvoyLineLevel(logging.Filter):
+    """Gives each record of ENVOY_LOGGER the level Envoy printed, whatever level the
+    caller logged it at; never drops a record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        level = envoy_line_level(record.getMessage(), record.levelno)
+        if level != record.levelno:
+            record.levelno = level
+            record.levelname = logging.getLevelName(level)
+        return True
 
 
 def _event_of(record: logging.LogRecord) -> str:
@@ -118,10 +163,14 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(log_format: LogFormat, level: str) -> None:
-    """Route every `envoy_autoreload` logger to stderr in the chosen format."""
+    """Route every `envoy_autoreload` logger to stderr in the chosen format; `level`
+    applies to the daemon's own events, not to Envoy's lines (ENVOY_LOGGER)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else HumanFormatter())
     root = logging.getLogger("envoy_autoreload")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     root.propagate = False
+    envoy = logging.getLogger(ENVOY_LOGGER)
+    envoy.setLevel(logging.DEBUG)  # records still reach `handler` through propagation
+    envoy.filters[:] = [_EnvoyLineLevel()]

@@ -5,29 +5,48 @@ thread only reads the snapshot the loop publishes and the thread-safe metrics re
 so it cannot block or change a restart. Nothing served over TCP changes anything: every
 method but GET is refused. Loopback only unless the operator opts in, since /status names
 PIDs and paths.
+
+A client must not be able to spend the resources the daemon shares with Envoy (threads
+count against the pod's pids limit, fds against nofile): each connection gets
+HANDLER_TIMEOUT_S per read or write, and beyond MAX_CONNECTIONS at once a new one is
+closed as soon as it is accepted. Rejected: serving from the event loop, which would
+put HTTP parsing on the path of every restart decision.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import json
+import logging
+import socket
+import socketserver
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Final
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from envoy_autoreload.envoy_config import MAX_PORT, ascii_port
 from envoy_autoreload.errors import UsageError
+from envoy_autoreload.logs import log_event
 from envoy_autoreload.telemetry import Telemetry
 
 JSON_TYPE: Final = "application/json"
+HANDLER_TIMEOUT_S: Final = 5.0
+MAX_CONNECTIONS: Final = 32
+
+logger = logging.getLogger(__name__)
 
 
 def parse_status_address(text: str, *, allow_remote: bool) -> tuple[str, int]:
-    host, sep, port = text.strip().rpartition(":")
+    """(host, port) from `HOST:PORT` or `[V6]:PORT`; a UsageError naming the mistake
+    otherwise, so a typo is one line at start-up, never a traceback from `bind`."""
+    host, sep, port_text = text.strip().rpartition(":")
     host = host.strip("[]")
-    if not sep or not port.isdigit() or not host:
-        raise UsageError(f"status address {text!r} is not HOST:PORT")
+    port = ascii_port(port_text)
+    if not sep or port is None or not host:
+        raise UsageError(f"status address {text!r} is not HOST:PORT (PORT: 1-{MAX_PORT})")
     try:
         loopback = ipaddress.ip_address(host).is_loopback
     except ValueError:
@@ -37,19 +56,85 @@ def parse_status_address(text: str, *, allow_remote: bool) -> tuple[str, int]:
             f"status address {text} is not a loopback address: /status names PIDs and paths; "
             "give --status-allow-remote to serve it beyond this host"
         )
-    return host, int(port)
+    return host, port
+
+
+class _BoundedHTTPServer(ThreadingHTTPServer):
+    """A thread per connection, at most MAX_CONNECTIONS of them; IPv6 when the host is."""
+
+    daemon_threads = True
+    # socketserver's default backlog of 5 makes the kernel drop SYNs in a burst: scrapers
+    # and probes then wait for a retransmit (1 s, 3 s, ...) although a slot is free.
+    request_queue_size = 2 * MAX_CONNECTIONS
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        handler: type[BaseHTTPRequestHandler],
+        max_connections: int,
+    ) -> None:
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self._slots = threading.BoundedSemaphore(max_connections)
+        super().__init__(address, handler)
+
+    def server_bind(self) -> None:
+        """Bind without HTTPServer's `getfqdn()`: a reverse DNS lookup at start-up can
+        hang for seconds, and the name is used for nothing here."""
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name = str(host)
+        self.server_port = int(port)
+
+    def process_request(
+        self, request: socket.socket | tuple[bytes, socket.socket], client_address: object
+    ) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)  # full: close at once, hold nothing
+            return
+        try:
+            super().process_request(request, client_address)
+        except RuntimeError:  # "can't start new thread": the pids limit, shared with Envoy
+            self._slots.release()
+            self.shutdown_request(request)
+
+    def process_request_thread(
+        self, request: socket.socket | tuple[bytes, socket.socket], client_address: object
+    ) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def handle_error(
+        self, request: socket.socket | tuple[bytes, socket.socket], client_address: object
+    ) -> None:
+        """A client that resets or times out is routine: one DEBUG line, where
+        socketserver would print a traceback into the daemon's log stream. Anything else
+        is a bug in a handler, which ends only that request: one WARNING line."""
+        error = sys.exc_info()[1]
+        log_event(
+            logger,
+            logging.DEBUG if isinstance(error, OSError) else logging.WARNING,
+            "status.request_failed",
+            " ".join(f"{type(error).__name__}: {error}".split()),
+            client=str(client_address),
+        )
 
 
 class StatusServer:
-    def __init__(self, address: tuple[str, int], telemetry: Telemetry) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        telemetry: Telemetry,
+        *,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
         handler = _handler_for(telemetry)
         try:
-            self._server = ThreadingHTTPServer(address, handler)
-        except OSError as err:
-            raise UsageError(
-                f"cannot serve status on {address[0]}:{address[1]}: {err.strerror}"
-            ) from err
-        self._server.daemon_threads = True
+            self._server = _BoundedHTTPServer(address, handler, max_connections)
+        except (OSError, OverflowError) as err:
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
+            raise UsageError(f"cannot serve status on {_show(address)}: {reason}") from err
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="status-http", daemon=True
         )
@@ -67,9 +152,16 @@ class StatusServer:
         self._thread.join(timeout=5)
 
 
+def _show(address: tuple[str, int]) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _handler_for(telemetry: Telemetry) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "envoy-autoreload"
+        # Per blocking read or write: a silent or slow client gives its thread back.
+        timeout = HANDLER_TIMEOUT_S
 
         def do_GET(self) -> None:
             snapshot = telemetry.snapshot

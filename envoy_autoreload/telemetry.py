@@ -5,11 +5,17 @@ The status snapshot is an immutable dict the event loop replaces whole after eac
 (one reference assignment), so the HTTP thread only ever reads a consistent picture and
 never touches supervisor state. The metrics live in a registry of this object's own
 (no import-time global), whose types are safe to read from another thread.
+
+Errors are published in brief (`brief_error`): Envoy's message for a type error in the
+config quotes the whole bootstrap as JSON (ENVOY_FACTS §1), inline TLS keys and
+credentials included, and /status may be read by any local user or, with
+--status-allow-remote, beyond the host. The full text goes to the log only.
 """
 
 from __future__ import annotations
 
 import datetime
+import re
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -23,6 +29,56 @@ Outcome = Literal["success", "start_failed", "validation_failed", "refused", "ab
 ExitCause = Literal["drained", "start_failed", "died", "stopped", "replaced"]
 
 RESTART_BUCKETS: Final = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+BRIEF_ERROR_CHARS: Final = 200
+TRUNCATED: Final = "… (truncated, see the log)"
+
+
+def brief_error(text: str | None) -> str | None:
+    """An error as /status may show it: every `{...}` block elided, whitespace folded onto
+    one line, at most BRIEF_ERROR_CHARS characters. Runs on the event loop for each
+    failed restart, so a 1 MiB message is scanned by regex, not char by char."""
+    if text is None:
+        return None
+    brief = " ".join(_elide_blocks(text).split())
+    if len(brief) > BRIEF_ERROR_CHARS:
+        brief = brief[:BRIEF_ERROR_CHARS].rstrip() + TRUNCATED
+    return brief
+
+
+_BLOCK_SYNTAX: Final = re.compile(r'[{}"\\]')
+
+
+def _elide_blocks(text: str) -> str:
+    """`text` with each top-level `{...}` replaced by `{...}`. JSON-aware: a brace inside
+    a quoted string does not end a block early; an unclosed block runs to the end."""
+    kept: list[str] = []
+    kept_chars = 0
+    depth = 0
+    in_string = False
+    segment_start = 0
+    escaped_at = -1
+    for match in _BLOCK_SYNTAX.finditer(text):
+        char, pos = match.group(), match.start()
+        if depth == 0:
+            if char == "{":
+                kept += (text[segment_start:pos], "{...}")
+                kept_chars += pos - segment_start
+                depth = 1
+                if kept_chars > 8 * BRIEF_ERROR_CHARS:
+                    return "".join(kept)  # enough to show; the rest is cut anyway
+        elif pos == escaped_at:
+            continue
+        elif char == "\\":
+            escaped_at = pos + 1 if in_string else -1
+        elif char == '"':
+            in_string = not in_string
+        elif not in_string:
+            depth += 1 if char == "{" else -1
+            if depth == 0:
+                segment_start = pos + 1  # the block ended: keep what follows
+    if depth == 0:
+        kept.append(text[segment_start:])
+    return "".join(kept)
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,13 +170,13 @@ class Telemetry:
                 self.restart_duration.observe(duration_s)
         if outcome == "validation_failed":
             self.validation_failures.inc()
-            self.last_validation_error = error
+            self.last_validation_error = brief_error(error)
         self.last_restart = RestartRecord(
             at=datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
             reason=reason,
             outcome=outcome,
             duration_s=round(duration_s, 3) if duration_s is not None else None,
-            error=error,
+            error=brief_error(error),
         )
         if outcome != "start_failed":  # a retry may follow; READY comes when it is over
             self.serving_again(status)

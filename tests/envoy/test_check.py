@@ -76,3 +76,18 @@ def test_check_with_a_missing_start_script_fails_with_exit_1(tmp_path: Path) -> 
     assert result.returncode == 1
     fails = _lines(result, "FAIL")
     assert len(fails) == 1 and "missing.sh does not exist" in fails[0]
+
+
+def test_check_on_a_config_that_is_not_utf8_reports_it_without_a_traceback(
+    envoy_family: EnvoyFamily,
+) -> None:
+    # Envoy's yaml-cpp passes invalid UTF-8 in a comment through: it validates and serves.
+    envoy_family.config.write_bytes(envoy_family.config.read_bytes() + b"# caf\xe9\n")
+    result = _check(
+        "--envoy", str(ENVOY_BIN), "--config", str(envoy_family.config), str(envoy_family.script)
+    )
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == 0, result.stdout + result.stderr
+    (warned,) = [line for line in _lines(result, "warn") if "cannot parse" in line]
+    assert str(envoy_family.config) in warned
+    assert f"{envoy_family.config} validates" in result.stdout
