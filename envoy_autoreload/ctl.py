@@ -3,12 +3,18 @@ is to supervisord). `reload` returns when the reload is over: exit 0 with the se
 epoch on stdout when the new config serves (or the content was already serving), exit 1
 with the reason on stderr when it was refused or failed. `systemctl reload` runs it
 (ExecReload=), so a failed reload is a failed `systemctl reload`.
+
+Before it sends anything or believes an answer, it checks who listens (SO_PEERCRED): only
+a daemon running as our own uid or as root is trusted, so a socket someone else put at
+the path cannot answer `{"ok": true}` to a reload.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import socket
+import struct
 import sys
 from pathlib import Path
 from typing import Final
@@ -22,17 +28,41 @@ EXIT_FAILED: Final = 1
 EXIT_UNREACHABLE: Final = 3
 
 
+def peer_uid(sock: socket.socket) -> int | None:
+    """The uid of the process at the other end of a connected unix socket; None where
+    the platform has no SO_PEERCRED (not Linux)."""
+    option = getattr(socket, "SO_PEERCRED", None)
+    if option is None:
+        return None
+    creds = sock.getsockopt(socket.SOL_SOCKET, option, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return int(uid)
+
+
+def _connect(sock: socket.socket, path: Path) -> None:
+    """Connect, then refuse a peer that is neither us nor root: one line, exit 3."""
+    try:
+        sock.connect(str(path))
+        uid = peer_uid(sock)
+    except OSError as err:
+        click.echo(
+            f"envoy-autoreloadctl: cannot reach the daemon at {path}: {err.strerror or err}",
+            err=True,
+        )
+        sys.exit(EXIT_UNREACHABLE)
+    if uid is not None and uid not in (os.geteuid(), 0):
+        click.echo(
+            f"envoy-autoreloadctl: {path} is served by uid {uid}, neither us nor root: "
+            "not trusting its answer",
+            err=True,
+        )
+        sys.exit(EXIT_UNREACHABLE)
+
+
 def _ask(path: Path, request: str, timeout_s: float) -> dict[str, object]:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout_s)
-        try:
-            sock.connect(str(path))
-        except OSError as err:
-            click.echo(
-                f"envoy-autoreloadctl: cannot reach the daemon at {path}: {err.strerror or err}",
-                err=True,
-            )
-            sys.exit(EXIT_UNREACHABLE)
+        _connect(sock, path)
         chunks = []
         try:
             sock.sendall(request.encode() + b"\n")
@@ -49,9 +79,10 @@ def _ask(path: Path, request: str, timeout_s: float) -> dict[str, object]:
     try:
         reply = json.loads(b"".join(chunks))
     except ValueError:
+        reply = None
+    if not isinstance(reply, dict):
         click.echo("envoy-autoreloadctl: the daemon closed without an answer", err=True)
         sys.exit(EXIT_FAILED)
-    assert isinstance(reply, dict)
     return reply
 
 
