@@ -14,7 +14,12 @@ import pytest
 
 from envoy_autoreload.watch.changes import ChangeDetector
 from envoy_autoreload.watch.filters import NoiseFilter
-from tests.integration.watch_harness import assert_sees, deep_tree, open_detector
+from tests.integration.watch_harness import (
+    assert_sees,
+    deep_tree,
+    open_detector,
+    remove_deep_tree,
+)
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="inotify only")
 
@@ -113,8 +118,10 @@ def test_a_tree_deeper_than_the_recursion_limit_moved_in(
     depth = sys.getrecursionlimit() + 100
     with deep_tree(tmp_path / "staged", depth) as staged_leaf:
         os.rename(tmp_path / "staged", conf / "staged")
-        leaf = conf / staged_leaf.relative_to(tmp_path)
-        assert_sees(detector, leaf, "deep: true\n")
-        leaf.write_text("deep: false\n")  # watched all the way down
-        assert_sees(detector, leaf, "deep: false\n")
-        os.rename(conf / "staged", tmp_path / "staged")  # for deep_tree's cleanup
+        try:
+            leaf = conf / staged_leaf.relative_to(tmp_path)
+            assert_sees(detector, leaf, "deep: true\n")
+            leaf.write_text("deep: false\n")  # watched all the way down
+            assert_sees(detector, leaf, "deep: false\n")
+        finally:
+            remove_deep_tree(conf / "staged")  # pytest's cleanup recurses: it cannot
