@@ -122,16 +122,10 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
 
 
 class StatusServer:
-    def __init__(
-        self,
-        address: tuple[str, int],
-        telemetry: Telemetry,
-        *,
-        max_connections: int = MAX_CONNECTIONS,
-    ) -> None:
+    def __init__(self, address: tuple[str, int], telemetry: Telemetry) -> None:
         handler = _handler_for(telemetry)
         try:
-            self._server = _BoundedHTTPServer(address, handler, max_connections)
+            self._server = _BoundedHTTPServer(address, handler, MAX_CONNECTIONS)
         except (OSError, OverflowError) as err:
             reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
             raise UsageError(f"cannot serve status on {_show(address)}: {reason}") from err
