@@ -186,12 +186,35 @@ def _dies_with_the_daemon() -> Callable[[], None] | None:
     return request
 
 
+def reap_strays(ours: set[int]) -> None:
+    """Reap exited children that are not ours, when we are PID 1.
+
+    Peeks first (`WNOWAIT`): a child of ours that exited since its own poll keeps its
+    status for `Popen.poll()`, which would otherwise read ECHILD as exit status 0.
+    Anywhere but PID 1 there are no strays and nothing is done.
+    """
+    if os.getpid() != 1:
+        return
+    while True:
+        try:
+            info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return
+        if info is None or info.si_pid in ours:
+            return
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(info.si_pid, os.WNOHANG)
+
+
 class ScriptSpawner:
     """Runs the start script; the real `Processes` of `ports.py`."""
 
     def __init__(self, start_script: Path, script_args: tuple[str, ...]) -> None:
         self._start_script = start_script
         self._script_args = script_args
+
+    def reap_strays(self, ours: set[int]) -> None:
+        reap_strays(ours)
 
     def spawn(self, epoch: int) -> ScriptChild:
         """Exec the start script directly with RESTART_EPOCH; raises OSError if exec fails."""

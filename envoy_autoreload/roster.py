@@ -41,6 +41,7 @@ class Generation:
     serving_at: float | None = None
     draining_since: float | None = None
     envoy: EnvoyProcess | None = None  # the Envoy behind it, once it exec'd
+    envoy_seen_at: float | None = None  # when it was first found (monotonic)
     snapshot: Snapshot | None = None  # the content it started from, when watching
     binary: BinaryInfo | None = None
     covers_seq: int = 0  # restart requests this generation answers (0: none)
@@ -156,6 +157,10 @@ class Roster:
     @staticmethod
     def mark_stopping(gen: Generation, reason: str) -> None:
         gen.marks.stop_reason = reason
+
+    @staticmethod
+    def mark_terminated(gen: Generation) -> None:
+        gen.marks.terminated = True
 
     @staticmethod
     def mark_doomed(gen: Generation) -> None:

@@ -80,9 +80,11 @@ class Marks:
     - `drain_cut_by_restart`: a third process made Envoy end its drain early (§8), so an
       early exit is expected.
     - `owes_sigusr1`: a SIGUSR1 arrived while it was starting; forwarded once it serves.
+    - `terminated`: SIGTERM was sent (after `stop_reason`), so it is not sent twice.
     """
 
     stop_reason: str | None = None
+    terminated: bool = False
     doomed: bool = False
     drain_cut_by_restart: bool = False
     owes_sigusr1: bool = False
@@ -147,7 +149,8 @@ PLAN_EDGES: Final[dict[tuple[PlanKind, PlanKind], frozenset[str]]] = {
     (_N, _S): frozenset({"gate_passed", "no_gate", "retry"}),
     # A newer batch passed the gate, or a newer failure re-plans its retry: the newest
     # validated content wins; its seq covers the older one's requests.
-    (_S, _S): frozenset({"gate_passed", "no_gate", "retry"}),
+    # Requests that ask for the very content a plan carries join it (finding 15).
+    (_S, _S): frozenset({"gate_passed", "no_gate", "retry", "absorbed"}),
     # Carried out; the content changed since it was validated (never start unvalidated
     # content); a newer check of it failed; retries were used up; the serving epoch died
     # (the batch is requeued); the queued requests turned out to change nothing

@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import signal
 import traceback
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping
 from pathlib import Path
 from typing import Final, assert_never
 
@@ -52,7 +52,9 @@ from envoy_autoreload.command import describe_exit
 from envoy_autoreload.control import ControlConnection, ControlDesk, ControlReply, ControlServer
 from envoy_autoreload.digest import Snapshot
 from envoy_autoreload.envoy_binary import BinaryInfo
-from envoy_autoreload.errors import BinaryError, ExitCode, SpawnError, ValidationFailed
+from envoy_autoreload.envoy_config import load_bootstrap
+from envoy_autoreload.envoy_outputs import paths_envoy_writes
+from envoy_autoreload.errors import BinaryError, ConfigError, ExitCode, SpawnError, ValidationFailed
 from envoy_autoreload.family import EnvoyFamily
 from envoy_autoreload.gate import CommandGate
 from envoy_autoreload.limits import binding_limit, check_limits
@@ -86,6 +88,7 @@ envoy_logger = logging.getLogger("envoy_autoreload.envoy")
 
 MAX_FAMILY_PROCESSES: Final = 3
 EARLY_DRAIN_MARGIN_S: Final = 0.25
+HUNG_DRAIN_GRACE_S: Final = 5.0
 PARENT_DIED: Final = "its parent, the serving epoch, died"
 # Exit codes by which a POSIX shell says it could not run a command (the script's own
 # mistake, not Envoy's).
@@ -116,6 +119,7 @@ class Supervisor:
         self._batches = Batches(reactor, self._desk, self._telemetry)
         self._family = family or EnvoyFamily(settings)
         spawner = processes or ScriptSpawner(settings.start_script, settings.script_args)
+        self._processes = spawner
         self._roster = Roster(spawner, reactor)
         self._gate = gate or CommandGate(settings, reactor, Timer.COMMAND_DEADLINE)
         self._shutdown = Shutdown(reactor, self._roster, self._family, settings.term_wait_s)
@@ -161,6 +165,7 @@ class Supervisor:
         validate (blocking is fine here), start watching, start epoch 0."""
         self._check_before_first_start()
         if self._changes is not None:
+            self._exclude_envoy_outputs(self._changes)
             self._start_watching(self._changes)
         if self._control is not None:
             self._reactor.add_reader(self._control.fileno(), self._control)
@@ -249,6 +254,7 @@ class Supervisor:
         frames = traceback.extract_tb(err.__traceback__)
         where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
         key = f"{type(err).__name__}@{where}"
+        self._heal()
         if key in self._errors_seen:
             return
         self._errors_seen.add(key)
@@ -259,6 +265,20 @@ class Supervisor:
             "the daemon carries on; please report this",
             detail="".join(traceback.format_exception(err)).rstrip(),
         )
+
+    def _heal(self) -> None:
+        """After a contained error, re-arm what a half-run handler may have left
+        unarmed: the probe and deadline of a starting epoch, and one more decision."""
+        if self._shutdown.stopping:
+            return
+        if self._roster.starting() is not None:
+            for timer, after_s in (
+                (Timer.PROBE, 0.1),
+                (Timer.START_DEADLINE, self._settings.start_timeout_s),
+            ):
+                if not self._reactor.has_deadline(timer):
+                    self._reactor.set_timeout(timer, after_s)
+        self._reactor.set_timeout(Timer.ADVANCE, 0.1)
 
     # -- dispatch -------------------------------------------------------------
     def _dispatch(self, event: Event | None) -> None:
@@ -329,7 +349,10 @@ class Supervisor:
                 assert_never(timer)
 
     def _on_drain_wait_over(self) -> None:
-        if not isinstance(self._plan, StartNext):
+        # Whatever waits for the drain: a validated plan, or (with a gate and no
+        # watching) the queued requests themselves, which validate after the wait
+        # (REVIEW-core finding 2: that wait used to last the whole parent-shutdown time).
+        if not isinstance(self._plan, StartNext) and not self._batches.queued:
             return  # stale: what waited for the drain is gone
         self._drain_wait_over = True
         for gen in self._roster.draining():
@@ -388,6 +411,22 @@ class Supervisor:
                 "does not exist yet; watching for it to appear",
                 path=missing,
             )
+
+    def _exclude_envoy_outputs(self, changes: Content) -> None:
+        """Files Envoy writes (access logs) inside a watched tree are no config: each
+        `envoy --mode validate` reopens them and every request grows them, so leaving
+        them in the digest is a restart loop (REVIEW-core finding 15). Exclusions only
+        grow: a draining epoch still writes the old config's log."""
+        config = self._settings.config
+        if config is None:
+            return
+        try:
+            document = load_bootstrap(config)
+        except ConfigError:
+            return  # Envoy's own validation says what is wrong with it
+        if isinstance(document, Mapping):
+            # Relative paths are Envoy's, and Envoy runs in our working directory.
+            changes.exclude_paths(paths_envoy_writes(document, Path.cwd()))
 
     def _on_watch_readable(self, changes: Content) -> None:
         self._telemetry.watch_events.inc(changes.on_readable(self._reactor.now()))
@@ -461,7 +500,9 @@ class Supervisor:
             return
         if serving.marks.stop_reason is not None or self._gate.busy:
             return  # a full restart is under way, or requests wait for the gate, as one
-        if self._batches.queued and not self._take_requests(serving):
+        plan = self._plan
+        absorbed = self._batches.queued and self._absorb_requests(plan)
+        if self._batches.queued and not absorbed and not self._take_requests(serving):
             return
         plan = self._plan
         if not isinstance(plan, StartNext):
@@ -477,15 +518,67 @@ class Supervisor:
             # validated request is carried out as a stop and a cold start instead.
             self._full_restart(serving, plan)
             return
-        if len(self._roster.alive()) >= MAX_FAMILY_PROCESSES:
+        if self._socket_taken(serving):
+            self._stop_hung_drains(serving)
             return  # a cut drain is ending; its exit wakes us again
         if self._must_wait_for_drain():
             return
         self._start_next(serving, plan)
 
+    def _absorb_requests(self, plan: Plan | None) -> bool:
+        """Requests that arrive while validated content waits to start, and ask for
+        exactly that content, join it instead of superseding it: a stream of requests
+        faster than validation used to restart nothing at all (REVIEW-core finding 15)."""
+        if not isinstance(plan, StartNext) or plan.content is None or self._changes is None:
+            return False
+        if self._current_content(self._changes).digest != plan.content.digest:
+            return False  # the content moved on: the requests go through the gate
+        reasons = ",".join(dict.fromkeys([*plan.reason.split(","), *self._batches.queued]))
+        self._batches.queued.clear()
+        self._batches.seq = self._batches.request_seq
+        self._replan(StartNext(reasons, self._batches.request_seq, plan.content), "absorbed")
+        return True
+
+    def _socket_taken(self, serving: Generation) -> bool:
+        """Whether the next epoch cannot start yet: three of the family are alive, or an
+        older epoch still holds the domain socket the next one needs (mod 3, §0, §4)."""
+        alive = self._roster.alive()
+        slot = (serving.epoch + 1) % 3
+        held = any(g is not serving and g.epoch % 3 == slot for g in alive)
+        return held or len(alive) >= MAX_FAMILY_PROCESSES
+
+    def _stop_hung_drains(self, serving: Generation) -> None:
+        """A draining epoch long past its parent-shutdown time that is nobody's parent
+        any more blocks the next epoch (they share a domain socket modulo 3, §0) for as
+        long as it hangs (§7). It serves nothing and no successor waits on it: KILLed
+        (REVIEW-core finding 14). One whose successor lives is never touched (§6)."""
+        shutdown_s = self._family.parent_shutdown_s(serving) or 0.0
+        now = self._reactor.now()
+        next_due: float | None = None
+        alive_epochs = {g.epoch for g in self._roster.alive()}
+        for gen in self._roster.draining():
+            if gen.epoch + 1 in alive_epochs or gen.marks.stop_reason is not None:
+                continue  # its successor lives: it must end by itself (§6)
+            due = (gen.draining_since or gen.started_at) + shutdown_s + HUNG_DRAIN_GRACE_S
+            if now < due:
+                next_due = due if next_due is None else min(next_due, due)
+                continue
+            reason = f"still draining {HUNG_DRAIN_GRACE_S:g} s past its parent-shutdown time"
+            self._roster.mark_stopping(gen, reason)
+            self._event(
+                logging.WARNING,
+                "child.hung_drain",
+                f"{reason}; it blocks epoch {serving.epoch + 1}, so it is killed",
+                epoch=gen.epoch,
+                pid=gen.pid,
+            )
+            gen.process.kill()
+        if next_due is not None:
+            self._reactor.set_deadline(Timer.HUNG_DRAIN, next_due)
+
     def _take_requests(self, serving: Generation) -> bool:
         """Turn the queued requests into a batch; True when a plan may follow now."""
-        if self._requests_change_nothing(serving):
+        if self._requests_change_nothing(serving) or self._requests_held(serving):
             return False
         if self._gate.enabled and self._changes is None and self._must_wait_for_drain():
             # Nothing pins what was validated without watching: validate right before
@@ -550,6 +643,14 @@ class Supervisor:
         if not runs_already(serving.snapshot, current, logging.INFO, serving):
             return False
         self._batches.queued.clear()
+        plan = self._plan
+        if isinstance(plan, StartNext) and plan.content is not None:
+            # A validated restart of content that is gone again (REVIEW-core finding 9):
+            # dropped, not carried out later with a false drain_wait_exceeded.
+            self._replan(None, "reverted")
+            self._reactor.cancel(Timer.RETRY)
+            self._reactor.cancel(Timer.DRAIN_WAIT)
+            self._drain_wait_over = False
         self._batches.finish(
             "unchanged",
             "files_changed",
@@ -559,6 +660,13 @@ class Supervisor:
             message="unchanged, already serving",
         )
         return True
+
+    def _requests_held(self, serving: Generation) -> bool:
+        """File changes wait while a watched path is missing (its return is a change of
+        its own); an operator's SIGHUP or reload still goes to the gate."""
+        if self._changes is None or not set(self._batches.queued) <= {"files_changed"}:
+            return False
+        return self._held_while_missing(self._current_content(self._changes), serving.snapshot)
 
     def _must_wait_for_drain(self) -> bool:
         draining = self._roster.draining()
@@ -623,7 +731,11 @@ class Supervisor:
         self._start(0, cold.reason, covers_seq=cold.covers_seq)
 
     def _stop_orphans(self, orphans: list[Generation]) -> None:
-        for orphan in orphans:
+        """Newest first: a draining parent is never signalled while its successor lives
+        (§6); once the successor is gone Envoy ends the parent (a "child request"), or
+        it is TERMed then. A hung orphan (§7) is KILLed after --term-wait."""
+        alive_epochs = {g.epoch for g in orphans}
+        for orphan in reversed(orphans):
             if orphan.marks.stop_reason is None:
                 reason = "no successor serves; stopped so epoch 0 can start"
                 self._roster.mark_stopping(orphan, reason)
@@ -634,7 +746,7 @@ class Supervisor:
                     epoch=orphan.epoch,
                     pid=orphan.pid,
                 )
-                # A hung orphan (§7) would block epoch 0 for ever: KILLed in time.
+            if orphan.epoch + 1 not in alive_epochs and not orphan.marks.terminated:
                 self._terminate(orphan)
 
     def _full_restart(self, serving: Generation, plan: StartNext) -> None:
@@ -655,6 +767,7 @@ class Supervisor:
 
     def _terminate(self, gen: Generation) -> None:
         """TERM one we decided to stop; KILL it after --term-wait if it hangs (§7)."""
+        self._roster.mark_terminated(gen)
         gen.process.send_signal(signal.SIGTERM)
         if not self._reactor.has_deadline(Timer.ORPHAN_KILL):
             self._reactor.set_timeout(Timer.ORPHAN_KILL, self._settings.term_wait_s)
@@ -696,6 +809,18 @@ class Supervisor:
         if serving is None or isinstance(self._plan, Respawn | ColdStart):
             self._batches.requeue(reason)  # recovery first; it passes the gate after it
             return
+        if not outcome.ok and self._changed_while_validating():
+            # A config deleted and recreated (or rewritten) while Envoy read it: not a
+            # validation failure of anything anyone pushed (REVIEW-core finding 15).
+            self._event(
+                logging.INFO,
+                "validation.superseded",
+                "the files changed while they were validated; validating them again",
+                epoch=serving.epoch,
+                pid=serving.pid,
+            )
+            self._batches.requeue(reason)
+            return
         if not outcome.ok:
             if isinstance(self._plan, StartNext):
                 self._replan(None, "gate_failed")  # what is on disk now failed
@@ -709,19 +834,29 @@ class Supervisor:
             )
             return
         binary = outcome.binary
+        # What the serving Envoy itself reported at LIVE wins over what we believed we
+        # started: a recovery start runs whatever binary is on disk.
         running = serving.binary if serving.binary else self._binary
-        running_version = (running.hot_restart_version if running else None) or (
-            self._family.hot_restart_version
+        running_version = self._family.hot_restart_version or (
+            running.hot_restart_version if running else None
         )
         if binary is not None and running_version and binary.hot_restart_version != running_version:
             self._on_incompatible_binary(binary, running_version, reason)
             return
         if binary is not None:
             self._binary = binary
+        if self._changes is not None:
+            self._exclude_envoy_outputs(self._changes)  # the config that will run
         # A request that passed the gate is a new chance: no backoff, no old failures.
         self._hot_failures = 0
         self._reactor.cancel(Timer.RETRY)
         self._replan(StartNext(reason, self._preflight_seq, self._preflight_content), "gate_passed")
+
+    def _changed_while_validating(self) -> bool:
+        pinned = self._preflight_content
+        if pinned is None or self._changes is None:
+            return False
+        return self._current_content(self._changes).digest != pinned.digest
 
     def _on_incompatible_binary(
         self, binary: BinaryInfo, running_version: str, reason: str
@@ -871,6 +1006,18 @@ class Supervisor:
         self._triggers.abandoned_digest = None
         self._hot_failures = 0
         self._cold_failures = 0
+        self._check_command_line(gen)
+        if gen.marks.owes_sigusr1:
+            self._roster.owe_sigusr1(gen, False)
+            gen.process.signal_envoy(signal.SIGUSR1, gen.envoy)
+            self._event(
+                logging.INFO,
+                "signal.forwarded",
+                "SIGUSR1 that arrived while it started",
+                signal="SIGUSR1",
+                epochs=[gen.epoch],
+                pids=[gen.pid],
+            )
         reply = ControlReply(True, f"serving ({gen.reason})", gen.epoch)
         if gen.covers_seq and self._batches.in_flight:
             self._batches.finish(
@@ -884,9 +1031,45 @@ class Supervisor:
         else:
             self._batches.served_without_batch(self._status_text(), gen.covers_seq, reply)
 
+    def _check_command_line(self, gen: Generation) -> None:
+        """At each LIVE, what the daemon was told against what Envoy runs (/proc): a
+        wrong --config validates the wrong file and probes the wrong admin (finding 3)."""
+        for mismatch in self._family.mismatches(gen):
+            self._warn_once(
+                "config.mismatch",
+                f"{mismatch}: validation and LIVE checks may look at the wrong thing",
+                epoch=gen.epoch,
+                pid=gen.pid,
+            )
+
+    def _adopt_if_took_over(self, gen: Generation) -> bool:
+        """Before giving a starting epoch up: did it go LIVE since the last probe, or
+        tell its parent to drain (the flag is clear) while its admin is not where we
+        ask? Killing it then would strand the parent, which refuses new connections
+        once its child took over (REVIEW-core finding 3)."""
+        self._family.observe(gen)
+        if self._family.is_live(gen):
+            self._on_live(gen)
+            return True
+        if not self._family.handed_over(gen):
+            return False
+        self._event(
+            logging.WARNING,
+            "child.admin_unreachable",
+            f"epoch {gen.epoch} took over from its parent but its admin never reported "
+            "LIVE where the daemon asks; counting it as serving. Check --admin-address "
+            "and --config against what the start script gives Envoy",
+            epoch=gen.epoch,
+            pid=gen.pid,
+        )
+        self._on_live(gen)
+        return True
+
     def _on_start_deadline(self) -> None:
         gen = self._roster.starting()
         if gen is None:
+            return
+        if self._adopt_if_took_over(gen):
             return
         reason = f"not LIVE within --start-timeout {self._settings.start_timeout_s:g} s"
         self._roster.mark_stopping(gen, reason)
@@ -902,6 +1085,10 @@ class Supervisor:
         outcome = self._gate.poll()
         if outcome is not None:
             self._on_preflight_done(outcome)
+        # As PID 1 (a container without an init) orphans are reparented to us; reap
+        # what is not ours so zombies do not pile up (REVIEW-core finding 14).
+        ours = {g.pid for g in self._roster.alive()} | self._gate.child_pids()
+        self._processes.reap_strays(ours)
 
     def _on_exited(self, gen: Generation) -> None:
         self._on_stderr(gen)
@@ -1008,6 +1195,18 @@ class Supervisor:
 
     def _on_serving_died(self, gen: Generation, status: str) -> None:
         planned = gen.marks.stop_reason is not None
+        successor = self._roster.starting()
+        if not planned and successor is not None and self._adopt_if_took_over(successor):
+            # Envoy ended its drain: the successor had taken over unseen (finding 3).
+            self._event(
+                logging.INFO,
+                "child.exited",
+                "drain finished",
+                epoch=gen.epoch,
+                pid=gen.pid,
+                status=status,
+            )
+            return
         self._event(
             logging.INFO if planned else logging.ERROR,
             "child.died",
@@ -1178,13 +1377,22 @@ class Supervisor:
             conn.reply(ControlReply(False, "the daemon is stopping"))
             return
         serving = self._roster.serving()
-        idle = not self._gate.busy and self._roster.starting() is None and not self._batches.queued
+        idle = (
+            not self._gate.busy
+            and self._roster.starting() is None
+            and not self._batches.queued
+            and self._plan is None  # a validated restart waits: the reload joins it (9)
+        )
         if (
             not force
             and idle
             and serving is not None
             and self._changes is not None
-            and runs_already(serving.snapshot, self._changes.rescan(), logging.INFO, serving)
+            # The cheap `current()` (events drained first), not a full walk: a walk of
+            # 100,000 files stalls the loop about a second (REVIEW-core finding 12).
+            and runs_already(
+                serving.snapshot, self._current_content(self._changes), logging.INFO, serving
+            )
         ):
             conn.reply(ControlReply(True, "unchanged, already serving", serving.epoch))
             return
@@ -1211,6 +1419,11 @@ class Supervisor:
         targets = [g for g in self._roster.alive() if g.state in FORWARDS_SIGNALS]
         for gen in targets:
             gen.process.signal_envoy(signum, gen.envoy)
+        starting = self._roster.starting()
+        if starting is not None:
+            # Replayed once it serves: a log rotation during a restart would otherwise
+            # leave the new epoch writing to the rotated file (REVIEW-core finding 14).
+            self._roster.owe_sigusr1(starting, True)
         self._event(
             logging.INFO,
             "signal.forwarded",

@@ -23,7 +23,16 @@ LIVE_AFTER_S: Final = 0.05  # §2: LIVE ~50 ms after the process starts
 FAIL_AFTER_S: Final = 0.05  # §3: a bad config or a refused hot restart exits 1 in ~50 ms
 PORT_FAIL_AFTER_S: Final = 0.07  # §3: a port held by another process
 ABORT_NO_PARENT_S: Final = 10.1  # §4, §5: ten 1 s retries, then SIGABRT
-ABORT_AFTER_PARENT_KILLED_S: Final = 10.0  # §6: LIVE + parent-shutdown + 10 s
+# §6 and measured (tests/envoy/test_conformance.py): an Envoy that sends a message to a
+# process that is gone (its dead parent; a dead child it owes an answer) retries ten
+# times 1 s apart on its main thread, then SIGABRTs. Its workers keep serving meanwhile,
+# and TERM, INT and USR1 wait (Envoy handles them on that thread), so it dies of the abort.
+ABORT_AFTER_PARENT_KILLED_S: Final = 10.0
+CRASH_EXIT_S: Final = 0.02  # measured: SIGABRT/SIGSEGV from outside: a backtrace, then death
+# Measured: signals Envoy turns into a backtrace and then dies of (rc -signum).
+FATAL_SIGNALS: Final = frozenset(
+    {signal.SIGABRT, signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL}
+)
 TERM_EXIT_S: Final = 0.01  # §2: SIGTERM exits within 10 ms, no drain
 CHILD_REQUEST_EXIT_S: Final = 0.02  # §6: parent follows a TERMed child 20 ms later
 GRANDPARENT_CUT_S: Final = 0.02  # §8: a new epoch's parent terminates its own parent
@@ -44,10 +53,14 @@ class Content:
 
     version: int
     good: bool = True
+    # Seconds it stays PRE_INITIALIZING before LIVE: a config waiting for CDS from an xDS
+    # server that does not answer stays so until its initial_fetch_timeout (§8, §15).
+    init_s: float = 0.0
 
     @property
     def digest(self) -> str:
-        return f"v{self.version}-{'good' if self.good else 'bad'}"
+        slow = f"-init{self.init_s:g}" if self.init_s else ""
+        return f"v{self.version}-{'good' if self.good else 'bad'}{slow}"
 
 
 @dataclass(eq=False)
@@ -66,6 +79,13 @@ class Proc:
     parent_killed_early: bool = False
     parent_exit_cancelled: bool = False
     hung_for_good: bool = False
+    # It told its parent to exit (§2 at the parent-shutdown time, §8 when its own child
+    # starts, measured on SIGTERM), or tried to: Envoy does it once.
+    asked_parent: bool = False
+    retrying: bool = False  # in the retry loop of ABORT_AFTER_PARENT_KILLED_S
+    owes_dead_child: bool = False  # a child died HUNG on it: its answer will be refused
+    wedged: bool = False  # ignores everything but SIGKILL (§7)
+    pending_exit: tuple[int, str] | None = None  # what it would have done, had it run
     stderr: list[str] = field(default_factory=list)
 
     @property
@@ -80,7 +100,7 @@ class SignalSent:
     signum: signal.Signals
     target_state: ProcState
     target_serving: bool  # the newest LIVE process
-    successor_alive: bool  # a later epoch of the family is alive
+    successor_alive: bool  # the epoch started from it (its child) is alive (§6)
     stopping: bool
     planned: bool  # the supervisor had marked this generation to stop
 
@@ -189,17 +209,19 @@ class EnvoyModel:
             return
         parent = parents[-1]
         proc.parent = parent
-        if parent.parent_killed_early:
-            # Measured: a hot restart from a doomed epoch hangs for ever, flag stuck.
+        if parent.parent_killed_early or parent.retrying:
+            # Measured: the doomed parent tells its dead parent to exit as this child
+            # starts (§8), so its retry loop runs from now (SIGABRT ~10 s later), and the
+            # child, never answered, hangs for ever with the flag stuck, even after the
+            # parent's abort.
+            self._ask_parent_to_exit(parent, GRANDPARENT_CUT_S, "cut")
             proc.state = ProcState.HUNG
             proc.hung_for_good = True
             return
         if self.parent_unresponsive:
             proc.state = ProcState.HUNG  # §7: blocks in recvmsg, no timeout
             return
-        if parent.parent is not None and parent.parent.alive:
-            grandparent = parent.parent  # §8: terminated at once
-            self._at(GRANDPARENT_CUT_S, grandparent, lambda: self._exit(grandparent, 0, "cut"))
+        self._ask_parent_to_exit(parent, GRANDPARENT_CUT_S, "cut")  # §8: at once
         delay = RESPAWN_LIVE_S if parent.parent_exit_cancelled else LIVE_AFTER_S
         self._start_config(proc, delay)
 
@@ -211,7 +233,7 @@ class EnvoyModel:
         elif self.port_conflict:
             self._fail(proc, PORT_FAIL_AFTER_S, 1, "cannot bind '127.0.0.1:10000'")
         else:
-            self._at(live_after_s, proc, lambda: self._go_live(proc))
+            self._at(live_after_s + proc.content.init_s, proc, lambda: self._go_live(proc))
 
     def _fail(self, proc: Proc, after_s: float, returncode: int, line: str) -> None:
         def fail() -> None:
@@ -231,21 +253,40 @@ class EnvoyModel:
             parent.state = ProcState.DRAINING
             parent.parent_exit_cancelled = False
             self._cancel(parent)
-            shutdown = self.parent_shutdown_s
-            self._at(shutdown, parent, lambda: self._exit(parent, 0, "drained"))  # §2
+
+            def drained() -> None:  # §2: the child asks at its parent-shutdown time
+                proc.asked_parent = True
+                self._exit(parent, 0, "drained")
+
+            self._at(self.parent_shutdown_s, parent, drained)
 
     # -- signals ----------------------------------------------------------------------
     def send_signal(
-        self, proc: Proc, signum: signal.Signals, *, stopping: bool, planned: bool
+        self,
+        proc: Proc,
+        signum: signal.Signals,
+        *,
+        stopping: bool,
+        planned: Callable[[int], bool],
     ) -> None:
-        """A signal from the supervisor: recorded for the invariants, then delivered."""
+        """A signal from the supervisor: recorded for the invariants, then delivered.
+        `planned(pid)`: the supervisor had decided to stop that process."""
         if not proc.alive:
             return
-        successor = any(p.alive and p.epoch > proc.epoch for p in self.procs)
+        # Its successor counts only if it is to go on: when the whole family is being
+        # stopped (recovery to epoch 0), nobody is left to abort (§6).
+        successor = any(p.alive and p.parent is proc and not planned(p.pid) for p in self.procs)
         serving = proc is self.serving()
         self.signals.append(
             SignalSent(
-                self.now, proc.pid, signum, proc.state, serving, successor, stopping, planned
+                self.now,
+                proc.pid,
+                signum,
+                proc.state,
+                serving,
+                successor,
+                stopping,
+                planned(proc.pid),
             )
         )
         self.deliver(proc, signum)
@@ -257,22 +298,60 @@ class EnvoyModel:
         match signum:
             case signal.SIGKILL:
                 self._exit(proc, -signal.SIGKILL, "killed")
-            case signal.SIGTERM:
-                self._at(TERM_EXIT_S, proc, lambda: self._terminated(proc))
-            case signal.SIGUSR1 if proc.state is ProcState.INITIALIZING:
+            case signal.SIGTERM | signal.SIGINT:
+                self._terminate(proc, signum)
+            case signal.SIGUSR1 if proc.state in (ProcState.INITIALIZING, ProcState.HUNG):
                 # §11: before Envoy installs its handlers the default action kills it.
                 self._exit(proc, -signal.SIGUSR1, "killed")
+            case _ if signum in FATAL_SIGNALS:
+                self._at(CRASH_EXIT_S, proc, lambda: self._exit(proc, -signum, "crashed"))
             case _:
                 pass  # SIGUSR1 reopens logs; SIGHUP is eaten (§11)
 
-    def _terminated(self, proc: Proc) -> None:
+    def _terminate(self, proc: Proc, signum: signal.Signals) -> None:
+        """SIGTERM or SIGINT (§2: exits within 10 ms, rc 0, no drain)."""
+        if proc.state is ProcState.HUNG:
+            # Measured: still in the hot-restart handshake, before Envoy installs its
+            # handlers: the default action kills it at once (rc -15).
+            self._exit(proc, -signum, "signalled")
+            return
+        if proc.retrying:
+            return  # measured: it waits on the blocked main thread, then dies of the abort
+        if not proc.wedged:
+            # Measured: on the way out a hot-restarted Envoy tells its parent to exit,
+            # LIVE or draining (§6: "shutting down due to child request", ~20 ms later);
+            # a parent already gone makes it retry and abort ~10 s later instead.
+            self._ask_parent_to_exit(proc, CHILD_REQUEST_EXIT_S, "child_request")
+            if proc.retrying:
+                return
+        self._at(TERM_EXIT_S, proc, lambda: self._exit(proc, 0, "terminated"))
+
+    def _ask_parent_to_exit(self, proc: Proc, after_s: float, cause: str) -> None:
+        """`proc` tells its parent to exit; Envoy does it once (`asked_parent`)."""
         parent = proc.parent
-        self._exit(proc, 0, "terminated")
-        if parent is not None and parent.alive and parent.state is ProcState.DRAINING:
-            # §6: the draining parent follows its TERMed child ("child request").
-            self._at(CHILD_REQUEST_EXIT_S, parent, lambda: self._exit(parent, 0, "child_request"))
+        if parent is None or proc.asked_parent:
+            return
+        proc.asked_parent = True
+        if parent.alive:
+            self._at(after_s, parent, lambda: self._exit(parent, 0, cause))
+        else:
+            self._retry_then_abort(proc, "abort_parent_gone")
+
+    def _retry_then_abort(self, proc: Proc, cause: str) -> None:
+        """A message to a process that is gone: see ABORT_AFTER_PARENT_KILLED_S."""
+        if proc.retrying:
+            return
+        proc.retrying = True
+
+        def abort() -> None:
+            self._exit(proc, -signal.SIGABRT, cause)
+
+        self._at(ABORT_AFTER_PARENT_KILLED_S, proc, abort)
 
     def _exit(self, proc: Proc, returncode: int, cause: str) -> None:
+        if proc.alive and proc.wedged and cause != "killed":
+            proc.pending_exit = (returncode, cause)  # once it runs again
+            return
         if not proc.alive:
             return
         was = proc.state
@@ -290,15 +369,21 @@ class EnvoyModel:
             if child.parent is not proc or not child.alive:
                 continue
             if child.state is ProcState.HUNG:
-                # §5: a child whose parent is gone retries, then aborts.
-                self._fail(child, ABORT_NO_PARENT_S, -signal.SIGABRT, "sendmsg() failed")
+                # Measured: blocked in recvmsg for its parent's answer, it stays blocked
+                # when the parent dies: no retry, no abort (unlike §5's start without a
+                # parent); only a signal ends it.
+                child.hung_for_good = True
             elif (
                 was is ProcState.DRAINING
-                and proc.exit_cause not in ("drained", "cut")
+                and not child.asked_parent
                 and child.live_at is not None
                 and not child.parent_killed_early
             ):
                 self._doom(child)
+        hung = was is ProcState.HUNG and not proc.hung_for_good
+        if hung and proc.parent is not None and proc.parent.alive:
+            # Measured: the unresponsive parent answers the dead child once it runs again.
+            proc.parent.owes_dead_child = True
         if was is ProcState.LIVE and proc.parent is not None and proc.parent.alive:
             parent = proc.parent
             if parent.state is ProcState.DRAINING:
@@ -309,15 +394,16 @@ class EnvoyModel:
 
     def _doom(self, child: Proc) -> None:
         """§6: the successor of a parent killed early aborts at LIVE + parent-shutdown +
-        10 s, when it tries to tell the dead parent to exit."""
+        10 s: at its parent-shutdown time it tells the dead parent to exit, retries, and
+        aborts (sooner when it is TERMed or its own child starts before then)."""
         assert child.live_at is not None
         child.parent_killed_early = True
-        at = child.live_at + self.parent_shutdown_s + ABORT_AFTER_PARENT_KILLED_S
-
-        def abort() -> None:
-            self._exit(child, -signal.SIGABRT, "abort_parent_killed")
-
-        self._at(max(0.0, at - self.now), child, abort)
+        at = child.live_at + self.parent_shutdown_s
+        self._at(
+            max(0.0, at - self.now),
+            child,
+            lambda: self._ask_parent_to_exit(child, 0.0, "drained"),
+        )
 
     # -- the shared-memory flag -----------------------------------------------------------
     def clear_flag(self) -> None:
@@ -325,13 +411,44 @@ class EnvoyModel:
             self.flag_cleared_under_initializer = True
         self.flag = False
 
+    def wedge(self, proc: Proc) -> None:
+        """A process that stops responding (SIGSTOP, a deadlock): only SIGKILL ends it."""
+        proc.wedged = True
+
+    def unwedge_all(self) -> None:
+        """SIGCONT: every wedged process runs again and does what it missed."""
+        for proc in self.alive():
+            if not proc.wedged:
+                continue
+            proc.wedged = False
+            pending = proc.pending_exit
+            if pending is not None:
+                self._exit(proc, pending[0], pending[1])
+            elif proc.state is ProcState.DRAINING and not self._scheduled(proc):
+                self._drain_soon(proc)
+
+    def _drain_soon(self, proc: Proc) -> None:
+        self._at(TERM_EXIT_S, proc, lambda: self._exit(proc, 0, "drained"))
+
+    def _scheduled(self, proc: Proc) -> bool:
+        return any(h.proc is proc for h in self._timeline)
+
     def unresponsive(self, on: bool) -> None:
         """§7: a parent that does not answer (SIGSTOP); when it answers again, every hung
         child goes on and goes LIVE."""
         self.parent_unresponsive = on
         if on:
             return
+        for proc in self.alive():
+            if proc.owes_dead_child:
+                # Measured: it answers a child that died HUNG (killed at its start
+                # timeout): refused, so it retries and aborts ~10 s after resuming, and
+                # the serving Envoy is gone. A live child's request waits behind it.
+                proc.owes_dead_child = False
+                self._retry_then_abort(proc, "abort_child_gone")
         for proc in self.procs:
+            if proc.parent is not None and proc.parent.retrying:
+                continue
             if proc.state is ProcState.HUNG and not proc.hung_for_good:
                 proc.state = ProcState.INITIALIZING
                 self._start_config(proc, 0.015)

@@ -153,6 +153,14 @@ class DaemonInAWorld(RuleBasedStateMachine):
         self.s.run_until_quiet()
 
     @precondition(running)
+    @rule(state=st.sampled_from([ProcState.DRAINING, ProcState.LIVE, ProcState.INITIALIZING]))
+    def wedge(self, state: ProcState) -> None:
+        """A process stops answering (SIGSTOP, a deadlock), §7."""
+        procs = [p for p in self.s.world.model.alive() if p.state is state]
+        if procs:
+            self.s.world.model.wedge(procs[0])
+
+    @precondition(running)
     @rule(on=st.booleans())
     def admin_blind(self, on: bool) -> None:
         self.s.facts.admin_blind = on
@@ -172,7 +180,9 @@ class DaemonInAWorld(RuleBasedStateMachine):
         if sim is None:
             return
         try:
-            sim.world.binary_hrv = "11.104"
+            # The binary on disk matches what runs: with --on-incompatible-binary=refuse
+            # an incompatible one is refused on purpose, and that is no fault to heal.
+            sim.world.binary_hrv = sim.world.model.shm_version or "11.104"
             sim.check_converges()
             sim.check_stops()
         finally:

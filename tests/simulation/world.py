@@ -9,7 +9,7 @@ the real one: only the world is simulated, so everything it decides is real code
 from __future__ import annotations
 
 import signal
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -153,6 +153,9 @@ class SimProcesses:
     def spawn(self, epoch: int) -> SimChild:
         return self._world.spawn(epoch)
 
+    def reap_strays(self, ours: set[int]) -> None:
+        return None
+
 
 class SimFacts:
     """`EnvoyFacts` answered from the model: LIVE over a fresh admin connection means
@@ -199,6 +202,9 @@ class SimFacts:
     def forget(self, gen: Generation) -> None:
         return None
 
+    def mismatches(self, gen: Generation) -> list[str]:
+        return []
+
 
 @dataclass
 class _Validation:
@@ -231,6 +237,9 @@ class SimGate:
     def owns(self, key: Hashable) -> bool:
         return False
 
+    def child_pids(self) -> set[int]:
+        return set()
+
     def next_at(self) -> float | None:
         running = self._running
         if running is None or running.killed or running.done_at is None:
@@ -252,6 +261,9 @@ class SimGate:
     def finish_due(self, now: float) -> None:
         running = self._running
         if running is not None and running.done_at is not None and running.done_at <= now:
+            # Envoy reads the file while it runs: what it judged is what was on disk
+            # then, which need not be what the supervisor pinned when it began.
+            running.content = self._world.disk
             running.done_at = -1.0  # finished: SIGCHLD
             self._world.reactor.pending_signals.add(signal.SIGCHLD)
 
@@ -360,6 +372,9 @@ class SimContent:
     def rescan(self) -> Snapshot:
         return self.current()
 
+    def exclude_paths(self, paths: Iterable[Path]) -> None:
+        return None
+
     def close(self) -> None:
         return None
 
@@ -402,5 +417,4 @@ class SimWorld:
 
     def deliver(self, proc: Proc, signum: signal.Signals) -> None:
         self.model.now = self.reactor.now()
-        planned = self.planned_stop(proc.pid)
-        self.model.send_signal(proc, signum, stopping=self.stopping(), planned=planned)
+        self.model.send_signal(proc, signum, stopping=self.stopping(), planned=self.planned_stop)

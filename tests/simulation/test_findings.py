@@ -1,0 +1,177 @@
+"""REVIEW-core findings the model can show, each replayed in the simulation.
+
+Every test here failed on the core before its fix (commit d2579bd) and passes after;
+the finding number is in the test's name. Virtual time makes each a few milliseconds.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+
+import pytest
+
+from tests.simulation.harness import Knobs, Simulation
+from tests.simulation.model import ProcState
+
+
+@pytest.fixture
+def make_sim() -> Iterator[type[Simulation] | object]:
+    made: list[Simulation] = []
+
+    def make(**knobs: object) -> Simulation:
+        sim = Simulation(Knobs(**knobs))  # type: ignore[arg-type]
+        made.append(sim)
+        sim.begin()
+        sim.advance(1.0)
+        return sim
+
+    yield make
+    for sim in made:
+        sim.close()
+
+
+def serving_epoch(sim: Simulation) -> int | None:
+    proc = sim.world.model.serving()
+    return proc.epoch if proc is not None else None
+
+
+def test_finding_2_drain_wait_fires_without_watch(make_sim: object) -> None:
+    """--config without --watch: a restart during a drain waits --max-drain-wait, not
+    the whole parent-shutdown time."""
+    sim: Simulation = make_sim(watch=False, max_drain_wait_s=2.0, parent_shutdown_s=120.0)  # type: ignore[operator]
+    sim.send(signal.SIGHUP)
+    sim.advance(1.0)
+    assert serving_epoch(sim) == 1
+    sim.send(signal.SIGHUP)
+    sim.advance(3.0)
+    assert serving_epoch(sim) == 2, "the second restart still waits for the 120 s drain"
+
+
+def test_finding_3_a_child_that_took_over_is_not_killed_at_the_deadline(
+    make_sim: object,
+) -> None:
+    """Admin is not where we look, but the child took over (the flag is clear): killing
+    it would strand its parent, which refuses new connections."""
+    sim: Simulation = make_sim(start_timeout_s=5.0)  # type: ignore[operator]
+    sim.facts.admin_blind = True
+    sim.write(good=True)
+    sim.advance(10.0)
+    model = sim.world.model
+    assert serving_epoch(sim) == 1, "the LIVE child was killed at --start-timeout"
+    assert not [s for s in model.signals if s.signum == signal.SIGKILL]
+    serving = sim.supervisor.roster.serving()
+    assert serving is not None and serving.epoch == 1
+
+
+def test_finding_9_a_revert_drops_the_stale_plan_and_tells_systemd(make_sim: object) -> None:
+    """B validated, its start failed once (a port held elsewhere) and waits out the
+    retry backoff; the file goes back to A, which serves: the plan for B is dropped at
+    once, systemd gets READY after its RELOADING, and nothing restarts later."""
+    sim: Simulation = make_sim()  # type: ignore[operator]
+    sim.world.model.port_conflict = True
+    sim.write(good=True)  # B
+    sim.advance(0.5)
+    assert plan_of(sim) is not None  # the retry of B, in its backoff
+    sim.world.model.port_conflict = False
+    sim.revert_to(sim.world.model.procs[0].content)  # A, what serves
+    sim.advance(0.4)
+    assert plan_of(sim) is None, "the plan for the reverted content is still there"
+    assert sim.notifier.sent[-1] == "READY", sim.notifier.sent
+    sim.advance(70.0)
+    assert serving_epoch(sim) == 0, "restarted although the content is what serves"
+
+
+def plan_of(sim: Simulation) -> object:
+    return sim.supervisor.plan
+
+
+def test_finding_14_sigusr1_during_a_start_reaches_the_new_epoch(make_sim: object) -> None:
+    sim: Simulation = make_sim()  # type: ignore[operator]
+    sim.write(good=True)
+    sim.advance(0.31)  # the restart is due at 0.3 s; validation takes 0.04 s
+    sim.advance(0.041)
+    assert sim.supervisor.roster.starting() is not None
+    sim.send(signal.SIGUSR1)
+    sim.advance(1.0)
+    assert serving_epoch(sim) == 1
+    new = sim.world.model.serving()
+    assert new is not None
+    usr1 = [s for s in sim.world.model.signals if s.signum == signal.SIGUSR1]
+    assert new.pid in {s.pid for s in usr1}, "the new epoch never reopened its logs"
+
+
+def test_finding_14_a_hung_draining_epoch_does_not_block_restarts_forever(
+    make_sim: object,
+) -> None:
+    """Three alive (N-1 hung in its drain, N draining, N+1 serving): N+2 would share
+    N-1's domain socket. N-1 is nobody's parent any more, so it is killed."""
+    sim: Simulation = make_sim(max_drain_wait_s=0.0, parent_shutdown_s=3.0)  # type: ignore[operator]
+    sim.write(good=True)
+    sim.advance(0.5)
+    sim.write(good=True)
+    sim.advance(0.5)
+    model = sim.world.model
+    assert serving_epoch(sim) == 2
+    # Epoch 0 was cut by epoch 2's start (§8); make epoch 1 hang past its drain.
+    one = next(p for p in model.alive() if p.epoch == 1)
+    model.wedge(one)  # §7: it never ends its drain, nor obeys a terminate
+    sim.write(good=True)
+    sim.advance(0.5)
+    assert serving_epoch(sim) == 3
+    sim.write(good=True)
+    sim.advance(30.0)
+    assert serving_epoch(sim) == 4, "the hung epoch 1 blocks epoch 4 for ever"
+
+
+def test_finding_15_requests_faster_than_validation_do_not_starve_the_restart(
+    make_sim: object,
+) -> None:
+    """SIGHUP every second while validation takes two: each validated plan used to be
+    superseded by the next request, and nothing ever restarted."""
+    sim: Simulation = make_sim()  # type: ignore[operator]
+    sim.gate.duration_s = 2.0
+    for _ in range(10):
+        sim.send(signal.SIGHUP)
+        sim.advance(1.0)
+    assert serving_epoch(sim) not in (None, 0), "no restart in 10 s of requests"
+
+
+def test_finding_15_a_config_recreated_during_validation_is_no_validation_failure(
+    make_sim: object,
+) -> None:
+    sim: Simulation = make_sim()  # type: ignore[operator]
+    sim.gate.duration_s = 1.0
+    content = sim.write(good=True)
+    sim.advance(0.35)  # validating the new content until 1.3 s
+    assert sim.gate.busy
+    sim.delete_config()  # Envoy reads the path while it is gone
+    sim.advance(1.5)
+    sim.revert_to(content)
+    sim.advance(5.0)
+    assert sim.telemetry.validation_failures._value.get() == 0
+    assert serving_epoch(sim) == 1
+
+
+def test_containment_a_handler_that_raises_leaves_envoy_serving(make_sim: object) -> None:
+    """DESIGN-core §4: a bug in one handler is logged and counted; Envoy keeps serving
+    and the next change is still applied."""
+    sim: Simulation = make_sim()  # type: ignore[operator]
+    calls = {"n": 0}
+    original = sim.facts.is_live
+
+    def broken_once(gen: object) -> bool:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("injected fault")
+        return original(gen)  # type: ignore[arg-type]
+
+    sim.facts.is_live = broken_once  # type: ignore[method-assign]
+    sim.tolerate_internal_errors = True
+    sim.write(good=True)
+    sim.advance(2.0)
+    assert len(sim.supervisor.internal_errors) == 1
+    assert sim.telemetry.internal_errors._value.get() == 1
+    assert serving_epoch(sim) == 1, "the change was not applied after the fault"
+    assert not [s for s in sim.world.model.signals if s.signum == signal.SIGKILL]
+    assert all(p.state is not ProcState.DEAD or p.epoch == 0 for p in sim.world.model.procs)
