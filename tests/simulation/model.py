@@ -83,7 +83,7 @@ class Proc:
     # starts, measured on SIGTERM), or tried to: Envoy does it once.
     asked_parent: bool = False
     retrying: bool = False  # in the retry loop of ABORT_AFTER_PARENT_KILLED_S
-    owes_dead_child: bool = False  # a child died HUNG on it: its answer will be refused
+    owes_dead_child: int | None = None  # the epoch of a child that died HUNG on it (§7)
     wedged: bool = False  # ignores everything but SIGKILL (§7)
     pending_exit: tuple[int, str] | None = None  # what it would have done, had it run
     stderr: list[str] = field(default_factory=list)
@@ -317,25 +317,28 @@ class EnvoyModel:
             return
         if proc.retrying:
             return  # measured: it waits on the blocked main thread, then dies of the abort
-        if not proc.wedged:
-            # Measured: on the way out a hot-restarted Envoy tells its parent to exit,
-            # LIVE or draining (§6: "shutting down due to child request", ~20 ms later);
-            # a parent already gone makes it retry and abort ~10 s later instead.
-            self._ask_parent_to_exit(proc, CHILD_REQUEST_EXIT_S, "child_request")
-            if proc.retrying:
-                return
-        self._at(TERM_EXIT_S, proc, lambda: self._exit(proc, 0, "terminated"))
+        if proc.wedged:
+            # Stopped: it asks nothing; `_exit` keeps the exit pending until it runs.
+            self._at(TERM_EXIT_S, proc, lambda: self._exit(proc, 0, "terminated"))
+            return
+        # Measured: on the way out a hot-restarted Envoy tells its parent to exit, LIVE
+        # or draining (§6: "shutting down due to child request", ~20 ms later); a parent
+        # already gone makes it retry and abort ~10 s later instead.
+        if self._ask_parent_to_exit(proc, CHILD_REQUEST_EXIT_S, "child_request"):
+            self._at(TERM_EXIT_S, proc, lambda: self._exit(proc, 0, "terminated"))
 
-    def _ask_parent_to_exit(self, proc: Proc, after_s: float, cause: str) -> None:
-        """`proc` tells its parent to exit; Envoy does it once (`asked_parent`)."""
+    def _ask_parent_to_exit(self, proc: Proc, after_s: float, cause: str) -> bool:
+        """`proc` tells its parent to exit; Envoy does it once (`asked_parent`). False
+        when the parent is gone: `proc` retries, then aborts."""
         parent = proc.parent
         if parent is None or proc.asked_parent:
-            return
+            return True
         proc.asked_parent = True
-        if parent.alive:
-            self._at(after_s, parent, lambda: self._exit(parent, 0, cause))
-        else:
+        if not parent.alive:
             self._retry_then_abort(proc, "abort_parent_gone")
+            return False
+        self._at(after_s, parent, lambda: self._exit(parent, 0, cause))
+        return True
 
     def _retry_then_abort(self, proc: Proc, cause: str) -> None:
         """A message to a process that is gone: see ABORT_AFTER_PARENT_KILLED_S."""
@@ -383,7 +386,7 @@ class EnvoyModel:
         hung = was is ProcState.HUNG and not proc.hung_for_good
         if hung and proc.parent is not None and proc.parent.alive:
             # Measured: the unresponsive parent answers the dead child once it runs again.
-            proc.parent.owes_dead_child = True
+            proc.parent.owes_dead_child = proc.epoch
         if was is ProcState.LIVE and proc.parent is not None and proc.parent.alive:
             parent = proc.parent
             if parent.state is ProcState.DRAINING:
@@ -399,11 +402,11 @@ class EnvoyModel:
         assert child.live_at is not None
         child.parent_killed_early = True
         at = child.live_at + self.parent_shutdown_s
-        self._at(
-            max(0.0, at - self.now),
-            child,
-            lambda: self._ask_parent_to_exit(child, 0.0, "drained"),
-        )
+
+        def ask() -> None:
+            self._ask_parent_to_exit(child, 0.0, "drained")
+
+        self._at(max(0.0, at - self.now), child, ask)
 
     # -- the shared-memory flag -----------------------------------------------------------
     def clear_flag(self) -> None:
@@ -433,19 +436,44 @@ class EnvoyModel:
     def _scheduled(self, proc: Proc) -> bool:
         return any(h.proc is proc for h in self._timeline)
 
+    def _answer_gone_child(self, proc: Proc, epoch: int) -> None:
+        """Measured (conformance scenario child_hung_on_frozen_parent): a parent that runs
+        again answers the child that died HUNG on it (killed at its start timeout). The
+        answer is refused, so it retries once a second on its main thread, still serving,
+        signals waiting, and a child started from it meanwhile hangs behind it. A child of
+        the same epoch alive at a retry (the daemon's retry) binds the same socket and
+        gets the stale answer: it aborts on it (`replyIsExpectedType`), and the parent goes
+        on. Nobody there at the tenth retry: the parent aborts, and nothing serves."""
+        proc.retrying = True
+
+        def attempt(left: int) -> None:
+            same_socket = [
+                p for p in self.procs if p.alive and p is not proc and p.epoch % 3 == epoch % 3
+            ]
+            if same_socket:
+                proc.retrying = False
+                victim = same_socket[-1]
+                self._at(
+                    CRASH_EXIT_S, victim, lambda: self._exit(victim, -signal.SIGABRT, "crashed")
+                )
+            elif left > 1:
+                self._at(1.0, proc, lambda: attempt(left - 1))
+            else:
+                self._exit(proc, -signal.SIGABRT, "abort_child_gone")
+
+        self._at(1.0, proc, lambda: attempt(10))
+
     def unresponsive(self, on: bool) -> None:
         """§7: a parent that does not answer (SIGSTOP); when it answers again, every hung
-        child goes on and goes LIVE."""
+        child goes on and goes LIVE, except behind a parent that first answers a child
+        that died meanwhile (`_answer_gone_child`)."""
         self.parent_unresponsive = on
         if on:
             return
         for proc in self.alive():
-            if proc.owes_dead_child:
-                # Measured: it answers a child that died HUNG (killed at its start
-                # timeout): refused, so it retries and aborts ~10 s after resuming, and
-                # the serving Envoy is gone. A live child's request waits behind it.
-                proc.owes_dead_child = False
-                self._retry_then_abort(proc, "abort_child_gone")
+            if proc.owes_dead_child is not None:
+                self._answer_gone_child(proc, proc.owes_dead_child)
+                proc.owes_dead_child = None
         for proc in self.procs:
             if proc.parent is not None and proc.parent.retrying:
                 continue
