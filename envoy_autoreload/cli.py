@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -308,25 +309,7 @@ def cli(
     SIGUSR1 is forwarded (log reopen), SIGTERM/SIGINT stop every child.
     """
     configure_logging(log_format, log_level)
-    ctx = click.get_current_context()
-    envoy_explicit = ctx.get_parameter_source("envoy") != click.core.ParameterSource.DEFAULT
-    try:
-        envoy_path = check_envoy(envoy, explicit=envoy_explicit and not check_only)
-    except AutoreloadError as err:
-        raise click.BadParameter(str(err), param_hint="--envoy") from err
-    if config is not None and check_only:
-        config = config.absolute()  # a missing one is a FAIL line of the report
-    elif config is not None:
-        try:
-            config = check_config(config)
-        except AutoreloadError as err:
-            raise click.BadParameter(str(err), param_hint="--config") from err
-        if envoy_path is None and not no_validate:
-            raise click.BadParameter(
-                f"no Envoy binary {envoy!r} to validate {config} with "
-                "(give --envoy PATH, or --no-validate)",
-                param_hint="--envoy",
-            )
+    envoy_path, config = _checked_binary_and_config(envoy, config, no_validate, check_only)
     settings = Settings(
         start_script=start_script,
         script_args=script_args,
@@ -350,18 +333,7 @@ def cli(
         on_incompatible_binary=on_incompatible_binary,
         log_format=log_format,
     )
-    roots = settings.watch_roots()
-    changes = (
-        ChangeDetector(
-            roots,
-            watcher_kind=settings.watcher,
-            ignore_globs=settings.ignore,
-            quiet_s=settings.debounce_s,
-            max_wait_s=settings.debounce_max_s,
-        )
-        if roots
-        else None
-    )
+    changes = _change_detector(settings)
     if check_only:
         sys.exit(run_check(settings, changes, click.echo))
     address = None
@@ -378,6 +350,63 @@ def cli(
         pid=os.getpid(),
         start_script=str(start_script),
     )
+    control = _OpenControl(no_control_socket, control_socket)
+    sys.exit(int(_serve(settings, changes, address, control)))
+
+
+def _checked_binary_and_config(
+    envoy: str, config: Path | None, no_validate: bool, check_only: bool
+) -> tuple[Path | None, Path | None]:
+    """The Envoy binary and the config as the daemon will use them; a user's mistake
+    is click's one-line usage error (exit 2)."""
+    ctx = click.get_current_context()
+    envoy_explicit = ctx.get_parameter_source("envoy") != click.core.ParameterSource.DEFAULT
+    try:
+        envoy_path = check_envoy(envoy, explicit=envoy_explicit and not check_only)
+    except AutoreloadError as err:
+        raise click.BadParameter(str(err), param_hint="--envoy") from err
+    if config is not None and check_only:
+        return envoy_path, config.absolute()  # a missing one is a FAIL line of the report
+    if config is not None:
+        try:
+            config = check_config(config)
+        except AutoreloadError as err:
+            raise click.BadParameter(str(err), param_hint="--config") from err
+        if envoy_path is None and not no_validate:
+            raise click.BadParameter(
+                f"no Envoy binary {envoy!r} to validate {config} with "
+                "(give --envoy PATH, or --no-validate)",
+                param_hint="--envoy",
+            )
+    return envoy_path, config
+
+
+def _change_detector(settings: Settings) -> ChangeDetector | None:
+    roots = settings.watch_roots()
+    if not roots:
+        return None
+    return ChangeDetector(
+        roots,
+        watcher_kind=settings.watcher,
+        ignore_globs=settings.ignore,
+        quiet_s=settings.debounce_s,
+        max_wait_s=settings.debounce_max_s,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _OpenControl:
+    disabled: bool
+    path: Path | None
+
+
+def _serve(
+    settings: Settings,
+    changes: ChangeDetector | None,
+    address: tuple[str, int] | None,
+    control_wanted: _OpenControl,
+) -> ExitCode:
+    """Run the supervisor with its status server and control socket around it."""
     with contextlib.ExitStack() as stack:
         try:
             telemetry = Telemetry()
@@ -385,14 +414,13 @@ def cli(
                 server = StatusServer(address, telemetry)
                 server.start()
                 stack.callback(server.close)
-            control = None if no_control_socket else _open_control(control_socket)
+            control = None if control_wanted.disabled else _open_control(control_wanted.path)
             if control is not None:
                 stack.callback(control.close)
-            code = run(settings, changes, telemetry=telemetry, control=control)
+            return run(settings, changes, telemetry=telemetry, control=control)
         except AutoreloadError as err:
             click.echo(f"envoy-autoreload: error: {err}", err=True)
             sys.exit(int(err.exit_code))
-    sys.exit(int(code))
 
 
 def _open_control(path: Path | None) -> ControlServer | None:

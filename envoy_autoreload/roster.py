@@ -70,6 +70,9 @@ class Roster:
         self._processes = processes
         self._reactor = reactor
         self._generations: list[Generation] = []
+        # The content the newest start carried, failed or not: a missing path counts
+        # from it when nothing serves (see `MissingPaths.hold`).
+        self.last_started_content: Snapshot | None = None
 
     # -- queries ----------------------------------------------------------------
     def alive(self) -> list[Generation]:
@@ -113,6 +116,8 @@ class Roster:
             covers_seq=covers_seq,
         )
         self._generations.append(gen)
+        if snapshot is not None:
+            self.last_started_content = snapshot
         log_event(logger, logging.INFO, "child.started", epoch=epoch, pid=gen.pid, reason=reason)
         return gen
 

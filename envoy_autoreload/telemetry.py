@@ -94,7 +94,15 @@ class Telemetry:
     def __init__(self, notifier: Notifier | None = None) -> None:
         self.notifier = notifier or Notifier()
         self.registry = CollectorRegistry(auto_describe=True)
-        prefix = "envoy_autoreload"
+        self._register_counters("envoy_autoreload")
+        self._register_gauges("envoy_autoreload")
+        self.epoch.set(-1)
+        self.last_restart: RestartRecord | None = None
+        self.last_validation_error: str | None = None
+        self.snapshot: Mapping[str, object] = {"state": "starting", "serving": None}
+        self._ready_sent = False
+
+    def _register_counters(self, prefix: str) -> None:
         self.restarts = Counter(
             f"{prefix}_restarts",
             "Restart attempts by outcome.",
@@ -112,6 +120,18 @@ class Telemetry:
             ["cause"],
             registry=self.registry,
         )
+        self.watch_events = Counter(
+            f"{prefix}_watch_events",
+            "Filesystem events seen (after filtering).",
+            registry=self.registry,
+        )
+        self.internal_errors = Counter(
+            f"{prefix}_internal_errors",
+            "Exceptions contained by the event loop (a bug of ours; Envoy kept serving).",
+            registry=self.registry,
+        )
+
+    def _register_gauges(self, prefix: str) -> None:
         self.restart_duration = Histogram(
             f"{prefix}_restart_duration_seconds",
             "From a restart request to the new epoch LIVE.",
@@ -128,26 +148,11 @@ class Telemetry:
             "Envoy processes of this daemon alive now.",
             registry=self.registry,
         )
-        self.watch_events = Counter(
-            f"{prefix}_watch_events",
-            "Filesystem events seen (after filtering).",
-            registry=self.registry,
-        )
         self.last_success = Gauge(
             f"{prefix}_last_success_timestamp_seconds",
             "Unix time the last restart (or the first start) went LIVE.",
             registry=self.registry,
         )
-        self.internal_errors = Counter(
-            f"{prefix}_internal_errors",
-            "Exceptions contained by the event loop (a bug of ours; Envoy kept serving).",
-            registry=self.registry,
-        )
-        self.epoch.set(-1)
-        self.last_restart: RestartRecord | None = None
-        self.last_validation_error: str | None = None
-        self.snapshot: Mapping[str, object] = {"state": "starting", "serving": None}
-        self._ready_sent = False
 
     # -- facts from the supervisor --------------------------------------------
     def restart_began(self, reason: str, status: str) -> None:

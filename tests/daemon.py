@@ -138,11 +138,13 @@ def start_daemon(
     env: dict[str, str] | None = None,
     cwd: Path | None = None,
     prefix: tuple[str, ...] = (),
+    entry: tuple[str, ...] = ("-m", "envoy_autoreload"),
 ) -> Daemon:
-    """`prefix` runs the daemon through a wrapper that execs it (unshare, setpriv)."""
+    """`prefix` runs the daemon through a wrapper that execs it (unshare, setpriv);
+    `entry` replaces `-m envoy_autoreload` (a `-c` program that patches, then runs it)."""
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [*prefix, sys.executable, "-m", "envoy_autoreload", "--log-format", "json", *args],
+            [*prefix, sys.executable, *entry, "--log-format", "json", *args],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,

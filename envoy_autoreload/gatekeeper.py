@@ -1,0 +1,154 @@
+"""The supervisor's side of the gate: what a preflight (binary checks, `envoy --mode
+validate`) was asked about, and what its outcome says.
+
+The commands themselves run behind the `Gate` port (real: `gate.CommandGate`). This
+module pins what is being validated, logs the verdict, refuses what failed, and tells
+whether a new binary can hot restart at all (`--hot-restart-version`, ENVOY_FACTS §14,
+#14224). Whether to start, requeue or stop is the supervisor's decision.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from envoy_autoreload.batches import Batches
+from envoy_autoreload.digest import Snapshot
+from envoy_autoreload.envoy_binary import BinaryInfo
+from envoy_autoreload.errors import BinaryError, ValidationFailed
+from envoy_autoreload.logs import log_event
+from envoy_autoreload.ports import EnvoyFacts, Gate
+from envoy_autoreload.roster import Generation
+from envoy_autoreload.settings import Settings
+from envoy_autoreload.validation import PreflightOutcome, Verdict
+
+logger = logging.getLogger(__name__)
+
+
+class Gatekeeper:
+    def __init__(
+        self, settings: Settings, gate: Gate, batches: Batches, family: EnvoyFacts
+    ) -> None:
+        self._settings = settings
+        self.gate = gate
+        self._batches = batches
+        self._family = family
+        self.binary: BinaryInfo | None = None  # the newest binary that passed
+        self.reason = ""  # the batch being checked
+        self.seq = 0
+        self.content: Snapshot | None = None  # pinned before validating
+
+    def check_before_first_start(self) -> None:
+        """Start-up: refuse to start Envoy on a binary that is not Envoy or a config that
+        does not validate (blocking is fine: the loop is not running yet)."""
+        if not self.gate.enabled:
+            return
+        outcome = self.gate.check_now()
+        self.log_outcome(outcome, epoch=0, serving=False)
+        match outcome.verdict:
+            case Verdict.PASSED:
+                self.binary = outcome.binary
+            case Verdict.BINARY_REFUSED:
+                raise BinaryError(outcome.message)
+            case Verdict.FAILED:
+                raise ValidationFailed(
+                    f"the config {self._settings.config} does not validate, so Envoy is not "
+                    f"started: {outcome.message.removeprefix('validation failed: ')}"
+                )
+
+    def begin(self, reason: str, seq: int, content: Snapshot | None) -> PreflightOutcome | None:
+        """Check the batch `seq`; `content` is pinned first: what starts must be what was
+        validated. The outcome now if nothing had to run, else later from `poll()`."""
+        self.reason, self.seq, self.content = reason, seq, content
+        return self.gate.begin(self.binary)
+
+    def log_outcome(self, outcome: PreflightOutcome, epoch: int | None, serving: bool) -> None:
+        binary = outcome.binary
+        if outcome.ok:
+            log_event(
+                logger,
+                logging.INFO,
+                Verdict.PASSED.value,
+                epoch=epoch,
+                duration_s=outcome.duration_s,
+                version=binary.release if binary else None,
+                hot_restart_version=binary.hot_restart_version if binary else None,
+            )
+            return
+        log_event(
+            logger,
+            logging.ERROR,
+            outcome.verdict.value,
+            outcome.message + (f"; epoch {epoch} keeps serving" if serving else ""),
+            detail=outcome.detail,
+            epoch=epoch,
+            duration_s=outcome.duration_s,
+        )
+
+    def refuse(self, outcome: PreflightOutcome, status: str) -> None:
+        refused = outcome.verdict is Verdict.BINARY_REFUSED
+        self._batches.finish(
+            "refused" if refused else "validation_failed",
+            self.reason,
+            seq=self.seq,
+            error=outcome.message,
+            status=status,
+        )
+
+    def incompatible_with(self, binary: BinaryInfo | None, serving: Generation) -> str | None:
+        """The running hot-restart version when `binary` cannot hot restart into it.
+        What the serving Envoy reported at LIVE wins over what we believed we started:
+        a recovery start runs whatever binary is on disk."""
+        if binary is None:
+            return None
+        believed = serving.binary or self.binary
+        running = self._family.hot_restart_version or (
+            believed.hot_restart_version if believed else None
+        )
+        if running and binary.hot_restart_version != running:
+            return running
+        return None
+
+    def refuse_incompatible(
+        self, binary: BinaryInfo, running: str, serving: Generation, status: str
+    ) -> None:
+        what = _incompatibility(binary, running)
+        log_event(
+            logger,
+            logging.ERROR,
+            "binary.incompatible",
+            f"{what}; keeping the running Envoy. To switch, restart the service (a full "
+            "stop and start), or run with --on-incompatible-binary=restart",
+            epoch=serving.epoch,
+            pid=serving.pid,
+            version=binary.release,
+            hot_restart_version=binary.hot_restart_version,
+        )
+        self._batches.finish(
+            "refused",
+            self.reason,
+            seq=self.seq,
+            error=what,
+            message=f"refused: {what}",
+            status=status,
+        )
+
+    def announce_full_restart(self, binary: BinaryInfo, running: str) -> None:
+        log_event(
+            logger,
+            logging.WARNING,
+            "restart.full",
+            f"{_incompatibility(binary, running)}; --on-incompatible-binary=restart: "
+            "stopping every epoch and starting epoch 0 on it, accepting an outage until "
+            "it is LIVE",
+            version=binary.release,
+            hot_restart_version=binary.hot_restart_version,
+        )
+        self.binary = binary
+
+
+def _incompatibility(binary: BinaryInfo, running: str) -> str:
+    return (
+        f"{binary.path} ({binary.release}) has hot-restart version "
+        f"{binary.hot_restart_version}, the running Envoy {running}: a hot "
+        "restart into it cannot work (its shared memory differs, #14224)"
+    )

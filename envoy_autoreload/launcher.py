@@ -1,0 +1,196 @@
+"""Starting one epoch and telling when it is LIVE.
+
+Owns the PROBE and START_DEADLINE timers of the starting generation. LIVE means what
+Envoy says over a fresh admin connection at that epoch (ENVOY_FACTS §9, §15); before a
+starting epoch is given up it is asked once more, and one that already told its parent
+to drain is adopted, not killed (REVIEW-core finding 3). What a LIVE or a failure means
+for restart requests is the supervisor's business.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+from envoy_autoreload.digest import Snapshot
+from envoy_autoreload.envoy_binary import BinaryInfo
+from envoy_autoreload.logs import log_event
+from envoy_autoreload.ports import EnvoyFacts, Reactor
+from envoy_autoreload.roster import Generation, Roster
+from envoy_autoreload.settings import Settings
+from envoy_autoreload.states import FORWARDS_SIGNALS, Timer
+
+logger = logging.getLogger(__name__)
+envoy_logger = logging.getLogger("envoy_autoreload.envoy")
+
+
+class Launcher:
+    def __init__(
+        self, settings: Settings, reactor: Reactor, roster: Roster, family: EnvoyFacts
+    ) -> None:
+        self._settings = settings
+        self._reactor = reactor
+        self._roster = roster
+        self._family = family
+        self._warned: set[str] = set()
+
+    def spawn(
+        self,
+        epoch: int,
+        reason: str,
+        *,
+        parent: Generation | None,
+        covers_seq: int,
+        content: Snapshot | None,
+        binary: BinaryInfo | None,
+    ) -> Generation:
+        """Start the script at `epoch`; raises OSError when it cannot be executed."""
+        if parent is not None:
+            # No child of ours is starting, so a set flag can only be a dead child's.
+            self._family.restore_flag(parent, epoch)
+        gen = self._roster.spawn(
+            epoch, reason, covers_seq=covers_seq, snapshot=content, binary=binary
+        )
+        fd = gen.process.stderr_fd()
+        if fd is not None:
+            self._reactor.add_reader(fd, gen)
+        self._reactor.set_timeout(Timer.START_DEADLINE, self._settings.start_timeout_s)
+        self._reactor.set_timeout(Timer.PROBE, 0.01)
+        return gen
+
+    def probe(self) -> Generation | None:
+        """The starting generation if it is LIVE now; else the next probe is armed
+        (every 10 ms at first, backing off to 100 ms)."""
+        gen = self._roster.starting()
+        if gen is None:
+            return None
+        self._family.observe(gen)
+        if gen.envoy is not None and gen.envoy.pid != gen.pid:
+            self._warn_once(
+                "start_script.no_exec",
+                "the start script runs Envoy as a child instead of exec'ing it: signals "
+                "reach the shell, not Envoy; end the script with "
+                '`exec envoy ... --restart-epoch "$RESTART_EPOCH"`',
+                gen,
+            )
+        if self._family.is_live(gen):
+            return gen
+        elapsed = self._reactor.now() - gen.started_at
+        self._reactor.set_timeout(Timer.PROBE, min(0.1, max(0.01, elapsed / 4)))
+        return None
+
+    def took_over(self, gen: Generation) -> bool:
+        """Before giving a starting epoch up: did it go LIVE since the last probe, or
+        tell its parent to drain (the flag is clear) while its admin is not where we
+        ask? Killing it then would strand the parent, which refuses new connections
+        once its child took over (REVIEW-core finding 3)."""
+        self._family.observe(gen)
+        if self._family.is_live(gen):
+            return True
+        if not self._family.handed_over(gen):
+            return False
+        log_event(
+            logger,
+            logging.WARNING,
+            "child.admin_unreachable",
+            f"epoch {gen.epoch} took over from its parent but its admin never reported "
+            "LIVE where the daemon asks; counting it as serving. Check --admin-address "
+            "and --config against what the start script gives Envoy",
+            epoch=gen.epoch,
+            pid=gen.pid,
+        )
+        return True
+
+    def give_up(self, gen: Generation) -> None:
+        """--start-timeout ran out: KILL it (a child can wait for ever on an unresponsive
+        parent, §7), never the parent."""
+        reason = f"not LIVE within --start-timeout {self._settings.start_timeout_s:g} s"
+        self._roster.mark_stopping(gen, reason)
+        log_event(
+            logger, logging.WARNING, "child.start_timeout", reason, epoch=gen.epoch, pid=gen.pid
+        )
+        gen.process.kill()
+
+    def ended(self) -> None:
+        """Nothing is starting any more (it went LIVE, or failed)."""
+        self._reactor.cancel(Timer.PROBE)
+        self._reactor.cancel(Timer.START_DEADLINE)
+
+    def went_live(self, gen: Generation) -> None:
+        self.ended()
+        self._roster.went_live(gen)
+        for mismatch in self._family.mismatches(gen):
+            # What the daemon was told against what Envoy runs (/proc): a wrong --config
+            # validates the wrong file and probes the wrong admin (finding 3).
+            self._warn_once(
+                "config.mismatch",
+                f"{mismatch}: validation and LIVE checks may look at the wrong thing",
+                gen,
+            )
+        if gen.marks.owes_sigusr1:
+            # Replayed: a log rotation during the restart would otherwise leave the new
+            # epoch writing to the rotated file (REVIEW-core finding 14).
+            self._roster.owe_sigusr1(gen, False)
+            gen.process.signal_envoy(signal.SIGUSR1, gen.envoy)
+            log_event(
+                logger,
+                logging.INFO,
+                "signal.forwarded",
+                "SIGUSR1 that arrived while it started",
+                signal="SIGUSR1",
+                epochs=[gen.epoch],
+                pids=[gen.pid],
+            )
+
+    def pump_output(self, gen: Generation) -> None:
+        """Pass on what the child wrote; with --log-format json each of Envoy's lines
+        becomes an `envoy.output` event with its epoch and pid."""
+        on_line = None
+        if self._settings.log_format == "json":
+
+            def on_line(line: str) -> None:
+                log_event(
+                    envoy_logger, logging.INFO, "envoy.output", line, epoch=gen.epoch, pid=gen.pid
+                )
+
+        if not gen.process.pump_stderr(on_line):
+            fd = gen.process.stderr_fd()
+            if fd is not None:
+                self._reactor.remove_reader(fd)
+            gen.process.close_stderr()
+
+    def forward(self, signum: signal.Signals) -> None:
+        # Not to a starting child: before Envoy installs its handlers, SIGUSR1's default
+        # action would kill it (and a shell that did not exec dies of it, §11).
+        targets = [g for g in self._roster.alive() if g.state in FORWARDS_SIGNALS]
+        for gen in targets:
+            gen.process.signal_envoy(signum, gen.envoy)
+        starting = self._roster.starting()
+        if starting is not None:
+            # Replayed once it serves (REVIEW-core finding 14).
+            self._roster.owe_sigusr1(starting, True)
+        log_event(
+            logger,
+            logging.INFO,
+            "signal.forwarded",
+            signal=signum.name,
+            epochs=[g.epoch for g in targets],
+            pids=[g.pid for g in targets],
+        )
+
+    def rearm(self) -> None:
+        """After a contained error, re-arm what a half-run handler may have left
+        unarmed: the probe and deadline of a starting epoch, and one more decision."""
+        if self._roster.starting() is not None:
+            for timer, after_s in (
+                (Timer.PROBE, 0.1),
+                (Timer.START_DEADLINE, self._settings.start_timeout_s),
+            ):
+                if not self._reactor.has_deadline(timer):
+                    self._reactor.set_timeout(timer, after_s)
+        self._reactor.set_timeout(Timer.ADVANCE, 0.1)
+
+    def _warn_once(self, event: str, message: str, gen: Generation) -> None:
+        if event not in self._warned:
+            self._warned.add(event)
+            log_event(logger, logging.WARNING, event, message, epoch=gen.epoch, pid=gen.pid)

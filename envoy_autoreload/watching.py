@@ -1,0 +1,102 @@
+"""The supervisor's side of the watched files: start watching, read events into the
+debounce, and hand out the content as it is now.
+
+What a settled burst *means* is `triggers.py`'s question; this module only drives the
+`Content` port (real: `watch.changes.ChangeDetector`) in the loop's time.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+
+from envoy_autoreload.digest import Snapshot
+from envoy_autoreload.envoy_config import load_bootstrap
+from envoy_autoreload.envoy_outputs import paths_envoy_writes
+from envoy_autoreload.errors import ConfigError
+from envoy_autoreload.limits import check_limits
+from envoy_autoreload.logs import log_event
+from envoy_autoreload.ports import Content, Reactor
+from envoy_autoreload.settings import Settings
+from envoy_autoreload.states import Timer
+from envoy_autoreload.telemetry import Telemetry
+from envoy_autoreload.watch.changes import SettledBurst
+
+logger = logging.getLogger(__name__)
+
+
+class Watching:
+    def __init__(
+        self, settings: Settings, reactor: Reactor, changes: Content, telemetry: Telemetry
+    ) -> None:
+        self._settings = settings
+        self._reactor = reactor
+        self.changes = changes
+        self._telemetry = telemetry
+
+    def start(self) -> None:
+        changes = self.changes
+        self.exclude_envoy_outputs()  # before the first snapshot, or it holds the log
+        planned = changes.plan()
+        for check in check_limits(planned.watch_points):
+            if not check.ok:
+                log_event(logger, logging.WARNING, "watch.limit_low", check.advice())
+        snapshot = changes.start(degraded_ok=self._settings.watch_degraded)
+        if changes.active:
+            self._reactor.add_reader(changes.fileno(), changes)
+        log_event(
+            logger,
+            logging.INFO,
+            "watch.started",
+            roots=[str(r.path) for r in changes.roots],
+            directories=len(snapshot.directories),
+            files=len(snapshot.files),
+            watches=changes.watch_count,
+        )
+        for missing in snapshot.missing:
+            log_event(
+                logger,
+                logging.WARNING,
+                "watch.missing",
+                "does not exist yet; watching for it to appear",
+                path=missing,
+            )
+
+    def exclude_envoy_outputs(self) -> None:
+        """Files Envoy writes (access logs) inside a watched tree are no config: each
+        `envoy --mode validate` reopens them and every request grows them, so leaving
+        them in the digest is a restart loop (REVIEW-core finding 15). Exclusions only
+        grow: a draining epoch still writes the old config's log."""
+        config = self._settings.config
+        if config is None:
+            return
+        try:
+            document = load_bootstrap(config)
+        except ConfigError:
+            return  # Envoy's own validation says what is wrong with it
+        if isinstance(document, Mapping):
+            # Relative paths are Envoy's, and Envoy runs in our working directory.
+            self.changes.exclude_paths(paths_envoy_writes(document, Path.cwd()))
+
+    def on_readable(self) -> None:
+        self._telemetry.watch_events.inc(self.changes.on_readable(self._reactor.now()))
+        deadline = self.changes.deadline()
+        if deadline is not None:
+            self._reactor.set_deadline(Timer.DEBOUNCE, deadline)
+
+    def current(self) -> Snapshot:
+        """What is on disk now; events already in the kernel's queue are read first (and
+        start their debounce), so "nothing happened since the last scan" is true."""
+        if self.changes.active:
+            self.on_readable()
+        return self.changes.current()
+
+    def settle(self) -> SettledBurst | None:
+        """The burst once it is due; until then the debounce deadline is re-armed."""
+        burst = self.changes.settle(self._reactor.now())
+        if burst is None:
+            deadline = self.changes.deadline()
+            if deadline is not None:
+                self._reactor.set_deadline(Timer.DEBOUNCE, deadline)
+        return burst
