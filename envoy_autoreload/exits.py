@@ -131,9 +131,10 @@ class ExitPolicy:
             )
         serving = self._roster.serving()
         planner = self._planner
-        planner.last_start_error = (
-            f"epoch {gen.epoch} failed to start: {gen.last_error_line() or cause}"
-        )
+        # Our own reason first when we stopped it (its deadline): Envoy's last line is
+        # then whatever it was logging, not why it failed.
+        why = gen.marks.stop_reason or gen.last_error_line() or cause
+        planner.last_start_error = f"epoch {gen.epoch} failed to start: {why}"
         log_event(
             logger,
             logging.INFO if cause == PARENT_DIED else logging.ERROR,

@@ -123,7 +123,10 @@ class Recovery:
             pid=serving.pid,
         )
         self._planner.replan(ColdStart(plan.reason, covers_seq=plan.seq), "full_restart")
-        self.terminate(serving)
+        # KILLed, not TERMed: with its parent gone a TERM starts 10 s of retries and
+        # ends in SIGABRT anyway (measured by the conformance scenarios, §6).
+        self._roster.mark_terminated(serving)
+        serving.process.kill()
 
     # -- pacing ---------------------------------------------------------------------
     def served_again(self) -> None:

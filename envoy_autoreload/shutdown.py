@@ -54,11 +54,25 @@ class Shutdown:
             pids=[g.pid for g in alive],
             term_wait_s=self._term_wait_s,
         )
-        for gen in alive:
-            gen.process.send_signal(signal.SIGTERM)
+        self._term_newest()
         if alive:
             self._reactor.set_timeout(Timer.TERM_WAIT, self._term_wait_s)
         self.finish_if_done()
+
+    def _term_newest(self) -> None:
+        """TERM the newest generation not yet asked, once every one asked has gone.
+
+        Newest first, one at a time: a TERMed Envoy asks its parent to exit on its way
+        out (ENVOY_FACTS §6), so the family goes down in order. TERMing all at once
+        races: a child whose parent already exited retries for 10 s and dies by
+        SIGABRT (measured by the conformance scenarios)."""
+        alive = self._roster.alive()
+        if any(g.marks.terminated for g in alive):
+            return  # wait for it; its exit TERMs the next
+        for gen in reversed(alive):
+            self._roster.mark_terminated(gen)
+            gen.process.send_signal(signal.SIGTERM)
+            return
 
     def kill_remaining(self) -> None:
         """--term-wait is over: SIGKILL whoever is left; exit 1 (upstream's contract)."""
@@ -88,6 +102,8 @@ class Shutdown:
         self.exit_code = ExitCode.CHILD_KILLED
 
     def finish_if_done(self) -> None:
+        if self.stopping and self._roster.alive():
+            self._term_newest()
         if self.stopping and not self._roster.alive():
             self._reactor.cancel(Timer.TERM_WAIT)
             self._reactor.cancel(Timer.KILL_WAIT)
