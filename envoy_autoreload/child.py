@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Final
 
 from envoy_autoreload.envoy_process import EnvoyProcess, executable_of
+from envoy_autoreload.logs import write_stderr
 
 STDERR_TAIL_LINES: Final = 12
 # Output without a newline is kept up to this much, then passed on as a line: a child
@@ -116,7 +117,7 @@ class ScriptChild:
                     on_line(last)
                 return False
             if on_line is None:
-                _write_through(chunk)
+                write_stderr(chunk)  # through the relay: never blocks the loop
             self._split_lines(chunk, on_line)
 
     def _split_lines(self, chunk: bytes, on_line: Callable[[str], None] | None) -> None:
@@ -146,19 +147,6 @@ class ScriptChild:
 
     def last_error_line(self) -> str | None:
         return self.stderr_tail[-1] if self.stderr_tail else None
-
-
-def _write_through(chunk: bytes) -> None:
-    out = sys.stderr.buffer if hasattr(sys.stderr, "buffer") else None
-    try:
-        if out is not None:
-            out.write(chunk)
-            out.flush()
-        else:
-            sys.stderr.write(chunk.decode(errors="replace"))
-    except (OSError, ValueError):
-        # Our own stderr is gone (closed terminal); the tail is still kept.
-        pass
 
 
 PR_SET_PDEATHSIG: Final = 1

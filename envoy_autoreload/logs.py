@@ -18,6 +18,7 @@ takes the level Envoy printed (`[critical]` is CRITICAL), so a consumer can filt
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import json
 import logging
@@ -25,6 +26,11 @@ import re
 import sys
 from collections.abc import Mapping
 from typing import Final, Literal
+
+from envoy_autoreload.relay import RelayStream, StderrRelay
+
+_relay: StderrRelay | None = None
+EXIT_FLUSH_S: Final = 2.0
 
 LogFormat = Literal["human", "json"]
 
@@ -165,7 +171,12 @@ class JsonFormatter(logging.Formatter):
 def configure_logging(log_format: LogFormat, level: str) -> None:
     """Route every `envoy_autoreload` logger to stderr in the chosen format; `level`
     applies to the daemon's own events, not to Envoy's lines (ENVOY_LOGGER)."""
-    handler = logging.StreamHandler(sys.stderr)
+    global _relay  # configured once per process, by the CLI; nothing at import time
+    if _relay is None and hasattr(sys.stderr, "buffer"):
+        _relay = StderrRelay(sys.stderr.buffer)
+        atexit.register(_relay.flush, EXIT_FLUSH_S)
+    stream = RelayStream(_relay) if _relay is not None else sys.stderr
+    handler: logging.Handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter() if log_format == "json" else HumanFormatter())
     root = logging.getLogger("envoy_autoreload")
     root.handlers[:] = [handler]
@@ -174,3 +185,20 @@ def configure_logging(log_format: LogFormat, level: str) -> None:
     envoy = logging.getLogger(ENVOY_LOGGER)
     envoy.setLevel(logging.DEBUG)  # records still reach `handler` through propagation
     envoy.filters[:] = [_EnvoyLineLevel()]
+
+
+def write_stderr(data: bytes) -> None:
+    """Bytes to our stderr (Envoy's output passed through), never blocking the loop once
+    logging is configured (see `relay.py`)."""
+    if _relay is not None:
+        _relay.write(data)
+        return
+    out = sys.stderr.buffer if hasattr(sys.stderr, "buffer") else None
+    try:
+        if out is not None:
+            out.write(data)
+            out.flush()
+        else:
+            sys.stderr.write(data.decode(errors="replace"))
+    except (OSError, ValueError):
+        pass  # our own stderr is gone (closed terminal); the tail is still kept

@@ -8,13 +8,15 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from tests.daemon import start_daemon
 from tests.envoy.conftest import EnvoyFamily
-from tests.helpers import wait_until
+from tests.envoy.probe import ServingProbe
+from tests.helpers import holds_for, wait_until
 
 # Runs the real daemon with one handler made to raise once: the probe of epoch 1.
 INJECT_ONE_FAULT = """
@@ -157,3 +159,62 @@ def test_finding_14_as_pid_1_the_daemon_reaps_orphans(envoy_family: EnvoyFamily)
     )
     os.kill(inner, signal.SIGTERM)  # the daemon itself; unshare only waits for it
     assert daemon.wait_exit() == 0  # unshare exits with the daemon's code
+
+
+def test_finding_15_an_access_log_inside_the_watched_tree_restarts_nothing(
+    envoy_family: EnvoyFamily,
+) -> None:
+    """Every `envoy --mode validate` reopens the log (an IN_CLOSE_WRITE) and every
+    request grows it: in the digest, each restart's validation found new log lines and
+    asked for the next restart, for as long as traffic flowed."""
+    log = envoy_family.root / "access.log"
+    envoy_family.write_config("v0", access_log=log)
+    daemon = envoy_family.start(*envoy_family.watched("--debounce", "0.1"))
+    daemon.wait_event("child.serving", epoch=0)
+    with ServingProbe(envoy_family.listener_port) as probe:  # traffic the whole time
+        wait_until(lambda: log.stat().st_size > 0, timeout_s=10, what="a log line")
+        envoy_family.write_config("v1", access_log=log)  # one change, one restart
+        daemon.wait_event("child.serving", epoch=1)
+        holds_for(
+            lambda: len(daemon.events("restart.requested")) == 1,
+            duration_s=4.0,
+            what="exactly one restart while the access log keeps growing",
+        )
+    probe.assert_never_failed()
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait_exit() == 0
+
+
+def test_finding_12_a_stderr_nobody_reads_does_not_stall_restarts(
+    envoy_family: EnvoyFamily,
+) -> None:
+    """A paused terminal or a stalled log driver: the daemon's stderr is a pipe nobody
+    reads while Envoy logs at trace level. Writes used to block the loop, and with it
+    every restart; now they queue, bounded, and the excess is dropped."""
+    text = envoy_family.script.read_text().replace("--log-level info", "--log-level trace")
+    envoy_family.script.write_text(text)
+    sock = envoy_family.root.parent / "unread.sock"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "envoy_autoreload",
+            *envoy_family.watched(),
+            str(envoy_family.script),
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, "ENVOY_AUTORELOAD_CONTROL_SOCKET": str(sock)},
+    )
+    try:
+        serves(envoy_family, "v0")
+        for version in ("v1", "v2", "v3"):
+            envoy_family.write_config(version)
+            serves(envoy_family, version)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)  # reads the pipe at last
+    assert process.returncode == 0
+    assert b"child.serving" in output

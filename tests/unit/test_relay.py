@@ -1,0 +1,40 @@
+"""The stderr relay: the loop's writes never block, the backlog is bounded, order kept."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from envoy_autoreload.relay import StderrRelay
+from tests.helpers import wait_until
+
+
+def test_writes_never_block_and_a_full_backlog_is_dropped_then_reported() -> None:
+    read_end, write_end = os.pipe()
+    out = os.fdopen(write_end, "wb")
+    try:
+        relay = StderrRelay(out, max_pending=256 * 1024)
+        chunk = b"x" * 1023 + b"\n"
+        began = time.monotonic()
+        for _ in range(2048):  # 2 MiB into a 64 KiB pipe nobody reads
+            relay.write(chunk)
+        assert time.monotonic() - began < 2.0, "a write blocked on the unread pipe"
+        relay.write(b"last\n")
+        received = bytearray()
+
+        def drained() -> bool:
+            received.extend(os.read(read_end, 1 << 20))
+            return b"bytes of output dropped" in received and received.endswith(b"")
+
+        wait_until(drained, timeout_s=10, what="the relay to resume and report the drop")
+        relay.write(b"after\n")
+        wait_until(
+            lambda: received.extend(os.read(read_end, 1 << 20)) or b"after\n" in received,
+            timeout_s=10,
+            what="output written after the backlog cleared",
+        )
+        assert received.index(b"bytes of output dropped") < received.index(b"after\n")
+        relay.close()
+    finally:
+        out.close()
+        os.close(read_end)
