@@ -153,9 +153,16 @@ class Intake:
         """Never start unvalidated content: a change since validation goes back to the
         gate as a new request."""
         current = self._hooks.current()
-        if plan.content is None or current is None or current.digest == plan.content.digest:
+        if plan.content is None or current is None:
             return False
-        if self.held_while_missing(current, plan.content):
+        serving = self._roster.serving()
+        # A path the serving content has is gone (even if the plan's content lacked it
+        # too): Envoy would fail on it, so nothing starts until it is back.
+        known = serving.snapshot if serving is not None and serving.snapshot else plan.content
+        missing = bool(current.missing) and self.held_while_missing(current, known)
+        if current.digest == plan.content.digest and not missing:
+            return False
+        if missing or self.held_while_missing(current, plan.content):
             self._planner.replan(None, "went_missing")
             message = f"not restarted: {', '.join(self._triggers.missing.reported)} went missing"
             self._batches.finish(

@@ -142,6 +142,7 @@ def test_finding_15_a_config_recreated_during_validation_is_no_validation_failur
 ) -> None:
     sim: Simulation = make_sim()  # type: ignore[operator]
     sim.gate.duration_s = 1.0
+    sim.gate.read_after_s = 0.5  # Envoy opens the file while it is gone
     content = sim.write(good=True)
     sim.advance(0.35)  # validating the new content until 1.3 s
     assert sim.gate.busy
@@ -175,3 +176,25 @@ def test_containment_a_handler_that_raises_leaves_envoy_serving(make_sim: object
     assert serving_epoch(sim) == 1, "the change was not applied after the fault"
     assert not [s for s in sim.world.model.signals if s.signum == signal.SIGKILL]
     assert all(p.state is not ProcState.DEAD or p.epoch == 0 for p in sim.world.model.procs)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="REVIEW-core finding 8b, left to issue 'Generations': the validator reads the "
+    "file after the pin, so A -> B -> A during validation starts A on B's verdict; a "
+    "snapshot validated and started byte for byte closes it",
+)
+def test_finding_8b_content_that_changes_back_during_validation_is_never_started_unvalidated(
+    make_sim: object,
+) -> None:
+    sim: Simulation = make_sim()  # type: ignore[operator]
+    sim.gate.read_after_s = 0.2
+    sim.gate.duration_s = 1.0
+    a = sim.write(good=True)  # A: new, never validated yet
+    sim.advance(0.35)  # A is pinned at 0.3 s and being validated
+    sim.write(good=True)  # B, which the validator reads at 0.5 s
+    sim.advance(0.3)
+    sim.revert_to(a)  # back to A before the verdict at 1.3 s
+    sim.advance(3.0)
+    assert sim.world.model.serving() is not None
+    sim.check_safety()  # invariant 5: A started on B's verdict

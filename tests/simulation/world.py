@@ -213,6 +213,7 @@ class _Validation:
     hot_restart_version: str
     done_at: float | None  # None: hangs until killed at its deadline
     killed: bool = False
+    read_at: float | None = None  # when it reads the files (None: it already did)
 
 
 class SimGate:
@@ -224,6 +225,10 @@ class SimGate:
         self._running: _Validation | None = None
         self.duration_s = 0.04  # §1: ~40 ms
         self.hangs = False
+        # When Envoy reads the config, after the validation began: it does within
+        # milliseconds (ENVOY_FACTS §1), so 0 by default; a later read widens the window
+        # between the supervisor's pin and what the verdict is about (finding 8b).
+        self.read_after_s = 0.0
         self.passed: set[str | None] = set()  # digests that passed
 
     @property
@@ -242,9 +247,10 @@ class SimGate:
 
     def next_at(self) -> float | None:
         running = self._running
-        if running is None or running.killed or running.done_at is None:
+        if running is None or running.killed:
             return None
-        return running.done_at
+        moments = [t for t in (running.read_at, running.done_at) if t is not None and t >= 0]
+        return min(moments) if moments else None
 
     def check_now(self) -> PreflightOutcome:
         world = self._world
@@ -255,15 +261,17 @@ class SimGate:
         world = self._world
         done = None if self.hangs else world.reactor.now() + self.duration_s
         self._running = _Validation(world.disk, world.binary_ok, world.binary_hrv, done)
+        if self.read_after_s > 0:
+            self._running.read_at = world.reactor.now() + self.read_after_s
         world.reactor.set_timeout(Timer.COMMAND_DEADLINE, self._timeout_s)
         return None
 
     def finish_due(self, now: float) -> None:
         running = self._running
+        if running is not None and running.read_at is not None and running.read_at <= now:
+            running.content = self._world.disk  # what the verdict will be about
+            running.read_at = None
         if running is not None and running.done_at is not None and running.done_at <= now:
-            # Envoy reads the file while it runs: what it judged is what was on disk
-            # then, which need not be what the supervisor pinned when it began.
-            running.content = self._world.disk
             running.done_at = -1.0  # finished: SIGCHLD
             self._world.reactor.pending_signals.add(signal.SIGCHLD)
 

@@ -29,7 +29,7 @@ def test_writes_never_block_and_a_full_backlog_is_dropped_then_reported() -> Non
         wait_until(drained, timeout_s=10, what="the relay to resume and report the drop")
         relay.write(b"after\n")
         wait_until(
-            lambda: received.extend(os.read(read_end, 1 << 20)) or b"after\n" in received,
+            lambda: _read_into(received, read_end) and b"after\n" in received,
             timeout_s=10,
             what="output written after the backlog cleared",
         )
@@ -38,3 +38,8 @@ def test_writes_never_block_and_a_full_backlog_is_dropped_then_reported() -> Non
     finally:
         out.close()
         os.close(read_end)
+
+
+def _read_into(buffer: bytearray, fd: int) -> bool:
+    buffer.extend(os.read(fd, 1 << 20))
+    return True
