@@ -178,7 +178,14 @@ class ExitPolicy:
             return
         if self._roster.serving() is None:
             respawn_failed = bool(self._roster.draining())
-            self.outage(f"epoch {epoch} failed to start", immediate=respawn_failed)
+            # The failed start's request stays with the recovery: the epoch 0 that
+            # serves next answers it (a reload behind a full restart is not dropped).
+            self.outage(
+                f"epoch {epoch} failed to start",
+                immediate=respawn_failed,
+                covers_seq=self._planner.last_failed_seq,
+                content=content,
+            )
             return
         planner = self._planner
         planner.hot_failures += 1
@@ -273,6 +280,7 @@ class ExitPolicy:
         if starting is not None:
             # Its parent is gone: it would hang or abort (§5, measured), never serve.
             self._roster.mark_stopping(starting, PARENT_DIED)
+            self._launcher.ended()  # its deadline must not rename why it is gone
             starting.process.kill()
             self._batches.requeue(starting.reason)
         parents = self._roster.draining()
@@ -298,14 +306,23 @@ class ExitPolicy:
         elif plan is not None:
             raise IllegalMove(f"a recovery plan while an epoch served: {plan}")
 
-    def outage(self, what: str, *, immediate: bool = False, served_s: float | None = None) -> None:
-        """Nothing serves: count it against the crash budget and plan the recovery."""
+    def outage(
+        self,
+        what: str,
+        *,
+        immediate: bool = False,
+        served_s: float | None = None,
+        covers_seq: int = 0,
+        content: Snapshot | None = None,
+    ) -> None:
+        """Nothing serves: count it against the crash budget and plan the recovery;
+        `covers_seq` (and its validated `content`) is a request it still owes."""
         if self._recovery.budget_spent(what):
             self._hooks.begin_stop("crash budget exhausted", ExitCode.CHILD_KILLED)
             return
         planner = self._planner
         if not isinstance(planner.plan, Respawn | ColdStart):
-            planner.replan(ColdStart("recovery"), "recovery")
+            planner.replan(ColdStart("recovery", covers_seq, content), "recovery")
         respawn = isinstance(planner.plan, Respawn)
         epoch = planner.plan.epoch if isinstance(planner.plan, Respawn) else 0
         delay = self._recovery.delay(respawn=respawn, immediate=immediate, served_s=served_s)
@@ -316,7 +333,8 @@ class ExitPolicy:
     # -- a drain that ended ------------------------------------------------------------------
     def _on_drained(self, gen: Generation, status: str) -> None:
         successor = self._roster.serving()
-        if successor is not None and self._recovery.died_early(gen, successor):
+        planned = gen.marks.stop_reason is not None  # we stopped it: not Envoy's doing
+        if successor is not None and not planned and self._recovery.died_early(gen, successor):
             self._doom(gen, successor, status)
             return
         ended = "drain cut short by a newer epoch" if gen.marks.drain_cut_by_restart else None

@@ -77,6 +77,21 @@ class EnvoyFamily:
         if base_id is not None:
             self.base_id = base_id
 
+    def note_flag(self, gen: Generation) -> None:
+        """At each probe of a starting epoch past 0: remember once its Envoy has set
+        the INITIALIZING flag, so a clear flag later means it handed over."""
+        if gen.epoch == 0 or gen.saw_initializing or gen.envoy is None:
+            return
+        base_id = self.base_id_of(gen)
+        if base_id is None:
+            return
+        try:
+            path = shm_path(base_id)
+            flags = read_flags(path, layout_for(segment_version(path)))
+        except ShmUnsupported:
+            return
+        gen.saw_initializing = bool(flags & INITIALIZING)
+
     def base_id_of(self, gen: Generation) -> int | None:
         """The base id this generation's Envoy uses; None when it cannot be known."""
         if self._settings.base_id is not None:
@@ -171,6 +186,7 @@ class EnvoyFamily:
     # -- liveness -------------------------------------------------------------
     def is_live(self, gen: Generation) -> bool:
         """True when this generation's Envoy reports LIVE at its own epoch (§9, §15)."""
+        self.note_flag(gen)
         admin = self._settings.admin_address
         if admin is None:
             if gen.envoy is None and PROC_AVAILABLE:
@@ -213,8 +229,10 @@ class EnvoyFamily:
         the INITIALIZING flag is clear while it lives (ENVOY_FACTS §0, §3). Killing it
         then would strand the parent, which refuses new connections once its child
         took over (REVIEW-core finding 3). Unknown counts as no."""
-        if gen.epoch == 0 or not gen.is_alive() or gen.envoy is None:
-            return False  # before Envoy exec'd, a clear flag proves nothing
+        if gen.epoch == 0 or not gen.is_alive() or not gen.saw_initializing:
+            # A clear flag proves nothing before this Envoy set it: it is cleared for
+            # it before the spawn and set only once Envoy runs (§0).
+            return False
         base_id = self.base_id_of(gen)
         if base_id is None:
             return False

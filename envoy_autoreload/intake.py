@@ -115,7 +115,8 @@ class Intake:
         """Queued requests that only say "files changed" (or a plain reload), when the
         content is what serves: answered as unchanged, not restarted (a batch requeued
         after a recovery, a push re-run). SIGHUP and forced reloads always restart."""
-        if not set(self._batches.queued) <= {"files_changed", "control"}:
+        # "retry": a failed start's request put back after the serving epoch died.
+        if not set(self._batches.queued) <= {"files_changed", "control", "retry"}:
             return False
         if not self._settings.watch or serving.snapshot is None:
             return False
@@ -157,9 +158,11 @@ class Intake:
             return False
         serving = self._roster.serving()
         # A path the serving content has is gone (even if the plan's content lacked it
-        # too): Envoy would fail on it, so nothing starts until it is back.
+        # too): Envoy would fail on it, so file changes start nothing until it is back.
+        # An operator's SIGHUP or reload has passed the gate on this very content.
         known = serving.snapshot if serving is not None and serving.snapshot else plan.content
-        missing = bool(current.missing) and self.held_while_missing(current, known)
+        from_files = set(plan.reason.split(",")) <= {"files_changed", "retry"}
+        missing = from_files and bool(current.missing) and self.held_while_missing(current, known)
         if current.digest == plan.content.digest and not missing:
             return False
         if missing or self.held_while_missing(current, plan.content):
@@ -246,15 +249,22 @@ class Intake:
         assert binary is not None
         keeper = self._gatekeeper
         if self._settings.on_incompatible_binary == "refuse":
+            if isinstance(self._planner.plan, StartNext):
+                self._planner.replan(None, "gate_failed")  # an older plan is stale too
             keeper.refuse_incompatible(binary, running, serving, self._hooks.status_text())
             return
         keeper.announce_full_restart(binary, running)
-        for gen in self._roster.alive():
+        # Every one marked first, then KILLed: the outage is accepted anyway, and TERMs
+        # would race (a TERMed child whose parent already went retries for 10 s and
+        # aborts, §6), holding epoch 0 back as long (#10902).
+        alive = self._roster.alive()
+        for gen in alive:
             self._roster.mark_stopping(gen, "replaced by an incompatible binary")
-            self._recovery.terminate(gen)
-        self._planner.replan(
-            ColdStart("incompatible binary", covers_seq=keeper.seq), "incompatible_binary"
-        )
+        for gen in reversed(alive):
+            self._roster.mark_terminated(gen)
+            gen.process.kill()
+        cold = ColdStart("incompatible binary", covers_seq=keeper.seq, content=keeper.content)
+        self._planner.replan(cold, "incompatible_binary")
 
     def on_drain_wait_over(self) -> None:
         """Whatever waits for the drain: a validated plan, or (with a gate and no

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -22,6 +23,7 @@ from envoy_autoreload.backoff import (
     exponential_delay,
 )
 from envoy_autoreload.batches import Batches
+from envoy_autoreload.digest import Snapshot
 from envoy_autoreload.logs import log_event
 from envoy_autoreload.planner import Planner
 from envoy_autoreload.ports import EnvoyFacts, Reactor
@@ -55,6 +57,7 @@ class Recovery:
         family: EnvoyFacts,
         planner: Planner,
         batches: Batches,
+        current: Callable[[], Snapshot | None],
     ) -> None:
         self._settings = settings
         self._reactor = reactor
@@ -62,6 +65,7 @@ class Recovery:
         self._family = family
         self._planner = planner
         self._batches = batches
+        self._current = current
         self._cold_attempt_seq = 0  # newest request a cold start has already tried
         self._crash_budget = CrashBudget()
         self._death_pacing = DeathPacing()
@@ -82,9 +86,8 @@ class Recovery:
                 return StartOrder(plan.epoch, "recovery", parent=parents[-1])
             planner.replan(ColdStart("recovery"), "recovery")
         elif not isinstance(plan, ColdStart):
-            if plan is None and not self._batches.queued:
-                return None
-            # Nothing serves: whatever else was planned, recovery comes first.
+            # Nothing serves: whatever else was planned, recovery comes first. (With no
+            # plan at all too: an exit whose handling a contained error cut short.)
             planner.replan(ColdStart("recovery"), "recovery")
         return self._cold_start()
 
@@ -106,7 +109,26 @@ class Recovery:
         self._cold_attempt_seq = self._batches.request_seq
         self._planner.replan(None, "started")
         self._reactor.cancel(Timer.RETRY)
-        return StartOrder(0, cold.reason, covers_seq=cold.covers_seq)
+        return StartOrder(0, self._still_validated(cold), covers_seq=cold.covers_seq)
+
+    def _still_validated(self, cold: ColdStart) -> str:
+        """The start's reason; "recovery" when the files changed since the batch it
+        carries was validated: what starts now is what is on disk, as in any recovery
+        (REVIEW-core finding 8a, closed by the issue "Generations")."""
+        if cold.content is None:
+            return cold.reason
+        current = self._current()
+        if current is None or current.digest == cold.content.digest:
+            return cold.reason
+        log_event(
+            logger,
+            logging.WARNING,
+            "restart.unvalidated",
+            "the files changed while the family stopped; epoch 0 starts what is on disk, "
+            "which was not validated",
+            reason=cold.reason,
+        )
+        return "recovery"
 
     def full_restart(self, serving: Generation, plan: StartNext) -> None:
         """A doomed epoch cannot hot restart (its child hangs, measured); stop it and
@@ -122,7 +144,8 @@ class Recovery:
             epoch=serving.epoch,
             pid=serving.pid,
         )
-        self._planner.replan(ColdStart(plan.reason, covers_seq=plan.seq), "full_restart")
+        cold = ColdStart(plan.reason, covers_seq=plan.seq, content=plan.content)
+        self._planner.replan(cold, "full_restart")
         # KILLed, not TERMed: with its parent gone a TERM starts 10 s of retries and
         # ends in SIGABRT anyway (measured by the conformance scenarios, §6).
         self._roster.mark_terminated(serving)

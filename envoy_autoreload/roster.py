@@ -42,6 +42,7 @@ class Generation:
     draining_since: float | None = None
     envoy: EnvoyProcess | None = None  # the Envoy behind it, once it exec'd
     envoy_seen_at: float | None = None  # when it was first found (monotonic)
+    saw_initializing: bool = False  # a probe saw its Envoy set the hot-restart flag
     snapshot: Snapshot | None = None  # the content it started from, when watching
     binary: BinaryInfo | None = None
     covers_seq: int = 0  # restart requests this generation answers (0: none)

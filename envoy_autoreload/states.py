@@ -116,6 +116,7 @@ class ColdStart:
 
     reason: str
     covers_seq: int = 0  # a validated batch this start carries (a full restart)
+    content: Snapshot | None = None  # what that batch validated, when watching
 
 
 Plan = StartNext | Respawn | ColdStart

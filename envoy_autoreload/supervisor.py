@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import logging
 import signal
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Final, assert_never
 
 from envoy_autoreload.batches import Batches
@@ -115,7 +115,9 @@ class Supervisor:
             family,
         )
         self._launcher = Launcher(settings, reactor, roster, family)
-        self._recovery = Recovery(settings, reactor, roster, family, self._planner, self._batches)
+        self._recovery = Recovery(
+            settings, reactor, roster, family, self._planner, self._batches, self.current
+        )
         self._assemble_deciders(family, telemetry)
         self._shutdown = Shutdown(reactor, roster, family, settings.term_wait_s)
         self._containment = Containment(telemetry, self._heal)
@@ -450,9 +452,9 @@ class Supervisor:
     def _reap(self) -> None:
         for gen in self._roster.alive():
             if gen.process.poll() is not None:
-                self._launcher.pump_output(gen)  # its last words, for the failure's log line
-                if self._exits.on_exited(gen):
-                    self._shutdown.finish_if_done()
+                # Each exit contained on its own: a bug in one must not leave the
+                # others unseen until some later SIGCHLD.
+                self._containment.run(self._exit_handler(gen), None, starting_up=True)
         gate = self._gatekeeper.gate
         outcome = gate.poll()
         if outcome is not None:
@@ -460,6 +462,14 @@ class Supervisor:
         # As PID 1 (a container without an init) orphans are reparented to us; reap
         # what is not ours so zombies do not pile up (REVIEW-core finding 14).
         self._processes.reap_strays({g.pid for g in self._roster.alive()} | gate.child_pids())
+
+    def _exit_handler(self, gen: Generation) -> Callable[[Event | None], None]:
+        return lambda _event: self._on_exited(gen)
+
+    def _on_exited(self, gen: Generation) -> None:
+        self._launcher.pump_output(gen)  # its last words, for the failure's log line
+        if self._exits.on_exited(gen):
+            self._shutdown.finish_if_done()
 
     # -- stopping -------------------------------------------------------------
     def begin_stop(self, reason: str, floor: ExitCode) -> None:

@@ -14,6 +14,7 @@ import socket
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from envoy_autoreload.control import ControlConnection
 from envoy_autoreload.errors import ExitCode
@@ -69,6 +70,7 @@ class Knobs:
     debounce_s: float = 0.3
     debounce_max_s: float = 5.0
     watch: bool = True
+    on_incompatible_binary: Literal["refuse", "restart"] = "refuse"
 
 
 @dataclass
@@ -106,6 +108,7 @@ class Simulation:
             validate_timeout_s=knobs.validate_timeout_s,
             debounce_s=knobs.debounce_s,
             debounce_max_s=knobs.debounce_max_s,
+            on_incompatible_binary=knobs.on_incompatible_binary,
         )
         self.content = SimContent(self.world, knobs.debounce_s, knobs.debounce_max_s)
         self.gate = SimGate(self.world, knobs.validate_timeout_s)
@@ -302,7 +305,6 @@ class Simulation:
             or sup.plan is not None
             or self.gate.busy
             or sup.roster.starting() is not None
-            or batches.in_flight
         )
         if not pending:
             raise InvariantBroken(

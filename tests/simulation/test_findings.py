@@ -198,3 +198,81 @@ def test_finding_8b_content_that_changes_back_during_validation_is_never_started
     sim.advance(3.0)
     assert sim.world.model.serving() is not None
     sim.check_safety()  # invariant 5: A started on B's verdict
+
+
+# -- found by the review of the restructured core (each failed on 83e37d6) -------------
+
+
+def test_review_an_incompatible_binary_restart_never_signals_a_draining_parent_first(
+    make_sim: object,
+) -> None:
+    """--on-incompatible-binary=restart TERMed every epoch at once, oldest first: the
+    draining parent went before its successor, which then retried for 10 s (§6)."""
+    sim: Simulation = make_sim(on_incompatible_binary="restart")  # type: ignore[operator]
+    sim.write(good=True)
+    sim.advance(1.0)  # epoch 1 serves, epoch 0 drains
+    sim.world.binary_hrv = "12.0"
+    sim.send(signal.SIGHUP)
+    sim.advance(2.0)  # invariant 2 is checked at every event
+    assert serving_epoch(sim) == 0
+
+
+def test_review_a_full_restart_never_cold_starts_unvalidated_content(make_sim: object) -> None:
+    """A broken push landing while the family stops for a full restart was started as
+    if it were the validated batch, then retried until the crash budget ran out."""
+    sim: Simulation = make_sim(on_incompatible_binary="restart")  # type: ignore[operator]
+    sim.world.binary_hrv = "12.0"
+    sim.send(signal.SIGHUP)
+    sim.advance(0.041)  # validated, the family is being stopped
+    sim.write(good=False)
+    sim.advance(20.0)  # invariant 5 is checked at every event
+    assert not sim.exited, "the broken push was cold-started until the crash budget ran out"
+    serving = sim.world.model.serving()
+    assert serving is not None and serving.content is not None and serving.content.good
+
+
+def test_review_the_request_behind_a_failed_full_restart_is_answered(make_sim: object) -> None:
+    sim: Simulation = make_sim(parent_shutdown_s=30.0)  # type: ignore[operator]
+    sim.write(good=True)
+    sim.advance(1.0)
+    assert sim.kill_proc(ProcState.DRAINING)  # epoch 1 is doomed
+    sim.advance(0.1)
+    sim.world.model.port_conflict = True
+    client = sim.control_reload(force=True)  # a full restart, whose epoch 0 fails
+    sim.advance(0.5)
+    sim.world.model.port_conflict = False
+    sim.advance(60.0)
+    assert serving_epoch(sim) == 0
+    assert b'"ok": true' in client.read(), "the reload behind the full restart got no answer"
+
+
+def test_review_a_fault_contained_in_exit_handling_still_recovers(make_sim: object) -> None:
+    sim: Simulation = make_sim()  # type: ignore[operator]
+    sim.tolerate_internal_errors = True
+    recovery = sim.supervisor._exits._recovery
+    original = recovery.budget_spent
+    calls: list[str] = []
+
+    def raises_once(what: str) -> bool:
+        calls.append(what)
+        if len(calls) == 1:
+            raise RuntimeError("injected fault")
+        return original(what)
+
+    recovery.budget_spent = raises_once  # type: ignore[method-assign]
+    assert sim.kill_proc(ProcState.LIVE)
+    sim.advance(120.0)
+    assert len(sim.supervisor.internal_errors) == 1
+    assert serving_epoch(sim) is not None, "nothing serves after a contained fault"
+
+
+def test_review_a_requeued_retry_of_what_serves_restarts_nothing(make_sim: object) -> None:
+    sim: Simulation = make_sim()  # type: ignore[operator]
+    sim.world.model.port_conflict = True
+    sim.write(good=True)  # its start fails: a retry is planned
+    sim.advance(0.5)
+    sim.world.model.port_conflict = False
+    assert sim.kill_proc(ProcState.LIVE)  # epoch 0 dies during the backoff
+    sim.advance(30.0)
+    served = [(s.epoch, s.content) for s in sim.world.spawned]
+    assert served.count(served[-1]) == 1, f"the same content started twice: {served}"

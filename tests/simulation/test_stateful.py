@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import signal
+from typing import Literal
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -49,6 +50,7 @@ class DaemonInAWorld(RuleBasedStateMachine):
         parent_shutdown_s=st.sampled_from([1.0, 3.0]),
         debounce_s=st.sampled_from([0.05, 0.3]),
         watch=st.booleans(),
+        on_incompatible_binary=st.sampled_from(["refuse", "restart"]),
     )
     def start(
         self,
@@ -57,6 +59,7 @@ class DaemonInAWorld(RuleBasedStateMachine):
         parent_shutdown_s: float,
         debounce_s: float,
         watch: bool,
+        on_incompatible_binary: Literal["refuse", "restart"],
     ) -> None:
         knobs = Knobs(
             max_drain_wait_s=max_drain_wait_s,
@@ -64,6 +67,7 @@ class DaemonInAWorld(RuleBasedStateMachine):
             parent_shutdown_s=parent_shutdown_s,
             debounce_s=debounce_s,
             watch=watch,
+            on_incompatible_binary=on_incompatible_binary,
         )
         self.sim = Simulation(knobs)
         self.sim.begin()
