@@ -130,6 +130,9 @@ class ExitPolicy:
                 f"({shell_says}) before Envoy ran: {gen.last_error_line() or 'no output'}"
             )
         serving = self._roster.serving()
+        if serving is not None and cause != PARENT_DIED and self._family.took_over(gen):
+            self._stranded(serving, gen)
+            return
         planner = self._planner
         # Our own reason first when we stopped it (its deadline): Envoy's last line is
         # then whatever it was logging, not why it failed.
@@ -169,6 +172,29 @@ class ExitPolicy:
         self._planner.last_start_error = message
         self._batches.retry_pending(reason, error=message, status=self._hooks.status_text())
         self.after_failed_start(epoch, content)
+
+    def _stranded(self, parent: Generation, gen: Generation) -> None:
+        """The new epoch went LIVE in Envoy's eyes and died before a probe saw it: its
+        parent drains now, refuses new connections and never exits by itself
+        (measured). Nothing serves: respawn the epoch from that parent, as after the
+        serving Envoy's death (found by the long simulation run)."""
+        log_event(
+            logger,
+            logging.ERROR,
+            "child.died",
+            f"epoch {gen.epoch} took over from epoch {parent.epoch} and died before it was "
+            f"seen LIVE; epoch {parent.epoch} refuses new connections now: respawning "
+            f"epoch {gen.epoch} from it",
+            detail="\n".join(gen.stderr_tail) or None,
+            epoch=gen.epoch,
+            pid=gen.pid,
+            status=describe_exit(gen.returncode or 0),
+        )
+        self._roster.stranded(parent, gen)
+        self._requeue_pending()
+        self._batches.requeue(gen.reason)
+        self._planner.replan(Respawn(gen.epoch), "serving_died")
+        self.outage(f"epoch {gen.epoch} died after it took over", immediate=True)
 
     def after_failed_start(self, epoch: int, content: Snapshot | None) -> None:
         if self._settings.exit_on_child_failure:

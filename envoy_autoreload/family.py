@@ -242,6 +242,21 @@ class EnvoyFamily:
         except ShmUnsupported:
             return False
 
+    def took_over(self, gen: Generation) -> bool:
+        """Whether an epoch that exited before LIVE had in fact taken over: it set the
+        INITIALIZING flag and the flag is clear now. A child that failed before LIVE
+        leaves the flag set (§3); only one that told its parent to drain clears it."""
+        if gen.epoch == 0 or not gen.saw_initializing:
+            return False
+        base_id = self.base_id_of(gen)
+        if base_id is None:
+            return False
+        try:
+            path = shm_path(base_id)
+            return not read_flags(path, layout_for(segment_version(path))) & INITIALIZING
+        except ShmUnsupported:
+            return False
+
     # -- shared memory --------------------------------------------------------
     def restore_flag(self, parent: Generation, epoch: int) -> None:
         """Clear a stuck INITIALIZING flag before starting `epoch` from `parent` (§3).

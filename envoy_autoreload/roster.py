@@ -153,6 +153,20 @@ class Roster:
             reason=gen.reason,
         )
 
+    def stranded(self, parent: Generation, successor: Generation) -> None:
+        """`successor` took over unseen and died: `parent` drains since its spawn."""
+        _move(parent, GenerationState.DRAINING)
+        parent.draining_since = successor.started_at
+        log_event(
+            logger,
+            logging.INFO,
+            "child.draining",
+            f"epoch {parent.epoch} drains: its successor took over, then died",
+            epoch=parent.epoch,
+            pid=parent.pid,
+            successor_epoch=successor.epoch,
+        )
+
     def exited(self, gen: Generation) -> GenerationState:
         """It was reaped: forget it; returns the state it was in."""
         previous = _move(gen, GenerationState.EXITED)

@@ -13,6 +13,7 @@ import pytest
 
 from tests.simulation.harness import Knobs, Simulation
 from tests.simulation.model import ProcState
+from tests.simulation.test_stateful import DaemonInAWorld
 
 
 @pytest.fixture
@@ -276,3 +277,29 @@ def test_review_a_requeued_retry_of_what_serves_restarts_nothing(make_sim: objec
     sim.advance(30.0)
     served = [(s.epoch, s.content) for s in sim.world.spawned]
     assert served.count(served[-1]) == 1, f"the same content started twice: {served}"
+
+
+# -- found by the long simulation run (each failed on 83e37d6) ----------------------------
+
+
+def test_longrun_a_successor_that_took_over_and_died_unseen_is_no_failed_start() -> None:
+    """Hypothesis's shortest sequence (seed 20261223): epoch 1 went LIVE in Envoy and
+    was killed before a probe saw it, leaving epoch 0 draining for ever and refusing new
+    connections, while the daemon counted epoch 0 as serving and only planned a hot
+    retry (which a failed validation then dropped). Now the parent counts as dead and
+    recovery starts at once."""
+    machine = DaemonInAWorld()
+    machine.start(
+        max_drain_wait_s=0.0,
+        start_timeout_s=5.0,
+        parent_shutdown_s=1.0,
+        debounce_s=0.05,
+        watch=False,
+        on_incompatible_binary="refuse",
+    )
+    machine.signal_daemon(count=1, signum=signal.SIGHUP)
+    machine.wait(seconds=0.1)
+    machine.delete_config()
+    machine.wait(seconds=0.04)
+    machine.kill(signum=signal.SIGKILL, state=ProcState.LIVE)
+    machine.teardown()  # invariants 7 and 8

@@ -183,6 +183,9 @@ class SimFacts:
             return True
         return False
 
+    def took_over(self, gen: Generation) -> bool:
+        return gen.epoch > 0 and self._proc(gen).live_at is not None
+
     def handed_over(self, gen: Generation) -> bool:
         proc = self._proc(gen)
         return gen.epoch > 0 and proc.state is ProcState.LIVE
