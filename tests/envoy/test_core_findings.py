@@ -4,6 +4,7 @@ code before its fix (ce83050)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -150,15 +151,20 @@ def test_finding_14_as_pid_1_the_daemon_reaps_orphans(envoy_family: EnvoyFamily)
         lambda: _children(daemon.pid) or None, timeout_s=10, what="the daemon under unshare"
     )
     inner = ours[0]
-    envoy_family.write_config("v1")  # a second start script, a second orphan
-    daemon.wait_event("child.serving", epoch=1)
-    wait_until(
-        lambda: not _zombies_of(inner),
-        timeout_s=10,
-        what="the orphaned helpers to be reaped",
-    )
-    os.kill(inner, signal.SIGTERM)  # the daemon itself; unshare only waits for it
-    assert daemon.wait_exit() == 0  # unshare exits with the daemon's code
+    try:
+        envoy_family.write_config("v1")  # a second start script, a second orphan
+        daemon.wait_event("child.serving", epoch=1)
+        wait_until(
+            lambda: not _zombies_of(inner),
+            timeout_s=10,
+            what="the orphaned helpers to be reaped",
+        )
+        os.kill(inner, signal.SIGTERM)  # the daemon itself; unshare only waits for it
+        assert daemon.wait_exit() == 0  # unshare exits with the daemon's code
+    finally:
+        if daemon.process.poll() is None:  # a failure above: never leave it behind
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(inner, signal.SIGKILL)
 
 
 def test_finding_15_an_access_log_inside_the_watched_tree_restarts_nothing(
