@@ -1,10 +1,10 @@
-"""Stopping: TERM every child, wait, KILL what is left, and the exit code.
+"""Stopping: TERM every child, newest first, wait, KILL what is left, and the exit code.
 
-The event-driven form of gunicorn's `arbiter.stop()`: nothing here blocks. SIGTERM goes
-to every generation at once, draining ones included: stopping is the one time Envoy's
-"never signal a draining parent" rule (ENVOY_FACTS §6) does not apply, since the
-successor is being stopped too. Exit codes follow upstream's restarter: 0 when every
-child left on TERM, 1 when one had to be KILLed (or the crash budget ran out).
+The event-driven form of gunicorn's `arbiter.stop()`: nothing here blocks. Every
+generation is TERMed, draining ones included: stopping is the one time Envoy's "never
+signal a draining parent" rule (ENVOY_FACTS §6) does not apply, since the successor is
+being stopped too. Exit codes follow upstream's restarter: 0 when every child left on
+TERM, 1 when one had to be KILLed (or the crash budget ran out).
 """
 
 from __future__ import annotations
@@ -22,6 +22,10 @@ from envoy_autoreload.states import Timer
 logger = logging.getLogger(__name__)
 
 KILL_REAP_WAIT_S: Final = 5.0
+# A TERMed Envoy tells its parent to exit on its way out, and the parent does ~20 ms
+# later (ENVOY_FACTS §6). A SIGTERM that reaches the parent meanwhile finds its signal
+# handlers gone and kills it (rc -15, seen in CI), so it gets this long to go by itself.
+PARENT_LEAVING_GRACE_S: Final = 1.0
 
 
 class Shutdown:
@@ -33,6 +37,8 @@ class Shutdown:
         self.stopping = False
         self.exit_code: ExitCode | None = None
         self._floor = ExitCode.CLEAN_STOP
+        self._asked_to_leave: int | None = None  # the PID a TERMed child asks to exit
+        self._in_grace: int | None = None  # that PID, given time to exit by itself
 
     def begin(self, reason: str, floor: ExitCode) -> bool:
         """Enter stopping; False (and logged) when already stopping."""
@@ -65,14 +71,32 @@ class Shutdown:
         Newest first, one at a time: a TERMed Envoy asks its parent to exit on its way
         out (ENVOY_FACTS §6), so the family goes down in order. TERMing all at once
         races: a child whose parent already exited retries for 10 s and dies by
-        SIGABRT (measured by the conformance scenarios)."""
+        SIGABRT (measured by the conformance scenarios). The parent so asked is left
+        PARENT_LEAVING_GRACE_S to go by itself before it is TERMed."""
         alive = self._roster.alive()
-        if any(g.marks.terminated for g in alive):
+        if not alive or any(g.marks.terminated for g in alive):
             return  # wait for it; its exit TERMs the next
-        for gen in reversed(alive):
-            self._roster.mark_terminated(gen)
-            gen.process.send_signal(signal.SIGTERM)
+        gen = alive[-1]
+        if self._in_grace is not None and self._in_grace != gen.pid:
+            self._in_grace = None  # it left within its grace
+            self._reactor.cancel(Timer.PARENT_LEAVING)
+        if gen.pid == self._in_grace:
+            return  # Timer.PARENT_LEAVING TERMs it
+        if gen.pid == self._asked_to_leave:
+            self._asked_to_leave = None
+            self._in_grace = gen.pid
+            self._reactor.set_timeout(Timer.PARENT_LEAVING, PARENT_LEAVING_GRACE_S)
             return
+        parent = alive[-2] if len(alive) > 1 else None
+        if gen.epoch > 0 and parent is not None and parent.epoch == gen.epoch - 1:
+            self._asked_to_leave = parent.pid
+        self._roster.mark_terminated(gen)
+        gen.process.send_signal(signal.SIGTERM)
+
+    def parent_grace_over(self) -> None:
+        """The parent its child asked to exit is still here: TERM it."""
+        self._in_grace = None
+        self.finish_if_done()
 
     def kill_remaining(self) -> None:
         """--term-wait is over: SIGKILL whoever is left; exit 1 (upstream's contract)."""

@@ -192,6 +192,7 @@ class Timer(enum.Enum):
     ORPHAN_KILL = "orphan_kill"  # orphans TERMed so epoch 0 can start get KILLed after it
     HUNG_DRAIN = "hung_drain"  # a draining epoch past its parent-shutdown time (§7)
     TERM_WAIT = "term_wait"  # --term-wait after SIGTERM to every child
+    PARENT_LEAVING = "parent_leaving"  # a stopping parent its TERMed child asked to exit
     KILL_WAIT = "kill_wait"  # how long SIGKILLed children get to be reaped
     DEBOUNCE = "debounce"  # a burst of file events is due (quiet window or max wait)
     COMMAND_DEADLINE = "command_deadline"  # --validate-timeout for a validation step

@@ -301,6 +301,8 @@ class Supervisor:
                 self._recovery.kill_orphans()
             case Timer.TERM_WAIT:
                 self._shutdown.kill_remaining()
+            case Timer.PARENT_LEAVING:
+                self._shutdown.parent_grace_over()
             case Timer.KILL_WAIT:
                 self._shutdown.kill_timed_out()
             case Timer.DEBOUNCE:

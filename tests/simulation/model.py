@@ -82,6 +82,10 @@ class Proc:
     # It told its parent to exit (§2 at the parent-shutdown time, §8 when its own child
     # starts, measured on SIGTERM), or tried to: Envoy does it once.
     asked_parent: bool = False
+    # Its child told it to exit and the exit is under way. Measured (CI, a SIGTERM to the
+    # parent right after its TERMed child exited): Envoy drops its signal handlers on the
+    # way out, so a SIGTERM in that window kills it (rc -15) instead of being caught.
+    leaving: bool = False
     retrying: bool = False  # in the retry loop of ABORT_AFTER_PARENT_KILLED_S
     owes_dead_child: int | None = None  # the epoch of a child that died HUNG on it (§7)
     wedged: bool = False  # ignores everything but SIGKILL (§7)
@@ -165,6 +169,7 @@ class EnvoyModel:
 
     def _cancel(self, proc: Proc) -> None:
         self._timeline = [h for h in self._timeline if h.proc is not proc]
+        proc.leaving = False
 
     # -- spawning -------------------------------------------------------------------
     def spawn(self, epoch: int, content: Content | None, hot_restart_version: str) -> Proc:
@@ -317,6 +322,9 @@ class EnvoyModel:
             return
         if proc.retrying:
             return  # measured: it waits on the blocked main thread, then dies of the abort
+        if proc.leaving:
+            self._exit(proc, -signum, "signalled")
+            return
         if proc.wedged:
             # Stopped: it asks nothing; `_exit` keeps the exit pending until it runs.
             self._at(TERM_EXIT_S, proc, lambda: self._exit(proc, 0, "terminated"))
@@ -337,6 +345,7 @@ class EnvoyModel:
         if not parent.alive:
             self._retry_then_abort(proc, "abort_parent_gone")
             return False
+        parent.leaving = True
         self._at(after_s, parent, lambda: self._exit(parent, 0, cause))
         return True
 
@@ -389,9 +398,10 @@ class EnvoyModel:
             proc.parent.owes_dead_child = proc.epoch
         if was is ProcState.LIVE and proc.parent is not None and proc.parent.alive:
             parent = proc.parent
-            if parent.state is ProcState.DRAINING:
+            if parent.state is ProcState.DRAINING and not parent.leaving:
                 # Measured: the serving child died while its parent drains: the parent
-                # refuses connections and never exits by itself.
+                # refuses connections and never exits by itself. (A TERMed child asked
+                # it to exit first, §6: that exit goes ahead.)
                 self._cancel(parent)
                 parent.parent_exit_cancelled = True
 

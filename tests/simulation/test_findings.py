@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.simulation.harness import Knobs, Simulation
-from tests.simulation.model import ProcState
+from tests.simulation.model import Content, ProcState
 from tests.simulation.test_stateful import DaemonInAWorld
 
 
@@ -303,3 +303,26 @@ def test_longrun_a_successor_that_took_over_and_died_unseen_is_no_failed_start()
     machine.wait(seconds=0.04)
     machine.kill(signum=signal.SIGKILL, state=ProcState.LIVE)
     machine.teardown()  # invariants 7 and 8
+
+
+@pytest.mark.parametrize("moment", ["starting", "draining"])
+def test_ci_sigterm_during_a_restart_lets_each_parent_leave_on_its_childs_request(
+    make_sim: object, moment: str
+) -> None:
+    """Seen in CI on the real Envoy: the TERMed new epoch asks its parent to exit on its
+    way out, and a SIGTERM sent to that parent as soon as the child was reaped found it
+    without signal handlers and killed it (rc -15). Every Envoy leaves with rc 0."""
+    sim: Simulation = make_sim()  # type: ignore[operator]
+    if moment == "starting":
+        sim.world.disk = Content(sim.next_version, good=True, init_s=30.0)  # §15: slow CDS
+        sim.next_version += 1
+        sim.content.written()
+        sim.advance(1.0)
+        assert sim.supervisor.roster.starting() is not None
+    else:
+        sim.write(good=True)
+        sim.advance(1.0)
+        assert serving_epoch(sim) == 1
+    sim.check_stops()
+    statuses = {p.epoch: p.returncode for p in sim.world.model.procs}
+    assert statuses == {0: 0, 1: 0}, statuses
