@@ -1,0 +1,277 @@
+"""Probation's checks of a LIVE generation: admin, listener failures, --health-url.
+
+A new generation that reports LIVE stays on probation for a health window; every round
+`HealthProber` observes it once (admin's `/server_info`, the
+`listener_manager.listener_create_failure` counter, every --health-url) and hands the
+raw `HealthObservation` to the core, whose probation policy decides what it means.
+
+Why it is built this way:
+
+- Every request opens a **fresh connection** and says `Connection: close`. A kept-alive
+  connection keeps reaching the *old*, draining process until it exits, and that process
+  still says `state: LIVE` on it (../shared/ENVOY_FACTS.md §9, the "hot restart
+  mystery"). Fresh connections reach the new epoch within ~60 ms; admin's answer is
+  judged by its `restart_epoch` too (§15), which is why the observation carries it.
+- The checks run **off the event loop**, on one worker thread. A --health-url may point
+  at anything, and a URL that hangs (or an Envoy that is SIGSTOPped, §7) must not stall
+  the single-threaded loop that handles signals and children. The worker wakes the loop
+  by writing one byte to a pipe whose read end is `fileno()`; `take()` never blocks.
+- One round at a time: a round begun while one is still running is skipped, never
+  queued, so a slow URL cannot build a backlog of stale observations.
+- The thread only does socket I/O; it never spawns a process (children are started from
+  the main thread, §11).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final
+from urllib.parse import quote, urlsplit, urlunsplit
+
+from envoy_autoreload.admin import fetch_server_info
+from envoy_autoreload.envoy_config import AdminAddress
+
+if TYPE_CHECKING:
+    from envoy_autoreload.roster import Generation
+
+LISTENER_FAILURES_STAT: Final = "listener_manager.listener_create_failure"
+LISTENER_FAILURES_PATH: Final = "/stats?filter=" + quote(
+    "^" + LISTENER_FAILURES_STAT.replace(".", "\\.") + "$", safe=""
+)
+_CLOSE_GRACE_S: Final = 0.5  # close() waits at most timeout_s + this for the worker
+
+
+@dataclass(frozen=True, slots=True)
+class UrlResult:
+    url: str
+    ok: bool
+    detail: str  # "HTTP 200", "HTTP 503", "connection refused", "timed out after 1 s"
+
+
+@dataclass(frozen=True, slots=True)
+class HealthObservation:
+    """One round of checks of one generation, as seen; what it means is probation's."""
+
+    epoch: int
+    pid: int
+    admin_state: str | None  # /server_info state; None when admin did not answer
+    admin_epoch: int | None  # the restart epoch admin reported
+    listener_create_failures: int | None  # the counter; None when not readable
+    urls: tuple[UrlResult, ...]
+
+
+def parse_health_url(text: str) -> str:
+    """A --health-url: `http://HOST[:PORT]/PATH...` (no path means `/`); ValueError with a
+    one-line reason otherwise. Plain HTTP only: the checks talk to a local listener."""
+    if any(ch.isspace() or not ch.isprintable() for ch in text):
+        raise ValueError(f"health URL {text!r} contains whitespace or control characters")
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"health URL {text!r} is not http://HOST[:PORT]/PATH ({exc})") from None
+    scheme = parts.scheme.lower()
+    if scheme == "https":
+        raise ValueError(f"health URL {text!r}: https is not supported, use http://")
+    if scheme != "http" or not parts.hostname:
+        raise ValueError(f"health URL {text!r} is not http://HOST[:PORT]/PATH")
+    if port == 0:
+        raise ValueError(f"health URL {text!r}: port 0 cannot be connected to")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(f"health URL {text!r}: credentials in the URL are not supported")
+    if parts.fragment:
+        raise ValueError(f"health URL {text!r}: a #fragment is never sent; drop it")
+    return urlunsplit(("http", parts.netloc, parts.path or "/", parts.query, ""))
+
+
+def check_url(url: str, timeout_s: float) -> UrlResult:
+    """GET `url` over a new connection that is closed after the answer; 2xx is ok."""
+    parts = urlsplit(url)
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    try:
+        conn = http.client.HTTPConnection(parts.hostname or "", parts.port, timeout=timeout_s)
+    except (ValueError, http.client.HTTPException) as exc:
+        return UrlResult(url, False, f"bad URL: {exc}")
+    try:
+        conn.request("GET", target, headers={"Connection": "close"})
+        status = conn.getresponse().status
+    except TimeoutError:
+        return UrlResult(url, False, f"timed out after {timeout_s:g} s")
+    except ConnectionRefusedError:
+        return UrlResult(url, False, "connection refused")
+    except OSError as exc:
+        return UrlResult(url, False, exc.strerror or str(exc) or type(exc).__name__)
+    except http.client.HTTPException as exc:
+        return UrlResult(url, False, f"bad HTTP response ({type(exc).__name__})")
+    except ValueError as exc:  # e.g. a host name IDNA cannot encode
+        return UrlResult(url, False, f"bad URL: {exc}")
+    finally:
+        conn.close()
+    return UrlResult(url, 200 <= status < 300, f"HTTP {status}")
+
+
+def fetch_listener_failures(address: AdminAddress, timeout_s: float) -> int | None:
+    """The `listener_manager.listener_create_failure` counter from admin's text `/stats`,
+    over a new connection (§9); None when admin does not answer or lacks the line."""
+    conn = http.client.HTTPConnection(address.host, address.port, timeout=timeout_s)
+    try:
+        conn.request("GET", LISTENER_FAILURES_PATH, headers={"Connection": "close"})
+        response = conn.getresponse()
+        if response.status != 200:
+            return None
+        body = response.read().decode(errors="replace")
+    except (OSError, http.client.HTTPException):
+        return None
+    finally:
+        conn.close()
+    return parse_counter(body, LISTENER_FAILURES_STAT)
+
+
+def parse_counter(text: str, name: str) -> int | None:
+    """`name: N` from admin's text stats format, else None."""
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() == name:
+            value = value.strip()
+            return int(value) if value.isascii() and value.isdigit() else None
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class _Round:
+    epoch: int
+    pid: int
+    admin: AdminAddress | None
+
+
+class HealthProber:
+    """The real `ports.Health`: rounds of checks on one worker thread, results through a
+    pipe the loop watches (`fileno()`)."""
+
+    def __init__(
+        self,
+        urls: tuple[str, ...],
+        admin_of: Callable[[Generation], AdminAddress | None],
+        timeout_s: float = 1.0,
+    ) -> None:
+        self._urls = tuple(urls)
+        self._admin_of = admin_of
+        self._timeout_s = timeout_s
+        self._read_fd, self._write_fd = os.pipe()
+        os.set_blocking(self._read_fd, False)
+        os.set_blocking(self._write_fd, False)
+        self._cond = threading.Condition()
+        self._pending: _Round | None = None  # handed over, not yet picked up
+        self._busy = False  # a round is pending or running
+        self._result: HealthObservation | None = None
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def fileno(self) -> int:
+        return self._read_fd
+
+    def is_busy(self) -> bool:
+        """A round is under way; `begin_round` now would be skipped."""
+        with self._cond:
+            return self._busy
+
+    def begin_round(self, gen: Generation) -> None:
+        """Start a round for `gen` unless one is running (then this one is skipped)."""
+        admin = self._admin_of(gen)  # on the caller's thread: the family is not shared
+        with self._cond:
+            if self._closed or self._busy:
+                return
+            self._busy = True
+            self._pending = _Round(gen.epoch, gen.pid, admin)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(
+                    target=self._work, name="envoy-autoreload-health", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify()
+
+    def take(self) -> HealthObservation | None:
+        """The newest finished observation (once), or None; never blocks."""
+        with self._cond:
+            if self._closed:
+                return None
+            self._drain()
+            result, self._result = self._result, None
+            return result
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                if not os.read(self._read_fd, 4096):
+                    return
+            except BlockingIOError:
+                return
+
+    def close(self) -> None:
+        """Stop the worker (waiting at most about one check's timeout for it) and close
+        the pipe. A check still stuck past that dies with the daemon thread."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            self._pending = None
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(self._timeout_s + _CLOSE_GRACE_S)
+        with self._cond:  # the worker writes under this lock, so never to a reused fd
+            os.close(self._read_fd)
+            os.close(self._write_fd)
+
+    def _next_job(self) -> _Round | None:
+        """The round handed over, once there is one; None once closed."""
+        with self._cond:
+            while self._pending is None and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                return None
+            job, self._pending = self._pending, None
+            return job
+
+    def _work(self) -> None:
+        while (job := self._next_job()) is not None:
+            observation = None
+            try:
+                observation = self._observe(job)
+            finally:  # even if a check raised: a stuck flag would skip every later round
+                with self._cond:
+                    self._busy = False
+            with self._cond:
+                if self._closed or observation is None:
+                    continue
+                self._result = observation
+                with contextlib.suppress(BlockingIOError):  # full: the loop is woken anyway
+                    os.write(self._write_fd, b"\0")
+
+    def _observe(self, job: _Round) -> HealthObservation | None:
+        """One round's checks; None when `close()` came in the middle."""
+        state: str | None = None
+        admin_epoch: int | None = None
+        failures: int | None = None
+        if job.admin is not None:
+            info = fetch_server_info(job.admin, self._timeout_s)
+            if info is not None:
+                state, admin_epoch = info.state, info.restart_epoch
+            if self._stopping():
+                return None
+            failures = fetch_listener_failures(job.admin, self._timeout_s)
+        results: list[UrlResult] = []
+        for url in self._urls:
+            if self._stopping():
+                return None
+            results.append(check_url(url, self._timeout_s))
+        return HealthObservation(job.epoch, job.pid, state, admin_epoch, failures, tuple(results))
+
+    def _stopping(self) -> bool:
+        with self._cond:
+            return self._closed
