@@ -3,12 +3,14 @@
 For an operator before a rollout (and for CI of a config repository): the same checks
 the daemon makes at start-up, each reported on one line as ok, warn or FAIL, and an
 exit status of 0 when all is well and 1 when something would fail. Warnings (a start
-script we cannot prove passes the epoch on, a missing watch path) do not fail.
+script we cannot prove passes the epoch on, a missing watch path, a state directory the
+daemon could not use) do not fail: the daemon runs on with them, only with less.
 """
 
 from __future__ import annotations
 
 import enum
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +26,8 @@ from envoy_autoreload.validation import BinaryInfo, Preflight, run_preflight_now
 from envoy_autoreload.watch.changes import ChangeDetector
 
 _EPOCH_FLAG = re.compile(r"--restart-epoch[ =]+\"?\$\{?RESTART_EPOCH")
+SNAPSHOT_VARIABLE = "ENVOY_AUTORELOAD_SNAPSHOT"
+_GENERATIONS_OFF = "generations are off: no config history, exact start or rollback"
 
 
 class Status(enum.Enum):
@@ -80,6 +84,116 @@ def check_start_script(script: Path) -> list[Finding]:
             )
         )
     return findings
+
+
+def check_snapshot_use(settings: Settings) -> list[Finding]:
+    """Whether the script starts the snapshot the daemon validated, or the file on disk.
+
+    A script that ignores the variable still runs (drop-in), so this is a warning; but
+    then a write after validation reaches Envoy unvalidated and rollback cannot take
+    effect. Only with --config (without it nothing is snapshotted); an unreadable script
+    is reported by check_start_script already.
+    """
+    if settings.config is None:
+        return []
+    script = settings.start_script
+    try:
+        text = script.read_text(errors="replace")[:1_000_000]
+    except OSError:
+        return []
+    if SNAPSHOT_VARIABLE in text:
+        return [
+            Finding(
+                Status.OK,
+                "start script",
+                f"{script} starts the validated snapshot (${SNAPSHOT_VARIABLE})",
+            )
+        ]
+    return [
+        Finding(
+            Status.WARN,
+            "start script",
+            f"{script} does not use ${SNAPSHOT_VARIABLE}: Envoy starts what is on disk, not "
+            "the snapshot that was validated, so the exact-start guarantee and rollback are "
+            f'off; write -c "${{{SNAPSHOT_VARIABLE}:-{settings.config}}}"',
+        )
+    ]
+
+
+def _lock_holder(state_dir: Path) -> str:
+    """Who the lock file names, read only: a running daemon holds the lock, and --check
+    must neither take it nor wait for it."""
+    try:
+        pid_text = (state_dir / "lock").read_text(errors="replace")[:64].strip()
+    except OSError:
+        return ""
+    if not pid_text.isdigit():
+        return ""
+    pid = int(pid_text)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return f"; its lock names PID {pid}, which is not running"
+    except PermissionError:
+        pass  # exists, as another user
+    return f"; its lock names PID {pid}, which is running (a daemon uses it)"
+
+
+def _state_dir_problem(state_dir: Path) -> str | None:
+    """Why the daemon could not keep generations in state_dir, or None if it could.
+
+    Asked without creating anything: an existing directory must be writable, a missing
+    one must be creatable under its deepest existing ancestor.
+    """
+    if state_dir.exists():
+        if not state_dir.is_dir():
+            return "not a directory"
+        if not os.access(state_dir, os.W_OK | os.X_OK):
+            return "not writable"
+        return None
+    ancestor = state_dir.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return f"cannot be created: {ancestor} is not a directory"
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return f"cannot be created: {ancestor} is not writable"
+    return None
+
+
+def check_state_dir(settings: Settings) -> list[Finding]:
+    """Whether config generations can be kept, without creating or locking anything.
+
+    A daemon may be running on this very directory and holding its lock; and a state
+    directory that cannot be used only turns generations off, so it is a warning.
+    """
+    state_dir = settings.state_dir
+    if settings.config is None:
+        return [Finding(Status.OK, "state", "no --config: no config generations to keep")]
+    if state_dir is None:
+        return [
+            Finding(
+                Status.WARN,
+                "state",
+                f"no state directory: {_GENERATIONS_OFF}; give --state-dir DIR",
+            )
+        ]
+    problem = _state_dir_problem(state_dir)
+    if problem is not None:
+        return [
+            Finding(
+                Status.WARN,
+                "state",
+                f"{state_dir}: {problem}: {_GENERATIONS_OFF}; give --state-dir DIR",
+            )
+        ]
+    if not state_dir.exists():
+        return [Finding(Status.OK, "state", f"{state_dir}: will be created for generations")]
+    return [
+        Finding(
+            Status.OK, "state", f"{state_dir}: generations are kept here{_lock_holder(state_dir)}"
+        )
+    ]
 
 
 def check_binary(settings: Settings) -> tuple[list[Finding], BinaryInfo | None]:
@@ -184,9 +298,11 @@ def run_check(
 ) -> int:
     """Print the findings; 0 when nothing would fail, 1 otherwise."""
     findings = check_start_script(settings.start_script)
+    findings += check_snapshot_use(settings)
     binary_findings, binary = check_binary(settings)
     findings += binary_findings
     findings += check_config(settings, binary)
+    findings += check_state_dir(settings)
     findings += check_watching(settings, changes)
     width = max(len(f.topic) for f in findings)
     for finding in findings:
