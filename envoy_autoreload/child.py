@@ -30,6 +30,7 @@ from typing import Final
 from envoy_autoreload.envoy_process import EnvoyProcess, executable_of
 from envoy_autoreload.logs import write_stderr
 
+SNAPSHOT_VARIABLE: Final = "ENVOY_AUTORELOAD_SNAPSHOT"
 STDERR_TAIL_LINES: Final = 12
 # Output without a newline is kept up to this much, then passed on as a line: a child
 # that writes megabytes without a newline must not grow the daemon (REVIEW-core 14).
@@ -204,9 +205,14 @@ class ScriptSpawner:
     def reap_strays(self, ours: set[int]) -> None:
         reap_strays(ours)
 
-    def spawn(self, epoch: int) -> ScriptChild:
-        """Exec the start script directly with RESTART_EPOCH; raises OSError if exec fails."""
+    def spawn(self, epoch: int, snapshot: Path | None = None) -> ScriptChild:
+        """Exec the start script directly with RESTART_EPOCH and the config snapshot it is
+        to start (ENVOY_AUTORELOAD_SNAPSHOT, never set in our own environment); raises
+        OSError if exec fails."""
         env = {**os.environ, "RESTART_EPOCH": str(epoch)}
+        env.pop(SNAPSHOT_VARIABLE, None)  # one an outer supervisor gave us is not ours
+        if snapshot is not None:
+            env[SNAPSHOT_VARIABLE] = str(snapshot)
         # preexec_fn is unsafe in a threaded process only when it takes a lock another
         # thread may hold; this one makes two system calls (the status thread holds
         # nothing of them).

@@ -23,6 +23,7 @@ from envoy_autoreload.check import run_check
 from envoy_autoreload.control import ControlServer, default_control_socket
 from envoy_autoreload.envoy_config import AdminAddress, parse_admin_address
 from envoy_autoreload.errors import AutoreloadError, ExitCode, StartScriptError
+from envoy_autoreload.health import parse_health_url
 from envoy_autoreload.logs import LogFormat, configure_logging, log_event
 from envoy_autoreload.settings import (
     DEFAULT_ENVOY,
@@ -30,6 +31,7 @@ from envoy_autoreload.settings import (
     check_config,
     check_envoy,
     check_start_script,
+    default_state_dir,
 )
 from envoy_autoreload.status_server import StatusServer, parse_status_address
 from envoy_autoreload.supervisor import run
@@ -51,6 +53,15 @@ def _start_script(ctx: click.Context, param: click.Parameter, value: Path) -> Pa
     except StartScriptError as err:
         if ctx.params.get("check_only"):
             return value.absolute()  # --check reports it as a FAIL line, exit 1
+        raise click.BadParameter(str(err), ctx=ctx, param=param) from err
+
+
+def _health_urls(
+    ctx: click.Context, param: click.Parameter, value: tuple[str, ...]
+) -> tuple[str, ...]:
+    try:
+        return tuple(parse_health_url(url) for url in value)
+    except ValueError as err:
         raise click.BadParameter(str(err), ctx=ctx, param=param) from err
 
 
@@ -222,6 +233,47 @@ SECONDS = click.FloatRange(min=0.0)
     help="A new binary that cannot hot restart: keep the old (refuse), or stop and start.",
 )
 @click.option(
+    "--state-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    envvar=_env("STATE_DIR"),
+    show_envvar=True,
+    help="Where config generations (snapshots and history) are kept "
+    "[default: $STATE_DIRECTORY or /var/lib/envoy-autoreload].",
+)
+@click.option(
+    "--keep-generations",
+    type=click.IntRange(min=2),
+    default=10,
+    envvar=_env("KEEP_GENERATIONS"),
+    show_envvar=True,
+    help="How many config generations history keeps.",
+)
+@click.option(
+    "--health-window",
+    "health_window_s",
+    type=click.FloatRange(min=0.0),
+    default=10.0,
+    envvar=_env("HEALTH_WINDOW"),
+    show_envvar=True,
+    help="Seconds a new generation is on probation after LIVE (0: none).",
+)
+@click.option(
+    "--health-url",
+    "health_urls",
+    multiple=True,
+    envvar=_env("HEALTH_URL"),
+    show_envvar=True,
+    callback=_health_urls,
+    help="http:// URL that must answer 2xx during probation (repeatable).",
+)
+@click.option(
+    "--no-rollback",
+    is_flag=True,
+    envvar=_env("NO_ROLLBACK"),
+    show_envvar=True,
+    help="A generation that fails probation keeps serving; it is only reported.",
+)
+@click.option(
     "--status-address",
     envvar=_env("STATUS_ADDRESS"),
     show_envvar=True,
@@ -294,6 +346,11 @@ def cli(
     no_validate: bool,
     validate_timeout_s: float,
     on_incompatible_binary: Literal["refuse", "restart"],
+    state_dir: Path | None,
+    keep_generations: int,
+    health_window_s: float,
+    health_urls: tuple[str, ...],
+    no_rollback: bool,
     status_address: str | None,
     status_allow_remote: bool,
     control_socket: Path | None,
@@ -332,6 +389,11 @@ def cli(
         validate_timeout_s=validate_timeout_s,
         on_incompatible_binary=on_incompatible_binary,
         log_format=log_format,
+        state_dir=(state_dir or default_state_dir()).absolute(),
+        keep_generations=keep_generations,
+        health_window_s=health_window_s,
+        health_urls=health_urls,
+        rollback=not no_rollback,
     )
     changes = _change_detector(settings)
     if check_only:

@@ -29,8 +29,17 @@ _VALUE_FLAGS: Final = frozenset(
         "--restart-epoch",
         "--parent-shutdown-time-s",
         "--drain-time-s",
+        *(
+            "--config-yaml",
+            "--service-node",
+            "--service-cluster",
+            "--service-zone",
+        ),
     }
 )
+# Flags that change what the config means: validation of a snapshot passes them too, or it
+# validates something other than what starts (a --config-yaml overlay, a node id).
+CONFIG_FLAGS: Final = ("--config-yaml", "--service-node", "--service-cluster", "--service-zone")
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +54,7 @@ class EnvoyCommandLine:
     restart_epoch: int | None = None
     parent_shutdown_time_s: float | None = None
     drain_time_s: float | None = None
+    config_flags: tuple[str, ...] = ()  # CONFIG_FLAGS as given, each followed by its value
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +113,9 @@ def parse_envoy_argv(argv: list[str]) -> EnvoyCommandLine:
         restart_epoch=_to_int(values.get("--restart-epoch")),
         parent_shutdown_time_s=_to_float(values.get("--parent-shutdown-time-s")),
         drain_time_s=_to_float(values.get("--drain-time-s")),
+        config_flags=tuple(
+            part for flag in CONFIG_FLAGS if flag in values for part in (flag, values[flag])
+        ),
     )
 
 

@@ -24,6 +24,7 @@ from envoy_autoreload.command import describe_exit
 from envoy_autoreload.digest import Snapshot
 from envoy_autoreload.errors import ExitCode, SpawnError
 from envoy_autoreload.gatekeeper import Gatekeeper
+from envoy_autoreload.generations import ConfigGeneration
 from envoy_autoreload.launcher import Launcher
 from envoy_autoreload.logs import log_event
 from envoy_autoreload.planner import Planner
@@ -154,10 +155,16 @@ class ExitPolicy:
             self._batches.retry_pending(
                 gen.reason, error=planner.last_start_error, status=self._hooks.status_text()
             )
-            self.after_failed_start(gen.epoch, gen.snapshot)
+            self.after_failed_start(gen.epoch, gen.snapshot, gen.config)
 
     def exec_failed(
-        self, epoch: int, reason: str, message: str, covers_seq: int, content: Snapshot | None
+        self,
+        epoch: int,
+        reason: str,
+        message: str,
+        covers_seq: int,
+        content: Snapshot | None,
+        config: ConfigGeneration | None = None,
     ) -> None:
         serving = self._roster.serving()
         log_event(
@@ -171,7 +178,7 @@ class ExitPolicy:
         self._planner.last_failed_seq = covers_seq
         self._planner.last_start_error = message
         self._batches.retry_pending(reason, error=message, status=self._hooks.status_text())
-        self.after_failed_start(epoch, content)
+        self.after_failed_start(epoch, content, config)
 
     def _stranded(self, parent: Generation, gen: Generation) -> None:
         """The new epoch went LIVE in Envoy's eyes and died before a probe saw it: its
@@ -196,7 +203,9 @@ class ExitPolicy:
         self._planner.replan(Respawn(gen.epoch), "serving_died")
         self.outage(f"epoch {gen.epoch} died after it took over", immediate=True)
 
-    def after_failed_start(self, epoch: int, content: Snapshot | None) -> None:
+    def after_failed_start(
+        self, epoch: int, content: Snapshot | None, config: ConfigGeneration | None = None
+    ) -> None:
         if self._settings.exit_on_child_failure:
             self._hooks.begin_stop(
                 "a child failed and --exit-on-child-failure is set", ExitCode.CHILD_KILLED
@@ -211,6 +220,7 @@ class ExitPolicy:
                 immediate=respawn_failed,
                 covers_seq=self._planner.last_failed_seq,
                 content=content,
+                config=config,
             )
             return
         planner = self._planner
@@ -219,7 +229,7 @@ class ExitPolicy:
             self._abandon(epoch, content)
             return
         delay = exponential_delay(planner.hot_failures, HOT_RETRY_FIRST_S, COLD_BACKOFF_CAP_S)
-        planner.replan(StartNext("retry", planner.last_failed_seq, content), "retry")
+        planner.replan(StartNext("retry", planner.last_failed_seq, content, config), "retry")
         self._reactor.set_timeout(Timer.RETRY, delay)
         log_event(
             logger,
@@ -340,6 +350,7 @@ class ExitPolicy:
         served_s: float | None = None,
         covers_seq: int = 0,
         content: Snapshot | None = None,
+        config: ConfigGeneration | None = None,
     ) -> None:
         """Nothing serves: count it against the crash budget and plan the recovery;
         `covers_seq` (and its validated `content`) is a request it still owes."""
@@ -348,7 +359,7 @@ class ExitPolicy:
             return
         planner = self._planner
         if not isinstance(planner.plan, Respawn | ColdStart):
-            planner.replan(ColdStart("recovery", covers_seq, content), "recovery")
+            planner.replan(ColdStart("recovery", covers_seq, content, config), "recovery")
         respawn = isinstance(planner.plan, Respawn)
         epoch = planner.plan.epoch if isinstance(planner.plan, Respawn) else 0
         delay = self._recovery.delay(respawn=respawn, immediate=immediate, served_s=served_s)

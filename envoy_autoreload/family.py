@@ -126,6 +126,10 @@ class EnvoyFamily:
             return envoy.resolve(envoy.command_line.config_path)
         return None
 
+    def config_flags(self, gen: Generation) -> tuple[str, ...]:
+        """The config-affecting flags this generation's Envoy was given (/proc)."""
+        return gen.envoy.command_line.config_flags if gen.envoy is not None else ()
+
     def mismatches(self, gen: Generation) -> list[str]:
         """Where what the daemon was told differs from what this Envoy runs (/proc)."""
         envoy = gen.envoy

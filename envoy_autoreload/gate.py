@@ -8,7 +8,7 @@ What an outcome means for a restart is the supervisor's business.
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from pathlib import Path
 
 from envoy_autoreload.command import CommandResult, RunningCommand
@@ -46,24 +46,29 @@ class CommandGate:
     def busy(self) -> bool:
         return self._preflight is not None
 
-    def _new_preflight(self, known_binary: BinaryInfo | None) -> Preflight:
+    def _new_preflight(
+        self, known_binary: BinaryInfo | None, config: Path | None, flags: Sequence[str]
+    ) -> Preflight:
+        """`config` is the snapshot to validate (or --config itself without generations)."""
         assert self._settings.envoy is not None
-        config: Path | None = self._settings.config if self._settings.validate else None
         return Preflight(
             self._settings.envoy,
-            config,
+            (config or self._settings.config) if self._settings.validate else None,
             known_binary=known_binary,
             timeout_s=self._settings.validate_timeout_s,
+            flags=flags,
         )
 
-    def check_now(self) -> PreflightOutcome:
+    def check_now(self, config: Path | None, flags: Sequence[str] = ()) -> PreflightOutcome:
         """Blocking, for start-up, before the loop runs."""
-        return run_preflight_now(self._new_preflight(None))
+        return run_preflight_now(self._new_preflight(None, config, flags))
 
-    def begin(self, known_binary: BinaryInfo | None) -> PreflightOutcome | None:
+    def begin(
+        self, known_binary: BinaryInfo | None, config: Path | None, flags: Sequence[str] = ()
+    ) -> PreflightOutcome | None:
         """Start checking; the outcome comes from `poll()`, or now if nothing had to run."""
         assert self._preflight is None
-        self._preflight = self._new_preflight(known_binary)
+        self._preflight = self._new_preflight(known_binary, config, flags)
         return self._next_step()
 
     def child_pids(self) -> set[int]:

@@ -10,11 +10,14 @@ whether a new binary can hot restart at all (`--hot-restart-version`, ENVOY_FACT
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 from envoy_autoreload.batches import Batches
 from envoy_autoreload.digest import Snapshot
 from envoy_autoreload.envoy_binary import BinaryInfo
 from envoy_autoreload.errors import BinaryError, ValidationFailed
+from envoy_autoreload.generations import ConfigGeneration
+from envoy_autoreload.lineage import Lineage
 from envoy_autoreload.logs import log_event
 from envoy_autoreload.ports import EnvoyFacts, Gate
 from envoy_autoreload.roster import Generation
@@ -26,12 +29,19 @@ logger = logging.getLogger(__name__)
 
 class Gatekeeper:
     def __init__(
-        self, settings: Settings, gate: Gate, batches: Batches, family: EnvoyFacts
+        self,
+        settings: Settings,
+        gate: Gate,
+        batches: Batches,
+        family: EnvoyFacts,
+        lineage: Lineage,
     ) -> None:
         self._settings = settings
         self.gate = gate
         self._batches = batches
         self._family = family
+        self._lineage = lineage
+        self.config: ConfigGeneration | None = None  # the snapshot being validated
         self.binary: BinaryInfo | None = None  # the newest binary that passed
         self.reason = ""  # the batch being checked
         self.seq = 0
@@ -40,9 +50,10 @@ class Gatekeeper:
     def check_before_first_start(self) -> None:
         """Start-up: refuse to start Envoy on a binary that is not Envoy or a config that
         does not validate (blocking is fine: the loop is not running yet)."""
+        self.config = self._first_config()
         if not self.gate.enabled:
             return
-        outcome = self.gate.check_now()
+        outcome = self.gate.check_now(self.config.path if self.config is not None else None)
         self.log_outcome(outcome, epoch=0, serving=False)
         match outcome.verdict:
             case Verdict.PASSED:
@@ -55,11 +66,44 @@ class Gatekeeper:
                     f"started: {outcome.message.removeprefix('validation failed: ')}"
                 )
 
-    def begin(self, reason: str, seq: int, content: Snapshot | None) -> PreflightOutcome | None:
-        """Check the batch `seq`; `content` is pinned first: what starts must be what was
-        validated. The outcome now if nothing had to run, else later from `poll()`."""
+    def _first_config(self) -> ConfigGeneration | None:
+        """What epoch 0 starts: the config as it is now, unless these very bytes failed
+        probation before (history outlives the daemon) and a good one is kept."""
+        pinned = self._lineage.pin()
+        good = self._lineage.last_good()
+        if not self._lineage.failed(pinned) or good is None or pinned is None:
+            return pinned
+        log_event(
+            logger,
+            logging.WARNING,
+            "config.known_bad",
+            f"the config on disk ({pinned.short}) failed probation before; starting the "
+            f"last good generation {good.short} instead. Push a fixed config, or "
+            "`envoy-autoreloadctl reload --force` to try it again",
+            config=good.short,
+        )
+        return good
+
+    def begin(
+        self, reason: str, seq: int, content: Snapshot | None, flags: Sequence[str] = ()
+    ) -> PreflightOutcome | None:
+        """Check the batch `seq`; the config is snapshotted first and the snapshot is
+        what is validated and started, byte for byte (REVIEW-core finding 8b), with the
+        config-affecting `flags` the serving Envoy runs with. The outcome now if nothing
+        had to run, else later from `poll()`."""
         self.reason, self.seq, self.content = reason, seq, content
-        return self.gate.begin(self.binary)
+        self.config = config = self._lineage.pin()
+        if self._lineage.failed(config) and "--force" not in reason:
+            assert config is not None
+            return PreflightOutcome(
+                Verdict.KNOWN_BAD,
+                f"config {config.short} failed probation before; not tried again until it "
+                "changes (or `envoy-autoreloadctl reload --force`)",
+                None,
+                None,
+                0.0,
+            )
+        return self.gate.begin(self.binary, config.path if config is not None else None, flags)
 
     def log_outcome(self, outcome: PreflightOutcome, epoch: int | None, serving: bool) -> None:
         binary = outcome.binary
@@ -85,9 +129,9 @@ class Gatekeeper:
         )
 
     def refuse(self, outcome: PreflightOutcome, status: str) -> None:
-        refused = outcome.verdict is Verdict.BINARY_REFUSED
+        invalid = outcome.verdict is Verdict.FAILED
         self._batches.finish(
-            "refused" if refused else "validation_failed",
+            "validation_failed" if invalid else "refused",
             self.reason,
             seq=self.seq,
             error=outcome.message,

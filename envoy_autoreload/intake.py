@@ -83,7 +83,7 @@ class Intake:
         self._batches.queued.clear()
         self._batches.seq = self._batches.request_seq
         self._planner.replan(
-            StartNext(reasons, self._batches.request_seq, plan.content), "absorbed"
+            StartNext(reasons, self._batches.request_seq, plan.content, plan.config), "absorbed"
         )
         return True
 
@@ -98,7 +98,10 @@ class Intake:
             return False
         reason = self._batches.take()
         if gate.enabled:
-            outcome = self._gatekeeper.begin(reason, self._batches.seq, self._hooks.current())
+            flags = self._family.config_flags(serving)
+            outcome = self._gatekeeper.begin(
+                reason, self._batches.seq, self._hooks.current(), flags
+            )
             if outcome is not None:
                 self.on_preflight_done(outcome)
             if not gate.busy:
@@ -226,7 +229,8 @@ class Intake:
         # A request that passed the gate is a new chance: no backoff, no old failures.
         planner.hot_failures = 0
         self._reactor.cancel(Timer.RETRY)
-        planner.replan(StartNext(keeper.reason, keeper.seq, keeper.content), "gate_passed")
+        plan = StartNext(keeper.reason, keeper.seq, keeper.content, keeper.config)
+        planner.replan(plan, "gate_passed")
 
     def _changed_while_validating(self) -> bool:
         """A config deleted and recreated (or rewritten) while Envoy read it: not a
@@ -263,7 +267,7 @@ class Intake:
         for gen in reversed(alive):
             self._roster.mark_terminated(gen)
             gen.process.kill()
-        cold = ColdStart("incompatible binary", covers_seq=keeper.seq, content=keeper.content)
+        cold = ColdStart("incompatible binary", keeper.seq, keeper.content, keeper.config)
         self._planner.replan(cold, "incompatible_binary")
 
     def on_drain_wait_over(self) -> None:

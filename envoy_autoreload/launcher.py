@@ -14,6 +14,7 @@ import signal
 
 from envoy_autoreload.digest import Snapshot
 from envoy_autoreload.envoy_binary import BinaryInfo
+from envoy_autoreload.generations import ConfigGeneration
 from envoy_autoreload.logs import log_event
 from envoy_autoreload.ports import EnvoyFacts, Reactor
 from envoy_autoreload.roster import Generation, Roster
@@ -43,13 +44,14 @@ class Launcher:
         covers_seq: int,
         content: Snapshot | None,
         binary: BinaryInfo | None,
+        config: ConfigGeneration | None = None,
     ) -> Generation:
         """Start the script at `epoch`; raises OSError when it cannot be executed."""
         if parent is not None:
             # No child of ours is starting, so a set flag can only be a dead child's.
             self._family.restore_flag(parent, epoch)
         gen = self._roster.spawn(
-            epoch, reason, covers_seq=covers_seq, snapshot=content, binary=binary
+            epoch, reason, covers_seq=covers_seq, snapshot=content, binary=binary, config=config
         )
         fd = gen.process.stderr_fd()
         if fd is not None:

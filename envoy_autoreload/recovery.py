@@ -24,6 +24,8 @@ from envoy_autoreload.backoff import (
 )
 from envoy_autoreload.batches import Batches
 from envoy_autoreload.digest import Snapshot
+from envoy_autoreload.generations import ConfigGeneration
+from envoy_autoreload.lineage import Lineage
 from envoy_autoreload.logs import log_event
 from envoy_autoreload.planner import Planner
 from envoy_autoreload.ports import EnvoyFacts, Reactor
@@ -46,6 +48,7 @@ class StartOrder:
     reason: str
     parent: Generation | None = None
     covers_seq: int = 0
+    config: ConfigGeneration | None = None  # the snapshot to start (generations on)
 
 
 class Recovery:
@@ -58,6 +61,7 @@ class Recovery:
         planner: Planner,
         batches: Batches,
         current: Callable[[], Snapshot | None],
+        lineage: Lineage,
     ) -> None:
         self._settings = settings
         self._reactor = reactor
@@ -66,6 +70,7 @@ class Recovery:
         self._planner = planner
         self._batches = batches
         self._current = current
+        self._lineage = lineage
         self._cold_attempt_seq = 0  # newest request a cold start has already tried
         self._crash_budget = CrashBudget()
         self._death_pacing = DeathPacing()
@@ -83,7 +88,8 @@ class Recovery:
                 # Answers no reload: the dead epoch's own batch was answered when it went
                 # LIVE, and requests since then still need the gate.
                 planner.replan(None, "started")
-                return StartOrder(plan.epoch, "recovery", parent=parents[-1])
+                config = self._lineage.recovery_target()
+                return StartOrder(plan.epoch, "recovery", parent=parents[-1], config=config)
             planner.replan(ColdStart("recovery"), "recovery")
         elif not isinstance(plan, ColdStart):
             # Nothing serves: whatever else was planned, recovery comes first. (With no
@@ -109,6 +115,11 @@ class Recovery:
         self._cold_attempt_seq = self._batches.request_seq
         self._planner.replan(None, "started")
         self._reactor.cancel(Timer.RETRY)
+        if self._lineage.enabled:
+            # A snapshot, never the files: the validated one this start carries, else
+            # the last good one (REVIEW-core finding 8a).
+            config = cold.config or self._lineage.recovery_target()
+            return StartOrder(0, cold.reason, covers_seq=cold.covers_seq, config=config)
         return StartOrder(0, self._still_validated(cold), covers_seq=cold.covers_seq)
 
     def _still_validated(self, cold: ColdStart) -> str:
@@ -144,7 +155,7 @@ class Recovery:
             epoch=serving.epoch,
             pid=serving.pid,
         )
-        cold = ColdStart(plan.reason, covers_seq=plan.seq, content=plan.content)
+        cold = ColdStart(plan.reason, plan.seq, plan.content, plan.config)
         self._planner.replan(cold, "full_restart")
         # KILLed, not TERMed: with its parent gone a TERM starts 10 s of retries and
         # ends in SIGABRT anyway (measured by the conformance scenarios, §6).

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from envoy_autoreload.digest import Snapshot
 from envoy_autoreload.envoy_binary import BinaryInfo
 from envoy_autoreload.envoy_process import EnvoyProcess
+from envoy_autoreload.generations import ConfigGeneration
 from envoy_autoreload.logs import log_event
 from envoy_autoreload.ports import ChildProcess, Processes, Reactor
 from envoy_autoreload.states import (
@@ -46,6 +47,7 @@ class Generation:
     snapshot: Snapshot | None = None  # the content it started from, when watching
     binary: BinaryInfo | None = None
     covers_seq: int = 0  # restart requests this generation answers (0: none)
+    config: ConfigGeneration | None = None  # the snapshot it started (generations on)
 
     @property
     def pid(self) -> int:
@@ -102,11 +104,12 @@ class Roster:
         covers_seq: int,
         snapshot: Snapshot | None,
         binary: BinaryInfo | None,
+        config: ConfigGeneration | None = None,
     ) -> Generation:
         """Start the script at `epoch`; raises OSError when it cannot be executed."""
         if self.starting() is not None:
             raise IllegalMove("never two starting generations (upstream #550)")
-        process = self._processes.spawn(epoch)
+        process = self._processes.spawn(epoch, config.path if config is not None else None)
         gen = Generation(
             epoch=epoch,
             process=process,
@@ -115,11 +118,20 @@ class Roster:
             snapshot=snapshot,
             binary=binary,
             covers_seq=covers_seq,
+            config=config,
         )
         self._generations.append(gen)
         if snapshot is not None:
             self.last_started_content = snapshot
-        log_event(logger, logging.INFO, "child.started", epoch=epoch, pid=gen.pid, reason=reason)
+        log_event(
+            logger,
+            logging.INFO,
+            "child.started",
+            epoch=epoch,
+            pid=gen.pid,
+            reason=reason,
+            config=config.short if config is not None else None,
+        )
         return gen
 
     def went_live(self, gen: Generation) -> None:

@@ -41,6 +41,13 @@ class Settings:
     validate_timeout_s: float = 30.0
     on_incompatible_binary: Literal["refuse", "restart"] = "refuse"
     log_format: Literal["human", "json"] = "human"
+    # Generations (config snapshots, history, probation and rollback): off without a
+    # state directory (None) or without --config.
+    state_dir: Path | None = None
+    keep_generations: int = 10
+    health_window_s: float = 10.0
+    health_urls: tuple[str, ...] = ()
+    rollback: bool = True
 
     def watch_roots(self) -> list[WatchRoot]:
         """Nothing without --watch (the drop-in restarter); with it, every --watch path
@@ -110,3 +117,12 @@ def check_config(path: Path) -> Path:
     if not os.access(path, os.R_OK):
         raise UsageError(f"Envoy config {path} is not readable")
     return path.absolute()
+
+
+DEFAULT_STATE_DIR: Final = Path("/var/lib/envoy-autoreload")
+
+
+def default_state_dir() -> Path:
+    """systemd's `StateDirectory=` (the first of its list), else /var/lib."""
+    given = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    return Path(given) if given else DEFAULT_STATE_DIR

@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from envoy_autoreload.digest import Snapshot
+
+if TYPE_CHECKING:
+    from envoy_autoreload.generations import ConfigGeneration
 
 
 class IllegalMove(AssertionError):
@@ -99,6 +102,7 @@ class StartNext:
     reason: str
     seq: int  # the newest request it answers
     content: Snapshot | None = None  # what the gate validated, when watching
+    config: ConfigGeneration | None = None  # the snapshot that passed (generations on)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +121,7 @@ class ColdStart:
     reason: str
     covers_seq: int = 0  # a validated batch this start carries (a full restart)
     content: Snapshot | None = None  # what that batch validated, when watching
+    config: ConfigGeneration | None = None  # its snapshot; None: the recovery target
 
 
 Plan = StartNext | Respawn | ColdStart
@@ -147,7 +152,8 @@ _N, _S, _R, _C = PlanKind.NONE, PlanKind.START_NEXT, PlanKind.RESPAWN, PlanKind.
 PLAN_EDGES: Final[dict[tuple[PlanKind, PlanKind], frozenset[str]]] = {
     # A batch passed the gate (or there is no gate), or a failed start is retried after
     # its backoff with the same epoch (§4).
-    (_N, _S): frozenset({"gate_passed", "no_gate", "retry"}),
+    # Or the serving generation failed probation: back to the last good one.
+    (_N, _S): frozenset({"gate_passed", "no_gate", "retry", "rollback"}),
     # A newer batch passed the gate, or a newer failure re-plans its retry: the newest
     # validated content wins; its seq covers the older one's requests.
     # Requests that ask for the very content a plan carries join it (finding 15).
@@ -191,6 +197,8 @@ class Timer(enum.Enum):
     DRAIN_WAIT = "drain_wait"  # --max-drain-wait for the previous parent to exit
     ORPHAN_KILL = "orphan_kill"  # orphans TERMed so epoch 0 can start get KILLed after it
     HUNG_DRAIN = "hung_drain"  # a draining epoch past its parent-shutdown time (§7)
+    HEALTH_ROUND = "health_round"  # the next round of probation's checks
+    PROBATION_END = "probation_end"  # --health-window after LIVE: the generation is good
     TERM_WAIT = "term_wait"  # --term-wait after SIGTERM to every child
     PARENT_LEAVING = "parent_leaving"  # a stopping parent its TERMed child asked to exit
     KILL_WAIT = "kill_wait"  # how long SIGKILLed children get to be reaped

@@ -34,6 +34,7 @@ The rules, each from a measured failure of upstream's hot-restarter.py (ENVOY_FA
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 from collections.abc import Callable, Hashable
@@ -41,6 +42,7 @@ from typing import Final, assert_never
 
 from envoy_autoreload.batches import Batches
 from envoy_autoreload.child import ScriptSpawner
+from envoy_autoreload.command import describe_exit
 from envoy_autoreload.containment import Containment
 from envoy_autoreload.control import ControlConnection, ControlDesk, ControlReply, ControlServer
 from envoy_autoreload.control_requests import ControlRequests
@@ -50,15 +52,20 @@ from envoy_autoreload.exits import ExitPolicy
 from envoy_autoreload.family import EnvoyFamily
 from envoy_autoreload.gate import CommandGate
 from envoy_autoreload.gatekeeper import Gatekeeper
+from envoy_autoreload.generations import ConfigGeneration
+from envoy_autoreload.health import HealthProber
 from envoy_autoreload.intake import Intake
 from envoy_autoreload.launcher import Launcher
 from envoy_autoreload.limits import binding_limit
+from envoy_autoreload.lineage import Lineage, open_lineage
 from envoy_autoreload.logs import FieldValue, log_event
 from envoy_autoreload.loop import DeadlineReached, Event, FdReady, SignalReceived
 from envoy_autoreload.loop import Reactor as RealReactor
 from envoy_autoreload.planner import Planner
-from envoy_autoreload.ports import Content, EnvoyFacts, Gate, Processes, Reactor
+from envoy_autoreload.ports import Content, EnvoyFacts, Gate, Health, Processes, Reactor
+from envoy_autoreload.probation import Probation
 from envoy_autoreload.recovery import Recovery
+from envoy_autoreload.rollbacks import Rollbacks
 from envoy_autoreload.roster import Generation, Roster
 from envoy_autoreload.settings import Settings
 from envoy_autoreload.shutdown import Shutdown
@@ -93,6 +100,8 @@ class Supervisor:
         processes: Processes | None = None,
         family: EnvoyFacts | None = None,
         gate: Gate | None = None,
+        lineage: Lineage | None = None,
+        health: Health | None = None,
     ) -> None:
         self._settings = settings
         self._reactor = reactor
@@ -104,6 +113,8 @@ class Supervisor:
         self._processes = processes or ScriptSpawner(settings.start_script, settings.script_args)
         self._roster = roster = Roster(self._processes, reactor)
         self._planner = Planner()
+        self._lineage = lineage = lineage or Lineage(None, bytes)
+        self._health = health
         self._watching = (
             Watching(settings, reactor, changes, telemetry) if changes is not None else None
         )
@@ -113,11 +124,14 @@ class Supervisor:
             gate or CommandGate(settings, reactor, Timer.COMMAND_DEADLINE),
             self._batches,
             family,
+            lineage,
         )
         self._launcher = Launcher(settings, reactor, roster, family)
         self._recovery = Recovery(
-            settings, reactor, roster, family, self._planner, self._batches, self.current
+            settings, reactor, roster, family, self._planner, self._batches, self.current, lineage
         )
+        self._rollbacks = Rollbacks(settings, reactor, roster, self._planner, lineage, telemetry)
+        self._probation = Probation(settings, reactor, health, lineage, self._rollbacks)
         self._assemble_deciders(family, telemetry)
         self._shutdown = Shutdown(reactor, roster, family, settings.term_wait_s)
         self._containment = Containment(telemetry, self._heal)
@@ -179,7 +193,9 @@ class Supervisor:
             self._watching.start()
         if self._control is not None:
             self._reactor.add_reader(self._control.fileno(), self._control)
-        self._start(0, "startup", first=True)
+        if self._health is not None:
+            self._reactor.add_reader(self._health.fileno(), self._health)
+        self._start(0, "startup", first=True, config=self._gatekeeper.config)
 
     def handle(self, events: list[Event]) -> ExitCode | None:
         """Handle one poll's events; the exit code once the daemon is done."""
@@ -271,6 +287,8 @@ class Supervisor:
             watching.on_readable()
         elif self._gatekeeper.gate.owns(key):
             self._gatekeeper.gate.on_output(key)
+        elif self._health is not None and key is self._health:
+            self._probation.on_observation()
 
     def _on_signal(self, signum: signal.Signals) -> None:
         match signum:
@@ -305,6 +323,10 @@ class Supervisor:
                 self._shutdown.parent_grace_over()
             case Timer.KILL_WAIT:
                 self._shutdown.kill_timed_out()
+            case Timer.HEALTH_ROUND:
+                self._probation.next_round()
+            case Timer.PROBATION_END:
+                self._probation.passed()
             case Timer.DEBOUNCE:
                 self._intake.on_burst_due()
             case Timer.COMMAND_DEADLINE:
@@ -331,7 +353,11 @@ class Supervisor:
             order = self._recovery.recover(backing_off=self._reactor.has_deadline(Timer.RETRY))
             if order is not None:
                 self._start(
-                    order.epoch, order.reason, parent=order.parent, covers_seq=order.covers_seq
+                    order.epoch,
+                    order.reason,
+                    parent=order.parent,
+                    covers_seq=order.covers_seq,
+                    config=order.config,
                 )
             return
         if serving.marks.stop_reason is not None or self._gatekeeper.gate.busy:
@@ -384,6 +410,7 @@ class Supervisor:
             parent=serving,
             covers_seq=plan.seq,
             content=plan.content,
+            config=plan.config,
         )
 
     # -- recovery ---------------------------------------------------------------
@@ -400,6 +427,7 @@ class Supervisor:
         first: bool = False,
         covers_seq: int = 0,
         content: Snapshot | None = None,
+        config: ConfigGeneration | None = None,
     ) -> None:
         if content is None:
             # What this epoch starts from; a burst that settles later and finds the
@@ -413,17 +441,20 @@ class Supervisor:
                 covers_seq=covers_seq,
                 content=content,
                 binary=self._gatekeeper.binary,
+                config=config,
             )
+            self._lineage.started(config, epoch)
         except OSError as err:
             message = f"cannot execute start script {self._settings.start_script}: {err.strerror}"
             if first:
                 raise SpawnError(message) from err
-            self._exits.exec_failed(epoch, reason, message, covers_seq, content)
+            self._exits.exec_failed(epoch, reason, message, covers_seq, content, config)
             return
 
     def on_live(self, gen: Generation) -> None:
         """`gen` serves: what it means for requests, pacing and systemd."""
         self._launcher.went_live(gen)
+        self._on_config_live(gen)
         self._ever_served = True
         self._triggers.abandoned_digest = None
         self._planner.hot_failures = 0
@@ -440,6 +471,15 @@ class Supervisor:
             )
         else:
             self._batches.served_without_batch(self.status_text(), gen.covers_seq, reply)
+
+    def _on_config_live(self, gen: Generation) -> None:
+        """Generations: what serves now, its probation, a rollback that finished."""
+        lineage = self._lineage
+        lineage.serving = gen.config
+        self._telemetry.serving_config(gen.config.sha256 if gen.config else None)
+        self._probation.on_live(gen)
+        self._rollbacks.on_live(gen)
+        lineage.prune([gen.config, lineage.last_good()])
 
     def _on_start_deadline(self) -> None:
         gen = self._roster.starting()
@@ -470,6 +510,7 @@ class Supervisor:
 
     def _on_exited(self, gen: Generation) -> None:
         self._launcher.pump_output(gen)  # its last words, for the failure's log line
+        self._probation.on_exited(gen, describe_exit(gen.returncode or 0))
         if self._exits.on_exited(gen):
             self._shutdown.finish_if_done()
 
@@ -548,11 +589,24 @@ def run(
     control: ControlServer | None = None,
 ) -> ExitCode:
     """Supervise until stopped; the reactor's signal handlers live exactly this long."""
-    with RealReactor() as reactor:
-        try:
-            return Supervisor(
-                settings, reactor, changes, telemetry=telemetry, control=control
-            ).run()
-        finally:
-            if changes is not None:
-                changes.close()
+    with RealReactor() as reactor, contextlib.ExitStack() as stack:
+        lineage = open_lineage(settings)
+        stack.callback(lineage.close)
+        family = EnvoyFamily(settings)
+        health = None
+        if lineage.enabled and settings.health_window_s > 0:
+            health = HealthProber(settings.health_urls, family.admin_address)
+            stack.callback(health.close)
+        if changes is not None:
+            stack.callback(changes.close)
+        supervisor = Supervisor(
+            settings,
+            reactor,
+            changes,
+            telemetry=telemetry,
+            control=control,
+            family=family,
+            lineage=lineage,
+            health=health,
+        )
+        return supervisor.run()

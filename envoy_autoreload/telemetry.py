@@ -101,6 +101,7 @@ class Telemetry:
         self.last_validation_error: str | None = None
         self.snapshot: Mapping[str, object] = {"state": "starting", "serving": None}
         self._ready_sent = False
+        self._config_sha: str | None = None
 
     def _register_counters(self, prefix: str) -> None:
         self.restarts = Counter(
@@ -123,6 +124,12 @@ class Telemetry:
         self.watch_events = Counter(
             f"{prefix}_watch_events",
             "Filesystem events seen (after filtering).",
+            registry=self.registry,
+        )
+        self.rollbacks = Counter(
+            f"{prefix}_rollbacks",
+            "Rollbacks to the last good config, by the check that failed.",
+            ["reason"],
             registry=self.registry,
         )
         self.internal_errors = Counter(
@@ -148,6 +155,12 @@ class Telemetry:
             "Envoy processes of this daemon alive now.",
             registry=self.registry,
         )
+        self.config_info = Gauge(
+            f"{prefix}_config_info",
+            "1 for the sha256 of the config generation that serves.",
+            ["sha256"],
+            registry=self.registry,
+        )
         self.last_success = Gauge(
             f"{prefix}_last_success_timestamp_seconds",
             "Unix time the last restart (or the first start) went LIVE.",
@@ -155,6 +168,15 @@ class Telemetry:
         )
 
     # -- facts from the supervisor --------------------------------------------
+    def serving_config(self, sha256: str | None) -> None:
+        """`envoy_autoreload_config_info{sha256}`: one series, the serving config's."""
+        if sha256 == self._config_sha:
+            return
+        self.config_info.clear()
+        if sha256 is not None:
+            self.config_info.labels(sha256=sha256).set(1)
+        self._config_sha = sha256
+
     def restart_began(self, reason: str, status: str) -> None:
         if self._ready_sent:
             self.notifier.reloading(status)

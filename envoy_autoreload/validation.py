@@ -23,6 +23,7 @@ import enum
 import os
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -42,6 +43,7 @@ class Verdict(enum.Enum):
     PASSED = "validation.passed"
     FAILED = "validation.failed"
     BINARY_REFUSED = "binary.refused"
+    KNOWN_BAD = "config.known_bad"  # these bytes failed probation before
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,9 +84,11 @@ class Preflight:
         *,
         known_binary: BinaryInfo | None,
         timeout_s: float,
+        flags: Sequence[str] = (),
     ) -> None:
         self.envoy = envoy
         self.config = config
+        self.flags = tuple(flags)
         self.timeout_s = timeout_s
         self.started_at = time.monotonic()
         self.outcome: PreflightOutcome | None = None
@@ -124,7 +128,7 @@ class Preflight:
                 return [str(self.envoy), "--hot-restart-version"]
             case _Step.VALIDATE:
                 assert self.config is not None
-                return [str(self.envoy), "--mode", "validate", "-c", str(self.config)]
+                return [str(self.envoy), "--mode", "validate", "-c", str(self.config), *self.flags]
 
     def feed(self, result: CommandResult) -> None:
         step = self._steps.pop(0)

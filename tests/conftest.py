@@ -63,3 +63,12 @@ def nothing_leaks() -> Iterator[None]:
     assert not leaked_threads, f"threads left running: {leaked_threads}"
     leaked = leaked_fds(fds_before)
     assert not leaked, f"file descriptors left open: {sorted(leaked)}"
+
+
+@pytest.fixture(autouse=True)
+def private_state_dir(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every daemon a test runs keeps its config generations apart: the machine's
+    /var/lib/envoy-autoreload would carry history (a failed config) from test to test."""
+    monkeypatch.setenv("ENVOY_AUTORELOAD_STATE_DIR", str(tmp_path_factory.mktemp("state")))

@@ -148,10 +148,12 @@ def start_daemon(
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,
-            # Each daemon its own control socket, never the machine's default one.
+            # Each daemon its own control socket and state directory, never the
+            # machine's default ones (history would leak from one test into the next).
             env={
                 **os.environ,
                 "ENVOY_AUTORELOAD_CONTROL_SOCKET": str(log_path.with_suffix(".sock")),
+                "ENVOY_AUTORELOAD_STATE_DIR": str(log_path.with_suffix(".state")),
                 **(env or {}),
             },
             cwd=cwd,

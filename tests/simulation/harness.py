@@ -9,8 +9,10 @@ virtual clock, firing the model's happenings and the supervisor's deadlines in o
 
 from __future__ import annotations
 
+import shutil
 import signal
 import socket
+import tempfile
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +20,8 @@ from typing import Literal
 
 from envoy_autoreload.control import ControlConnection
 from envoy_autoreload.errors import ExitCode
+from envoy_autoreload.generations import GenerationStore
+from envoy_autoreload.lineage import Lineage
 from envoy_autoreload.notify import Notifier
 from envoy_autoreload.settings import Settings
 from envoy_autoreload.supervisor import Supervisor
@@ -28,11 +32,14 @@ from tests.simulation.world import (
     SimContent,
     SimFacts,
     SimGate,
+    SimHealth,
     SimProcesses,
     SimWorld,
 )
 
 MAX_EVENTS_PER_INSTANT = 2000
+# Snapshots are real files; tmpfs keeps thousands of generated runs fast.
+SIM_STATE_ROOT = "/dev/shm" if Path("/dev/shm").is_dir() else None
 # Invariant 5 leaves out what only generations can pin (REVIEW-core finding 8, issue
 # "Generations"): a recovery start reads the files on disk, and without --watch there is
 # no digest to compare the validated content with at the start.
@@ -71,6 +78,9 @@ class Knobs:
     debounce_max_s: float = 5.0
     watch: bool = True
     on_incompatible_binary: Literal["refuse", "restart"] = "refuse"
+    generations: bool = True  # a real GenerationStore in a temp dir; probation, rollback
+    health_window_s: float = 10.0
+    rollback: bool = True
 
 
 @dataclass
@@ -109,10 +119,21 @@ class Simulation:
             debounce_s=knobs.debounce_s,
             debounce_max_s=knobs.debounce_max_s,
             on_incompatible_binary=knobs.on_incompatible_binary,
+            health_window_s=knobs.health_window_s,
+            health_urls=(SimHealth.URL,),
+            rollback=knobs.rollback,
         )
         self.content = SimContent(self.world, knobs.debounce_s, knobs.debounce_max_s)
         self.gate = SimGate(self.world, knobs.validate_timeout_s)
         self.facts = SimFacts(self.world)
+        self.health = SimHealth(self.world)
+        self._state_dir: str | None = None
+        lineage = None
+        if knobs.generations:
+            self._state_dir = tempfile.mkdtemp(prefix="sim-state-", dir=SIM_STATE_ROOT)
+            store = GenerationStore.open(Path(self._state_dir), keep=10, suffix=".yaml")
+            lineage = Lineage(store, self.world.config_bytes)
+        self.lineage = lineage
         self.supervisor = Supervisor(
             self.settings,
             self.world.reactor,
@@ -121,6 +142,8 @@ class Simulation:
             processes=SimProcesses(self.world),
             family=self.facts,
             gate=self.gate,
+            lineage=lineage,
+            health=self.health if knobs.generations else None,
         )
         self.world.stopping = lambda: self.supervisor.stopping
         self.world.planned_stop = self._planned_stop
@@ -145,6 +168,10 @@ class Simulation:
             client.peer.close()
         for conn in list(self._conns):
             conn.close()
+        if self.lineage is not None:
+            self.lineage.close()
+        if self._state_dir is not None:
+            shutil.rmtree(self._state_dir, ignore_errors=True)
 
     @property
     def now(self) -> float:

@@ -56,11 +56,15 @@ class Content:
     # Seconds it stays PRE_INITIALIZING before LIVE: a config waiting for CDS from an xDS
     # server that does not answer stays so until its initial_fetch_timeout (§8, §15).
     init_s: float = 0.0
+    # Validates and goes LIVE, but fails probation: its routes answer 503 (the health
+    # gate of issue "Generations"; Envoy itself is fine with it).
+    healthy: bool = True
 
     @property
     def digest(self) -> str:
         slow = f"-init{self.init_s:g}" if self.init_s else ""
-        return f"v{self.version}-{'good' if self.good else 'bad'}{slow}"
+        sick = "" if self.healthy else "-sick"
+        return f"v{self.version}-{'good' if self.good else 'bad'}{slow}{sick}"
 
 
 @dataclass(eq=False)

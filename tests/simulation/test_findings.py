@@ -179,12 +179,6 @@ def test_containment_a_handler_that_raises_leaves_envoy_serving(make_sim: object
     assert all(p.state is not ProcState.DEAD or p.epoch == 0 for p in sim.world.model.procs)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="REVIEW-core finding 8b, left to issue 'Generations': the validator reads the "
-    "file after the pin, so A -> B -> A during validation starts A on B's verdict; a "
-    "snapshot validated and started byte for byte closes it",
-)
 def test_finding_8b_content_that_changes_back_during_validation_is_never_started_unvalidated(
     make_sim: object,
 ) -> None:

@@ -17,6 +17,7 @@ from envoy_autoreload.debounce import Debouncer
 from envoy_autoreload.digest import Snapshot, WatchRoot
 from envoy_autoreload.envoy_binary import BinaryInfo
 from envoy_autoreload.envoy_process import EnvoyProcess
+from envoy_autoreload.health import HealthObservation, UrlResult
 from envoy_autoreload.loop import SIGNAL_PRIORITY, DeadlineReached, Event, FdReady, SignalReceived
 from envoy_autoreload.roster import Generation
 from envoy_autoreload.states import Timer
@@ -150,8 +151,8 @@ class SimProcesses:
     def __init__(self, world: SimWorld) -> None:
         self._world = world
 
-    def spawn(self, epoch: int) -> SimChild:
-        return self._world.spawn(epoch)
+    def spawn(self, epoch: int, snapshot: Path | None = None) -> SimChild:
+        return self._world.spawn(epoch, snapshot)
 
     def reap_strays(self, ours: set[int]) -> None:
         return None
@@ -201,6 +202,9 @@ class SimFacts:
 
     def config_path(self, gen: Generation) -> Path | None:
         return CONFIG_PATH
+
+    def config_flags(self, gen: Generation) -> tuple[str, ...]:
+        return ()
 
     def forget(self, gen: Generation) -> None:
         return None
@@ -255,16 +259,20 @@ class SimGate:
         moments = [t for t in (running.read_at, running.done_at) if t is not None and t >= 0]
         return min(moments) if moments else None
 
-    def check_now(self) -> PreflightOutcome:
+    def check_now(self, config: Path | None, flags: Sequence[str] = ()) -> PreflightOutcome:
         world = self._world
-        return self._verdict(_Validation(world.disk, world.binary_ok, world.binary_hrv, 0.0))
+        content = world.content_at(config)
+        return self._verdict(_Validation(content, world.binary_ok, world.binary_hrv, 0.0))
 
-    def begin(self, known_binary: BinaryInfo | None) -> PreflightOutcome | None:
+    def begin(
+        self, known_binary: BinaryInfo | None, config: Path | None, flags: Sequence[str] = ()
+    ) -> PreflightOutcome | None:
         assert self._running is None
         world = self._world
         done = None if self.hangs else world.reactor.now() + self.duration_s
-        self._running = _Validation(world.disk, world.binary_ok, world.binary_hrv, done)
-        if self.read_after_s > 0:
+        content = world.content_at(config)
+        self._running = _Validation(content, world.binary_ok, world.binary_hrv, done)
+        if self.read_after_s > 0 and config is None:  # a snapshot never changes
             self._running.read_at = world.reactor.now() + self.read_after_s
         world.reactor.set_timeout(Timer.COMMAND_DEADLINE, self._timeout_s)
         return None
@@ -407,19 +415,37 @@ class SimWorld:
         self.model = EnvoyModel(self.parent_shutdown_s)
         self.model.on_exit = lambda proc: self.reactor.pending_signals.add(signal.SIGCHLD)
         self.gate_validated: set[str | None] = set()
+        self.by_bytes: dict[bytes, Content] = {}
 
-    def spawn(self, epoch: int) -> SimChild:
+    def config_bytes(self) -> bytes:
+        """What the daemon reads from --config: the disk's content, as bytes that map
+        back to it (the generation store snapshots them for real, in a temp dir)."""
+        content = self.disk
+        if content is None:
+            raise FileNotFoundError(2, "No such file or directory", str(CONFIG_PATH))
+        data = repr(content).encode()
+        self.by_bytes[data] = content
+        return data
+
+    def content_at(self, snapshot: Path | None) -> Content | None:
+        """What Envoy reads from `-c`: the snapshot's bytes, or the disk without one."""
+        if snapshot is None:
+            return self.disk
+        return self.by_bytes[snapshot.read_bytes()]
+
+    def spawn(self, epoch: int, snapshot: Path | None = None) -> SimChild:
         model = self.model
         model.now = self.reactor.now()
         serving = model.serving()
         alive = tuple(p.epoch for p in model.alive())
-        proc = model.spawn(epoch, self.disk, self.binary_hrv)
+        content = self.content_at(snapshot)
+        proc = model.spawn(epoch, content, self.binary_hrv)
         self.spawned.append(
             Spawned(
                 proc.pid,
                 model.now,
                 epoch,
-                self.disk,
+                content,
                 serving.epoch if serving else None,
                 alive,
             )
@@ -429,3 +455,40 @@ class SimWorld:
     def deliver(self, proc: Proc, signum: signal.Signals) -> None:
         self.model.now = self.reactor.now()
         self.model.send_signal(proc, signum, stopping=self.stopping(), planned=self.planned_stop)
+
+
+class SimHealth:
+    """Probation's checks answered from the model at once: admin reports the process's
+    state at its epoch; one URL answers 2xx when its content is healthy."""
+
+    URL = "http://127.0.0.1:10000/healthz"
+
+    def __init__(self, world: SimWorld) -> None:
+        self._world = world
+        self._pending: HealthObservation | None = None
+        self.rounds = 0
+
+    def fileno(self) -> int:
+        return -7  # never polled: `begin_round` marks the key ready itself
+
+    def begin_round(self, gen: Generation) -> None:
+        proc = self._world.model.by_pid(gen.pid)
+        self.rounds += 1
+        healthy = proc.content is not None and proc.content.healthy
+        state = {ProcState.LIVE: "LIVE", ProcState.DRAINING: "DRAINING"}.get(proc.state)
+        self._pending = HealthObservation(
+            epoch=gen.epoch,
+            pid=gen.pid,
+            admin_state=state,
+            admin_epoch=proc.epoch if state else None,
+            listener_create_failures=0 if state else None,
+            urls=(UrlResult(self.URL, healthy, "HTTP 200" if healthy else "HTTP 503"),),
+        )
+        self._world.reactor.ready.append(self)
+
+    def take(self) -> HealthObservation | None:
+        seen, self._pending = self._pending, None
+        return seen
+
+    def close(self) -> None:
+        return None

@@ -1,0 +1,184 @@
+"""Which config generation each start uses, and which one is good: the core's side of
+the generation store (`generations.py`).
+
+A start always names its snapshot: a validated one for a requested restart, the last
+good one for a rollback or a recovery. Nothing the core starts is read from the files
+on disk once generations are on, so a crash of a bad push cold-starts the last good
+config rather than the bad one again (REVIEW-core finding 8a), and a change made while
+the gate runs cannot slip in between the verdict and the start (finding 8b).
+
+Generations are off (every method a no-op, `pin()` None) without --config or when the
+state directory cannot be used; the daemon then starts what is on disk, as before.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+
+from envoy_autoreload.generations import (
+    ConfigGeneration,
+    GenerationStore,
+    Outcome,
+    StateDirError,
+)
+from envoy_autoreload.logs import log_event
+from envoy_autoreload.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+class Lineage:
+    def __init__(self, store: GenerationStore | None, read_config: Callable[[], bytes]) -> None:
+        self._store = store
+        self._read_config = read_config
+        self.last_started: ConfigGeneration | None = None
+        self.serving: ConfigGeneration | None = None  # what the newest LIVE epoch runs
+        self.rolled_back_from: ConfigGeneration | None = None
+        self._write_warned = False
+
+    @property
+    def enabled(self) -> bool:
+        return self._store is not None
+
+    def pin(self) -> ConfigGeneration | None:
+        """Snapshot --config as it is now, before it is validated: the verdict and the
+        start are then about these bytes, whatever the file does meanwhile. None when
+        generations are off or the file cannot be read (validating it says why)."""
+        store = self._store
+        if store is None:
+            return None
+        try:
+            data = self._read_config()
+        except OSError:
+            return None
+        try:
+            return store.snapshot(data)
+        except OSError as err:
+            self._warn_write(f"cannot write a config snapshot: {err.strerror or err}")
+            return None
+
+    def failed(self, config: ConfigGeneration | None) -> bool:
+        """These bytes failed probation: not tried again until they change."""
+        store = self._store
+        return (
+            store is not None
+            and config is not None
+            and (store.outcome(config.sha256) is Outcome.FAILED)
+        )
+
+    def outcome(self, config: ConfigGeneration | None) -> Outcome | None:
+        if self._store is None or config is None:
+            return None
+        return self._store.outcome(config.sha256)
+
+    def last_good(self) -> ConfigGeneration | None:
+        return self._store.last_good() if self._store is not None else None
+
+    def find(self, prefix: str) -> ConfigGeneration:
+        """A stored generation by hash prefix; LookupError (one line) otherwise."""
+        if self._store is None:
+            raise LookupError("generations are off (no --config, or no usable --state-dir)")
+        return self._store.find(prefix)
+
+    def recovery_target(self) -> ConfigGeneration | None:
+        """What a respawn or cold start after a crash starts: what served, unless it
+        failed probation, else the last good one; never one that failed. None leaves
+        the start script to its own default (generations off, or nothing ever ran)."""
+        for candidate in (self.serving, self.last_good(), self.last_started):
+            if candidate is not None and not self.failed(candidate):
+                return candidate
+        return None
+
+    def record(
+        self,
+        config: ConfigGeneration | None,
+        outcome: Outcome,
+        *,
+        epoch: int | None = None,
+        detail: str | None = None,
+    ) -> None:
+        store = self._store
+        if store is None or config is None:
+            return
+        try:
+            store.record(config, outcome, epoch=epoch, detail=detail)
+        except OSError as err:
+            self._warn_write(f"cannot write history: {err.strerror or err}")
+
+    def started(self, config: ConfigGeneration | None, epoch: int) -> None:
+        if config is not None:
+            self.last_started = config
+
+    def prune(self, pinned: Iterable[ConfigGeneration | None]) -> None:
+        store = self._store
+        if store is None:
+            return
+        keep = {c.sha256 for c in pinned if c is not None}
+        try:
+            store.prune(keep)
+        except OSError as err:
+            self._warn_write(f"cannot prune old generations: {err.strerror or err}")
+
+    def history(self) -> list[dict[str, object]]:
+        if self._store is None:
+            return []
+        return [
+            {
+                "sha256": e.sha256,
+                "short": e.short,
+                "created_at": e.created_at,
+                "updated_at": e.updated_at,
+                "outcome": e.outcome.value,
+                "epoch": e.epoch,
+                "detail": e.detail,
+            }
+            for e in self._store.history()
+        ]
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+
+    def _warn_write(self, message: str) -> None:
+        """Once: a full disk must not fill the log, nor stop Envoy."""
+        if self._write_warned:
+            return
+        self._write_warned = True
+        log_event(logger, logging.WARNING, "generations.write_failed", message)
+
+
+def open_lineage(settings: Settings) -> Lineage:
+    """Generations on when there is a --config and a usable state directory; otherwise
+    one line says what is off, and the daemon runs on as before."""
+    config, state_dir = settings.config, settings.state_dir
+    if config is None or state_dir is None:
+        return Lineage(None, bytes)
+    try:
+        store = GenerationStore.open(
+            state_dir, keep=settings.keep_generations, suffix=config.suffix or ".yaml"
+        )
+    except StateDirError as err:
+        log_event(
+            logger,
+            logging.WARNING,
+            "generations.off",
+            f"{err}; running without config history, exact start and rollback "
+            "(give --state-dir DIR)",
+        )
+        return Lineage(None, bytes)
+    for warning in store.warnings:
+        log_event(logger, logging.WARNING, "generations.repaired", warning)
+    log_event(
+        logger,
+        logging.INFO,
+        "generations.on",
+        state_dir=str(state_dir),
+        last_good=_short(store.last_good()),
+        health_window_s=settings.health_window_s,
+    )
+    return Lineage(store, config.read_bytes)
+
+
+def _short(config: ConfigGeneration | None) -> str | None:
+    return config.short if config is not None else None

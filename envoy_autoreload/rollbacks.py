@@ -1,0 +1,125 @@
+"""What a failed probation starts: the last known good generation, at once.
+
+A generation that fails its health gate is replaced by the newest one that passed,
+with a hot restart when it still serves (the drain wait is skipped: every second spent
+waiting is a second of traffic on the bad config), or by recovery's respawn or cold
+start when it died. The files on disk stay as pushed: the failed bytes are remembered
+(`Outcome.FAILED`) and not tried again until they change, so the rollback does not
+bounce back on the next file event.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from envoy_autoreload.generations import ConfigGeneration
+from envoy_autoreload.lineage import Lineage
+from envoy_autoreload.logs import log_event
+from envoy_autoreload.planner import Planner
+from envoy_autoreload.ports import Reactor
+from envoy_autoreload.roster import Generation, Roster
+from envoy_autoreload.settings import Settings
+from envoy_autoreload.states import GenerationState, StartNext, Timer
+from envoy_autoreload.telemetry import Telemetry
+
+logger = logging.getLogger(__name__)
+
+ROLLBACK_REASON = "rollback"
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    bad: ConfigGeneration | None
+    good: ConfigGeneration
+    check: str
+
+
+class Rollbacks:
+    def __init__(
+        self,
+        settings: Settings,
+        reactor: Reactor,
+        roster: Roster,
+        planner: Planner,
+        lineage: Lineage,
+        telemetry: Telemetry,
+    ) -> None:
+        self._settings = settings
+        self._reactor = reactor
+        self._roster = roster
+        self._planner = planner
+        self._lineage = lineage
+        self._telemetry = telemetry
+        self._pending: _Pending | None = None
+
+    def failed_probation(self, gen: Generation, check: str, saw: str) -> None:
+        """Probation's hook: roll back from `gen`, or say why not."""
+        bad = gen.config
+        short = bad.short if bad is not None else None
+        if not self._settings.rollback:
+            log_event(
+                logger,
+                logging.WARNING,
+                "rollback.skipped",
+                f"--no-rollback: epoch {gen.epoch} keeps its config",
+                epoch=gen.epoch,
+                config=short,
+            )
+            return
+        good = self._lineage.last_good()
+        if good is None or bad is None or good.sha256 == bad.sha256:
+            log_event(
+                logger,
+                logging.ERROR,
+                "rollback.impossible",
+                "no config has passed probation yet: nothing to roll back to",
+                epoch=gen.epoch,
+                config=short,
+            )
+            return
+        self._start(gen, _Pending(bad, good, check))
+
+    def _start(self, gen: Generation, pending: _Pending) -> None:
+        self._pending = pending
+        self._telemetry.rollbacks.labels(reason=pending.check).inc()
+        log_event(
+            logger,
+            logging.WARNING,
+            "rollback.started",
+            f"rolling back from {_short(pending.bad)} to the last good {pending.good.short}; "
+            "the files on disk stay as pushed",
+            epoch=gen.epoch,
+            pid=gen.pid,
+            config=_short(pending.bad),
+            to_config=pending.good.short,
+            check=pending.check,
+        )
+        if gen.state is not GenerationState.SERVING or self._planner.plan is not None:
+            return  # recovery starts the last good one; a newer push replaces it anyway
+        self._planner.replan(StartNext(ROLLBACK_REASON, 0, None, pending.good), "rollback")
+        self._planner.drain_wait_over = True
+        self._reactor.set_timeout(Timer.ADVANCE, 0)
+
+    def on_live(self, gen: Generation) -> None:
+        pending = self._pending
+        if pending is None or gen.config is None:
+            return
+        self._pending = None
+        if gen.config.sha256 != pending.good.sha256:
+            return  # a newer push went LIVE first
+        self._lineage.rolled_back_from = pending.bad
+        log_event(
+            logger,
+            logging.WARNING,
+            "rollback.finished",
+            f"serving the last good {pending.good.short} again instead of {_short(pending.bad)}",
+            epoch=gen.epoch,
+            pid=gen.pid,
+            config=pending.good.short,
+            from_config=_short(pending.bad),
+        )
+
+
+def _short(config: ConfigGeneration | None) -> str:
+    return config.short if config is not None else "unknown"
