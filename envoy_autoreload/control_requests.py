@@ -1,6 +1,7 @@
-"""What the control socket is asked: `status` is answered at once; `reload` once the
-batch that carries it is over (the truthful reload), or at once when the content on
-disk is what already serves. The socket and its clients are `control.py`'s.
+"""What the control socket is asked: `status` and `history` are answered at once;
+`reload` and `rollback` once the batch that carries them is over (the truthful reload),
+or at once when the content on disk is what already serves. The socket and its clients
+are `control.py`'s.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ class Hooks(Protocol):
     def request_restart(
         self, reason: str, changed: list[str] | None = None, events: int | None = None
     ) -> int: ...
+    def request_rollback(self, prefix: str | None) -> ControlReply | int: ...
+    def history(self) -> list[dict[str, object]]: ...
 
 
 class ControlRequests:
@@ -40,10 +43,19 @@ class ControlRequests:
                 conn.reply(ControlReply(True, hooks.state.value, status=hooks.status_snapshot()))
             case ["reload", *flags] if set(flags) <= {"--force"}:
                 self._reload(conn, force=bool(flags))
+            case ["history"]:
+                history: dict[str, object] = {"generations": self._hooks.history()}
+                conn.reply(ControlReply(True, "history", status=history))
+            case ["rollback", *prefix] if len(prefix) <= 1:
+                self._rollback(conn, prefix[0] if prefix else None)
             case []:
                 conn.close()
             case _:
-                conn.reply(ControlReply(False, f"unknown request {request!r}: reload, status"))
+                conn.reply(
+                    ControlReply(
+                        False, f"unknown request {request!r}: reload, status, history, rollback"
+                    )
+                )
 
     def _reload(self, conn: ControlConnection, *, force: bool) -> None:
         if self._hooks.stopping:
@@ -55,3 +67,13 @@ class ControlRequests:
             return
         seq = self._hooks.request_restart("control --force" if force else "control")
         self._batches.wait(seq, conn)
+
+    def _rollback(self, conn: ControlConnection, prefix: str | None) -> None:
+        if self._hooks.stopping:
+            conn.reply(ControlReply(False, "the daemon is stopping"))
+            return
+        answer = self._hooks.request_rollback(prefix)
+        if isinstance(answer, ControlReply):
+            conn.reply(answer)
+            return
+        self._batches.wait(answer, conn)

@@ -1,7 +1,7 @@
-"""`envoy-autoreloadctl reload|status`: the daemon's synchronous client (as supervisorctl
-is to supervisord). `reload` returns when the reload is over: exit 0 with the serving
-epoch on stdout when the new config serves (or the content was already serving), exit 1
-with the reason on stderr when it was refused or failed. `systemctl reload` runs it
+"""`envoy-autoreloadctl reload|status|history|rollback`: the daemon's synchronous client
+(as supervisorctl is to supervisord). `reload` (and `rollback`) return when it is over:
+exit 0 with the serving epoch on stdout when the new config serves (or the content was
+already serving), exit 1 with the reason on stderr when it was refused or failed. `systemctl reload` runs it
 (ExecReload=), so a failed reload is a failed `systemctl reload`.
 
 Before it sends anything or believes an answer, it checks who listens (SO_PEERCRED): only
@@ -16,6 +16,7 @@ import os
 import socket
 import struct
 import sys
+import time
 from pathlib import Path
 from typing import Final
 
@@ -141,6 +142,59 @@ def status(obj: tuple[Path, float], as_json: bool) -> None:
     for key, value in state.items():
         shown = json.dumps(value) if isinstance(value, dict | list) else value
         click.echo(f"{key + ':':<24}{'-' if value is None else shown}")
+
+
+@ctl.command()
+@click.option("--json", "as_json", is_flag=True, help="The raw list.")
+@click.pass_obj
+def history(obj: tuple[Path, float], as_json: bool) -> None:
+    """Config generations, newest first: hash, when, epoch, outcome."""
+    path, timeout_s = obj
+    reply = _ask(path, "history", timeout_s)
+    body = reply.get("status")
+    entries = body.get("generations") if isinstance(body, dict) else None
+    if not isinstance(entries, list):
+        click.echo(f"envoy-autoreloadctl: {reply.get('message')}", err=True)
+        sys.exit(EXIT_FAILED)
+    if as_json:
+        click.echo(json.dumps(entries, indent=2))
+        return
+    if not entries:
+        click.echo("no generations (generations are off, or nothing was validated yet)")
+    for entry in entries:
+        click.echo(_history_line(entry))
+
+
+def _history_line(entry: object) -> str:
+    if not isinstance(entry, dict):
+        return str(entry)
+    stamp = entry.get("updated_at")
+    when = (
+        time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp))
+        if isinstance(stamp, int | float)
+        else "-"
+    )
+    epoch = entry.get("epoch")
+    detail = entry.get("detail")
+    return (
+        f"{entry.get('short')}  {when}  epoch {'-' if epoch is None else epoch:<4} "
+        f"{entry.get('outcome'):<10}{'' if not detail else '  ' + str(detail)}"
+    )
+
+
+@ctl.command()
+@click.argument("hash_prefix", required=False)
+@click.pass_obj
+def rollback(obj: tuple[Path, float], hash_prefix: str | None) -> None:
+    """Go back to the last good config (or HASH_PREFIX); exit 0 only once it serves."""
+    path, timeout_s = obj
+    request = f"rollback {hash_prefix}" if hash_prefix else "rollback"
+    reply = _ask(path, request, timeout_s)
+    if reply.get("ok"):
+        click.echo(f"epoch {reply.get('epoch')}: {reply.get('message')}")
+        return
+    click.echo(f"envoy-autoreloadctl: rollback failed: {reply.get('message')}", err=True)
+    sys.exit(EXIT_FAILED)
 
 
 def main() -> None:

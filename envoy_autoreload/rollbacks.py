@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from envoy_autoreload.batches import Batches
+from envoy_autoreload.control import ControlReply
 from envoy_autoreload.generations import ConfigGeneration
 from envoy_autoreload.lineage import Lineage
 from envoy_autoreload.logs import log_event
@@ -26,6 +28,7 @@ from envoy_autoreload.telemetry import Telemetry
 logger = logging.getLogger(__name__)
 
 ROLLBACK_REASON = "rollback"
+MANUAL_REASON = "control rollback"
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +83,9 @@ class Rollbacks:
             return
         self._start(gen, _Pending(bad, good, check))
 
-    def _start(self, gen: Generation, pending: _Pending) -> None:
+    def _start(
+        self, gen: Generation, pending: _Pending, reason: str = ROLLBACK_REASON, seq: int = 0
+    ) -> None:
         self._pending = pending
         self._telemetry.rollbacks.labels(reason=pending.check).inc()
         log_event(
@@ -97,9 +102,33 @@ class Rollbacks:
         )
         if gen.state is not GenerationState.SERVING or self._planner.plan is not None:
             return  # recovery starts the last good one; a newer push replaces it anyway
-        self._planner.replan(StartNext(ROLLBACK_REASON, 0, None, pending.good), "rollback")
-        self._planner.drain_wait_over = True
+        self._planner.replan(StartNext(reason, seq, None, pending.good), "rollback")
+        # A failed probation does not wait for the drain: every second spent waiting is
+        # traffic on the bad config. An operator's rollback waits as any restart does.
+        self._planner.drain_wait_over = pending.check != "manual"
         self._reactor.set_timeout(Timer.ADVANCE, 0)
+
+    def manual(self, prefix: str | None, batches: Batches, gate_busy: bool) -> ControlReply | int:
+        """`envoy-autoreloadctl rollback [PREFIX]`: start a stored generation (the last
+        good one by default), no gate (it passed before); the request's number, to be
+        answered once it serves, or the reply now when it cannot start."""
+        try:
+            target = self._lineage.find(prefix) if prefix else self._lineage.last_good()
+        except LookupError as err:
+            return ControlReply(False, str(err))
+        if target is None:
+            return ControlReply(
+                False, "no config has passed probation yet: nothing to roll back to"
+            )
+        serving = self._roster.serving()
+        busy = gate_busy or self._planner.plan is not None or bool(batches.queued)
+        if serving is None or busy or self._roster.starting() is not None:
+            return ControlReply(False, "a restart or recovery is under way; try again after it")
+        if serving.config is not None and serving.config.sha256 == target.sha256:
+            return ControlReply(True, f"already serving {target.short}", serving.epoch)
+        seq, _first = batches.add(MANUAL_REASON)
+        self._start(serving, _Pending(serving.config, target, "manual"), batches.take(), seq)
+        return seq
 
     def on_live(self, gen: Generation) -> None:
         pending = self._pending

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from envoy_autoreload import __version__
 from envoy_autoreload.envoy_binary import BinaryInfo
+from envoy_autoreload.generations import ConfigGeneration
+from envoy_autoreload.lineage import Lineage
 from envoy_autoreload.ports import Content, EnvoyFacts
 from envoy_autoreload.roster import Generation, Roster
 from envoy_autoreload.states import SupervisorState
@@ -24,6 +26,7 @@ class StatusView:
     family: EnvoyFacts
     changes: Content | None
     watch_limit: int | None
+    lineage: Lineage
 
     def snapshot(self, state: SupervisorState, binary: BinaryInfo | None) -> dict[str, object]:
         roster, changes = self.roster, self.changes
@@ -33,6 +36,8 @@ class StatusView:
             "serving": _brief(roster.serving()),
             "draining": [_brief(g) for g in roster.draining()],
             "starting": _brief(roster.starting()),
+            "last_good": _config(self.lineage.last_good()),
+            "rolled_back_from": _config(self.lineage.rolled_back_from),
             "last_restart": self.telemetry.last_restart_dict(),
             "last_validation_error": self.telemetry.last_validation_error,
             "watched": {"directories": len(snapshot.directories), "files": len(snapshot.files)}
@@ -59,7 +64,7 @@ class StatusView:
                 f": waiting for pids {', '.join(str(g.pid) for g in alive)}" if alive else ""
             )
         serving = roster.serving()
-        parts = [f"epoch {serving.epoch} serving (pid {serving.pid})" if serving else state.value]
+        parts = [_serving_part(serving) if serving else state.value]
         draining = roster.draining()
         if draining:
             parts.append("draining " + ", ".join(f"{g.epoch} (pid {g.pid})" for g in draining))
@@ -69,5 +74,19 @@ class StatusView:
         return "; ".join(parts)
 
 
-def _brief(gen: Generation | None) -> dict[str, int] | None:
-    return {"epoch": gen.epoch, "pid": gen.pid} if gen is not None else None
+def _serving_part(serving: Generation) -> str:
+    config = f", config {serving.config.short}" if serving.config is not None else ""
+    return f"epoch {serving.epoch} serving (pid {serving.pid}{config})"
+
+
+def _brief(gen: Generation | None) -> dict[str, object] | None:
+    if gen is None:
+        return None
+    brief: dict[str, object] = {"epoch": gen.epoch, "pid": gen.pid}
+    if gen.config is not None:
+        brief["config_sha256"] = gen.config.sha256
+    return brief
+
+
+def _config(config: ConfigGeneration | None) -> dict[str, str] | None:
+    return {"config_sha256": config.sha256} if config is not None else None

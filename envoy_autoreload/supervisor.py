@@ -135,7 +135,8 @@ class Supervisor:
         self._assemble_deciders(family, telemetry)
         self._shutdown = Shutdown(reactor, roster, family, settings.term_wait_s)
         self._containment = Containment(telemetry, self._heal)
-        self._view = StatusView(roster, telemetry, family, changes, binding_limit("watches").value)
+        watch_limit = binding_limit("watches").value
+        self._view = StatusView(roster, telemetry, family, changes, watch_limit, lineage)
         self._ever_served = False
         self._status_line: str | None = None
 
@@ -195,7 +196,9 @@ class Supervisor:
             self._reactor.add_reader(self._control.fileno(), self._control)
         if self._health is not None:
             self._reactor.add_reader(self._health.fileno(), self._health)
-        self._start(0, "startup", first=True, config=self._gatekeeper.config)
+        keeper = self._gatekeeper
+        content = self.current() if keeper.first_from_disk else None
+        self._start(0, "startup", first=True, config=keeper.config, content=content)
 
     def handle(self, events: list[Event]) -> ExitCode | None:
         """Handle one poll's events; the exit code once the daemon is done."""
@@ -253,6 +256,13 @@ class Supervisor:
         if self._shutdown.stopping:
             return self._batches.add(reason)[0]
         return self._intake.request(reason, changed, events)
+
+    def request_rollback(self, prefix: str | None) -> ControlReply | int:
+        busy = self._gatekeeper.gate.busy
+        return self._rollbacks.manual(prefix, self._batches, busy)
+
+    def history(self) -> list[dict[str, object]]:
+        return self._lineage.history()
 
     def _heal(self) -> None:
         """After a contained error: re-arm what a half-run handler may have left."""
@@ -429,9 +439,11 @@ class Supervisor:
         content: Snapshot | None = None,
         config: ConfigGeneration | None = None,
     ) -> None:
-        if content is None:
+        if content is None and config is None:
             # What this epoch starts from; a burst that settles later and finds the
             # same content then restarts nothing. Cheap: unchanged files are not read.
+            # (A snapshot started without a validated plan, a rollback or a recovery,
+            # is not what the files hold: any request goes to the gate again.)
             content = self.current()
         try:
             self._launcher.spawn(

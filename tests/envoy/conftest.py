@@ -81,7 +81,8 @@ FILE_LOG_TYPE = "type.googleapis.com/envoy.extensions.access_loggers.file.v3.Fil
 
 START_SCRIPT = """\
 #!/bin/sh
-{prelude}exec {envoy} -c "${{ENVOY_AUTORELOAD_SNAPSHOT:-{config}}}" --restart-epoch "$RESTART_EPOCH" --base-id {base_id} \\
+{prelude}exec {envoy} -c "${{ENVOY_AUTORELOAD_SNAPSHOT:-{config}}}" \\
+    --restart-epoch "$RESTART_EPOCH" --base-id {base_id} \\
     --drain-time-s 1 --parent-shutdown-time-s {parent_shutdown_s} --file-flush-interval-msec 100 \\
     --log-level info
 """

@@ -9,6 +9,7 @@ virtual clock, firing the model's happenings and the supervisor's deadlines in o
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import signal
 import socket
@@ -20,7 +21,7 @@ from typing import Literal
 
 from envoy_autoreload.control import ControlConnection
 from envoy_autoreload.errors import ExitCode
-from envoy_autoreload.generations import GenerationStore
+from envoy_autoreload.generations import GenerationStore, Outcome
 from envoy_autoreload.lineage import Lineage
 from envoy_autoreload.notify import Notifier
 from envoy_autoreload.settings import Settings
@@ -134,6 +135,7 @@ class Simulation:
             store = GenerationStore.open(Path(self._state_dir), keep=10, suffix=".yaml")
             lineage = Lineage(store, self.world.config_bytes)
         self.lineage = lineage
+        self.store = store if knobs.generations else None
         self.supervisor = Supervisor(
             self.settings,
             self.world.reactor,
@@ -217,8 +219,8 @@ class Simulation:
         raise InvariantBroken(f"the loop spins at t={self.now:.3f}: events never stop")
 
     # -- what the world does ------------------------------------------------------------
-    def write(self, good: bool = True) -> Content:
-        content = Content(self.next_version, good)
+    def write(self, good: bool = True, healthy: bool = True) -> Content:
+        content = Content(self.next_version, good, healthy=healthy)
         self.next_version += 1
         self.world.disk = content
         self.content.written()
@@ -361,10 +363,35 @@ class Simulation:
         if serving is None:
             raise InvariantBroken(f"invariant 7: nothing serves at t={self.now:.1f}")
         disk = world.disk
-        if disk is not None and disk.good and serving.content != disk:
+        if self._rolled_back_from(disk):
+            self._check_serves_good(serving.content, disk)
+        elif disk is not None and disk.good and serving.content != disk:
             raise InvariantBroken(f"invariant 7: serves {serving.content}, disk has {disk}")
         if self.supervisor.batches.answered_through < self.supervisor.batches.request_seq:
             raise InvariantBroken("invariant 6: requests left unanswered after convergence")
+
+    def outcome(self, content: Content | None) -> Outcome | None:
+        if self.store is None or content is None:
+            return None
+        return self.store.outcome(hashlib.sha256(repr(content).encode()).hexdigest())
+
+    def _rolled_back_from(self, disk: Content | None) -> bool:
+        """The files hold a config that failed probation, and a good one exists."""
+        store = self.store
+        return (
+            store is not None
+            and self.knobs.rollback
+            and self.outcome(disk) is Outcome.FAILED
+            and store.last_good() is not None
+        )
+
+    def _check_serves_good(self, serving: Content | None, disk: Content | None) -> None:
+        """Invariant 10: after a failed probation, what serves passed probation."""
+        if self.outcome(serving) is not Outcome.GOOD:
+            raise InvariantBroken(
+                f"invariant 10: {disk} failed probation, yet {serving} serves "
+                f"({self.outcome(serving)}), not a generation that passed"
+            )
 
     def check_stops(self) -> None:
         """Invariant 8: SIGTERM ends with the documented code and no child left."""

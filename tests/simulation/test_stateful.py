@@ -83,9 +83,9 @@ class DaemonInAWorld(RuleBasedStateMachine):
 
     # -- content -------------------------------------------------------------------
     @precondition(running)
-    @rule(good=st.booleans())
-    def write(self, good: bool) -> None:
-        self.history.append(self.s.write(good))
+    @rule(good=st.booleans(), healthy=st.sampled_from([True, True, True, False]))
+    def write(self, good: bool, healthy: bool = True) -> None:
+        self.history.append(self.s.write(good, healthy))
 
     @precondition(running)
     @rule(back=st.integers(min_value=1, max_value=4))

@@ -1,0 +1,122 @@
+"""Generations in the simulation: probation after LIVE, rollback to the last good config,
+and recovery that starts snapshots, never the files on disk (REVIEW-core finding 8a).
+
+Virtual time: a 10 s health window costs nothing.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+
+import pytest
+
+from envoy_autoreload.generations import Outcome
+from tests.simulation.harness import Knobs, Simulation
+from tests.simulation.model import Content, ProcState
+
+WINDOW_S = 10.0
+
+
+@pytest.fixture
+def sims() -> Iterator[list[Simulation]]:
+    made: list[Simulation] = []
+    yield made
+    for sim in made:
+        sim.close()
+
+
+def settled(sims: list[Simulation], **knobs: object) -> Simulation:
+    """A daemon whose epoch 0 passed probation: there is a last good config."""
+    sim = Simulation(Knobs(**knobs))  # type: ignore[arg-type]
+    sims.append(sim)
+    sim.begin()
+    sim.advance(WINDOW_S + 1.0)
+    assert sim.outcome(serving_content(sim)) is Outcome.GOOD
+    return sim
+
+
+def serving_content(sim: Simulation) -> Content | None:
+    proc = sim.world.model.serving()
+    return proc.content if proc is not None else None
+
+
+def test_a_push_that_fails_probation_is_rolled_back_and_the_files_stay(
+    sims: list[Simulation],
+) -> None:
+    sim = settled(sims)
+    good = serving_content(sim)
+    sick = sim.write(good=True, healthy=False)  # validates, goes LIVE, answers 503
+    sim.advance(1.0)
+    assert serving_content(sim) == sick
+    sim.advance(3.0)  # three failed rounds 0.5 s apart, then a hot restart
+    assert serving_content(sim) == good, "not rolled back to the last good config"
+    assert sim.world.model.serving().epoch == 2  # type: ignore[union-attr]
+    assert sim.world.disk == sick, "the files on disk were touched"
+    assert sim.outcome(sick) is Outcome.FAILED
+    fixed = sim.write(good=True)
+    sim.advance(1.0)
+    assert serving_content(sim) == fixed, "the next good push is not served"
+
+
+def test_the_failed_bytes_are_not_tried_again_until_forced(sims: list[Simulation]) -> None:
+    sim = settled(sims)
+    good = serving_content(sim)
+    sim.write(good=True, healthy=False)
+    sim.advance(5.0)
+    assert serving_content(sim) == good
+    spawned = len(sim.world.spawned)
+    sim.send(signal.SIGHUP)
+    sim.advance(2.0)
+    assert len(sim.world.spawned) == spawned, "the config that failed probation ran again"
+    client = sim.control_reload(force=True)
+    sim.advance(1.0)
+    assert len(sim.world.spawned) == spawned + 1, "reload --force did not try it again"
+    assert b'"ok": true' in client.read()
+
+
+def test_a_generation_that_dies_on_probation_gives_way_to_the_last_good(
+    sims: list[Simulation],
+) -> None:
+    sim = settled(sims)
+    good = serving_content(sim)
+    bad = sim.write(good=True)
+    sim.advance(1.0)
+    assert serving_content(sim) == bad
+    sim.advance(1.5)  # 2 s after LIVE: it crashes under traffic
+    assert sim.kill_proc(ProcState.LIVE, signal.SIGSEGV)
+    sim.advance(5.0)
+    assert not sim.exited, "the crash budget ended the daemon"
+    assert serving_content(sim) == good
+    assert sim.outcome(bad) is Outcome.FAILED
+
+
+def test_recovery_starts_what_served_not_the_files_on_disk(sims: list[Simulation]) -> None:
+    """Finding 8a: the serving Envoy crashes while a broken config sits on disk."""
+    sim = settled(sims, watch=False)
+    good = serving_content(sim)
+    sim.world.disk = Content(sim.next_version, good=False)  # pushed, no SIGHUP yet
+    assert sim.kill_proc(ProcState.LIVE, signal.SIGSEGV)
+    sim.advance(5.0)
+    assert serving_content(sim) == good
+    assert not sim.exited
+
+
+def test_with_no_rollback_the_failed_generation_keeps_serving(sims: list[Simulation]) -> None:
+    sim = settled(sims, rollback=False)
+    sick = sim.write(good=True, healthy=False)
+    sim.advance(WINDOW_S)
+    assert serving_content(sim) == sick
+
+
+def test_without_a_good_generation_there_is_nothing_to_roll_back_to(
+    sims: list[Simulation],
+) -> None:
+    sim = Simulation(Knobs())
+    sims.append(sim)
+    sim.begin()
+    sim.advance(1.0)  # epoch 0 still on probation: nothing has passed yet
+    sick = sim.write(good=True, healthy=False)
+    sim.advance(5.0)
+    assert serving_content(sim) == sick
+    assert not sim.exited
