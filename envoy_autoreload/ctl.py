@@ -1,8 +1,9 @@
 """`envoy-autoreloadctl reload|status|history|rollback`: the daemon's synchronous client
 (as supervisorctl is to supervisord). `reload` (and `rollback`) return when it is over:
 exit 0 with the serving epoch on stdout when the new config serves (or the content was
-already serving), exit 1 with the reason on stderr when it was refused or failed. `systemctl reload` runs it
-(ExecReload=), so a failed reload is a failed `systemctl reload`.
+already serving), exit 1 with the reason on stderr when it was refused or failed.
+`systemctl reload` runs it (ExecReload=), so a failed reload is a failed `systemctl
+reload`.
 
 Before it sends anything or believes an answer, it checks who listens (SO_PEERCRED): only
 a daemon running as our own uid or as root is trusted, so a socket someone else put at

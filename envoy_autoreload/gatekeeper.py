@@ -42,7 +42,6 @@ class Gatekeeper:
         self._family = family
         self._lineage = lineage
         self.config: ConfigGeneration | None = None  # the snapshot being validated
-        self.first_from_disk = True  # epoch 0 starts what the files hold
         self.binary: BinaryInfo | None = None  # the newest binary that passed
         self.reason = ""  # the batch being checked
         self.seq = 0
@@ -83,7 +82,6 @@ class Gatekeeper:
             "`envoy-autoreloadctl reload --force` to try it again",
             config=good.short,
         )
-        self.first_from_disk = False
         return good
 
     def begin(

@@ -13,6 +13,7 @@ state directory cannot be used; the daemon then starts what is on disk, as befor
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Iterable
 
@@ -57,6 +58,15 @@ class Lineage:
         except OSError as err:
             self._warn_write(f"cannot write a config snapshot: {err.strerror or err}")
             return None
+
+    def matches_disk(self, config: ConfigGeneration) -> bool:
+        """Whether --config on disk holds exactly this snapshot's bytes (then the
+        watched files are what it runs: the rest is never snapshotted)."""
+        try:
+            data = self._read_config()
+        except OSError:
+            return False
+        return hashlib.sha256(data).hexdigest() == config.sha256
 
     def failed(self, config: ConfigGeneration | None) -> bool:
         """These bytes failed probation: not tried again until they change."""

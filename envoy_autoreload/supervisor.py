@@ -196,9 +196,7 @@ class Supervisor:
             self._reactor.add_reader(self._control.fileno(), self._control)
         if self._health is not None:
             self._reactor.add_reader(self._health.fileno(), self._health)
-        keeper = self._gatekeeper
-        content = self.current() if keeper.first_from_disk else None
-        self._start(0, "startup", first=True, config=keeper.config, content=content)
+        self._start(0, "startup", first=True, config=self._gatekeeper.config)
 
     def handle(self, events: list[Event]) -> ExitCode | None:
         """Handle one poll's events; the exit code once the daemon is done."""
@@ -439,11 +437,11 @@ class Supervisor:
         content: Snapshot | None = None,
         config: ConfigGeneration | None = None,
     ) -> None:
-        if content is None and config is None:
+        if content is None and (config is None or self._lineage.matches_disk(config)):
             # What this epoch starts from; a burst that settles later and finds the
             # same content then restarts nothing. Cheap: unchanged files are not read.
-            # (A snapshot started without a validated plan, a rollback or a recovery,
-            # is not what the files hold: any request goes to the gate again.)
+            # (A snapshot other than what --config holds, a rollback's, is not what the
+            # files hold: any request goes to the gate again.)
             content = self.current()
         try:
             self._launcher.spawn(
