@@ -137,9 +137,10 @@ class EnvoyFamily:
             return []
         line, settings = envoy.command_line, self._settings
         found: list[str] = []
+        snapshot = gen.config.path if gen.config is not None else None
         if settings.config is not None and line.config_path:
             runs = envoy.resolve(line.config_path)
-            if _real(runs) != _real(settings.config):
+            if _real(runs) not in {_real(settings.config), snapshot and _real(snapshot)}:
                 found.append(f"--config is {settings.config} but Envoy runs -c {runs}")
         if settings.base_id is not None and line.base_id not in (None, settings.base_id):
             found.append(f"--base-id is {settings.base_id} but Envoy runs --base-id {line.base_id}")

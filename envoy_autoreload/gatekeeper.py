@@ -9,6 +9,7 @@ whether a new binary can hot restart at all (`--hot-restart-version`, ENVOY_FACT
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 
@@ -53,7 +54,9 @@ class Gatekeeper:
         self.config = self._first_config()
         if not self.gate.enabled:
             return
-        outcome = self.gate.check_now(self.config.path if self.config is not None else None)
+        outcome = self.named(
+            self.gate.check_now(self.config.path if self.config is not None else None)
+        )
         self.log_outcome(outcome, epoch=0, serving=False)
         match outcome.verdict:
             case Verdict.PASSED:
@@ -104,6 +107,19 @@ class Gatekeeper:
                 0.0,
             )
         return self.gate.begin(self.binary, config.path if config is not None else None, flags)
+
+    def named(self, outcome: PreflightOutcome) -> PreflightOutcome:
+        """Envoy names the file it validated: the operator's --config, not our snapshot
+        of it (whose hash is in the line too)."""
+        config, given = self.config, self._settings.config
+        if config is None or given is None:
+            return outcome
+        snapshot, name = str(config.path), f"{given} (snapshot {config.short})"
+        return dataclasses.replace(
+            outcome,
+            message=outcome.message.replace(snapshot, name),
+            detail=outcome.detail.replace(snapshot, name) if outcome.detail else None,
+        )
 
     def log_outcome(self, outcome: PreflightOutcome, epoch: int | None, serving: bool) -> None:
         binary = outcome.binary

@@ -205,6 +205,7 @@ class Intake:
 
     def on_preflight_done(self, outcome: PreflightOutcome) -> None:
         keeper, planner = self._gatekeeper, self._planner
+        outcome = keeper.named(outcome)
         serving = self._roster.serving()
         keeper.log_outcome(outcome, serving.epoch if serving else None, serving=serving is not None)
         if serving is None or isinstance(planner.plan, Respawn | ColdStart):

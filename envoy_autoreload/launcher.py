@@ -15,6 +15,7 @@ import signal
 from envoy_autoreload.digest import Snapshot
 from envoy_autoreload.envoy_binary import BinaryInfo
 from envoy_autoreload.generations import ConfigGeneration
+from envoy_autoreload.lineage import Lineage
 from envoy_autoreload.logs import log_event
 from envoy_autoreload.ports import EnvoyFacts, Reactor
 from envoy_autoreload.roster import Generation, Roster
@@ -27,8 +28,14 @@ envoy_logger = logging.getLogger("envoy_autoreload.envoy")
 
 class Launcher:
     def __init__(
-        self, settings: Settings, reactor: Reactor, roster: Roster, family: EnvoyFacts
+        self,
+        settings: Settings,
+        reactor: Reactor,
+        roster: Roster,
+        family: EnvoyFacts,
+        lineage: Lineage,
     ) -> None:
+        self._lineage = lineage
         self._settings = settings
         self._reactor = reactor
         self._roster = roster
@@ -129,6 +136,7 @@ class Launcher:
                 f"{mismatch}: validation and LIVE checks may look at the wrong thing",
                 gen,
             )
+        self._check_snapshot_started(gen)
         if gen.marks.owes_sigusr1:
             # Replayed: a log rotation during the restart would otherwise leave the new
             # epoch writing to the rotated file (REVIEW-core finding 14).
@@ -143,6 +151,25 @@ class Launcher:
                 epochs=[gen.epoch],
                 pids=[gen.pid],
             )
+
+    def _check_snapshot_started(self, gen: Generation) -> None:
+        """A drop-in script that starts the file on disk still works, but what starts
+        is then only probably what was validated, and a rollback would start the bad
+        files again: say so, and turn rollback off."""
+        envoy, config = gen.envoy, gen.config
+        if envoy is None or config is None or not envoy.command_line.config_path:
+            return
+        runs = envoy.resolve(envoy.command_line.config_path)
+        if runs.resolve() == config.path.resolve():
+            return
+        self._lineage.script_ignores_snapshot = True
+        self._warn_once(
+            "start_script.no_snapshot",
+            f"the start script starts {runs}, not $ENVOY_AUTORELOAD_SNAPSHOT: exact start "
+            "of the validated config and rollback are off. Use "
+            f'-c "${{ENVOY_AUTORELOAD_SNAPSHOT:-{runs}}}"',
+            gen,
+        )
 
     def pump_output(self, gen: Generation) -> None:
         """Pass on what the child wrote; with --log-format json each of Envoy's lines

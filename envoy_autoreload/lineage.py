@@ -35,6 +35,7 @@ class Lineage:
         self._read_config = read_config
         self.last_started: ConfigGeneration | None = None
         self.serving: ConfigGeneration | None = None  # what the newest LIVE epoch runs
+        self.script_ignores_snapshot = False  # its Envoy runs -c of the files on disk
         self.rolled_back_from: ConfigGeneration | None = None
         self._write_warned = False
 

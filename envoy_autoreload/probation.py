@@ -139,8 +139,8 @@ class Probation:
         watch = self._watch
         if watch is None or watch.gen is not gen:
             return
-        if gen.marks.stop_reason is not None:
-            self._end("stopped")
+        if gen.marks.stop_reason is not None or gen.marks.terminated:
+            self._end("stopped")  # we stopped it: no verdict on its config
             return
         self.fail(gen, "process", f"Envoy exited ({status}) during probation")
 

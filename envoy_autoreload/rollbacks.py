@@ -60,12 +60,17 @@ class Rollbacks:
         """Probation's hook: roll back from `gen`, or say why not."""
         bad = gen.config
         short = bad.short if bad is not None else None
-        if not self._settings.rollback:
+        if not self._settings.rollback or self._lineage.script_ignores_snapshot:
+            why = (
+                "--no-rollback"
+                if not self._settings.rollback
+                else "the start script ignores $ENVOY_AUTORELOAD_SNAPSHOT"
+            )
             log_event(
                 logger,
                 logging.WARNING,
                 "rollback.skipped",
-                f"--no-rollback: epoch {gen.epoch} keeps its config",
+                f"{why}: epoch {gen.epoch} keeps its config",
                 epoch=gen.epoch,
                 config=short,
             )

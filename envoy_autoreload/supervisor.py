@@ -126,7 +126,7 @@ class Supervisor:
             family,
             lineage,
         )
-        self._launcher = Launcher(settings, reactor, roster, family)
+        self._launcher = Launcher(settings, reactor, roster, family, lineage)
         self._recovery = Recovery(
             settings, reactor, roster, family, self._planner, self._batches, self.current, lineage
         )

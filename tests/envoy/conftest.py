@@ -81,7 +81,8 @@ FILE_LOG_TYPE = "type.googleapis.com/envoy.extensions.access_loggers.file.v3.Fil
 
 START_SCRIPT = """\
 #!/bin/sh
-{prelude}exec {envoy} -c "${{ENVOY_AUTORELOAD_SNAPSHOT:-{config}}}" \\
+default_config={config}
+{prelude}exec {envoy} -c {config_arg} \\
     --restart-epoch "$RESTART_EPOCH" --base-id {base_id} \\
     --drain-time-s 1 --parent-shutdown-time-s {parent_shutdown_s} --file-flush-interval-msec 100 \\
     --log-level info
@@ -167,10 +168,18 @@ class EnvoyFamily:
         tmp.write_text(text)
         os.replace(tmp, self.config)
 
-    def write_script(self, prelude: str = "", parent_shutdown_s: int = 2) -> None:
+    def write_script(
+        self, prelude: str = "", parent_shutdown_s: int = 2, *, snapshot: bool = True
+    ) -> None:
+        """`snapshot=False`: a drop-in script that starts the file on disk and ignores
+        $ENVOY_AUTORELOAD_SNAPSHOT (exact start and rollback are then off)."""
+        config_arg = (
+            '"${ENVOY_AUTORELOAD_SNAPSHOT:-$default_config}"' if snapshot else '"$default_config"'
+        )
         self.script.write_text(
             START_SCRIPT.format(
                 prelude=prelude,
+                config_arg=config_arg,
                 envoy=ENVOY_BIN,
                 config=shlex.quote(str(self.config)),
                 base_id=self.base_id,

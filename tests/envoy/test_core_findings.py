@@ -96,6 +96,7 @@ def test_finding_3_a_config_other_than_the_scripts_is_named_at_live(
     other = envoy_family.root / "elsewhere" / "envoy.yaml"
     other.parent.mkdir()
     shutil.copy(envoy_family.config, other)
+    envoy_family.write_script(snapshot=False)  # a drop-in script: -c of its own file
     daemon = envoy_family.start("--config", str(other))
     mismatch = daemon.wait_event("config.mismatch")
     assert str(other) in mismatch["message"] and str(envoy_family.config) in mismatch["message"]

@@ -102,7 +102,14 @@ def test_status_metrics_and_healthz_through_a_refused_and_a_good_restart(
     daemon.wait_event("child.serving", epoch=0)
     assert http_get(port, "/healthz") == (200, "serving\n")
     status = _status(port)
-    assert status["serving"] == {"epoch": 0, "pid": daemon.events("child.serving")[0]["pid"]}
+    serving = status["serving"]
+    assert isinstance(serving, dict)
+    assert {k: serving[k] for k in ("epoch", "pid")} == {
+        "epoch": 0,
+        "pid": daemon.events("child.serving")[0]["pid"],
+    }
+    sha = serving["config_sha256"]  # the snapshot it runs, also in the metrics
+    assert _metric(port, f'envoy_autoreload_config_info{{sha256="{sha}"}}') == 1
     assert status["envoy"] == {"version": "1.40.0", "hot_restart_version": "11.104"}
     # During a restart (a validation that takes 3 s, then fails) Envoy keeps serving.
     marker.touch()
@@ -127,7 +134,11 @@ def test_status_metrics_and_healthz_through_a_refused_and_a_good_restart(
     status = _status(port)
     assert isinstance(status["last_restart"], dict)
     assert status["last_restart"]["outcome"] == "success"
-    assert status["draining"] == [{"epoch": 0, "pid": daemon.events("child.serving")[0]["pid"]}]
+    draining = status["draining"]
+    assert isinstance(draining, list)
+    assert [(g["epoch"], g["pid"]) for g in draining] == [
+        (0, daemon.events("child.serving")[0]["pid"])
+    ]
     # Nothing over TCP changes anything.
     conn = socket.create_connection(("127.0.0.1", port))
     conn.sendall(b"POST /status HTTP/1.0\r\n\r\n")

@@ -120,3 +120,13 @@ def test_without_a_good_generation_there_is_nothing_to_roll_back_to(
     sim.advance(5.0)
     assert serving_content(sim) == sick
     assert not sim.exited
+
+
+def test_stopping_the_daemon_fails_no_probation(sims: list[Simulation]) -> None:
+    """Found in the golden logs: the TERMed epoch on probation counted as a crash."""
+    sim = settled(sims)
+    new = sim.write(good=True)
+    sim.advance(1.0)
+    assert serving_content(sim) == new
+    sim.check_stops()
+    assert sim.outcome(new) is Outcome.PROBATION
