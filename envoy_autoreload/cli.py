@@ -395,6 +395,7 @@ def cli(
         health_urls=health_urls,
         rollback=not no_rollback,
     )
+    _check_state_dir_unwatched(settings)
     changes = _change_detector(settings)
     if check_only:
         sys.exit(run_check(settings, changes, click.echo))
@@ -441,6 +442,20 @@ def _checked_binary_and_config(
                 param_hint="--envoy",
             )
     return envoy_path, config
+
+
+def _check_state_dir_unwatched(settings: Settings) -> None:
+    """Every history write inside a watched tree would be a file change: a restart loop."""
+    state_dir = settings.state_dir
+    if state_dir is None or settings.config is None:
+        return
+    for root in settings.watch:
+        if state_dir.is_relative_to(root.absolute()):
+            raise click.BadParameter(
+                f"{state_dir} is inside --watch {root}: each generation written there "
+                "would be a change to restart for; put it outside the watched paths",
+                param_hint="--state-dir",
+            )
 
 
 def _change_detector(settings: Settings) -> ChangeDetector | None:

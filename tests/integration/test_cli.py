@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.daemon import run_cli, start_daemon
+from tests.daemon import one_error_line, run_cli, start_daemon
 
 
 def _script(path: Path, body: str, mode: int = 0o755) -> Path:
@@ -35,3 +35,19 @@ def test_a_child_that_never_starts_spends_the_crash_budget_and_exits_1(tmp_path:
     failed = daemon.events("restart.failed")
     assert "port 80 busy" in failed[0]["message"]
     assert daemon.events("daemon.crash_budget_exhausted")
+
+
+def test_a_state_dir_inside_a_watched_tree_is_one_clear_error(tmp_path: Path) -> None:
+    """History writes there would each be a change to restart for: a restart loop."""
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    config = conf / "envoy.yaml"
+    config.write_text("admin: {}\n")
+    script = tmp_path / "start.sh"
+    script.write_text("#!/bin/sh\nexec sleep 60\n")
+    script.chmod(0o755)
+    args = ["--watch", str(conf), "--config", str(config), "--no-validate"]
+    result = run_cli([*args, "--state-dir", str(conf / "state"), str(script)])
+    assert result.returncode == 2
+    line = one_error_line(result.stderr)
+    assert "--state-dir" in line and "inside --watch" in line
