@@ -102,7 +102,13 @@ class ExitPolicy:
         self._telemetry.child_exited(_exit_cause(previous, gen, stopping))
         if stopping:
             log_event(
-                logger, logging.INFO, "child.exited", epoch=gen.epoch, pid=gen.pid, status=status
+                logger,
+                logging.INFO,
+                "child.exited",
+                epoch=gen.epoch,
+                pid=gen.pid,
+                config=gen.config_short,
+                status=status,
             )
             return True
         match previous:
@@ -148,6 +154,7 @@ class ExitPolicy:
             detail="\n".join(gen.stderr_tail) or None,
             epoch=gen.epoch,
             pid=gen.pid,
+            config=gen.config_short,
             cause=cause,
         )
         planner.last_failed_seq = gen.covers_seq
@@ -195,6 +202,7 @@ class ExitPolicy:
             detail="\n".join(gen.stderr_tail) or None,
             epoch=gen.epoch,
             pid=gen.pid,
+            config=gen.config_short,
             status=describe_exit(gen.returncode or 0),
         )
         self._roster.stranded(parent, gen)
@@ -279,6 +287,7 @@ class ExitPolicy:
                     "drain finished",
                     epoch=gen.epoch,
                     pid=gen.pid,
+                    config=gen.config_short,
                     status=status,
                 )
             else:
@@ -294,6 +303,7 @@ class ExitPolicy:
             detail=None if planned else "\n".join(gen.stderr_tail) or None,
             epoch=gen.epoch,
             pid=gen.pid,
+            config=gen.config_short,
             status=status,
         )
         self._reactor.cancel(Timer.RETRY)
@@ -382,6 +392,7 @@ class ExitPolicy:
             gen.marks.stop_reason or ended or "drain finished",
             epoch=gen.epoch,
             pid=gen.pid,
+            config=gen.config_short,
             status=status,
         )
 
@@ -400,6 +411,7 @@ class ExitPolicy:
             "the next restart request or the moment it dies",
             epoch=gen.epoch,
             pid=gen.pid,
+            config=gen.config_short,
             status=status,
             serving_epoch=successor.epoch,
             serving_pid=successor.pid,

@@ -123,12 +123,14 @@ class Gatekeeper:
 
     def log_outcome(self, outcome: PreflightOutcome, epoch: int | None, serving: bool) -> None:
         binary = outcome.binary
+        config = self.config.short if self.config is not None else None  # what was checked
         if outcome.ok:
             log_event(
                 logger,
                 logging.INFO,
                 Verdict.PASSED.value,
                 epoch=epoch,
+                config=config,
                 duration_s=outcome.duration_s,
                 version=binary.release if binary else None,
                 hot_restart_version=binary.hot_restart_version if binary else None,
@@ -141,6 +143,7 @@ class Gatekeeper:
             outcome.message + (f"; epoch {epoch} keeps serving" if serving else ""),
             detail=outcome.detail,
             epoch=epoch,
+            config=config,
             duration_s=outcome.duration_s,
         )
 

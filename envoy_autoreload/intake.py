@@ -287,6 +287,7 @@ class Intake:
                 "its drain now and its open connections may be reset",
                 epoch=gen.epoch,
                 pid=gen.pid,
+                config=gen.config_short,
                 waited_s=self._settings.max_drain_wait_s,
             )
 

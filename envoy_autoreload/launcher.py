@@ -107,6 +107,7 @@ class Launcher:
             "and --config against what the start script gives Envoy",
             epoch=gen.epoch,
             pid=gen.pid,
+            config=gen.config_short,
         )
         return True
 
@@ -116,7 +117,13 @@ class Launcher:
         reason = f"not LIVE within --start-timeout {self._settings.start_timeout_s:g} s"
         self._roster.mark_stopping(gen, reason)
         log_event(
-            logger, logging.WARNING, "child.start_timeout", reason, epoch=gen.epoch, pid=gen.pid
+            logger,
+            logging.WARNING,
+            "child.start_timeout",
+            reason,
+            epoch=gen.epoch,
+            pid=gen.pid,
+            config=gen.config_short,
         )
         gen.process.kill()
 

@@ -255,6 +255,7 @@ class Recovery:
                 f"{reason}; it blocks epoch {serving.epoch + 1}, so it is killed",
                 epoch=gen.epoch,
                 pid=gen.pid,
+                config=gen.config_short,
             )
             gen.process.kill()
         if next_due is not None:

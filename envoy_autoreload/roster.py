@@ -67,6 +67,11 @@ class Generation:
     def last_error_line(self) -> str | None:
         return self.process.last_error_line()
 
+    @property
+    def config_short(self) -> str | None:
+        """Its config generation's short hash, for every log line about it."""
+        return self.config.short if self.config is not None else None
+
 
 class Roster:
     def __init__(self, processes: Processes, reactor: Reactor) -> None:
@@ -146,6 +151,7 @@ class Roster:
                 f"epoch {old.epoch} drains; Envoy ends it after its parent-shutdown time",
                 epoch=old.epoch,
                 pid=old.pid,
+                config=old.config_short,
                 successor_epoch=gen.epoch,
             )
         for parent in self.draining():
@@ -161,6 +167,7 @@ class Roster:
             "child.serving",
             epoch=gen.epoch,
             pid=gen.pid,
+            config=gen.config_short,
             startup_s=round(now - gen.started_at, 3),
             reason=gen.reason,
         )
@@ -176,6 +183,7 @@ class Roster:
             f"epoch {parent.epoch} drains: its successor took over, then died",
             epoch=parent.epoch,
             pid=parent.pid,
+            config=parent.config_short,
             successor_epoch=successor.epoch,
         )
 

@@ -109,6 +109,7 @@ class Shutdown:
                 f"still alive {self._term_wait_s:g} s after SIGTERM; sending SIGKILL",
                 epoch=gen.epoch,
                 pid=gen.pid,
+                config=gen.config_short,
             )
             gen.process.kill()
         if alive:
