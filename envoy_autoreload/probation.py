@@ -19,7 +19,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
-from envoy_autoreload.generations import ConfigGeneration, Outcome
+from envoy_autoreload.generations import Outcome
 from envoy_autoreload.health import HealthObservation
 from envoy_autoreload.lineage import Lineage
 from envoy_autoreload.logs import log_event
@@ -162,9 +162,19 @@ class Probation:
         self._hooks.failed_probation(gen, check, saw)
 
     def _end(self, why: str) -> None:
-        if self._watch is None:
+        watch = self._watch
+        if watch is None:
             return
         self._watch = None
+        log_event(
+            logger,
+            logging.DEBUG,
+            "health.probation_ended",
+            why,
+            epoch=watch.gen.epoch,
+            pid=watch.gen.pid,
+            config=watch.gen.config_short,
+        )
         self._reactor.cancel(Timer.HEALTH_ROUND)
         self._reactor.cancel(Timer.PROBATION_END)
 
@@ -197,6 +207,3 @@ def _judge(watch: _Watch, seen: HealthObservation) -> tuple[str, str] | None:
             return "url", f"{result.url} answered {result.detail} {misses} times in a row"
     return None
 
-
-def short(config: ConfigGeneration | None) -> str | None:
-    return config.short if config is not None else None

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.daemon import Daemon
-from tests.envoy.conftest import EnvoyFamily
+from tests.envoy.conftest import ENVOY_BIN, EnvoyFamily
 from tests.helpers import wait_until
 
 CTL = Path(sys.executable).parent / "envoy-autoreloadctl"
@@ -255,3 +255,41 @@ def test_a_script_that_runs_the_snapshot_is_no_config_mismatch(
     # health.probation is logged after the LIVE checks that name a mismatch.
     daemon.wait_event("health.probation", epoch=0)
     assert not daemon.events("config.mismatch"), daemon.events("config.mismatch")
+
+
+def test_a_change_and_its_revert_during_validation_start_only_what_passed(
+    envoy_family: EnvoyFamily,
+) -> None:
+    """REVIEW-core finding 8b on the real Envoy: A (broken) is pushed; while it waits to be
+    validated the file becomes B (good), and right after Envoy read it, A again. Reading
+    the file, the gate passed B and the daemon started A; with generations the snapshot
+    of A is what is validated, so it is refused and nothing starts."""
+    armed, waiting = envoy_family.root / "armed", envoy_family.root / "waiting"
+    release, revert = envoy_family.root / "release", envoy_family.root / "revert.yaml"
+    wrapper = envoy_family.root / "envoy-wrapper"
+    wrapper.write_text(  # validation waits for the test, then puts A back on its way out
+        "#!/bin/sh\n"
+        f'[ "$1" = "--mode" ] && [ -e {armed} ] || exec {ENVOY_BIN} "$@"\n'
+        f"touch {waiting}; while [ ! -e {release} ]; do sleep 0.05; done\n"
+        f'{ENVOY_BIN} "$@"; rc=$?\n'
+        f"mv {revert} {envoy_family.config}; exit $rc\n"
+    )
+    wrapper.chmod(0o755)
+    daemon = envoy_family.start(
+        "--envoy", str(wrapper), "--config", str(envoy_family.config), "--health-window", "0"
+    )
+    daemon.wait_event("child.serving", epoch=0)
+    a = "static_resources: [not valid\n"
+    revert.write_text(a)
+    armed.touch()
+    envoy_family.write_raw(a)
+    daemon.signal(signal.SIGHUP)
+    wait_until(waiting.exists, timeout_s=30, what="validation of A under way")
+    envoy_family.write_config("vB")  # what Envoy reads, unless it reads a snapshot
+    release.touch()
+    failed = daemon.wait_event("validation.failed")
+    assert failed["config"] == _sha(a.encode())[:12]
+    assert envoy_family.config.read_text() == a
+    assert envoy_family.body() == "v0"
+    assert not [e for e in daemon.events("child.started") if e["epoch"] > 0]
+    assert not daemon.events("restart.failed")
