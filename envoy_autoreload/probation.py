@@ -206,4 +206,3 @@ def _judge(watch: _Watch, seen: HealthObservation) -> tuple[str, str] | None:
         if misses >= HEALTH_MISSES:
             return "url", f"{result.url} answered {result.detail} {misses} times in a row"
     return None
-

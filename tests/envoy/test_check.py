@@ -38,9 +38,9 @@ def _snapshot_script(family: EnvoyFamily, where: Path) -> Path:
 
 
 def test_check_on_a_good_setup_says_ok_and_starts_nothing(
-    envoy_family: EnvoyFamily, tmp_path: Path
+    envoy_family: EnvoyFamily, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    state = tmp_path / "state"
+    state = tmp_path_factory.mktemp("outside-the-watch") / "state"
     script = _snapshot_script(envoy_family, tmp_path)
     result = _check(
         "--envoy",
@@ -172,6 +172,7 @@ def test_check_names_the_pid_in_the_lock_and_neither_takes_nor_changes_it(
 def test_check_warns_when_the_start_script_ignores_the_snapshot(
     envoy_family: EnvoyFamily, tmp_path: Path
 ) -> None:
+    envoy_family.write_script(snapshot=False)  # a drop-in script: -c of the file on disk
     result = _check_state(envoy_family, tmp_path / "state", envoy_family.script)
     assert result.returncode == 0, result.stdout + result.stderr
     (warned,) = _lines(result, "warn")
