@@ -10,6 +10,8 @@ from typing import Protocol
 
 from envoy_autoreload.batches import Batches
 from envoy_autoreload.control import ControlConnection, ControlDesk, ControlReply
+from envoy_autoreload.ports import Gate
+from envoy_autoreload.rollbacks import Rollbacks
 from envoy_autoreload.states import SupervisorState
 
 
@@ -23,15 +25,17 @@ class Hooks(Protocol):
     def request_restart(
         self, reason: str, changed: list[str] | None = None, events: int | None = None
     ) -> int: ...
-    def request_rollback(self, prefix: str | None) -> ControlReply | int: ...
-    def history(self) -> list[dict[str, object]]: ...
 
 
 class ControlRequests:
-    def __init__(self, desk: ControlDesk, batches: Batches, hooks: Hooks) -> None:
+    def __init__(
+        self, desk: ControlDesk, batches: Batches, hooks: Hooks, rollbacks: Rollbacks, gate: Gate
+    ) -> None:
         self._desk = desk
         self._batches = batches
         self._hooks = hooks
+        self._rollbacks = rollbacks
+        self._gate = gate
 
     def on_readable(self, conn: ControlConnection) -> None:
         request = self._desk.read(conn)
@@ -44,7 +48,7 @@ class ControlRequests:
             case ["reload", *flags] if set(flags) <= {"--force"}:
                 self._reload(conn, force=bool(flags))
             case ["history"]:
-                history: dict[str, object] = {"generations": self._hooks.history()}
+                history: dict[str, object] = {"generations": self._rollbacks.history()}
                 conn.reply(ControlReply(True, "history", status=history))
             case ["rollback", *prefix] if len(prefix) <= 1:
                 self._rollback(conn, prefix[0] if prefix else None)
@@ -72,7 +76,7 @@ class ControlRequests:
         if self._hooks.stopping:
             conn.reply(ControlReply(False, "the daemon is stopping"))
             return
-        answer = self._hooks.request_rollback(prefix)
+        answer = self._rollbacks.manual(prefix, self._batches, self._gate.busy)
         if isinstance(answer, ControlReply):
             conn.reply(answer)
             return

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Protocol
 
 from envoy_autoreload.batches import Batches
+from envoy_autoreload.control import ControlReply
 from envoy_autoreload.digest import Snapshot
 from envoy_autoreload.gatekeeper import Gatekeeper
 from envoy_autoreload.logs import log_event
@@ -183,6 +184,24 @@ class Intake:
         self._hooks.request_restart("files_changed", current.changed_since(plan.content))
         self._reactor.set_timeout(Timer.ADVANCE, 0)
         return True
+
+    def unchanged_reply(self) -> ControlReply | None:
+        """`reload` of what already serves, when nothing else is under way, is answered
+        at once. The cheap `current()` (events drained first), not a full walk: a walk
+        of 100,000 files stalls the loop about a second (REVIEW-core finding 12)."""
+        serving = self._roster.serving()
+        idle = (
+            not self._gatekeeper.gate.busy
+            and self._roster.starting() is None
+            and not self._batches.queued
+            and self._planner.plan is None  # a validated restart waits: the reload joins it
+        )
+        current = self._hooks.current() if idle else None
+        if serving is None or current is None:
+            return None
+        if not runs_already(serving.snapshot, current, logging.INFO, serving):
+            return None
+        return ControlReply(True, "unchanged, already serving", serving.epoch)
 
     def must_wait_for_drain(self) -> bool:
         draining = self._roster.draining()

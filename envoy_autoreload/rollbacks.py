@@ -135,7 +135,16 @@ class Rollbacks:
         self._start(serving, _Pending(serving.config, target, "manual"), batches.take(), seq)
         return seq
 
+    def history(self) -> list[dict[str, object]]:
+        return self._lineage.history()
+
     def on_live(self, gen: Generation) -> None:
+        """What serves now (status, metrics, recovery's target), and a rollback that
+        finished; history beyond --keep-generations goes."""
+        lineage = self._lineage
+        lineage.serving = gen.config
+        self._telemetry.serving_config(gen.config.sha256 if gen.config else None)
+        lineage.prune([gen.config, lineage.last_good()])
         pending = self._pending
         if pending is None or gen.config is None:
             return

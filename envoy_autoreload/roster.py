@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Final
 
 from envoy_autoreload.digest import Snapshot
 from envoy_autoreload.envoy_binary import BinaryInfo
@@ -27,6 +28,8 @@ from envoy_autoreload.states import (
 )
 
 logger = logging.getLogger(__name__)
+
+MAX_FAMILY_PROCESSES: Final = 3  # epochs share domain sockets modulo 3 (§0, §4)
 
 
 @dataclass(eq=False)
@@ -99,6 +102,14 @@ class Roster:
 
     def draining(self) -> list[Generation]:
         return self.in_state(GenerationState.DRAINING)
+
+    def socket_taken(self, serving: Generation) -> bool:
+        """Whether the next epoch cannot start yet: three of the family are alive, or an
+        older epoch still holds the domain socket the next one needs (mod 3, §0, §4)."""
+        alive = self.alive()
+        slot = (serving.epoch + 1) % 3
+        held = any(g is not serving and g.epoch % 3 == slot for g in alive)
+        return held or len(alive) >= MAX_FAMILY_PROCESSES
 
     # -- lifecycle ----------------------------------------------------------------
     def spawn(

@@ -19,7 +19,7 @@ from envoy_autoreload.states import SupervisorState
 from envoy_autoreload.telemetry import Telemetry
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class StatusView:
     roster: Roster
     telemetry: Telemetry
@@ -27,6 +27,17 @@ class StatusView:
     changes: Content | None
     watch_limit: int | None
     lineage: Lineage
+    _last_line: str | None = None
+
+    def publish(self, state: SupervisorState, binary: BinaryInfo | None) -> None:
+        """After each event: gauges, /status, and systemd's STATUS= when it changed."""
+        serving = self.roster.serving()
+        self.telemetry.epoch.set(serving.epoch if serving else -1)
+        self.telemetry.generations_alive.set(len(self.roster.alive()))
+        line = self.line(state)
+        changed = line if line != self._last_line else None
+        self.telemetry.publish(self.snapshot(state, binary), changed)
+        self._last_line = line
 
     def snapshot(self, state: SupervisorState, binary: BinaryInfo | None) -> dict[str, object]:
         roster, changes = self.roster, self.changes

@@ -38,7 +38,7 @@ import contextlib
 import logging
 import signal
 from collections.abc import Callable, Hashable
-from typing import Final, assert_never
+from typing import assert_never
 
 from envoy_autoreload.batches import Batches
 from envoy_autoreload.child import ScriptSpawner
@@ -58,7 +58,7 @@ from envoy_autoreload.intake import Intake
 from envoy_autoreload.launcher import Launcher
 from envoy_autoreload.limits import binding_limit
 from envoy_autoreload.lineage import Lineage, open_lineage
-from envoy_autoreload.logs import FieldValue, log_event
+from envoy_autoreload.logs import log_event
 from envoy_autoreload.loop import DeadlineReached, Event, FdReady, SignalReceived
 from envoy_autoreload.loop import Reactor as RealReactor
 from envoy_autoreload.planner import Planner
@@ -77,13 +77,11 @@ from envoy_autoreload.states import (
 )
 from envoy_autoreload.status import StatusView
 from envoy_autoreload.telemetry import Telemetry
-from envoy_autoreload.triggers import Triggers, runs_already
+from envoy_autoreload.triggers import Triggers
 from envoy_autoreload.watching import Watching
 
 logger = logging.getLogger(__name__)
 envoy_logger = logging.getLogger("envoy_autoreload.envoy")
-
-MAX_FAMILY_PROCESSES: Final = 3
 
 
 class Supervisor:
@@ -138,7 +136,6 @@ class Supervisor:
         watch_limit = binding_limit("watches").value
         self._view = StatusView(roster, telemetry, family, changes, watch_limit, lineage)
         self._ever_served = False
-        self._status_line: str | None = None
 
     def _assemble_deciders(self, family: EnvoyFacts, telemetry: Telemetry) -> None:
         """The modules that decide with the supervisor share its planner and batches;
@@ -171,7 +168,9 @@ class Supervisor:
             family,
             self,
         )
-        self._control_requests = ControlRequests(self._desk, self._batches, self)
+        self._control_requests = ControlRequests(
+            self._desk, self._batches, self, self._rollbacks, self._gatekeeper.gate
+        )
 
     # -- public ---------------------------------------------------------------
     def run(self) -> ExitCode:
@@ -255,13 +254,6 @@ class Supervisor:
             return self._batches.add(reason)[0]
         return self._intake.request(reason, changed, events)
 
-    def request_rollback(self, prefix: str | None) -> ControlReply | int:
-        busy = self._gatekeeper.gate.busy
-        return self._rollbacks.manual(prefix, self._batches, busy)
-
-    def history(self) -> list[dict[str, object]]:
-        return self._lineage.history()
-
     def _heal(self) -> None:
         """After a contained error: re-arm what a half-run handler may have left."""
         if not self._shutdown.stopping:
@@ -309,7 +301,7 @@ class Supervisor:
             case signal.SIGUSR1:
                 self._launcher.forward(signal.SIGUSR1)
             case _:
-                self._event(logging.DEBUG, "signal.ignored", signal=signum.name)
+                log_event(logger, logging.DEBUG, "signal.ignored", signal=signum.name)
 
     def _on_timer(self, timer: Timer) -> None:
         match timer:
@@ -389,20 +381,12 @@ class Supervisor:
             # validated request is carried out as a stop and a cold start instead.
             self._recovery.full_restart(serving, plan)
             return
-        if self._socket_taken(serving):
+        if self._roster.socket_taken(serving):
             self._recovery.stop_hung_drains(serving)
             return  # a cut drain is ending; its exit wakes us again
         if self._intake.must_wait_for_drain():
             return
         self._start_next(serving, plan)
-
-    def _socket_taken(self, serving: Generation) -> bool:
-        """Whether the next epoch cannot start yet: three of the family are alive, or an
-        older epoch still holds the domain socket the next one needs (mod 3, §0, §4)."""
-        alive = self._roster.alive()
-        slot = (serving.epoch + 1) % 3
-        held = any(g is not serving and g.epoch % 3 == slot for g in alive)
-        return held or len(alive) >= MAX_FAMILY_PROCESSES
 
     def _start_next(self, serving: Generation, plan: StartNext) -> None:
         self._planner.replan(None, "started")
@@ -464,7 +448,8 @@ class Supervisor:
     def on_live(self, gen: Generation) -> None:
         """`gen` serves: what it means for requests, pacing and systemd."""
         self._launcher.went_live(gen)
-        self._on_config_live(gen)
+        self._rollbacks.on_live(gen)
+        self._probation.on_live(gen)
         self._ever_served = True
         self._triggers.abandoned_digest = None
         self._planner.hot_failures = 0
@@ -481,15 +466,6 @@ class Supervisor:
             )
         else:
             self._batches.served_without_batch(self.status_text(), gen.covers_seq, reply)
-
-    def _on_config_live(self, gen: Generation) -> None:
-        """Generations: what serves now, its probation, a rollback that finished."""
-        lineage = self._lineage
-        lineage.serving = gen.config
-        self._telemetry.serving_config(gen.config.sha256 if gen.config else None)
-        self._probation.on_live(gen)
-        self._rollbacks.on_live(gen)
-        lineage.prune([gen.config, lineage.last_good()])
 
     def _on_start_deadline(self) -> None:
         gen = self._roster.starting()
@@ -546,22 +522,7 @@ class Supervisor:
     # -- control socket and status -------------------------------------------
 
     def unchanged_reply(self) -> ControlReply | None:
-        """`reload` of what already serves, when nothing else is under way, is answered
-        at once. The cheap `current()` (events drained first), not a full walk: a walk
-        of 100,000 files stalls the loop about a second (REVIEW-core finding 12)."""
-        serving = self._roster.serving()
-        idle = (
-            not self._gatekeeper.gate.busy
-            and self._roster.starting() is None
-            and not self._batches.queued
-            and self._planner.plan is None  # a validated restart waits: the reload joins it
-        )
-        current = self.current() if idle else None
-        if serving is None or current is None:
-            return None
-        if not runs_already(serving.snapshot, current, logging.INFO, serving):
-            return None
-        return ControlReply(True, "unchanged, already serving", serving.epoch)
+        return self._intake.unchanged_reply()
 
     def status_snapshot(self) -> dict[str, object]:
         return self._view.snapshot(self.state, self._gatekeeper.binary)
@@ -570,25 +531,7 @@ class Supervisor:
         return self._view.line(self.state)
 
     def _publish(self, _event: Event | None = None) -> None:
-        serving = self._roster.serving()
-        self._telemetry.epoch.set(serving.epoch if serving else -1)
-        self._telemetry.generations_alive.set(len(self._roster.alive()))
-        line = self.status_text()
-        self._telemetry.publish(self.status_snapshot(), line if line != self._status_line else None)
-        self._status_line = line
-
-    # -- helpers --------------------------------------------------------------
-
-    @staticmethod
-    def _event(
-        level: int,
-        event: str,
-        message: str = "",
-        *,
-        detail: str | None = None,
-        **fields: FieldValue,
-    ) -> None:
-        log_event(logger, level, event, message, detail=detail, **fields)
+        self._view.publish(self.state, self._gatekeeper.binary)
 
 
 def run(
