@@ -63,11 +63,32 @@ class Gatekeeper:
                 self.binary = outcome.binary
             case Verdict.BINARY_REFUSED:
                 raise BinaryError(outcome.message)
-            case Verdict.FAILED:
+            case Verdict.FAILED if not self._start_last_good_instead():
                 raise ValidationFailed(
                     f"the config {self._settings.config} does not validate, so Envoy is not "
                     f"started: {outcome.message.removeprefix('validation failed: ')}"
                 )
+
+    def _start_last_good_instead(self) -> bool:
+        """A config on disk that does not validate at start-up (a bad push while the
+        daemon was down, a reboot mid-push) need not keep Envoy down when history holds
+        a good one: it starts, if it still validates, and the files stay as pushed."""
+        pushed, good = self.config, self._lineage.last_good()
+        if good is None or (pushed is not None and pushed.sha256 == good.sha256):
+            return False
+        outcome = self.gate.check_now(good.path)
+        if not outcome.ok:
+            return False
+        self.config, self.binary = good, outcome.binary
+        log_event(
+            logger,
+            logging.WARNING,
+            "config.invalid_at_start",
+            f"{self._settings.config} does not validate; starting the last good generation "
+            f"{good.short} instead. Push a fixed config",
+            config=good.short,
+        )
+        return True
 
     def _first_config(self) -> ConfigGeneration | None:
         """What epoch 0 starts: the config as it is now, unless these very bytes failed

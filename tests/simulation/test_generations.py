@@ -130,3 +130,22 @@ def test_stopping_the_daemon_fails_no_probation(sims: list[Simulation]) -> None:
     assert serving_content(sim) == new
     sim.check_stops()
     assert sim.outcome(new) is Outcome.PROBATION
+
+
+def test_a_config_that_does_not_validate_at_start_up_starts_the_last_good(
+    sims: list[Simulation],
+) -> None:
+    """A bad push while the daemon was down (or a reboot mid-push): history outlives the
+    daemon, so Envoy starts on the last good config instead of not at all."""
+    sim = Simulation(Knobs())
+    sims.append(sim)
+    good = Content(0)
+    data = repr(good).encode()
+    sim.world.by_bytes[data] = good
+    assert sim.store is not None
+    sim.store.record(sim.store.snapshot(data), Outcome.GOOD)
+    sim.world.disk = Content(1, good=False)
+    sim.begin()
+    sim.advance(1.0)
+    assert serving_content(sim) == good
+    assert sim.world.disk == Content(1, good=False)
