@@ -157,7 +157,11 @@ class Probation:
             config=config.short if config is not None else None,
             check=check,
         )
-        if self._settings.rollback:
+        good = self._lineage.last_good()
+        if self._settings.rollback and good is not None and good != config:
+            # Remembered only when there is something else to run: with nothing to go
+            # back to, recovery starts these bytes again, and refusing them later would
+            # only refuse what serves.
             self._lineage.record(config, Outcome.FAILED, epoch=gen.epoch, detail=f"{check}: {saw}")
         self._hooks.failed_probation(gen, check, saw)
 

@@ -149,3 +149,23 @@ def test_a_config_that_does_not_validate_at_start_up_starts_the_last_good(
     sim.advance(1.0)
     assert serving_content(sim) == good
     assert sim.world.disk == Content(1, good=False)
+
+
+def test_recovery_starts_what_served_then_the_validated_request_once(
+    sims: list[Simulation],
+) -> None:
+    """v1 passed the gate but its start failed (a port held elsewhere); epoch 0 dies
+    during the retry's backoff. Recovery starts v0, which served, and the owed request
+    for v1 then starts v1 once."""
+    sim = settled(sims)
+    v0 = serving_content(sim)
+    sim.world.model.port_conflict = True
+    v1 = sim.write(good=True)
+    sim.advance(0.5)
+    sim.world.model.port_conflict = False
+    before = len(sim.world.spawned)
+    assert sim.kill_proc(ProcState.LIVE)
+    sim.advance(30.0)
+    after = [s.content for s in sim.world.spawned[before:]]
+    assert after == [v0, v1], after
+    assert serving_content(sim) == v1
