@@ -346,11 +346,28 @@ class ExitPolicy:
             gate.abandon()
             self._batches.requeue(self._gatekeeper.reason)
         plan = self._planner.plan
-        if isinstance(plan, StartNext):
+        if isinstance(plan, StartNext) and plan.rollback:
+            self._drop_rollback(plan)
+        elif isinstance(plan, StartNext):
             self._batches.requeue(plan.reason)
             self._planner.replan(None, "serving_died")
         elif plan is not None:
             raise IllegalMove(f"a recovery plan while an epoch served: {plan}")
+
+    def _drop_rollback(self, plan: StartNext) -> None:
+        """Recovery starts the last good generation anyway; an operator's rollback to
+        another one is answered as failed rather than sent through the gate as a
+        request for the files."""
+        self._planner.replan(None, "serving_died")
+        if plan.seq:
+            self._batches.finish(
+                "start_failed",
+                plan.reason,
+                seq=plan.seq,
+                error="the serving Envoy died before the rollback started; recovery "
+                "starts the last good config",
+                status=self._hooks.status_text(),
+            )
 
     def outage(
         self,

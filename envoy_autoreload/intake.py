@@ -234,7 +234,7 @@ class Intake:
             self._batches.requeue(keeper.reason)
             return
         if not outcome.ok:
-            if isinstance(planner.plan, StartNext):
+            if isinstance(planner.plan, StartNext) and not planner.plan.rollback:
                 planner.replan(None, "gate_failed")  # what is on disk now failed
             keeper.refuse(outcome, self._hooks.status_text())
             return
@@ -273,7 +273,8 @@ class Intake:
         assert binary is not None
         keeper = self._gatekeeper
         if self._settings.on_incompatible_binary == "refuse":
-            if isinstance(self._planner.plan, StartNext):
+            plan = self._planner.plan
+            if isinstance(plan, StartNext) and not plan.rollback:
                 self._planner.replan(None, "gate_failed")  # an older plan is stale too
             keeper.refuse_incompatible(binary, running, serving, self._hooks.status_text())
             return

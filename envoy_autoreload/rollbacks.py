@@ -107,7 +107,8 @@ class Rollbacks:
         )
         if gen.state is not GenerationState.SERVING or self._planner.plan is not None:
             return  # recovery starts the last good one; a newer push replaces it anyway
-        self._planner.replan(StartNext(reason, seq, None, pending.good), "rollback")
+        plan = StartNext(reason, seq, None, pending.good, rollback=True)
+        self._planner.replan(plan, "rollback")
         # A failed probation does not wait for the drain: every second spent waiting is
         # traffic on the bad config. An operator's rollback waits as any restart does.
         self._planner.drain_wait_over = pending.check != "manual"

@@ -103,6 +103,9 @@ class StartNext:
     seq: int  # the newest request it answers
     content: Snapshot | None = None  # what the gate validated, when watching
     config: ConfigGeneration | None = None  # the snapshot that passed (generations on)
+    # A rollback starts a stored generation, not the files: no later verdict about the
+    # files makes it stale, and it is not requeued as a request if the serving one dies.
+    rollback: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -241,10 +241,17 @@ class Simulation:
         self.run_until_quiet()
 
     def control_reload(self, force: bool = False) -> ControlClient:
+        return self.control(b"reload --force\n" if force else b"reload\n")
+
+    def control_rollback(self) -> ControlClient:
+        """`envoy-autoreloadctl rollback`: to the last good generation."""
+        return self.control(b"rollback\n")
+
+    def control(self, request: bytes) -> ControlClient:
         ours, peer = socket.socketpair()
         ours.setblocking(False)
         peer.setblocking(False)
-        peer.sendall(b"reload --force\n" if force else b"reload\n")
+        peer.sendall(request)
         conn = ControlConnection(ours)
         self._conns.append(conn)
         client = ControlClient(peer, self.supervisor.batches.request_seq + 1)

@@ -6,6 +6,7 @@ Virtual time: a 10 s health window costs nothing.
 
 from __future__ import annotations
 
+import hashlib
 import signal
 from collections.abc import Iterator
 
@@ -169,3 +170,35 @@ def test_recovery_starts_what_served_then_the_validated_request_once(
     after = [s.content for s in sim.world.spawned[before:]]
     assert after == [v0, v1], after
     assert serving_content(sim) == v1
+
+
+def test_a_rollback_waiting_for_the_gate_survives_a_failed_validation(
+    sims: list[Simulation],
+) -> None:
+    """The sick push fails probation while a newer push (broken) is being validated: the
+    newer one's refusal must not cancel the rollback."""
+    sim = settled(sims)
+    good = serving_content(sim)
+    sim.write(good=True, healthy=False)
+    sim.advance(1.0)  # LIVE, on probation
+    sim.gate.duration_s = 3.0
+    sim.write(good=False)  # validated for 3 s, while probation fails
+    sim.advance(10.0)
+    assert serving_content(sim) == good, "the refused push cancelled the rollback"
+
+
+def test_an_operators_rollback_is_answered_once_it_serves(sims: list[Simulation]) -> None:
+    sim = settled(sims)
+    first = serving_content(sim)
+    sim.write(good=True)
+    sim.advance(WINDOW_S + 1.0)
+    client = sim.control_rollback()
+    assert client.answer == b""
+    sim.advance(1.0)
+    assert b"already serving" in client.read(), "the last good is what serves"
+    assert first is not None
+    sha = hashlib.sha256(repr(first).encode()).hexdigest()
+    client = sim.control(f"rollback {sha[:8]}\n".encode())
+    sim.advance(5.0)
+    assert b'"ok": true' in client.read()
+    assert serving_content(sim) == first

@@ -122,6 +122,11 @@ class DaemonInAWorld(RuleBasedStateMachine):
     def control_reload(self, force: bool) -> None:
         self.s.control_reload(force)
 
+    @precondition(running)
+    @rule()
+    def control_rollback(self) -> None:
+        self.s.control_rollback()
+
     # -- faults ---------------------------------------------------------------------------
     @precondition(running)
     @rule(
