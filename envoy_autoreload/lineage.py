@@ -164,6 +164,14 @@ def open_lineage(settings: Settings) -> Lineage:
     one line says what is off, and the daemon runs on as before."""
     config, state_dir = settings.config, settings.state_dir
     if config is None or state_dir is None:
+        if settings.health_urls:
+            log_event(
+                logger,
+                logging.WARNING,
+                "generations.off",
+                "--health-url needs --config (probation and rollback work on config "
+                "generations): the URLs are not checked",
+            )
         return Lineage(None, bytes)
     try:
         store = GenerationStore.open(
@@ -174,8 +182,8 @@ def open_lineage(settings: Settings) -> Lineage:
             logger,
             logging.WARNING,
             "generations.off",
-            f"{err}; running without config history, exact start and rollback "
-            "(give --state-dir DIR)",
+            f"{err}; running without config history, exact start, probation and "
+            "rollback (give --state-dir DIR)",
         )
         return Lineage(None, bytes)
     for warning in store.warnings:
