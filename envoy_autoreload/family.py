@@ -118,7 +118,11 @@ class EnvoyFamily:
         return gen.envoy.command_line.parent_shutdown_time_s or ENVOY_DEFAULT_PARENT_SHUTDOWN_S
 
     def config_path(self, gen: Generation) -> Path | None:
-        """The config this generation runs: --config, else Envoy's own -c."""
+        """The config this generation runs: its snapshot, else --config, else Envoy's
+        own -c. (Its admin address is read from it: the files on disk may be a broken
+        push it never ran.)"""
+        if gen.config is not None:
+            return gen.config.path
         if self._settings.config is not None:
             return self._settings.config
         envoy = gen.envoy

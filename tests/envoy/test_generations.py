@@ -293,3 +293,28 @@ def test_a_change_and_its_revert_during_validation_start_only_what_passed(
     assert envoy_family.body() == "v0"
     assert not [e for e in daemon.events("child.started") if e["epoch"] > 0]
     assert not daemon.events("restart.failed")
+
+
+def test_a_broken_config_on_disk_at_start_up_starts_the_last_good(
+    envoy_family: EnvoyFamily,
+) -> None:
+    """A bad push while the daemon was down: Envoy starts on the last good generation,
+    and its admin (read from the snapshot, not the broken file) tells when it is LIVE."""
+    first = envoy_family.start(*envoy_family.watched("--health-window", "1"))
+    state_dir = first.log_path.with_suffix(".state")
+    good = _serving_good(first, envoy_family)
+    first.signal(signal.SIGTERM)
+    assert first.wait_exit() == 0
+    broken = "static_resources: [not valid\n"
+    envoy_family.write_raw(broken)
+
+    second = envoy_family.start(
+        *envoy_family.watched("--health-window", "1"),
+        env={"ENVOY_AUTORELOAD_STATE_DIR": str(state_dir)},
+    )
+    instead = second.wait_event("config.invalid_at_start")
+    assert instead["config"] == good[:12]
+    assert second.wait_event("child.serving", epoch=0)["config"] == good[:12]
+    _serves(envoy_family, "v0")
+    assert not second.events("admin.unknown"), "admin was looked up in the broken file"
+    assert envoy_family.config.read_text() == broken
