@@ -245,7 +245,8 @@ class Intake:
         if outcome.binary is not None:
             keeper.binary = outcome.binary
         if self._watching is not None:
-            self._watching.exclude_envoy_outputs()  # the config that will run
+            config = keeper.config.path if keeper.config is not None else None
+            self._watching.exclude_envoy_outputs(config)  # the config that will run
         # A request that passed the gate is a new chance: no backoff, no old failures.
         planner.hot_failures = 0
         self._reactor.cancel(Timer.RETRY)

@@ -63,12 +63,13 @@ class Watching:
                 path=missing,
             )
 
-    def exclude_envoy_outputs(self) -> None:
+    def exclude_envoy_outputs(self, snapshot: Path | None = None) -> None:
         """Files Envoy writes (access logs) inside a watched tree are no config: each
         `envoy --mode validate` reopens them and every request grows them, so leaving
         them in the digest is a restart loop (REVIEW-core finding 15). Exclusions only
-        grow: a draining epoch still writes the old config's log."""
-        config = self._settings.config
+        grow: a draining epoch still writes the old config's log. Read from the snapshot
+        that will run, when there is one."""
+        config = snapshot or self._settings.config
         if config is None:
             return
         try:
