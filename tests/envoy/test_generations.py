@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import signal
 import stat
 import subprocess
@@ -318,3 +319,32 @@ def test_a_broken_config_on_disk_at_start_up_starts_the_last_good(
     _serves(envoy_family, "v0")
     assert not second.events("admin.unknown"), "admin was looked up in the broken file"
     assert envoy_family.config.read_text() == broken
+
+
+OVERLAY = (
+    "static_resources: {clusters: [{name: overlay, type: STATIC, load_assignment: "
+    "{cluster_name: overlay, endpoints: [{lb_endpoints: [{endpoint: {address: "
+    "{socket_address: {address: 127.0.0.1, port_value: 9}}}}]}]}}]}"
+)
+
+
+def test_validation_runs_with_the_serving_envoys_config_flags(envoy_family: EnvoyFamily) -> None:
+    """The start script adds a cluster through --config-yaml; a push that routes to it
+    is valid only with that flag, which validation takes from the running Envoy."""
+    script = envoy_family.script.read_text().rstrip("\n")
+    envoy_family.script.write_text(f"{script} \\\n    --config-yaml {shlex.quote(OVERLAY)}\n")
+    daemon = envoy_family.start("--config", str(envoy_family.config), "--health-window", "0")
+    daemon.wait_event("child.serving", epoch=0)
+    root_route = '                        - match: { prefix: "/" }\n'
+    text = envoy_family.render("v1")
+    assert text.count(root_route) == 1
+    text = text.replace(
+        root_route,
+        '                        - match: { prefix: "/overlay" }\n'
+        "                          route: { cluster: overlay }\n" + root_route,
+    )
+    envoy_family.write_raw(text)
+    daemon.signal(signal.SIGHUP)
+    daemon.wait_event("child.serving", epoch=1)
+    _serves(envoy_family, "v1")
+    assert not daemon.events("validation.failed")

@@ -108,3 +108,31 @@ def test_admin_address_from_broken_or_missing_config_is_one_line(tmp_path: Path)
     assert "\n" not in str(info.value) and "broken.yaml" in str(info.value)
     with pytest.raises(ConfigError, match="cannot read"):
         admin_address_from_config(tmp_path / "missing.yaml")
+
+
+def test_the_flags_that_change_what_a_config_means_are_kept_for_validation() -> None:
+    """A snapshot validated without the serving Envoy's --config-yaml overlay or node
+    flags would be judged as another config than the one that runs."""
+    line = parse_envoy_argv(
+        [
+            "envoy",
+            "-c",
+            "/etc/envoy/envoy.yaml",
+            "--service-cluster=edge",
+            "--config-yaml",
+            "admin: {address: {socket_address: {port_value: 9902}}}",
+            "--service-node",
+            "edge-1",
+            "--restart-epoch",
+            "3",
+        ]
+    )
+    assert line.config_flags == (
+        "--config-yaml",
+        "admin: {address: {socket_address: {port_value: 9902}}}",
+        "--service-node",
+        "edge-1",
+        "--service-cluster",
+        "edge",
+    )
+    assert parse_envoy_argv(["envoy", "-c", "/x.yaml"]).config_flags == ()
