@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
+
+import pytest
 
 from envoy_autoreload.child import MAX_PARTIAL_LINE, ScriptSpawner
 from tests.helpers import wait_until
@@ -36,3 +39,25 @@ def test_output_without_newlines_is_bounded(tmp_path: Path) -> None:
     assert sum(len(line) for line in lines) == 3_000_000, "nothing may be lost"
     assert max(len(line) for line in lines) <= MAX_PARTIAL_LINE + 65536
     assert len(lines) >= 3_000_000 // (MAX_PARTIAL_LINE + 65536)
+
+
+def test_the_snapshot_variable_is_the_start_scripts_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The script gets the snapshot of its epoch; one an outer supervisor set for us is
+    never passed on, and our own environment is not touched."""
+    monkeypatch.setenv("ENVOY_AUTORELOAD_SNAPSHOT", "/outer/one.yaml")
+    seen = tmp_path / "seen"
+    script = tmp_path / "start.sh"
+    script.write_text(f'#!/bin/sh\necho "${{ENVOY_AUTORELOAD_SNAPSHOT:-unset}}" >> {seen}\n')
+    script.chmod(0o755)
+    spawner = ScriptSpawner(script, ())
+    for snapshot in (tmp_path / "abc.yaml", None):
+        child = spawner.spawn(0, snapshot)
+        try:
+            child.wait(10)
+            assert child.poll() == 0
+        finally:
+            child.close_stderr()
+    assert seen.read_text().split() == [str(tmp_path / "abc.yaml"), "unset"]
+    assert os.environ["ENVOY_AUTORELOAD_SNAPSHOT"] == "/outer/one.yaml"
