@@ -143,16 +143,17 @@ class Rollbacks:
         """What serves now (status, metrics, recovery's target), and a rollback that
         finished; history beyond --keep-generations goes."""
         lineage = self._lineage
-        lineage.serving = gen.config
+        previous, lineage.serving = lineage.serving, gen.config
         self._telemetry.serving_config(gen.config.sha256 if gen.config else None)
         lineage.prune([gen.config, lineage.last_good()])
-        pending = self._pending
-        if pending is None or gen.config is None:
+        pending, self._pending = self._pending, None
+        finished = pending is not None and gen.config == pending.good
+        if not finished:
+            if gen.config != previous:
+                lineage.rolled_back_from = None  # /status: a newer config serves now
             return
-        self._pending = None
-        if gen.config.sha256 != pending.good.sha256:
-            return  # a newer push went LIVE first
-        self._lineage.rolled_back_from = pending.bad
+        assert pending is not None and gen.config is not None
+        lineage.rolled_back_from = pending.bad
         log_event(
             logger,
             logging.WARNING,
