@@ -6,7 +6,7 @@ that passed the gate, named by their sha256, so what starts is byte for byte wha
 validated. The copy keeps the config's suffix because Envoy picks its parser by
 extension (`.yaml`, `.json`, `.pb`...).
 
-Why history: each generation's fate (validated, on probation, good, failed) decides
+Why history: each generation's fate (validated, on probation, good, failed, superseded) decides
 what to roll back to when a new one fails its health probation: the newest GOOD one.
 It is kept in `history.json` beside the snapshots so that a daemon restart neither
 forgets the last good config nor retries one that already failed.
@@ -57,6 +57,7 @@ class Outcome(enum.Enum):
     PROBATION = "probation"  # LIVE, within its health window
     GOOD = "good"  # passed probation (or served with no window)
     FAILED = "failed"  # failed probation: not tried again until the bytes change
+    SUPERSEDED = "superseded"  # a newer generation went LIVE before its window ended
 
 
 @dataclass(frozen=True, slots=True)

@@ -170,6 +170,8 @@ class Probation:
         if watch is None:
             return
         self._watch = None
+        if why == "superseded":
+            self._lineage.record(watch.gen.config, Outcome.SUPERSEDED, epoch=watch.gen.epoch)
         log_event(
             logger,
             logging.DEBUG,

@@ -202,3 +202,18 @@ def test_an_operators_rollback_is_answered_once_it_serves(sims: list[Simulation]
     sim.advance(5.0)
     assert b'"ok": true' in client.read()
     assert serving_content(sim) == first
+
+
+def test_a_generation_replaced_on_probation_is_superseded_not_good(
+    sims: list[Simulation],
+) -> None:
+    sim = settled(sims)
+    first = sim.write(good=True)
+    sim.advance(1.0)
+    second = sim.write(good=True)
+    sim.advance(1.0)
+    assert serving_content(sim) == second
+    assert sim.outcome(first) is Outcome.SUPERSEDED
+    assert sim.outcome(second) is Outcome.PROBATION
+    sim.advance(WINDOW_S)
+    assert sim.outcome(second) is Outcome.GOOD
