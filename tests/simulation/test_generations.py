@@ -211,7 +211,7 @@ def test_a_generation_replaced_on_probation_is_superseded_not_good(
     first = sim.write(good=True)
     sim.advance(1.0)
     second = sim.write(good=True)
-    sim.advance(1.0)
+    sim.advance(4.0)  # it waits for epoch 0's drain (3 s), then goes LIVE
     assert serving_content(sim) == second
     assert sim.outcome(first) is Outcome.SUPERSEDED
     assert sim.outcome(second) is Outcome.PROBATION
