@@ -11,18 +11,29 @@ reaches only the daemon, which stops the children in order. Signals go through
 `Popen.send_signal`, which polls first so a reused PID is never hit (bpo-38630).
 Reaping is `Popen.poll()` on this PID only, never `waitpid(-1)`: that would steal the
 exit status of other children (a validator would then read as success).
+
+After a re-exec in place (same PID) the new image has no `Popen` for the children it
+inherited, only their PIDs and the read ends of their stderr pipes: `AdoptedChild` is
+the same `ChildProcess` built on those, with a pidfd taken at adoption where the kernel
+has one, so no signal can reach a process that merely reused the PID.
 """
 
 from __future__ import annotations
 
+import abc
 import collections
 import contextlib
 import ctypes
 import errno
+import math
 import os
+import select
 import signal
+import stat
 import subprocess
 import sys
+import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Final
@@ -35,30 +46,55 @@ STDERR_TAIL_LINES: Final = 12
 # Output without a newline is kept up to this much, then passed on as a line: a child
 # that writes megabytes without a newline must not grow the daemon (REVIEW-core 14).
 MAX_PARTIAL_LINE: Final = 64 * 1024
+# The returncode of an adopted child that was reaped by someone else (ECHILD): its exit
+# status is lost. Never 0 (Popen's choice), so a vanished child never reads as a clean
+# exit; a positive "exit status 255" rather than an invented signal.
+LOST_EXIT_STATUS: Final = 255
+WAIT_STEP_S: Final = 0.05  # longest sleep between polls when no pidfd can be waited on
 
 
-class ScriptChild:
-    """One run of the start script: the real `ChildProcess` of `ports.py`."""
+def _close_quietly(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
 
-    def __init__(self, process: subprocess.Popen[bytes]) -> None:
-        self.process = process
+
+class _OwnedFd:
+    """A descriptor closed exactly once: by `close()`, or when collected (as the file
+    object Popen makes would be), unless `release()`d for the next image of the daemon,
+    after which only an explicit `close()` closes it."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd: int | None = fd
+        self._on_collect = weakref.finalize(self, _close_quietly, fd)
+
+    def release(self) -> None:
+        self._on_collect.detach()
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, None
+        self._on_collect.detach()
+        if fd is not None:
+            os.close(fd)
+
+
+class _Child(abc.ABC):
+    """What `ScriptChild` and `AdoptedChild` share: reading the child's stderr pipe
+    (passed on, split into lines, the last ones kept) and signalling Envoy itself."""
+
+    def __init__(self, stderr_fd: int | None) -> None:
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=STDERR_TAIL_LINES)
         self._partial_line = b""
+        self._stderr = _OwnedFd(stderr_fd) if stderr_fd is not None else None
 
     @property
-    def pid(self) -> int:
-        return self.process.pid
+    @abc.abstractmethod
+    def pid(self) -> int: ...
 
-    @property
-    def returncode(self) -> int | None:
-        return self.process.returncode
+    @abc.abstractmethod
+    def poll(self) -> int | None: ...
 
-    def poll(self) -> int | None:
-        """Reap this PID if it exited; never touches any other child."""
-        return self.process.poll()
-
-    def send_signal(self, signum: signal.Signals) -> None:
-        self.process.send_signal(signum)
+    @abc.abstractmethod
+    def send_signal(self, signum: signal.Signals) -> None: ...
 
     def signal_envoy(self, signum: signal.Signals, envoy: EnvoyProcess | None) -> None:
         """Signal Envoy itself: the child, or the Envoy under a start script that did not
@@ -71,26 +107,26 @@ class ScriptChild:
             # Never the shell instead: SIGUSR1 would kill it, and Envoy with it
             # (REVIEW-core finding 4).
             return
-        self.process.send_signal(signum)
-
-    def kill(self) -> None:
-        """SIGKILL the child's process group (its own, from `process_group=0`), so an Envoy
-        left under a start script that did not exec dies too. Only while unreaped: until
-        then the group id cannot be reused."""
-        if self.process.returncode is not None:
-            return
-        try:
-            os.killpg(self.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            self.process.kill()
-
-    def wait(self, timeout_s: float) -> None:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(timeout=timeout_s)
+        self.send_signal(signum)
 
     def stderr_fd(self) -> int | None:
-        stream = self.process.stderr
-        return stream.fileno() if stream is not None and not stream.closed else None
+        return self._stderr.fd if self._stderr is not None else None
+
+    def inheritable_stderr_fd(self) -> int | None:
+        """The read end of the child's stderr pipe for the next image of the daemon
+        (`execv`, same PID): close-on-exec cleared, the same number, still open.
+
+        Nothing closes it behind the caller's back from now on: no file object owns it
+        (the pipe is ours, not Popen's, so Popen never holds it) and the close on
+        garbage collection is withdrawn; `execv` runs no finalizer anyway. This object
+        still reads it until the exec, so a failed exec changes nothing, and
+        `close_stderr()` still closes it. None once closed.
+        """
+        if self._stderr is None or self._stderr.fd is None:
+            return None
+        os.set_inheritable(self._stderr.fd, True)
+        self._stderr.release()
+        return self._stderr.fd
 
     def pump_stderr(self, on_line: Callable[[str], None] | None = None) -> bool:
         """Pass on what the child wrote and keep its last lines; False at EOF.
@@ -135,8 +171,8 @@ class ScriptChild:
                     on_line(line)
 
     def close_stderr(self) -> None:
-        if self.process.stderr is not None:
-            self.process.stderr.close()
+        if self._stderr is not None:
+            self._stderr.close()
 
     def _flush_partial(self) -> str | None:
         line = self._partial_line.decode(errors="replace").rstrip()
@@ -148,6 +184,173 @@ class ScriptChild:
 
     def last_error_line(self) -> str | None:
         return self.stderr_tail[-1] if self.stderr_tail else None
+
+
+class ScriptChild(_Child):
+    """One run of the start script: the real `ChildProcess` of `ports.py`.
+
+    `stderr_fd` is the read end of its stderr pipe, made by `ScriptSpawner.spawn` and
+    owned here (not by `process`, whose `stderr` is None)."""
+
+    def __init__(self, process: subprocess.Popen[bytes], stderr_fd: int | None) -> None:
+        super().__init__(stderr_fd)
+        self.process = process
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.returncode
+
+    def poll(self) -> int | None:
+        """Reap this PID if it exited; never touches any other child."""
+        return self.process.poll()
+
+    def send_signal(self, signum: signal.Signals) -> None:
+        self.process.send_signal(signum)
+
+    def kill(self) -> None:
+        """SIGKILL the child's process group (its own, from `process_group=0`), so an Envoy
+        left under a start script that did not exec dies too. Only while unreaped: until
+        then the group id cannot be reused."""
+        if self.process.returncode is not None:
+            return
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            self.process.kill()
+
+    def wait(self, timeout_s: float) -> None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=timeout_s)
+
+
+def _open_pidfd(pid: int) -> int | None:
+    """A pidfd for `pid` (Linux 5.3+), or None where there is none (then signals go by
+    PID, guarded by polling first as Popen does)."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+
+
+def _adopted_pipe(fd: int) -> None:
+    """Check an inherited stderr fd is a pipe, and make it ours: close-on-exec again (it
+    is handed over explicitly, never leaked into an exec) and non-blocking. Raises
+    OSError if it is not open or not a pipe."""
+    if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+        raise OSError(errno.EINVAL, f"inherited stderr fd {fd} is not a pipe")
+    os.set_inheritable(fd, False)
+    os.set_blocking(fd, False)
+
+
+class AdoptedChild(_Child):
+    """A child this process inherited across its own re-exec: the `ChildProcess` of
+    `ports.py` from a PID and the read end of its stderr pipe, behaving as `ScriptChild`.
+
+    Reaping is `waitpid(pid, WNOHANG)` on this PID only; the status maps as Popen maps it
+    (exit code, or -signum). A PID that is not (or no longer) our child, because someone
+    else reaped it, reads as exited with `LOST_EXIT_STATUS` and `exit_status_lost` set:
+    it is never signalled again. Signals go through a pidfd taken at adoption when the
+    kernel has one (race-free: a reaped process cannot be confused with a new one),
+    else by PID after a poll, as Popen does (bpo-38630).
+    """
+
+    def __init__(self, pid: int, stderr_fd: int | None) -> None:
+        if stderr_fd is not None:
+            _adopted_pipe(stderr_fd)
+        super().__init__(stderr_fd)
+        self._pid = pid
+        self._returncode: int | None = None
+        self.exit_status_lost = False
+        self._pidfd: _OwnedFd | None = None
+        if self._still_ours():
+            pidfd = _open_pidfd(pid)
+            self._pidfd = _OwnedFd(pidfd) if pidfd is not None else None
+
+    @property
+    def pid(self) -> int:
+        return self._pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._returncode
+
+    def poll(self) -> int | None:
+        """Reap this PID if it exited; never touches any other child."""
+        if self._returncode is not None:
+            return self._returncode
+        try:
+            pid, status = os.waitpid(self._pid, os.WNOHANG)
+        except ChildProcessError:
+            self._lost()
+            return self._returncode
+        if pid == 0:
+            return None
+        self._reaped(os.waitstatus_to_exitcode(status))
+        return self._returncode
+
+    def send_signal(self, signum: signal.Signals) -> None:
+        """Signal the child unless it was reaped: its PID may be another process's now."""
+        if self.poll() is not None:
+            return
+        pidfd = self._pidfd.fd if self._pidfd is not None else None
+        with contextlib.suppress(ProcessLookupError):
+            if pidfd is not None:
+                signal.pidfd_send_signal(pidfd, signum)
+            else:
+                os.kill(self._pid, signum)
+
+    def kill(self) -> None:
+        """SIGKILL the child's process group, as `ScriptChild.kill`: only while unreaped
+        (an exited leader is not reaped first, so the rest of its group still dies)."""
+        if self._returncode is not None or not self._still_ours():
+            return
+        try:
+            os.killpg(self._pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            self.send_signal(signal.SIGKILL)
+
+    def wait(self, timeout_s: float) -> None:
+        """Reap the child if it exits within `timeout_s`; returns by then either way."""
+        deadline = time.monotonic() + timeout_s
+        step = 0.005
+        while self.poll() is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            pidfd = self._pidfd.fd if self._pidfd is not None else None
+            if pidfd is not None:  # readable once the process has exited
+                poller = select.poll()
+                poller.register(pidfd, select.POLLIN)
+                poller.poll(math.ceil(left * 1000))
+            else:
+                time.sleep(min(step, left))
+                step = min(step * 2, WAIT_STEP_S)
+
+    def _still_ours(self) -> bool:
+        """Whether the PID is still our unreaped child (alive or a zombie), without
+        reaping it; marks it lost if not. Where `waitid` is missing, assumed."""
+        if not hasattr(os, "waitid"):
+            return True
+        try:
+            os.waitid(os.P_PID, self._pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            self._lost()
+            return False
+        return True
+
+    def _lost(self) -> None:
+        self.exit_status_lost = True
+        self._reaped(LOST_EXIT_STATUS)
+
+    def _reaped(self, returncode: int) -> None:
+        self._returncode = returncode
+        if self._pidfd is not None:
+            self._pidfd.close()
+            self._pidfd = None
 
 
 PR_SET_PDEATHSIG: Final = 1
@@ -213,18 +416,35 @@ class ScriptSpawner:
         env.pop(SNAPSHOT_VARIABLE, None)  # one an outer supervisor gave us is not ours
         if snapshot is not None:
             env[SNAPSHOT_VARIABLE] = str(snapshot)
-        # preexec_fn is unsafe in a threaded process only when it takes a lock another
-        # thread may hold; this one makes two system calls (the status thread holds
-        # nothing of them).
-        process = subprocess.Popen(
-            [str(self._start_script), *self._script_args],
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            process_group=0,
-            close_fds=True,
-            preexec_fn=_dies_with_the_daemon(),
-        )
-        assert process.stderr is not None
-        os.set_blocking(process.stderr.fileno(), False)
-        return ScriptChild(process)
+        # The stderr pipe is ours, not Popen's (`stderr=PIPE` would wrap the read end in
+        # a file object that closes it whenever it is collected): a plain descriptor can
+        # be handed to the next image of the daemon (`inheritable_stderr_fd`). Both ends
+        # are close-on-exec; the child gets the write end as its fd 2 only.
+        read_end, write_end = os.pipe()
+        try:
+            # preexec_fn is unsafe in a threaded process only when it takes a lock
+            # another thread may hold; this one makes two system calls (the status
+            # thread holds nothing of them).
+            process = subprocess.Popen(
+                [str(self._start_script), *self._script_args],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stderr=write_end,
+                process_group=0,
+                close_fds=True,
+                preexec_fn=_dies_with_the_daemon(),
+            )
+        except BaseException:
+            os.close(read_end)
+            raise
+        finally:
+            os.close(write_end)
+        os.set_blocking(read_end, False)
+        return ScriptChild(process, read_end)
+
+    def adopt(self, pid: int, stderr_fd: int | None) -> AdoptedChild:
+        """A child the previous image of this process spawned, by PID and the read end of
+        its stderr pipe (`ScriptChild.inheritable_stderr_fd` there); raises OSError if
+        `stderr_fd` is not an open pipe. A PID that is not our child reads as exited
+        (`AdoptedChild.exit_status_lost`) and is never signalled."""
+        return AdoptedChild(pid, stderr_fd)

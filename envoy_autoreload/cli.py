@@ -23,6 +23,7 @@ from envoy_autoreload.check import run_check
 from envoy_autoreload.control import ControlServer, default_control_socket
 from envoy_autoreload.envoy_config import AdminAddress, parse_admin_address
 from envoy_autoreload.errors import AutoreloadError, ExitCode, StartScriptError
+from envoy_autoreload.handover import Handover, HandoverError, read_inherited
 from envoy_autoreload.health import parse_health_url
 from envoy_autoreload.logs import LogFormat, configure_logging, log_event
 from envoy_autoreload.settings import (
@@ -51,7 +52,7 @@ def _start_script(ctx: click.Context, param: click.Parameter, value: Path) -> Pa
     try:
         return check_start_script(value)
     except StartScriptError as err:
-        if ctx.params.get("check_only"):
+        if ctx.params.get("check_only") and not ctx.params.get("self_test"):
             return value.absolute()  # --check reports it as a FAIL line, exit 1
         raise click.BadParameter(str(err), ctx=ctx, param=param) from err
 
@@ -310,6 +311,14 @@ SECONDS = click.FloatRange(min=0.0)
     "nothing. Exit 0 if all is well, 1 if something would fail.",
 )
 @click.option(
+    "--self-test",
+    is_flag=True,
+    is_eager=True,
+    hidden=True,  # run by the daemon itself before it re-executes in place
+    help="Parse and check everything as a start would, start nothing, print "
+    "'self-test ok: envoy-autoreload VERSION' and exit 0.",
+)
+@click.option(
     "--log-format",
     type=click.Choice(["human", "json"]),
     default="human",
@@ -356,6 +365,7 @@ def cli(
     control_socket: Path | None,
     no_control_socket: bool,
     check_only: bool,
+    self_test: bool,
     log_format: LogFormat,
     log_level: str,
 ) -> None:
@@ -366,6 +376,7 @@ def cli(
     SIGUSR1 is forwarded (log reopen), SIGTERM/SIGINT stop every child.
     """
     configure_logging(log_format, log_level)
+    check_only = check_only and not self_test  # the self-test checks as a start does
     envoy_path, config = _checked_binary_and_config(envoy, config, no_validate, check_only)
     settings = Settings(
         start_script=start_script,
@@ -399,22 +410,36 @@ def cli(
     changes = _change_detector(settings)
     if check_only:
         sys.exit(run_check(settings, changes, click.echo))
-    address = None
-    if status_address is not None:
-        try:
-            address = parse_status_address(status_address, allow_remote=status_allow_remote)
-        except AutoreloadError as err:
-            raise click.BadParameter(str(err), param_hint="--status-address") from err
+    address = _status_address(status_address, status_allow_remote)
+    if self_test:
+        click.echo(f"self-test ok: envoy-autoreload {__version__}")
+        sys.exit(0)
+    handover = _inherited_handover()
     log_event(
         logger,
         logging.INFO,
         "daemon.started",
+        "a re-executed image: adopting the running family" if handover else "",
         version=__version__,
         pid=os.getpid(),
         start_script=str(start_script),
     )
     control = _OpenControl(no_control_socket, control_socket)
-    sys.exit(int(_serve(settings, changes, address, control)))
+    sys.exit(int(_serve(settings, changes, address, control, handover)))
+
+
+def _inherited_handover() -> Handover | None:
+    """What the previous image handed over, if this is a re-exec (reexec.py)."""
+    try:
+        return read_inherited(os.environ)
+    except HandoverError as err:
+        log_event(
+            logger,
+            logging.ERROR,
+            "daemon.adoption_failed",
+            f"{err}; starting as a new daemon",
+        )
+        return None
 
 
 def _checked_binary_and_config(
@@ -442,6 +467,16 @@ def _checked_binary_and_config(
                 param_hint="--envoy",
             )
     return envoy_path, config
+
+
+def _status_address(value: str | None, allow_remote: bool) -> tuple[str, int] | None:
+    """--status-address checked (not bound: that is `_serve`'s)."""
+    if value is None:
+        return None
+    try:
+        return parse_status_address(value, allow_remote=allow_remote)
+    except AutoreloadError as err:
+        raise click.BadParameter(str(err), param_hint="--status-address") from err
 
 
 def _check_state_dir_unwatched(settings: Settings) -> None:
@@ -482,27 +517,43 @@ def _serve(
     changes: ChangeDetector | None,
     address: tuple[str, int] | None,
     control_wanted: _OpenControl,
+    handover: Handover | None,
 ) -> ExitCode:
-    """Run the supervisor with its status server and control socket around it."""
+    """Run the supervisor with its status server and control socket around it (the
+    previous image's, after a re-exec)."""
+    inherited = handover.inherited if handover is not None else {}
     with contextlib.ExitStack() as stack:
         try:
             telemetry = Telemetry()
+            server = None
             if address is not None:
-                server = StatusServer(address, telemetry)
+                server = StatusServer(address, telemetry, inherited.get("status"))
                 server.start()
                 stack.callback(server.close)
-            control = None if control_wanted.disabled else _open_control(control_wanted.path)
+            control = None
+            if not control_wanted.disabled:
+                control = _open_control(control_wanted.path, inherited.get("control"))
             if control is not None:
                 stack.callback(control.close)
-            return run(settings, changes, telemetry=telemetry, control=control)
+            status_fd = server.fileno() if server is not None else None
+            return run(
+                settings,
+                changes,
+                telemetry=telemetry,
+                control=control,
+                status_fd=status_fd,
+                handover=handover,
+            )
         except AutoreloadError as err:
             click.echo(f"envoy-autoreload: error: {err}", err=True)
             sys.exit(int(err.exit_code))
 
 
-def _open_control(path: Path | None) -> ControlServer | None:
+def _open_control(path: Path | None, inherited_fd: int | None) -> ControlServer | None:
     """The given socket must open; the default one is a convenience: without it (no
     /run access for a non-root drop-in, or a second daemon) we run on and say so."""
+    if inherited_fd is not None:
+        return ControlServer.inherited((path or default_control_socket()).absolute(), inherited_fd)
     if path is not None:
         return ControlServer(path.absolute())
     default = default_control_socket()
