@@ -47,6 +47,12 @@ class CrashBudget:
             self._failures.popleft()
         return len(self._failures) >= self.max_failures
 
+    def export(self) -> list[float]:
+        return list(self._failures)
+
+    def restore(self, failures: list[float]) -> None:
+        self._failures = collections.deque(sorted(failures))
+
     def recent(self, now: float) -> int:
         return sum(1 for at in self._failures if at > now - self.window_s)
 

@@ -146,6 +146,19 @@ class ControlServer:
         self._identity = (bound.st_dev, bound.st_ino)
         self._sock.setblocking(False)
 
+    @classmethod
+    def inherited(cls, path: Path, fd: int) -> ControlServer:
+        """The listening socket the previous image handed over (re-exec in place):
+        clients queued in its backlog are served by this image, with no gap."""
+        server = cls.__new__(cls)
+        server.path = path
+        server._sock = socket.socket(fileno=fd)
+        server._sock.set_inheritable(False)
+        server._sock.setblocking(False)
+        bound = os.lstat(path)
+        server._identity = (bound.st_dev, bound.st_ino)
+        return server
+
     def _prepare_directory(self) -> None:
         directory = self.path.parent
         try:

@@ -22,6 +22,7 @@ class Hooks(Protocol):
     def state(self) -> SupervisorState: ...
     def status_snapshot(self) -> dict[str, object]: ...
     def unchanged_reply(self) -> ControlReply | None: ...
+    def request_reexec(self, reason: str, conn: ControlConnection | None = None) -> None: ...
     def request_restart(
         self, reason: str, changed: list[str] | None = None, events: int | None = None
     ) -> int: ...
@@ -50,6 +51,11 @@ class ControlRequests:
             case ["history"]:
                 history: dict[str, object] = {"generations": self._rollbacks.history()}
                 conn.reply(ControlReply(True, "history", status=history))
+            case ["reexec"]:
+                if self._hooks.stopping:
+                    conn.reply(ControlReply(False, "the daemon is stopping"))
+                else:
+                    self._hooks.request_reexec("control", conn)
             case ["rollback", *prefix] if len(prefix) <= 1:
                 self._rollback(conn, prefix[0] if prefix else None)
             case []:
@@ -57,7 +63,8 @@ class ControlRequests:
             case _:
                 conn.reply(
                     ControlReply(
-                        False, f"unknown request {request!r}: reload, status, history, rollback"
+                        False,
+                        f"unknown request {request!r}: reload, status, history, rollback, reexec",
                     )
                 )
 

@@ -1,4 +1,4 @@
-"""`envoy-autoreloadctl reload|status|history|rollback`: the daemon's synchronous client
+"""`envoy-autoreloadctl reload|status|history|rollback|reexec`: the daemon's synchronous client
 (as supervisorctl is to supervisord). `reload` (and `rollback`) return when it is over:
 exit 0 with the serving epoch on stdout when the new config serves (or the content was
 already serving), exit 1 with the reason on stderr when it was refused or failed.
@@ -195,6 +195,20 @@ def rollback(obj: tuple[Path, float], hash_prefix: str | None) -> None:
         click.echo(f"epoch {reply.get('epoch')}: {reply.get('message')}")
         return
     click.echo(f"envoy-autoreloadctl: rollback failed: {reply.get('message')}", err=True)
+    sys.exit(EXIT_FAILED)
+
+
+@ctl.command()
+@click.pass_obj
+def reexec(obj: tuple[Path, float]) -> None:
+    """Re-execute the daemon in place (an upgraded package takes effect); Envoy keeps
+    serving. Exit 0 once the new image has taken over, 1 when it was refused."""
+    path, timeout_s = obj
+    reply = _ask(path, "reexec", timeout_s)
+    if reply.get("ok"):
+        click.echo(str(reply.get("message")))
+        return
+    click.echo(f"envoy-autoreloadctl: {reply.get('message')}", err=True)
     sys.exit(EXIT_FAILED)
 
 

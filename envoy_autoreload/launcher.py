@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import logging
 import signal
+from collections.abc import Callable
 
 from envoy_autoreload.digest import Snapshot
 from envoy_autoreload.envoy_binary import BinaryInfo
+from envoy_autoreload.errors import SpawnError
 from envoy_autoreload.generations import ConfigGeneration
 from envoy_autoreload.lineage import Lineage
 from envoy_autoreload.logs import log_event
@@ -23,6 +25,9 @@ from envoy_autoreload.settings import Settings
 from envoy_autoreload.states import FORWARDS_SIGNALS, Timer
 
 logger = logging.getLogger(__name__)
+
+# ExitPolicy.exec_failed: epoch, reason, message, covers_seq, content, config.
+ExecFailed = Callable[[int, str, str, int, Snapshot | None, ConfigGeneration | None], None]
 envoy_logger = logging.getLogger("envoy_autoreload.envoy")
 
 
@@ -34,13 +39,55 @@ class Launcher:
         roster: Roster,
         family: EnvoyFacts,
         lineage: Lineage,
+        current: Callable[[], Snapshot | None],
+        binary: Callable[[], BinaryInfo | None],
     ) -> None:
         self._lineage = lineage
+        self._current = current
+        self._binary = binary
+        # What a start script that cannot be executed means (ExitPolicy, set once built).
+        self.exec_failed: ExecFailed | None = None
         self._settings = settings
         self._reactor = reactor
         self._roster = roster
         self._family = family
         self._warned: set[str] = set()
+
+    def start(
+        self,
+        epoch: int,
+        reason: str,
+        *,
+        parent: Generation | None = None,
+        first: bool = False,
+        covers_seq: int = 0,
+        content: Snapshot | None = None,
+        config: ConfigGeneration | None = None,
+    ) -> None:
+        """Start `epoch`; the first start's failure to execute the script is the
+        daemon's (SpawnError), any later one the exit policy's."""
+        if content is None and (config is None or self._lineage.matches_disk(config)):
+            # What this epoch starts from; a burst that settles later and finds the
+            # same content then restarts nothing. Cheap: unchanged files are not read.
+            # (A snapshot other than what --config holds, a rollback's, is not what the
+            # files hold: any request goes to the gate again.)
+            content = self._current()
+        try:
+            self.spawn(
+                epoch,
+                reason,
+                parent=parent,
+                covers_seq=covers_seq,
+                content=content,
+                binary=self._binary(),
+                config=config,
+            )
+            self._lineage.started(config, epoch)
+        except OSError as err:
+            message = f"cannot execute start script {self._settings.start_script}: {err.strerror}"
+            if first or self.exec_failed is None:
+                raise SpawnError(message) from err
+            self.exec_failed(epoch, reason, message, covers_seq, content, config)
 
     def spawn(
         self,

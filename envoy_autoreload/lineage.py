@@ -83,6 +83,12 @@ class Lineage:
             return None
         return self._store.outcome(config.sha256)
 
+    def get(self, sha256: str | None) -> ConfigGeneration | None:
+        """A stored generation by its full hash (a re-exec names them so)."""
+        if self._store is None or sha256 is None:
+            return None
+        return self._store.get(sha256)
+
     def last_good(self) -> ConfigGeneration | None:
         return self._store.last_good() if self._store is not None else None
 

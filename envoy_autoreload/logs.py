@@ -187,6 +187,15 @@ def configure_logging(log_format: LogFormat, level: str) -> None:
     envoy.filters[:] = [_EnvoyLineLevel()]
 
 
+def flush_logs(timeout_s: float = EXIT_FLUSH_S) -> None:
+    """Everything logged so far reaches stderr: before an `execve`, which ends the
+    relay's thread with whatever it still holds."""
+    for handler in logging.getLogger("envoy_autoreload").handlers:
+        handler.flush()
+    if _relay is not None:
+        _relay.flush(timeout_s)
+
+
 def write_stderr(data: bytes) -> None:
     """Bytes to our stderr (Envoy's output passed through), never blocking the loop once
     logging is configured (see `relay.py`)."""

@@ -38,6 +38,7 @@ SIGNAL_PRIORITY: Final[tuple[signal.Signals, ...]] = (
     signal.SIGCHLD,
     signal.SIGHUP,
     signal.SIGUSR1,
+    signal.SIGUSR2,
 )
 
 
@@ -84,6 +85,9 @@ class Reactor:
         )
         for signum in self._signals:
             self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
+        # A re-exec blocks these across `execve` (reexec.py): what arrived in the window
+        # is pending, and is delivered to the handlers just installed.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, self._signals)
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -94,6 +94,32 @@ class Probation:
         self._reactor.set_timeout(Timer.PROBATION_END, window)
         self._reactor.set_timeout(Timer.HEALTH_ROUND, 0.0)
 
+    def export(self, now: float) -> dict[str, object] | None:
+        """For a re-exec: who is on probation, for how much longer, and what was seen."""
+        watch = self._watch
+        if watch is None or watch.gen.serving_at is None:
+            return None
+        left = self._settings.health_window_s - (now - watch.gen.serving_at)
+        return {
+            "pid": watch.gen.pid,
+            "remaining_s": max(0.0, left),
+            "admin_seen_live": watch.admin_seen_live,
+            "listener_baseline": watch.listener_baseline,
+        }
+
+    def restore(self, saved: dict[str, object], gen: Generation) -> None:
+        baseline = saved.get("listener_baseline")
+        left = saved.get("remaining_s")
+        self._watch = _Watch(
+            gen,
+            admin_seen_live=bool(saved.get("admin_seen_live")),
+            listener_baseline=baseline if isinstance(baseline, int) else None,
+        )
+        self._reactor.set_timeout(
+            Timer.PROBATION_END, float(left) if isinstance(left, int | float) else 0.0
+        )
+        self._reactor.set_timeout(Timer.HEALTH_ROUND, 0.0)
+
     def next_round(self) -> None:
         watch = self._watch
         if watch is None or watch.gen.state is not GenerationState.SERVING:

@@ -163,6 +163,25 @@ class Recovery:
         serving.process.kill()
 
     # -- pacing ---------------------------------------------------------------------
+    def export(self) -> dict[str, object]:
+        """For a re-exec: the crash budget and pacing go on as they were."""
+        return {
+            "cold_attempt_seq": self._cold_attempt_seq,
+            "cold_failures": self._cold_failures,
+            "crash_failures": self._crash_budget.export(),
+        }
+
+    def restore(self, saved: dict[str, object]) -> None:
+        seq, failures, crashes = (
+            saved.get("cold_attempt_seq"),
+            saved.get("cold_failures"),
+            saved.get("crash_failures"),
+        )
+        self._cold_attempt_seq = seq if isinstance(seq, int) else 0
+        self._cold_failures = failures if isinstance(failures, int) else 0
+        if isinstance(crashes, list):
+            self._crash_budget.restore([float(at) for at in crashes])
+
     def served_again(self) -> None:
         self._cold_failures = 0
 

@@ -150,6 +150,16 @@ class Roster:
         )
         return gen
 
+    def adopt(self, gen: Generation) -> None:
+        """A generation the previous image of the daemon ran (re-exec in place): taken
+        over in the state it had, not started."""
+        if gen.state not in (GenerationState.SERVING, GenerationState.DRAINING):
+            raise IllegalMove(f"only serving and draining generations are handed over: {gen}")
+        self._generations.append(gen)
+
+    def processes(self) -> Processes:
+        return self._processes
+
     def went_live(self, gen: Generation) -> None:
         """`gen` reported LIVE: the one it replaces drains (Envoy ends it, §2)."""
         now = self._reactor.now()

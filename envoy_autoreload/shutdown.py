@@ -11,13 +11,18 @@ from __future__ import annotations
 
 import logging
 import signal
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Final
 
+from envoy_autoreload.batches import Batches
+from envoy_autoreload.control import ControlServer
 from envoy_autoreload.errors import ExitCode
 from envoy_autoreload.logs import log_event
-from envoy_autoreload.ports import EnvoyFacts, Reactor
+from envoy_autoreload.ports import EnvoyFacts, Gate, Reactor
 from envoy_autoreload.roster import Roster
 from envoy_autoreload.states import Timer
+from envoy_autoreload.telemetry import Telemetry
 
 logger = logging.getLogger(__name__)
 
@@ -28,17 +33,56 @@ KILL_REAP_WAIT_S: Final = 5.0
 PARENT_LEAVING_GRACE_S: Final = 1.0
 
 
+@dataclass(frozen=True, slots=True)
+class Stopping:
+    """What else stops with the children: the gate's command, systemd's status, the
+    waiting clients, new control connections."""
+
+    gate: Gate
+    telemetry: Telemetry
+    batches: Batches
+    control: ControlServer | None
+
+
 class Shutdown:
-    def __init__(self, reactor: Reactor, roster: Roster, family: EnvoyFacts, term_wait_s: float):
+    def __init__(
+        self,
+        reactor: Reactor,
+        roster: Roster,
+        family: EnvoyFacts,
+        term_wait_s: float,
+        stopping: Stopping,
+    ):
         self._reactor = reactor
         self._roster = roster
         self._family = family
         self._term_wait_s = term_wait_s
+        self._others = stopping
         self.stopping = False
         self.exit_code: ExitCode | None = None
         self._floor = ExitCode.CLEAN_STOP
         self._asked_to_leave: int | None = None  # the PID a TERMed child asks to exit
         self._in_grace: int | None = None  # that PID, given time to exit by itself
+
+    def stop(self, reason: str, floor: ExitCode, status_text: Callable[[], str]) -> None:
+        """Stop everything: no more timers or checks, clients answered, children TERMed."""
+        if not self.begin(reason, floor):
+            return
+        for timer in Timer:
+            self._reactor.cancel(timer)
+        others = self._others
+        others.gate.abandon()
+        others.telemetry.stopping(f"stopping: {reason}")
+        others.batches.finish(
+            "stopping",
+            reason,
+            seq=others.batches.request_seq,
+            status=status_text(),
+            message=f"the daemon is stopping ({reason})",
+        )
+        if others.control is not None:
+            self._reactor.remove_reader(others.control.fileno())
+        self.signal_all(reason)
 
     def begin(self, reason: str, floor: ExitCode) -> bool:
         """Enter stopping; False (and logged) when already stopping."""

@@ -207,6 +207,7 @@ class Timer(enum.Enum):
     KILL_WAIT = "kill_wait"  # how long SIGKILLed children get to be reaped
     DEBOUNCE = "debounce"  # a burst of file events is due (quiet window or max wait)
     COMMAND_DEADLINE = "command_deadline"  # --validate-timeout for a validation step
+    SELF_TEST_DEADLINE = "self_test_deadline"  # the new image's self-test before a re-exec
     CONTROL_IDLE = "control_idle"  # control clients that never sent a request are dropped
     ADVANCE = "advance"  # a decision made without an event: carried out from the loop
 

@@ -72,10 +72,20 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
         address: tuple[str, int],
         handler: type[BaseHTTPRequestHandler],
         max_connections: int,
+        inherited_fd: int | None = None,
     ) -> None:
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self._slots = threading.BoundedSemaphore(max_connections)
-        super().__init__(address, handler)
+        super().__init__(address, handler, bind_and_activate=inherited_fd is None)
+        if inherited_fd is not None:
+            # The previous image's listener (re-exec in place): already bound and
+            # listening, so scrapers see no gap.
+            self.socket.close()
+            self.socket = socket.socket(fileno=inherited_fd)
+            self.socket.set_inheritable(False)
+            self.server_address = self.socket.getsockname()
+            host, port = self.server_address[:2]
+            self.server_name, self.server_port = str(host), int(port)
 
     def server_bind(self) -> None:
         """Bind without HTTPServer's `getfqdn()`: a reverse DNS lookup at start-up can
@@ -122,10 +132,12 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
 
 
 class StatusServer:
-    def __init__(self, address: tuple[str, int], telemetry: Telemetry) -> None:
+    def __init__(
+        self, address: tuple[str, int], telemetry: Telemetry, inherited_fd: int | None = None
+    ) -> None:
         handler = _handler_for(telemetry)
         try:
-            self._server = _BoundedHTTPServer(address, handler, MAX_CONNECTIONS)
+            self._server = _BoundedHTTPServer(address, handler, MAX_CONNECTIONS, inherited_fd)
         except (OSError, OverflowError) as err:
             reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
             raise UsageError(f"cannot serve status on {_show(address)}: {reason}") from err
@@ -136,6 +148,9 @@ class StatusServer:
     @property
     def port(self) -> int:
         return int(self._server.server_address[1])
+
+    def fileno(self) -> int:
+        return self._server.socket.fileno()
 
     def start(self) -> None:
         self._thread.start()

@@ -40,6 +40,7 @@ import signal
 from collections.abc import Callable, Hashable
 from typing import assert_never
 
+from envoy_autoreload.adoption import CoreParts, adopt_family
 from envoy_autoreload.batches import Batches
 from envoy_autoreload.child import ScriptSpawner
 from envoy_autoreload.command import describe_exit
@@ -47,12 +48,12 @@ from envoy_autoreload.containment import Containment
 from envoy_autoreload.control import ControlConnection, ControlDesk, ControlReply, ControlServer
 from envoy_autoreload.control_requests import ControlRequests
 from envoy_autoreload.digest import Snapshot
-from envoy_autoreload.errors import ExitCode, SpawnError
+from envoy_autoreload.errors import ExitCode
 from envoy_autoreload.exits import ExitPolicy
 from envoy_autoreload.family import EnvoyFamily
 from envoy_autoreload.gate import CommandGate
 from envoy_autoreload.gatekeeper import Gatekeeper
-from envoy_autoreload.generations import ConfigGeneration
+from envoy_autoreload.handover import Handover
 from envoy_autoreload.health import HealthProber
 from envoy_autoreload.intake import Intake
 from envoy_autoreload.launcher import Launcher
@@ -65,10 +66,11 @@ from envoy_autoreload.planner import Planner
 from envoy_autoreload.ports import Content, EnvoyFacts, Gate, Health, Processes, Reactor
 from envoy_autoreload.probation import Probation
 from envoy_autoreload.recovery import Recovery
+from envoy_autoreload.reexec import Reexec
 from envoy_autoreload.rollbacks import Rollbacks
 from envoy_autoreload.roster import Generation, Roster
 from envoy_autoreload.settings import Settings
-from envoy_autoreload.shutdown import Shutdown
+from envoy_autoreload.shutdown import Shutdown, Stopping
 from envoy_autoreload.states import (
     Plan,
     StartNext,
@@ -100,6 +102,7 @@ class Supervisor:
         gate: Gate | None = None,
         lineage: Lineage | None = None,
         health: Health | None = None,
+        status_fd: int | None = None,
     ) -> None:
         self._settings = settings
         self._reactor = reactor
@@ -124,14 +127,36 @@ class Supervisor:
             family,
             lineage,
         )
-        self._launcher = Launcher(settings, reactor, roster, family, lineage)
+        self._launcher = Launcher(
+            settings,
+            reactor,
+            roster,
+            family,
+            lineage,
+            self.current,
+            lambda: self._gatekeeper.binary,
+        )
         self._recovery = Recovery(
             settings, reactor, roster, family, self._planner, self._batches, self.current, lineage
         )
         self._rollbacks = Rollbacks(settings, reactor, roster, self._planner, lineage, telemetry)
         self._probation = Probation(settings, reactor, health, lineage, self._rollbacks)
         self._assemble_deciders(family, telemetry)
-        self._shutdown = Shutdown(reactor, roster, family, settings.term_wait_s)
+        self._parts = CoreParts(
+            reactor, roster, self._batches, self._recovery, lineage, self._probation,
+            self._gatekeeper, family,
+        )  # fmt: skip
+        control_fd = control.fileno() if control is not None else None
+        named = {"control": control_fd, "status": status_fd}
+        inherited = {name: fd for name, fd in named.items() if fd is not None}
+        self._reexec = Reexec(self._parts, self._planner, inherited)
+        self._shutdown = Shutdown(
+            reactor,
+            roster,
+            family,
+            settings.term_wait_s,
+            Stopping(self._gatekeeper.gate, telemetry, self._batches, control),
+        )
         self._containment = Containment(telemetry, self._heal)
         watch_limit = binding_limit("watches").value
         self._view = StatusView(roster, telemetry, family, changes, watch_limit, lineage)
@@ -155,6 +180,7 @@ class Supervisor:
             self._triggers,
             self,
         )
+        self._launcher.exec_failed = self._exits.exec_failed
         self._intake = Intake(
             settings,
             reactor,
@@ -170,13 +196,17 @@ class Supervisor:
         )
         self._control_requests = ControlRequests(
             self._desk, self._batches, self, self._rollbacks, self._gatekeeper.gate
-        )
+        )  # its `reexec` requests reach `self._reexec` through `request_reexec`
 
     # -- public ---------------------------------------------------------------
-    def run(self) -> ExitCode:
-        """Start epoch 0 and supervise until stopped."""
+    def run(self, handover: Handover | None = None) -> ExitCode:
+        """Start epoch 0 (or adopt the family a previous image handed over) and
+        supervise until stopped."""
         try:
-            self.begin()
+            if handover is not None:
+                self.begin_adopted(handover)
+            else:
+                self.begin()
             while True:
                 code = self.handle(self._reactor.poll())
                 if code is not None:
@@ -189,13 +219,26 @@ class Supervisor:
         """Start-up, before the loop: refuse a non-Envoy binary or a config that does not
         validate (blocking is fine here), start watching, start epoch 0."""
         self._gatekeeper.check_before_first_start()
+        self._open_readers()
+        self._launcher.start(0, "startup", first=True, config=self._gatekeeper.config)
+
+    def begin_adopted(self, handover: Handover) -> None:
+        """A re-exec: take over the family the previous image ran, then rescan once (a
+        change made while nobody watched is a request like any other)."""
+        self._open_readers()
+        adopt_family(self._parts, handover, self.current(), self.request_restart)
+        self._ever_served = True
+        self._telemetry.serving_again(self.status_text())
+
+    def request_reexec(self, reason: str, conn: ControlConnection | None = None) -> None:
+        self._reexec.request(reason, conn)
+
+    def _open_readers(self) -> None:
         if self._watching is not None:
             self._watching.start()
-        if self._control is not None:
-            self._reactor.add_reader(self._control.fileno(), self._control)
-        if self._health is not None:
-            self._reactor.add_reader(self._health.fileno(), self._health)
-        self._start(0, "startup", first=True, config=self._gatekeeper.config)
+        for reader in (self._control, self._health):
+            if reader is not None:
+                self._reactor.add_reader(reader.fileno(), reader)
 
     def handle(self, events: list[Event]) -> ExitCode | None:
         """Handle one poll's events; the exit code once the daemon is done."""
@@ -289,6 +332,8 @@ class Supervisor:
             self._gatekeeper.gate.on_output(key)
         elif self._health is not None and key is self._health:
             self._probation.on_observation()
+        elif self._reexec.owns(key):
+            self._reexec.on_output(key)
 
     def _on_signal(self, signum: signal.Signals) -> None:
         match signum:
@@ -300,6 +345,8 @@ class Supervisor:
                 self.request_restart("SIGHUP")
             case signal.SIGUSR1:
                 self._launcher.forward(signal.SIGUSR1)
+            case signal.SIGUSR2:
+                self._reexec.request("SIGUSR2")
             case _:
                 log_event(logger, logging.DEBUG, "signal.ignored", signal=signum.name)
 
@@ -331,6 +378,8 @@ class Supervisor:
                 self._intake.on_burst_due()
             case Timer.COMMAND_DEADLINE:
                 self._gatekeeper.gate.on_deadline()
+            case Timer.SELF_TEST_DEADLINE:
+                self._reexec.on_deadline()
             case Timer.CONTROL_IDLE:
                 self._desk.drop_idle()
             case _:
@@ -346,13 +395,14 @@ class Supervisor:
         `manage_workers`: a few questions, each answered by a method of its own)."""
         if self._shutdown.stopping or self._shutdown.exit_code is not None:
             return
+        self._reexec.tick()
         if self._roster.starting() is not None:
             return
         serving = self._roster.serving()
         if serving is None:
             order = self._recovery.recover(backing_off=self._reactor.has_deadline(Timer.RETRY))
             if order is not None:
-                self._start(
+                self._launcher.start(
                     order.epoch,
                     order.reason,
                     parent=order.parent,
@@ -396,7 +446,7 @@ class Supervisor:
             self._roster.mark_drain_cut(draining)
         self._reactor.cancel(Timer.RETRY)
         self._reactor.cancel(Timer.DRAIN_WAIT)
-        self._start(
+        self._launcher.start(
             serving.epoch + 1,
             plan.reason,
             parent=serving,
@@ -410,41 +460,6 @@ class Supervisor:
     # -- the gate's verdicts -----------------------------------------------------
 
     # -- starting -------------------------------------------------------------
-    def _start(
-        self,
-        epoch: int,
-        reason: str,
-        *,
-        parent: Generation | None = None,
-        first: bool = False,
-        covers_seq: int = 0,
-        content: Snapshot | None = None,
-        config: ConfigGeneration | None = None,
-    ) -> None:
-        if content is None and (config is None or self._lineage.matches_disk(config)):
-            # What this epoch starts from; a burst that settles later and finds the
-            # same content then restarts nothing. Cheap: unchanged files are not read.
-            # (A snapshot other than what --config holds, a rollback's, is not what the
-            # files hold: any request goes to the gate again.)
-            content = self.current()
-        try:
-            self._launcher.spawn(
-                epoch,
-                reason,
-                parent=parent,
-                covers_seq=covers_seq,
-                content=content,
-                binary=self._gatekeeper.binary,
-                config=config,
-            )
-            self._lineage.started(config, epoch)
-        except OSError as err:
-            message = f"cannot execute start script {self._settings.start_script}: {err.strerror}"
-            if first:
-                raise SpawnError(message) from err
-            self._exits.exec_failed(epoch, reason, message, covers_seq, content, config)
-            return
-
     def on_live(self, gen: Generation) -> None:
         """`gen` serves: what it means for requests, pacing and systemd."""
         self._launcher.went_live(gen)
@@ -487,9 +502,11 @@ class Supervisor:
         outcome = gate.poll()
         if outcome is not None:
             self._intake.on_preflight_done(outcome)
+        self._reexec.on_sigchld()
         # As PID 1 (a container without an init) orphans are reparented to us; reap
         # what is not ours so zombies do not pile up (REVIEW-core finding 14).
-        self._processes.reap_strays({g.pid for g in self._roster.alive()} | gate.child_pids())
+        ours = {g.pid for g in self._roster.alive()} | gate.child_pids()
+        self._processes.reap_strays(ours | self._reexec.child_pids())
 
     def _exit_handler(self, gen: Generation) -> Callable[[Event | None], None]:
         return lambda _event: self._on_exited(gen)
@@ -502,22 +519,8 @@ class Supervisor:
 
     # -- stopping -------------------------------------------------------------
     def begin_stop(self, reason: str, floor: ExitCode) -> None:
-        if not self._shutdown.begin(reason, floor):
-            return
-        for timer in Timer:
-            self._reactor.cancel(timer)
-        self._gatekeeper.gate.abandon()
-        self._telemetry.stopping(f"stopping: {reason}")
-        self._batches.finish(
-            "stopping",
-            reason,
-            seq=self._batches.request_seq,
-            status=self.status_text(),
-            message=f"the daemon is stopping ({reason})",
-        )
-        if self._control is not None:
-            self._reactor.remove_reader(self._control.fileno())
-        self._shutdown.signal_all(reason)
+        self._reexec.abandon()
+        self._shutdown.stop(reason, floor, self.status_text)
 
     # -- control socket and status -------------------------------------------
 
@@ -540,6 +543,8 @@ def run(
     *,
     telemetry: Telemetry | None = None,
     control: ControlServer | None = None,
+    status_fd: int | None = None,
+    handover: Handover | None = None,
 ) -> ExitCode:
     """Supervise until stopped; the reactor's signal handlers live exactly this long."""
     with RealReactor() as reactor, contextlib.ExitStack() as stack:
@@ -561,5 +566,6 @@ def run(
             family=family,
             lineage=lineage,
             health=health,
+            status_fd=status_fd,
         )
-        return supervisor.run()
+        return supervisor.run(handover)

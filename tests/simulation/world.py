@@ -136,6 +136,9 @@ class SimChild:
     def last_error_line(self) -> str | None:
         return self.proc.stderr[-1] if self.proc.stderr else None
 
+    def inheritable_stderr_fd(self) -> int | None:
+        return None
+
 
 @dataclass
 class Spawned:
@@ -153,6 +156,10 @@ class SimProcesses:
 
     def spawn(self, epoch: int, snapshot: Path | None = None) -> SimChild:
         return self._world.spawn(epoch, snapshot)
+
+    def adopt(self, pid: int, stderr_fd: int | None) -> SimChild:
+        """A re-exec: the same model process, a fresh handle on it."""
+        return SimChild(self._world, self._world.model.by_pid(pid))
 
     def reap_strays(self, ours: set[int]) -> None:
         return None
