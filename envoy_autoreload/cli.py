@@ -23,6 +23,7 @@ from envoy_autoreload.check import run_check
 from envoy_autoreload.control import ControlServer, default_control_socket
 from envoy_autoreload.envoy_config import AdminAddress, parse_admin_address
 from envoy_autoreload.errors import AutoreloadError, ExitCode, StartScriptError
+from envoy_autoreload.handover import Handover, HandoverError, read_inherited
 from envoy_autoreload.health import parse_health_url
 from envoy_autoreload.logs import LogFormat, configure_logging, log_event
 from envoy_autoreload.settings import (
@@ -413,16 +414,32 @@ def cli(
     if self_test:
         click.echo(f"self-test ok: envoy-autoreload {__version__}")
         sys.exit(0)
+    handover = _inherited_handover()
     log_event(
         logger,
         logging.INFO,
         "daemon.started",
+        "a re-executed image: adopting the running family" if handover else "",
         version=__version__,
         pid=os.getpid(),
         start_script=str(start_script),
     )
     control = _OpenControl(no_control_socket, control_socket)
-    sys.exit(int(_serve(settings, changes, address, control)))
+    sys.exit(int(_serve(settings, changes, address, control, handover)))
+
+
+def _inherited_handover() -> Handover | None:
+    """What the previous image handed over, if this is a re-exec (reexec.py)."""
+    try:
+        return read_inherited(os.environ)
+    except HandoverError as err:
+        log_event(
+            logger,
+            logging.ERROR,
+            "daemon.adoption_failed",
+            f"{err}; starting as a new daemon",
+        )
+        return None
 
 
 def _checked_binary_and_config(
@@ -500,27 +517,43 @@ def _serve(
     changes: ChangeDetector | None,
     address: tuple[str, int] | None,
     control_wanted: _OpenControl,
+    handover: Handover | None,
 ) -> ExitCode:
-    """Run the supervisor with its status server and control socket around it."""
+    """Run the supervisor with its status server and control socket around it (the
+    previous image's, after a re-exec)."""
+    inherited = handover.inherited if handover is not None else {}
     with contextlib.ExitStack() as stack:
         try:
             telemetry = Telemetry()
+            server = None
             if address is not None:
-                server = StatusServer(address, telemetry)
+                server = StatusServer(address, telemetry, inherited.get("status"))
                 server.start()
                 stack.callback(server.close)
-            control = None if control_wanted.disabled else _open_control(control_wanted.path)
+            control = None
+            if not control_wanted.disabled:
+                control = _open_control(control_wanted.path, inherited.get("control"))
             if control is not None:
                 stack.callback(control.close)
-            return run(settings, changes, telemetry=telemetry, control=control)
+            status_fd = server.fileno() if server is not None else None
+            return run(
+                settings,
+                changes,
+                telemetry=telemetry,
+                control=control,
+                status_fd=status_fd,
+                handover=handover,
+            )
         except AutoreloadError as err:
             click.echo(f"envoy-autoreload: error: {err}", err=True)
             sys.exit(int(err.exit_code))
 
 
-def _open_control(path: Path | None) -> ControlServer | None:
+def _open_control(path: Path | None, inherited_fd: int | None) -> ControlServer | None:
     """The given socket must open; the default one is a convenience: without it (no
     /run access for a non-root drop-in, or a second daemon) we run on and say so."""
+    if inherited_fd is not None:
+        return ControlServer.inherited((path or default_control_socket()).absolute(), inherited_fd)
     if path is not None:
         return ControlServer(path.absolute())
     default = default_control_socket()
