@@ -64,7 +64,7 @@ class Reexec:
 
     def tick(self) -> None:
         """After each event: start the self-test, or exec, once nothing is in flight."""
-        if self.wanted is None or self._self_test is not None or not self._quiet():
+        if self.wanted is None or self._self_test is not None or not self.quiet():
             return
         if self._passed:
             self._exec()
@@ -82,7 +82,10 @@ class Reexec:
         self._passed = True
         self.tick()
 
-    def _quiet(self) -> bool:
+    def export(self) -> Handover:
+        return export_state(self._parts)
+
+    def quiet(self) -> bool:
         """Nothing that would have to cross the exec: a start, a gate command, a plan,
         a request, a retry's backoff, a recovery."""
         parts = self._parts
@@ -99,7 +102,7 @@ class Reexec:
         )
 
     def _exec(self) -> None:
-        handover = export_state(self._parts)
+        handover = self.export()
         clients = [conn.fileno() for conn in self._clients]
         handover = dataclasses.replace(handover, waiting_clients=clients, inherited=self._inherited)
         stderr = [g.stderr_fd for g in handover.generations if g.stderr_fd is not None]

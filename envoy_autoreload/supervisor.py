@@ -278,6 +278,10 @@ class Supervisor:
         return self._planner.plan
 
     @property
+    def reexec(self) -> Reexec:
+        return self._reexec
+
+    @property
     def roster(self) -> Roster:
         return self._roster
 

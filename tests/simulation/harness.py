@@ -22,6 +22,7 @@ from typing import Literal
 from envoy_autoreload.control import ControlConnection
 from envoy_autoreload.errors import ExitCode
 from envoy_autoreload.generations import GenerationStore, Outcome
+from envoy_autoreload.handover import Handover
 from envoy_autoreload.lineage import Lineage
 from envoy_autoreload.notify import Notifier
 from envoy_autoreload.settings import Settings
@@ -35,6 +36,7 @@ from tests.simulation.world import (
     SimGate,
     SimHealth,
     SimProcesses,
+    SimReactor,
     SimWorld,
 )
 
@@ -136,17 +138,8 @@ class Simulation:
             lineage = Lineage(store, self.world.config_bytes)
         self.lineage = lineage
         self.store = store if knobs.generations else None
-        self.supervisor = Supervisor(
-            self.settings,
-            self.world.reactor,
-            self.content if knobs.watch else None,
-            telemetry=self.telemetry,
-            processes=SimProcesses(self.world),
-            family=self.facts,
-            gate=self.gate,
-            lineage=lineage,
-            health=self.health if knobs.generations else None,
-        )
+        self.supervisor = self._new_supervisor()
+        self.reexecs = 0
         self.world.stopping = lambda: self.supervisor.stopping
         self.world.planned_stop = self._planned_stop
         self.exit_code: ExitCode | None = None
@@ -158,6 +151,44 @@ class Simulation:
         self._reasons: dict[int, str] = {}
         self.stop_requested = False
         self.tolerate_internal_errors = False  # a containment test injects them
+
+    def _new_supervisor(self) -> Supervisor:
+        """A core over this world: at the start, and as the new image after a re-exec."""
+        knobs = self.knobs
+        return Supervisor(
+            self.settings,
+            self.world.reactor,
+            self.content if knobs.watch else None,
+            telemetry=self.telemetry,
+            processes=SimProcesses(self.world),
+            family=self.facts,
+            gate=self.gate,
+            lineage=self.lineage,
+            health=self.health if knobs.generations else None,
+        )
+
+    def reexec(self) -> bool:
+        """The daemon re-executes itself at the next quiet moment: its state serialised
+        (as JSON, as in the memfd), and restored into a fresh core over the same world.
+        The exec's mechanics (self-test, fds, signal mask) run on the real binary in
+        tests/envoy/test_reexec.py. False when no quiet moment is here now."""
+        old = self.supervisor
+        if self.exited or old.stopping or not old.reexec.quiet():
+            return False
+        handover = Handover.from_bytes(old.reexec.export().to_bytes())
+        previous = self.world.reactor
+        fresh = SimReactor()
+        fresh.move_to(previous.now())
+        fresh.pending_signals = set(previous.pending_signals)  # blocked across the exec
+        self.world.reactor = fresh
+        knobs = self.knobs
+        self.content = SimContent(self.world, knobs.debounce_s, knobs.debounce_max_s)
+        self.telemetry = Telemetry(self.notifier)
+        self.supervisor = self._new_supervisor()
+        self.supervisor.begin_adopted(handover)
+        self.reexecs += 1
+        self.run_until_quiet()
+        return True
 
     # -- lifecycle ----------------------------------------------------------------
     def begin(self) -> None:

@@ -127,6 +127,12 @@ class DaemonInAWorld(RuleBasedStateMachine):
     def control_rollback(self) -> None:
         self.s.control_rollback()
 
+    @precondition(running)
+    @rule()
+    def reexec(self) -> None:
+        """The daemon re-executes itself in place (at its next quiet moment)."""
+        self.s.reexec()
+
     # -- faults ---------------------------------------------------------------------------
     @precondition(running)
     @rule(

@@ -1,0 +1,77 @@
+"""Re-exec in place in the simulation: the core's state serialised at a quiet moment
+and restored into a fresh core, while the modelled Envoys carry on."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+
+import pytest
+
+from envoy_autoreload.generations import Outcome
+from tests.simulation.harness import Knobs, Simulation
+from tests.simulation.model import ProcState
+
+
+@pytest.fixture
+def sim() -> Iterator[Simulation]:
+    simulation = Simulation(Knobs())
+    simulation.begin()
+    simulation.advance(1.0)
+    yield simulation
+    simulation.close()
+
+
+def serving(sim: Simulation) -> tuple[int, int] | None:
+    proc = sim.world.model.serving()
+    return (proc.epoch, proc.pid) if proc is not None else None
+
+
+def test_a_reexec_keeps_the_same_envoy_and_applies_the_next_change(sim: Simulation) -> None:
+    before = serving(sim)
+    assert sim.reexec()
+    assert serving(sim) == before
+    assert not [s for s in sim.world.model.signals if s.pid == before[1]]  # type: ignore[index]
+    new = sim.write(good=True)
+    sim.advance(1.0)
+    proc = sim.world.model.serving()
+    assert proc is not None and proc.content == new and proc.epoch == 1
+
+
+def test_a_draining_parent_is_still_tracked_after_a_reexec(sim: Simulation) -> None:
+    sim.write(good=True)
+    sim.advance(1.0)
+    assert [p.state for p in sim.world.model.alive()] == [ProcState.DRAINING, ProcState.LIVE]
+    assert sim.reexec()
+    sim.advance(5.0)  # epoch 0 ends its drain at its parent-shutdown time
+    assert [p.epoch for p in sim.world.model.alive()] == [1]
+    assert not sim.supervisor.internal_errors
+    sim.write(good=True)
+    sim.advance(1.0)
+    assert serving(sim) is not None and serving(sim)[0] == 2  # type: ignore[index]
+
+
+def test_probation_goes_on_across_a_reexec(sim: Simulation) -> None:
+    sick = sim.write(good=True, healthy=False)
+    sim.advance(0.4)  # LIVE; on probation; no verdict yet
+    assert sim.outcome(sick) is Outcome.PROBATION
+    assert sim.reexec()
+    sim.advance(5.0)
+    assert sim.outcome(sick) is not Outcome.GOOD, "the new image forgot the probation"
+
+
+def test_a_sighup_pending_at_the_exec_is_handled_by_the_new_image(sim: Simulation) -> None:
+    before = serving(sim)
+    sim.world.reactor.pending_signals.add(signal.SIGHUP)  # arrived while blocked
+    assert sim.reexec()
+    sim.advance(1.0)
+    after = serving(sim)
+    assert before is not None and after is not None and after[0] == before[0] + 1
+
+
+def test_no_reexec_while_a_restart_is_in_flight(sim: Simulation) -> None:
+    sim.gate.duration_s = 2.0
+    sim.send(signal.SIGHUP)
+    assert not sim.reexec(), "a validation would have had to cross the exec"
+    sim.advance(3.0)
+    assert sim.reexec()
