@@ -52,7 +52,14 @@ def image_argv() -> list[str]:
 
 
 class Reexec:
-    def __init__(self, parts: CoreParts, planner: Planner, inherited: dict[str, int]) -> None:
+    def __init__(
+        self,
+        parts: CoreParts,
+        planner: Planner,
+        inherited: dict[str, int],
+        *,
+        execs: bool = True,
+    ) -> None:
         self._parts = parts
         self._reactor = parts.reactor
         self._planner = planner
@@ -61,10 +68,14 @@ class Reexec:
         self._passed = False  # the self-test passed; exec at the next quiet moment
         self._clients: list[ControlConnection] = []
         self._self_test: RunningCommand | None = None
+        # False in the simulation: its harness performs the re-exec step itself.
+        self._execs = execs
 
     def tick(self) -> None:
         """After each event: start the self-test, or exec, once nothing is in flight."""
         if self.wanted is None or self._self_test is not None or not self.quiet():
+            return
+        if not self._execs:
             return
         if self._passed:
             self._exec()

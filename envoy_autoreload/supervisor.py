@@ -103,6 +103,7 @@ class Supervisor:
         lineage: Lineage | None = None,
         health: Health | None = None,
         status_fd: int | None = None,
+        execs: bool = True,
     ) -> None:
         self._settings = settings
         self._reactor = reactor
@@ -149,7 +150,7 @@ class Supervisor:
         control_fd = control.fileno() if control is not None else None
         named = {"control": control_fd, "status": status_fd}
         inherited = {name: fd for name, fd in named.items() if fd is not None}
-        self._reexec = Reexec(self._parts, self._planner, inherited)
+        self._reexec = Reexec(self._parts, self._planner, inherited, execs=execs)
         self._shutdown = Shutdown(
             reactor,
             roster,
@@ -157,7 +158,9 @@ class Supervisor:
             settings.term_wait_s,
             Stopping(self._gatekeeper.gate, telemetry, self._batches, control),
         )
-        self._containment = Containment(telemetry, self._heal)
+        self._containment = Containment(
+            telemetry, self._heal, reactor.now, lambda why: self.request_reexec(why)
+        )
         watch_limit = binding_limit("watches").value
         self._view = StatusView(roster, telemetry, family, changes, watch_limit, lineage)
         self._ever_served = False

@@ -75,3 +75,29 @@ def test_no_reexec_while_a_restart_is_in_flight(sim: Simulation) -> None:
     assert not sim.reexec(), "a validation would have had to cross the exec"
     sim.advance(3.0)
     assert sim.reexec()
+
+
+def test_a_fault_that_repeats_makes_the_daemon_reexec_with_envoy_untouched(
+    sim: Simulation,
+) -> None:
+    """Issue "re-exec in place", the fault path: the same internal error three times
+    within a minute is not limped on; a fresh core takes over the same Envoys."""
+    before = serving(sim)
+    faults = {"n": 0}
+
+    def broken(reason: str, changed: list[str] | None = None, events: int | None = None) -> int:
+        faults["n"] += 1
+        raise RuntimeError("injected fault in a handler")
+
+    sim.supervisor.request_restart = broken  # type: ignore[method-assign]
+    sim.tolerate_internal_errors = True
+    for _ in range(3):
+        sim.send(signal.SIGHUP)
+        sim.advance(1.0)
+    assert faults["n"] == 3
+    assert sim.reexecs == 1, "three faults in a minute did not re-exec the daemon"
+    assert serving(sim) == before
+    sim.tolerate_internal_errors = False
+    sim.send(signal.SIGHUP)
+    sim.advance(1.0)
+    assert serving(sim) is not None and serving(sim)[0] == before[0] + 1  # type: ignore[index]
