@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -26,6 +27,7 @@ from envoy_autoreload.errors import AutoreloadError, ExitCode, StartScriptError
 from envoy_autoreload.handover import Handover, HandoverError, read_inherited
 from envoy_autoreload.health import parse_health_url
 from envoy_autoreload.logs import LogFormat, configure_logging, log_event
+from envoy_autoreload.proc_adoption import LOST, Listeners, handover_from_proc
 from envoy_autoreload.settings import (
     DEFAULT_ENVOY,
     Settings,
@@ -414,7 +416,8 @@ def cli(
     if self_test:
         click.echo(f"self-test ok: envoy-autoreload {__version__}")
         sys.exit(0)
-    handover = _inherited_handover()
+    control_path = None if no_control_socket else (control_socket or default_control_socket())
+    handover = _inherited_handover(control_path, address)
     log_event(
         logger,
         logging.INFO,
@@ -428,18 +431,27 @@ def cli(
     sys.exit(int(_serve(settings, changes, address, control, handover)))
 
 
-def _inherited_handover() -> Handover | None:
+def _inherited_handover(
+    control_path: Path | None, status: tuple[str, int] | None
+) -> Handover | None:
     """What the previous image handed over, if this is a re-exec (reexec.py)."""
     try:
         return read_inherited(os.environ)
     except HandoverError as err:
+        listeners = Listeners(control_path.absolute() if control_path else None, status)
+        rebuilt = handover_from_proc(os.getpid(), time.monotonic(), listeners)
         log_event(
             logger,
             logging.ERROR,
             "daemon.adoption_failed",
-            f"{err}; starting as a new daemon",
+            f"{err}; "
+            + (
+                f"adopting the Envoys /proc shows instead (lost: {LOST})"
+                if rebuilt is not None
+                else "no Envoy of ours runs: starting as a new daemon"
+            ),
         )
-        return None
+        return rebuilt
 
 
 def _checked_binary_and_config(
