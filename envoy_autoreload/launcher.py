@@ -16,6 +16,7 @@ from collections.abc import Callable
 from envoy_autoreload.digest import Snapshot
 from envoy_autoreload.envoy_binary import BinaryInfo
 from envoy_autoreload.errors import SpawnError
+from envoy_autoreload.gatekeeper import Gatekeeper
 from envoy_autoreload.generations import ConfigGeneration
 from envoy_autoreload.lineage import Lineage
 from envoy_autoreload.logs import log_event
@@ -40,11 +41,11 @@ class Launcher:
         family: EnvoyFacts,
         lineage: Lineage,
         current: Callable[[], Snapshot | None],
-        binary: Callable[[], BinaryInfo | None],
+        gatekeeper: Gatekeeper,
     ) -> None:
         self._lineage = lineage
         self._current = current
-        self._binary = binary
+        self._gatekeeper = gatekeeper  # the newest binary that passed its checks
         # What a start script that cannot be executed means (ExitPolicy, set once built).
         self.exec_failed: ExecFailed | None = None
         self._settings = settings
@@ -79,7 +80,7 @@ class Launcher:
                 parent=parent,
                 covers_seq=covers_seq,
                 content=content,
-                binary=self._binary(),
+                binary=self._gatekeeper.binary,
                 config=config,
             )
             self._lineage.started(config, epoch)

@@ -33,6 +33,7 @@ from envoy_autoreload.control import ControlConnection, ControlReply
 from envoy_autoreload.handover import HANDOVER_FD_VARIABLE, Handover, write_memfd
 from envoy_autoreload.logs import flush_logs, log_event
 from envoy_autoreload.loop import SIGNAL_PRIORITY
+from envoy_autoreload.notify import Notifier
 from envoy_autoreload.planner import Planner
 from envoy_autoreload.states import GenerationState, Timer
 from envoy_autoreload.telemetry import brief_error
@@ -57,9 +58,11 @@ class Reexec:
         parts: CoreParts,
         planner: Planner,
         inherited: dict[str, int],
+        notifier: Notifier,
         *,
         execs: bool = True,
     ) -> None:
+        self._notifier = notifier
         self._parts = parts
         self._reactor = parts.reactor
         self._planner = planner
@@ -215,6 +218,8 @@ class Reexec:
             epochs=[g.epoch for g in handover.generations],
             pids=[g.pid for g in handover.generations],
         )
+        # systemd: reloading until the new image says READY=1 (with its MAINPID, ours).
+        self._notifier.reloading("re-executing envoy-autoreload; Envoy keeps serving")
         flush_logs()
         for number in inherit:
             os.set_inheritable(number, True)

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import Callable, Hashable
 from typing import assert_never
@@ -113,7 +114,7 @@ class Supervisor:
         self._batches = Batches(reactor, self._desk, telemetry)
         self._family = family = family or EnvoyFamily(settings)
         self._processes = processes or ScriptSpawner(settings.start_script, settings.script_args)
-        self._roster = roster = Roster(self._processes, reactor)
+        self._roster = Roster(self._processes, reactor)
         self._planner = Planner()
         self._lineage = lineage = lineage or Lineage(None, bytes)
         self._health = health
@@ -121,49 +122,42 @@ class Supervisor:
             Watching(settings, reactor, changes, telemetry) if changes is not None else None
         )
         self._triggers = Triggers(changes.roots if changes is not None else ())
-        self._gatekeeper = Gatekeeper(
-            settings,
-            gate or CommandGate(settings, reactor, Timer.COMMAND_DEADLINE),
-            self._batches,
-            family,
-            lineage,
-        )
-        self._launcher = Launcher(
-            settings,
-            reactor,
-            roster,
-            family,
-            lineage,
-            self.current,
-            lambda: self._gatekeeper.binary,
-        )
-        self._recovery = Recovery(
-            settings, reactor, roster, family, self._planner, self._batches, self.current, lineage
-        )
-        self._rollbacks = Rollbacks(settings, reactor, roster, self._planner, lineage, telemetry)
-        self._probation = Probation(settings, reactor, health, lineage, self._rollbacks)
+        gate = gate or CommandGate(settings, reactor, Timer.COMMAND_DEADLINE)
+        self._gatekeeper = Gatekeeper(settings, gate, self._batches, family, lineage)
+        self._assemble_starting(health)
         self._assemble_deciders(family, telemetry)
-        self._parts = CoreParts(
-            reactor, roster, self._batches, self._recovery, lineage, self._probation,
-            self._gatekeeper, family,
-        )  # fmt: skip
-        control_fd = control.fileno() if control is not None else None
-        named = {"control": control_fd, "status": status_fd}
-        inherited = {name: fd for name, fd in named.items() if fd is not None}
-        self._reexec = Reexec(self._parts, self._planner, inherited, execs=execs)
-        self._shutdown = Shutdown(
-            reactor,
-            roster,
-            family,
-            settings.term_wait_s,
-            Stopping(self._gatekeeper.gate, telemetry, self._batches, control),
-        )
-        self._containment = Containment(
-            telemetry, self._heal, reactor.now, lambda why: self.request_reexec(why)
-        )
+        self._assemble_reexec(control, status_fd, execs)
+        stopping = Stopping(gate, telemetry, self._batches, control)
+        self._shutdown = Shutdown(reactor, self._roster, family, settings.term_wait_s, stopping)
+        self._containment = Containment(telemetry, self._heal, reactor.now, self.request_reexec)
         watch_limit = binding_limit("watches").value
-        self._view = StatusView(roster, telemetry, family, changes, watch_limit, lineage)
+        self._view = StatusView(self._roster, telemetry, family, changes, watch_limit, lineage)
         self._ever_served = False
+
+    def _assemble_starting(self, health: Health | None) -> None:
+        """What starts generations, and what watches them after LIVE."""
+        settings, reactor, roster = self._settings, self._reactor, self._roster
+        family, lineage, planner = self._family, self._lineage, self._planner
+        keeper = self._gatekeeper
+        self._launcher = Launcher(settings, reactor, roster, family, lineage, self.current, keeper)
+        self._recovery = Recovery(
+            settings, reactor, roster, family, planner, self._batches, self.current, lineage
+        )
+        self._rollbacks = Rollbacks(settings, reactor, roster, planner, lineage, self._telemetry)
+        self._probation = Probation(settings, reactor, health, lineage, self._rollbacks)
+
+    def _assemble_reexec(
+        self, control: ControlServer | None, status_fd: int | None, execs: bool
+    ) -> None:
+        """Re-exec in place: what crosses the exec, and the descriptors that must."""
+        self._parts = CoreParts(
+            self._reactor, self._roster, self._batches, self._recovery, self._lineage,
+            self._probation, self._gatekeeper, self._family,
+        )  # fmt: skip
+        named = {"control": control.fileno() if control is not None else None, "status": status_fd}
+        inherited = {name: fd for name, fd in named.items() if fd is not None}
+        notifier = self._telemetry.notifier
+        self._reexec = Reexec(self._parts, self._planner, inherited, notifier, execs=execs)
 
     def _assemble_deciders(self, family: EnvoyFacts, telemetry: Telemetry) -> None:
         """The modules that decide with the supervisor share its planner and batches;
@@ -231,6 +225,7 @@ class Supervisor:
         self._open_readers()
         adopt_family(self._parts, handover, self.current(), self.request_restart)
         self._ever_served = True
+        self._telemetry.notifier.send(MAINPID=str(os.getpid()))
         self._telemetry.serving_again(self.status_text())
 
     def request_reexec(self, reason: str, conn: ControlConnection | None = None) -> None:
