@@ -25,6 +25,7 @@ from envoy_autoreload.digest import Snapshot
 from envoy_autoreload.envoy_binary import BinaryInfo
 from envoy_autoreload.gatekeeper import Gatekeeper
 from envoy_autoreload.handover import GenerationRecord, Handover
+from envoy_autoreload.launcher import Launcher
 from envoy_autoreload.lineage import Lineage
 from envoy_autoreload.logs import log_event
 from envoy_autoreload.ports import EnvoyFacts, Reactor
@@ -48,6 +49,7 @@ class CoreParts:
     probation: Probation
     gatekeeper: Gatekeeper
     family: EnvoyFacts
+    launcher: Launcher  # empties Envoy's stderr pipes before the exec
 
 
 def export_state(parts: CoreParts) -> Handover:

@@ -119,6 +119,10 @@ class Reexec:
         handover = self.export()
         clients = [conn.fileno() for conn in self._clients]
         handover = dataclasses.replace(handover, waiting_clients=clients, inherited=self._inherited)
+        for gen in self._parts.roster.alive():
+            # Envoy blocks writing to a full pipe: empty each before the blind window
+            # (docs/FACTS-reexec.md R4).
+            self._parts.launcher.pump_output(gen)
         stderr = [g.stderr_fd for g in handover.generations if g.stderr_fd is not None]
         self._passed = False
         self.exec_now(handover, [*stderr, *self._inherited.values(), *clients])

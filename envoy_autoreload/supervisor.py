@@ -152,7 +152,7 @@ class Supervisor:
         """Re-exec in place: what crosses the exec, and the descriptors that must."""
         self._parts = CoreParts(
             self._reactor, self._roster, self._batches, self._recovery, self._lineage,
-            self._probation, self._gatekeeper, self._family,
+            self._probation, self._gatekeeper, self._family, self._launcher,
         )  # fmt: skip
         named = {"control": control.fileno() if control is not None else None, "status": status_fd}
         inherited = {name: fd for name, fd in named.items() if fd is not None}
