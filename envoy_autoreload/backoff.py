@@ -74,6 +74,14 @@ class DeathPacing:
         self._quick_in_a_row = 0
         self._last_death_at: float | None = None
 
+    def export(self) -> dict[str, float | int | None]:
+        return {"quick_in_a_row": self._quick_in_a_row, "last_death_at": self._last_death_at}
+
+    def restore(self, saved: dict[str, object]) -> None:
+        quick, last = saved.get("quick_in_a_row"), saved.get("last_death_at")
+        self._quick_in_a_row = quick if isinstance(quick, int) else 0
+        self._last_death_at = float(last) if isinstance(last, int | float) else None
+
     def delay_after(self, served_s: float, now: float) -> float:
         last, self._last_death_at = self._last_death_at, now
         if last is not None and now - last > self.forget_s:

@@ -169,6 +169,7 @@ class Recovery:
             "cold_attempt_seq": self._cold_attempt_seq,
             "cold_failures": self._cold_failures,
             "crash_failures": self._crash_budget.export(),
+            "death_pacing": self._death_pacing.export(),
         }
 
     def restore(self, saved: dict[str, object]) -> None:
@@ -181,6 +182,9 @@ class Recovery:
         self._cold_failures = failures if isinstance(failures, int) else 0
         if isinstance(crashes, list):
             self._crash_budget.restore([float(at) for at in crashes])
+        pacing = saved.get("death_pacing")
+        if isinstance(pacing, dict):
+            self._death_pacing.restore(pacing)
 
     def served_again(self) -> None:
         self._cold_failures = 0

@@ -217,7 +217,7 @@ class Reexec:
         log_event(
             logger,
             logging.INFO,
-            "reexec.exec",
+            "daemon.reexec",
             "handing over to a new image of the daemon; Envoy keeps serving",
             epochs=[g.epoch for g in handover.generations],
             pids=[g.pid for g in handover.generations],

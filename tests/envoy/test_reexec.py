@@ -104,7 +104,7 @@ def test_sigusr2_keeps_envoy_serving_with_the_same_pids_and_changes_still_apply(
         daemon.signal(signal.SIGUSR2)
         adopted = _reexeced(daemon)
         probe.wait_for_body("v0")  # a client arriving after the take-over is served
-        exec_event = daemon.wait_event("reexec.exec")
+        exec_event = daemon.wait_event("daemon.reexec")
         requested = daemon.wait_event("reexec.requested", reason="SIGUSR2")
         assert requested["line"] < exec_event["line"] < adopted["line"]
         assert exec_event["epochs"] == adopted["epochs"] == [0], (exec_event, adopted)
@@ -192,7 +192,7 @@ def test_a_reexec_asked_for_during_a_validation_waits_for_the_restart(
     requested = daemon.wait_event("reexec.requested", reason="SIGUSR2")
     passed = daemon.wait_event("validation.passed", count=2)  # the first: at start
     serving = daemon.wait_event("child.serving", epoch=1)
-    exec_event = daemon.wait_event("reexec.exec")
+    exec_event = daemon.wait_event("daemon.reexec")
     assert requested["line"] < passed["line"], "SIGUSR2 did not arrive during the validation"
     assert serving["line"] < exec_event["line"] < adopted["line"]
     assert serving["pid"] in adopted["pids"], (serving, adopted)
@@ -219,7 +219,7 @@ def test_a_sighup_in_the_exec_window_is_handled_once_by_the_new_image(
     daemon.wait_event("child.serving", epoch=0)
     # No file change: the SIGHUP alone asks for a restart (of the same content).
     daemon.signal(signal.SIGUSR2)
-    _wait_line(daemon, '"reexec.exec"')
+    _wait_line(daemon, '"daemon.reexec"')
     daemon.signal(signal.SIGHUP)
     log = daemon.log_path.read_text(errors="replace")
     before_new_image = ADOPTED_MESSAGE not in log  # the new image had not logged a line
@@ -316,7 +316,7 @@ def test_a_broken_new_image_is_refused_and_a_repaired_one_takes_effect(
     message = str(event["message"])
     assert "\n" not in message and "Traceback" not in message, message
     assert "self-test failed: SyntaxError" in message and "carries on" in message, message
-    assert not daemon.events("reexec.exec")
+    assert not daemon.events("daemon.reexec")
     started = daemon.events("daemon.started")
     assert len(started) == 1 and started[0]["pid"] == daemon.pid, started
     assert daemon.process.poll() is None

@@ -101,3 +101,18 @@ def test_a_fault_that_repeats_makes_the_daemon_reexec_with_envoy_untouched(
     sim.send(signal.SIGHUP)
     sim.advance(1.0)
     assert serving(sim) is not None and serving(sim)[0] == before[0] + 1  # type: ignore[index]
+
+
+def test_the_crash_pacing_goes_on_across_a_reexec(sim: Simulation) -> None:
+    """Quick deaths in a row back off; a re-exec between them must not reset that (an
+    Envoy that keeps dying soon after LIVE is a crash loop, whoever watches it)."""
+    for _ in range(2):  # two quick deaths: the second already waits 1 s
+        assert sim.kill_proc(ProcState.LIVE)
+        sim.advance(3.0)
+        assert serving(sim) is not None
+    assert sim.reexec()
+    assert sim.kill_proc(ProcState.LIVE)
+    died_at = sim.now
+    sim.advance(5.0)
+    restarted = [s.at for s in sim.world.spawned if s.at >= died_at]
+    assert restarted and restarted[0] - died_at >= 2.0, "the pacing was reset by the re-exec"
