@@ -48,6 +48,7 @@ class Settings:
     health_window_s: float = 10.0
     health_urls: tuple[str, ...] = ()
     rollback: bool = True
+    watch_referenced: bool = True  # the files the config names (certificates, Lua...)
 
     def watch_roots(self) -> list[WatchRoot]:
         """Nothing without --watch (the drop-in restarter); with it, every --watch path

@@ -13,11 +13,11 @@ from pathlib import Path
 
 from envoy_autoreload.digest import Snapshot
 from envoy_autoreload.envoy_config import load_bootstrap
-from envoy_autoreload.envoy_outputs import paths_envoy_writes
 from envoy_autoreload.errors import ConfigError
 from envoy_autoreload.limits import check_limits
 from envoy_autoreload.logs import log_event
 from envoy_autoreload.ports import Content, Reactor
+from envoy_autoreload.references import References, files_envoy_reads
 from envoy_autoreload.settings import Settings
 from envoy_autoreload.states import Timer
 from envoy_autoreload.telemetry import Telemetry
@@ -34,6 +34,7 @@ class Watching:
         self._reactor = reactor
         self.changes = changes
         self._telemetry = telemetry
+        self._referenced_said = False
 
     def start(self) -> None:
         changes = self.changes
@@ -64,11 +65,12 @@ class Watching:
             )
 
     def exclude_envoy_outputs(self, snapshot: Path | None = None) -> None:
-        """Files Envoy writes (access logs) inside a watched tree are no config: each
-        `envoy --mode validate` reopens them and every request grows them, so leaving
-        them in the digest is a restart loop (REVIEW-core finding 15). Exclusions only
-        grow: a draining epoch still writes the old config's log. Read from the snapshot
-        that will run, when there is one."""
+        """Follow the config that will run (its snapshot, when there is one): files
+        Envoy writes (access logs) inside a watched tree are no config: each `envoy
+        --mode validate` reopens them and every request grows them, so leaving them in
+        the digest is a restart loop (REVIEW-core finding 15); exclusions only grow, as
+        a draining epoch still writes the old config's log. Files it makes Envoy read at
+        start (certificates, Lua) are watched like `--watch` paths (`references.py`)."""
         config = snapshot or self._settings.config
         if config is None:
             return
@@ -76,9 +78,29 @@ class Watching:
             document = load_bootstrap(config)
         except ConfigError:
             return  # Envoy's own validation says what is wrong with it
-        if isinstance(document, Mapping):
-            # Relative paths are Envoy's, and Envoy runs in our working directory.
-            self.changes.exclude_paths(paths_envoy_writes(document, Path.cwd()))
+        if not isinstance(document, Mapping):
+            return
+        # Relative paths are Envoy's, and Envoy runs in our working directory.
+        references = files_envoy_reads(document, Path.cwd())
+        # What Envoy writes or reloads itself is no change to restart for, even inside
+        # a watched tree (path-based xDS: Envoy picks a change up without a restart).
+        self.changes.exclude_paths(p for p, _why in references.excluded)
+        if self._settings.watch_referenced:
+            self._follow_references(references)
+
+    def _follow_references(self, references: References) -> None:
+        changed = self.changes.watch_referenced(references.reads)
+        if not changed and (self._referenced_said or not references.excluded):
+            return
+        self._referenced_said = True
+        log_event(
+            logger,
+            logging.INFO,
+            "watch.referenced",
+            "files the config names are watched too; a change restarts Envoy",
+            files=sorted(str(p) for p in references.reads),
+            excluded=[f"{path}: {why}" for path, why in references.excluded],
+        )
 
     def on_readable(self) -> None:
         self._telemetry.watch_events.inc(self.changes.on_readable(self._reactor.now()))

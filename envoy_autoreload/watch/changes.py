@@ -48,6 +48,7 @@ class ChangeDetector:
     ) -> None:
         self._noise = NoiseFilter(ignore_globs)
         self._scanner = ContentScanner(roots, self._noise)
+        self._given_roots = self._scanner.roots  # --watch, --config, the binary
         self._watcher_kind = watcher_kind
         self._watcher: Watcher | None = None
         self._debouncer = Debouncer(quiet_s, max_wait_s)
@@ -72,6 +73,22 @@ class ChangeDetector:
         The real walk that follows re-reads no file (the stat cache has them)."""
         self.snapshot = self._scanner.scan()
         return self.snapshot
+
+    def watch_referenced(self, paths: Iterable[Path]) -> bool:
+        """Watch these files too (the ones the config makes Envoy read: `references.py`),
+        in place of the ones given before; True when the set changed. Watches follow at
+        the next walk, which happens now once watching runs."""
+        given = [root.path for root in self._given_roots]
+        extra = tuple(
+            WatchRoot(p) for p in sorted(set(paths)) if not any(p.is_relative_to(g) for g in given)
+        )
+        roots = (*self._given_roots, *extra)
+        if roots == self._scanner.roots:
+            return False
+        self._scanner.roots = roots
+        if self._watcher is not None:
+            self._rescan()
+        return True
 
     def exclude_paths(self, paths: Iterable[Path]) -> None:
         """Leave these exact files out of the digest and out of event counts from now on.

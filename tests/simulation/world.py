@@ -401,6 +401,9 @@ class SimContent:
     def exclude_paths(self, paths: Iterable[Path]) -> None:
         return None
 
+    def watch_referenced(self, paths: Iterable[Path]) -> bool:
+        return False  # the modelled config names no other files
+
     def close(self) -> None:
         return None
 

@@ -1,0 +1,87 @@
+"""Which files an Envoy bootstrap makes Envoy read once, at start: they restart it too.
+
+Envoy reads certificates, keys, CAs, CRLs, Lua sources and `direct_response` bodies named
+by a DataSource `filename` once, when it starts; a renewed certificate outside `--watch`
+changes nothing until someone restarts by hand (upstream #10387, #891; consul #8198). So
+the daemon watches every such file like a `--watch` path.
+
+What is left out, and why (each named in `watch.referenced` and `--check`):
+- files Envoy writes (access logs: `envoy_outputs.py`): watched, they restart Envoy at
+  every request (REVIEW-core finding 15);
+- files Envoy watches itself: a path-based xDS source (`path_config_source`, or a
+  legacy `path`) and SDS secrets under a `watched_directory`: Envoy reloads them
+  without a restart, and a restart for them would only cut connections;
+- standard streams and other devices.
+
+Pure: the caller parses the bootstrap and passes the document; nothing here reads a file.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from envoy_autoreload.envoy_outputs import paths_envoy_writes
+
+WATCHED_BY_ENVOY: Final = "Envoy watches it itself and reloads it without a restart"
+WRITTEN_BY_ENVOY: Final = "Envoy writes it (an access log): it would restart Envoy at each request"
+
+
+@dataclass(frozen=True, slots=True)
+class References:
+    reads: frozenset[Path]  # to watch: a change restarts Envoy
+    excluded: tuple[tuple[Path, str], ...]  # named, not watched, and why
+
+
+def files_envoy_reads(document: Mapping[str, object], base: Path) -> References:
+    """The files `document` makes Envoy read at start, and those left out (with why).
+    `base` is Envoy's working directory, which relative paths are taken from."""
+    reads: set[Path] = set()
+    itself: set[Path] = set()
+    for raw, watched in _filenames(document, watched=False):
+        if raw.startswith(("/dev/", "/proc/")):
+            continue
+        (itself if watched else reads).add(Path(os.path.abspath(base / raw)))
+    for raw in _xds_paths(document):
+        itself.add(Path(os.path.abspath(base / raw)))
+    written = paths_envoy_writes(document, base)
+    excluded = [(p, WRITTEN_BY_ENVOY) for p in sorted(written)]
+    excluded += [(p, WATCHED_BY_ENVOY) for p in sorted(itself - written)]
+    return References(frozenset(reads - written - itself), tuple(excluded))
+
+
+def _filenames(node: object, *, watched: bool) -> Iterator[tuple[str, bool]]:
+    """Every DataSource `filename` (a dict with a string `filename`), and whether it
+    sits under an SDS secret with a `watched_directory` (Envoy reloads those)."""
+    if isinstance(node, Mapping):
+        inside = watched or "watched_directory" in node
+        filename = node.get("filename")
+        if isinstance(filename, str) and filename:
+            yield filename, inside
+        for key, value in node.items():
+            if key != "filename":
+                yield from _filenames(value, watched=inside)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _filenames(item, watched=watched)
+
+
+def _xds_paths(node: object) -> Iterator[str]:
+    """Files of path-based xDS sources: `{path_config_source: {path: ...}}` or the
+    legacy `{path: ...}` inside a config source."""
+    if isinstance(node, Mapping):
+        source = node.get("path_config_source")
+        if isinstance(source, Mapping) and isinstance(source.get("path"), str):
+            yield str(source["path"])
+        for key in ("cds_config", "lds_config"):
+            config = node.get(key)
+            if isinstance(config, Mapping) and isinstance(config.get("path"), str):
+                yield str(config["path"])
+        for value in node.values():
+            yield from _xds_paths(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from _xds_paths(item)
