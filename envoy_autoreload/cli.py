@@ -171,6 +171,13 @@ SECONDS = click.FloatRange(min=0.0)
     help="Do not restart when the Envoy binary changes.",
 )
 @click.option(
+    "--no-watch-referenced",
+    is_flag=True,
+    envvar=_env("NO_WATCH_REFERENCED"),
+    show_envvar=True,
+    help="Do not watch the files the config names (certificates, keys, Lua, bodies).",
+)
+@click.option(
     "--watcher",
     type=click.Choice(["auto", "inotify", "watchdog"]),
     default="auto",
@@ -349,6 +356,7 @@ def cli(
     watch: tuple[Path, ...],
     envoy: str,
     no_watch_binary: bool,
+    no_watch_referenced: bool,
     watcher: WatcherKind,
     ignore: tuple[str, ...],
     debounce_s: float,
@@ -393,6 +401,7 @@ def cli(
         watch=tuple(p.absolute() for p in watch),
         envoy=envoy_path,
         watch_binary=not no_watch_binary,
+        watch_referenced=not no_watch_referenced,
         watcher=watcher,
         ignore=ignore,
         debounce_s=debounce_s,
