@@ -4,7 +4,9 @@ For an operator before a rollout (and for CI of a config repository): the same c
 the daemon makes at start-up, each reported on one line as ok, warn or FAIL, and an
 exit status of 0 when all is well and 1 when something would fail. Warnings (a start
 script we cannot prove passes the epoch on, a missing watch path, a state directory the
-daemon could not use) do not fail: the daemon runs on with them, only with less.
+daemon could not use) do not fail: the daemon runs on with them, only with less. The
+hot-restart traps (traps.py: another Envoy on the base id, /dev/shm, single-file bind
+mounts, `--disable-hot-restart`, a `-c` other than --config) are the daemon's too.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from envoy_autoreload.limits import check_limits
 from envoy_autoreload.settings import Settings
 from envoy_autoreload.settings import check_config as settings_check_config
 from envoy_autoreload.settings import check_start_script as settings_check_start_script
+from envoy_autoreload.traps import startup_traps
 from envoy_autoreload.validation import BinaryInfo, Preflight, run_preflight_now
 from envoy_autoreload.watch.changes import ChangeDetector
 
@@ -260,6 +263,18 @@ def check_config(settings: Settings, binary: BinaryInfo | None) -> list[Finding]
     return findings
 
 
+_TRAP_STATUS = {"info": Status.OK, "warning": Status.WARN, "error": Status.FAIL}
+
+
+def check_traps(settings: Settings) -> list[Finding]:
+    """The hot-restart traps (traps.py), which the daemon's start-up asks too: another
+    Envoy on the base id, /dev/shm, single-file bind mounts, the script's flags."""
+    return [
+        Finding(_TRAP_STATUS[trap.level], trap.topic, trap.message)
+        for trap in startup_traps(settings)
+    ]
+
+
 def check_watching(settings: Settings, changes: ChangeDetector | None) -> list[Finding]:
     if changes is None:
         return [Finding(Status.OK, "watch", "no --watch: restarts only on SIGHUP (drop-in mode)")]
@@ -299,6 +314,7 @@ def run_check(
     """Print the findings; 0 when nothing would fail, 1 otherwise."""
     findings = check_start_script(settings.start_script)
     findings += check_snapshot_use(settings)
+    findings += check_traps(settings)
     binary_findings, binary = check_binary(settings)
     findings += binary_findings
     findings += check_config(settings, binary)
