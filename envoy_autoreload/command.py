@@ -157,6 +157,10 @@ def run_now(argv: list[str], timeout_s: float) -> CommandResult:
             _text(err.stderr),
             time.monotonic() - started,
         )
+    except OSError as err:
+        # Not executable by us (EACCES), gone, not a binary: the caller's verdict says
+        # so in one line, as for the same failure in the loop (`RunningCommand`).
+        return CommandResult(tuple(argv), 127, "", str(err), time.monotonic() - started)
     return CommandResult(
         tuple(argv),
         completed.returncode,
