@@ -80,6 +80,7 @@ from envoy_autoreload.states import (
 )
 from envoy_autoreload.status import StatusView
 from envoy_autoreload.telemetry import Telemetry
+from envoy_autoreload.traps import startup_traps
 from envoy_autoreload.triggers import Triggers
 from envoy_autoreload.watching import Watching
 
@@ -539,6 +540,15 @@ class Supervisor:
         self._view.publish(self.state, self._gatekeeper.binary)
 
 
+def log_traps(settings: Settings) -> None:
+    """What `--check` would warn about (another family on our base id, hot restart
+    disabled, a single-file bind mount...), once, as the daemon starts."""
+    for trap in startup_traps(settings):
+        if trap.level != "info":
+            level = logging.ERROR if trap.level == "error" else logging.WARNING
+            log_event(logger, level, "startup.trap", trap.message, topic=trap.topic)
+
+
 def run(
     settings: Settings,
     changes: Content | None = None,
@@ -549,6 +559,8 @@ def run(
     handover: Handover | None = None,
 ) -> ExitCode:
     """Supervise until stopped; the reactor's signal handlers live exactly this long."""
+    if handover is None:
+        log_traps(settings)
     with RealReactor() as reactor, contextlib.ExitStack() as stack:
         lineage = open_lineage(settings)
         stack.callback(lineage.close)

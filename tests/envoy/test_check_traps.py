@@ -223,3 +223,18 @@ def test_the_script_is_read_as_sh_would_expand_it(tmp_path: Path) -> None:
     assert expand("${A:-${B:-x}}", {}) == "x"
     assert expand("${A:-x}", {"A": ""}) == "x" and expand("${A-x}", {"A": ""}) == ""
     assert expand("$(cat f)", {}) is None and expand("$UNSET", {}) is None
+
+
+def test_the_daemon_logs_the_same_traps_once_at_start_up(envoy_family: EnvoyFamily) -> None:
+    """A script that starts another file than --config: --check warns, and so does the
+    running daemon, once, as it starts."""
+    other = envoy_family.root / "elsewhere" / "envoy.yaml"
+    other.parent.mkdir()
+    other.write_text(envoy_family.config.read_text())
+    envoy_family.write_script(snapshot=False)
+    daemon = envoy_family.start("--config", str(other))
+    daemon.wait_event("child.serving", epoch=0)
+    traps = daemon.events("startup.trap")
+    assert len(traps) == 1, traps
+    assert traps[0]["level"] == "warning" and traps[0]["topic"] == "start script"
+    assert str(other) in traps[0]["message"] and str(envoy_family.config) in traps[0]["message"]
