@@ -14,13 +14,14 @@ from __future__ import annotations
 import enum
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from envoy_autoreload.envoy_config import admin_address_from_config
-from envoy_autoreload.errors import AutoreloadError
+from envoy_autoreload.envoy_config import admin_address_from_config, load_bootstrap
+from envoy_autoreload.errors import AutoreloadError, ConfigError
 from envoy_autoreload.limits import check_limits
+from envoy_autoreload.references import files_envoy_reads
 from envoy_autoreload.settings import Settings
 from envoy_autoreload.settings import check_config as settings_check_config
 from envoy_autoreload.settings import check_start_script as settings_check_start_script
@@ -275,6 +276,29 @@ def check_traps(settings: Settings) -> list[Finding]:
     ]
 
 
+def check_referenced(settings: Settings, changes: ChangeDetector | None) -> list[Finding]:
+    """The files the config names that are watched too, and those left out and why
+    (references.py); the watch counts below include them."""
+    if changes is None or settings.config is None or not settings.watch_referenced:
+        return []
+    try:
+        document = load_bootstrap(settings.config)
+    except ConfigError:
+        return []  # the config line says what is wrong with it
+    if not isinstance(document, Mapping):
+        return []
+    refs = files_envoy_reads(document, Path.cwd())
+    changes.watch_referenced(refs.reads)
+    findings = [
+        Finding(Status.OK, "referenced", f"{path}: watched too (Envoy reads it at start)")
+        for path in sorted(refs.reads)
+    ]
+    findings += [
+        Finding(Status.OK, "referenced", f"{path}: left out: {why}") for path, why in refs.excluded
+    ]
+    return findings
+
+
 def check_watching(settings: Settings, changes: ChangeDetector | None) -> list[Finding]:
     if changes is None:
         return [Finding(Status.OK, "watch", "no --watch: restarts only on SIGHUP (drop-in mode)")]
@@ -319,6 +343,7 @@ def run_check(
     findings += binary_findings
     findings += check_config(settings, binary)
     findings += check_state_dir(settings)
+    findings += check_referenced(settings, changes)
     findings += check_watching(settings, changes)
     width = max(len(f.topic) for f in findings)
     for finding in findings:

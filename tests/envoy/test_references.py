@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.daemon import run_cli
 from tests.envoy.conftest import HCM_TYPE, EnvoyFamily
 from tests.helpers import wait_until
 
@@ -200,3 +201,18 @@ def test_a_path_based_xds_file_in_the_watched_tree_restarts_nothing(
     assert reload.returncode == 0 and "unchanged" in reload.stdout, reload
     assert not [e for e in daemon.events("child.started") if e["epoch"] > 0]
     assert not [e for e in daemon.events("restart.requested") if e["reason"] == "files_changed"]
+
+
+def test_check_names_what_is_watched_too_and_what_is_left_out(
+    envoy_family: EnvoyFamily, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    body = tmp_path_factory.mktemp("outside-the-watch") / "body.txt"
+    body.write_text("from the file")
+    log = envoy_family.root / "access.log"
+    text = envoy_family.render("x", access_log=log)
+    envoy_family.write_raw(text.replace(INLINE.format(body="x"), f'body: {{ filename: "{body}" }}'))
+    result = run_cli(["--check", *envoy_family.watched(), str(envoy_family.script)])
+    assert result.returncode == 0, result.stdout + result.stderr
+    referenced = [line for line in result.stdout.splitlines() if " referenced " in line]
+    assert any(f"{body}: watched too" in line for line in referenced), result.stdout
+    assert any(f"{log}: left out: Envoy writes it" in line for line in referenced), result.stdout
