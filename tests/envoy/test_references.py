@@ -216,3 +216,37 @@ def test_check_names_what_is_watched_too_and_what_is_left_out(
     referenced = [line for line in result.stdout.splitlines() if " referenced " in line]
     assert any(f"{body}: watched too" in line for line in referenced), result.stdout
     assert any(f"{log}: left out: Envoy writes it" in line for line in referenced), result.stdout
+
+
+def test_the_watches_follow_a_config_that_names_other_files(
+    envoy_family: EnvoyFamily, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    outside = tmp_path_factory.mktemp("outside-the-watch")
+    first, second = outside / "first.txt", outside / "second.txt"
+    first.write_text("first")
+    second.write_text("second")
+    text = envoy_family.render("x")
+
+    def naming(body: Path) -> str:
+        return text.replace(INLINE.format(body="x"), f'body: {{ filename: "{body}" }}')
+
+    envoy_family.write_raw(naming(first))
+    daemon = envoy_family.start(*envoy_family.watched("--health-window", "0"))
+    daemon.wait_event("child.serving", epoch=0)
+    envoy_family.write_raw(naming(second))
+    daemon.wait_event("child.serving", epoch=1)
+    _serves(envoy_family, "second")
+    assert daemon.events("watch.referenced")[-1]["files"] == [str(second)]
+    _write_atomically(second, "second, renewed")
+    daemon.wait_event("child.serving", epoch=2)
+    _serves(envoy_family, "second, renewed")
+    _write_atomically(first, "first, no longer named")  # restarts nothing
+    reload = subprocess.run(
+        [str(CTL), "--control-socket", str(daemon.log_path.with_suffix(".sock")), "reload"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert reload.returncode == 0 and "unchanged" in reload.stdout, reload
+    assert not [e for e in daemon.events("child.started") if e["epoch"] > 2]
