@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NoReturn
 
 import click
 
@@ -23,10 +23,10 @@ from envoy_autoreload import __version__
 from envoy_autoreload.check import run_check
 from envoy_autoreload.control import ControlServer, default_control_socket
 from envoy_autoreload.envoy_config import AdminAddress, parse_admin_address
-from envoy_autoreload.errors import AutoreloadError, ExitCode, StartScriptError
+from envoy_autoreload.errors import AutoreloadError, BinaryError, ExitCode, StartScriptError
 from envoy_autoreload.handover import Handover, HandoverError, read_inherited
 from envoy_autoreload.health import parse_health_url
-from envoy_autoreload.logs import LogFormat, configure_logging, log_event
+from envoy_autoreload.logs import LogFormat, configure_logging, flush_logs, log_event
 from envoy_autoreload.proc_adoption import LOST, Listeners, handover_from_proc
 from envoy_autoreload.settings import (
     DEFAULT_ENVOY,
@@ -39,6 +39,7 @@ from envoy_autoreload.settings import (
 from envoy_autoreload.status_server import StatusServer, parse_status_address
 from envoy_autoreload.supervisor import run
 from envoy_autoreload.telemetry import Telemetry
+from envoy_autoreload.validation import Preflight, at_start_up, run_preflight_now
 from envoy_autoreload.watch import WatcherKind
 from envoy_autoreload.watch.changes import ChangeDetector
 
@@ -427,6 +428,8 @@ def cli(
         sys.exit(0)
     control_path = None if no_control_socket else (control_socket or default_control_socket())
     handover = _inherited_handover(control_path, address)
+    if handover is None:
+        _refuse_a_binary_that_is_not_envoy(settings)
     log_event(
         logger,
         logging.INFO,
@@ -438,6 +441,43 @@ def cli(
     )
     control = _OpenControl(no_control_socket, control_socket)
     sys.exit(int(_serve(settings, changes, address, control, handover)))
+
+
+def _exit_with(err: AutoreloadError) -> NoReturn:
+    """A start-up refusal: the one line the operator reads, after what was logged."""
+    flush_logs()
+    click.echo(f"envoy-autoreload: error: {err}", err=True)
+    sys.exit(int(err.exit_code))
+
+
+def _refuse_a_binary_that_is_not_envoy(settings: Settings) -> None:
+    """Before `daemon.started`: a binary that is not Envoy is one line and exit 2, not a
+    daemon that starts and then refuses it. The gate checks it again at epoch 0 (the
+    same condition as `CommandGate.enabled`): a moment later, and a swap in between is
+    refused there."""
+    envoy = settings.envoy
+    checked = (settings.validate and settings.config is not None) or (
+        settings.watch_binary and bool(settings.watch)
+    )
+    if envoy is None or not checked:
+        return
+    outcome = run_preflight_now(
+        Preflight(envoy, None, known_binary=None, timeout_s=settings.validate_timeout_s)
+    )
+    if outcome.ok:
+        return
+    message = at_start_up(outcome.message)
+    if settings.log_format == "json":  # a human reads the error line alone
+        log_event(
+            logger,
+            logging.ERROR,
+            outcome.verdict.value,
+            message,
+            detail=outcome.detail,
+            epoch=0,
+            duration_s=outcome.duration_s,
+        )
+    _exit_with(BinaryError(message))
 
 
 def _inherited_handover(
@@ -566,8 +606,7 @@ def _serve(
                 handover=handover,
             )
         except AutoreloadError as err:
-            click.echo(f"envoy-autoreload: error: {err}", err=True)
-            sys.exit(int(err.exit_code))
+            _exit_with(err)
 
 
 def _open_control(path: Path | None, inherited_fd: int | None) -> ControlServer | None:

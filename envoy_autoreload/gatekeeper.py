@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from collections.abc import Sequence
+from typing import Final
 
 from envoy_autoreload.batches import Batches
 from envoy_autoreload.digest import Snapshot
@@ -23,9 +25,12 @@ from envoy_autoreload.logs import log_event
 from envoy_autoreload.ports import EnvoyFacts, Gate
 from envoy_autoreload.roster import Generation
 from envoy_autoreload.settings import Settings
-from envoy_autoreload.validation import PreflightOutcome, Verdict
+from envoy_autoreload.validation import PreflightOutcome, Verdict, at_start_up
 
 logger = logging.getLogger(__name__)
+_FAILED: Final = "validation failed: "
+# Envoy's words before its reason name the file validated; the start-up line names it.
+_INITIALIZING_RE: Final = re.compile(r"^error initializing configuration '[^']*': ")
 
 
 class Gatekeeper:
@@ -50,26 +55,37 @@ class Gatekeeper:
 
     def check_before_first_start(self) -> None:
         """Start-up: refuse to start Envoy on a binary that is not Envoy or a config that
-        does not validate (blocking is fine: the loop is not running yet)."""
+        does not validate (blocking is fine: the loop is not running yet). A refusal is
+        the one `envoy-autoreload: error:` line cli.py prints; Envoy's output is logged
+        as its detail in JSON only, never as human lines."""
         self.config = self._first_config()
         if not self.gate.enabled:
             return
         outcome = self.named(
             self.gate.check_now(self.config.path if self.config is not None else None)
         )
-        self.log_outcome(outcome, epoch=0, serving=False)
         match outcome.verdict:
             case Verdict.PASSED:
+                self.log_outcome(outcome, epoch=0, serving=False)
                 self.binary = outcome.binary
             case Verdict.BINARY_REFUSED:
-                raise BinaryError(outcome.message)
-            case Verdict.FAILED if not self._start_last_good_instead():
+                self._log_refusal_for_json(outcome)
+                raise BinaryError(at_start_up(outcome.message))
+            case Verdict.FAILED if not self._start_last_good_instead(outcome):
+                self._log_refusal_for_json(outcome)
+                reason = _INITIALIZING_RE.sub("", outcome.message.removeprefix(_FAILED), count=1)
                 raise ValidationFailed(
                     f"the config {self._settings.config} does not validate, so Envoy is not "
-                    f"started: {outcome.message.removeprefix('validation failed: ')}"
+                    f"started: {reason}"
                 )
 
-    def _start_last_good_instead(self) -> bool:
+    def _log_refusal_for_json(self, outcome: PreflightOutcome) -> None:
+        """A machine reading the JSON log gets the event and Envoy's whole output; a
+        human reads the error line alone."""
+        if self._settings.log_format == "json":
+            self.log_outcome(outcome, epoch=0, serving=False)
+
+    def _start_last_good_instead(self, failed: PreflightOutcome) -> bool:
         """A config on disk that does not validate at start-up (a bad push while the
         daemon was down, a reboot mid-push) need not keep Envoy down when history holds
         a good one: it starts, if it still validates, and the files stay as pushed."""
@@ -79,6 +95,8 @@ class Gatekeeper:
         outcome = self.gate.check_now(good.path)
         if not outcome.ok:
             return False
+        shown = dataclasses.replace(failed, detail=self._json_only(failed.detail))
+        self.log_outcome(shown, epoch=0, serving=False)
         self.config, self.binary = good, outcome.binary
         log_event(
             logger,
@@ -89,6 +107,11 @@ class Gatekeeper:
             config=good.short,
         )
         return True
+
+    def _json_only(self, detail: str | None) -> str | None:
+        """At start-up Envoy's output is the JSON log's detail only: the message already
+        carries its reason in one line."""
+        return detail if self._settings.log_format == "json" else None
 
     def _first_config(self) -> ConfigGeneration | None:
         """What epoch 0 starts: the config as it is now, unless these very bytes failed

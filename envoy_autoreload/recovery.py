@@ -191,16 +191,20 @@ class Recovery:
 
     def budget_spent(self, what: str) -> bool:
         """Count one failure while nothing serves; True (and logged) when the budget is
-        spent and the daemon should exit for its process manager."""
-        if not self._crash_budget.record(self._reactor.now()):
+        spent and the daemon should exit for its process manager. The line counts the
+        failures that happened, not the budget's size."""
+        budget, now = self._crash_budget, self._reactor.now()
+        if not budget.record(now):
             return False
+        failures = budget.recent(now)
         log_event(
             logger,
             logging.ERROR,
             "daemon.crash_budget_exhausted",
-            f"{self._crash_budget.max_failures} failures within "
-            f"{self._crash_budget.window_s:g} s ({what}); exiting so the process "
-            "manager can take over",
+            f"{failures} failure{'s' if failures != 1 else ''} within {budget.window_s:g} s "
+            f"with nothing serving, the last: {what}; exiting so the process manager can "
+            "take over",
+            failures=failures,
         )
         return True
 

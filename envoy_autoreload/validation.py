@@ -37,6 +37,9 @@ from envoy_autoreload.envoy_binary import binary_identity
 _VERSION_RE: Final = re.compile(r"version:\s*(\S+)")
 _HOT_RESTART_RE: Final = re.compile(r"^\d+\.\d+$")
 _LOG_PREFIX_RE: Final = re.compile(r"^(\[[^\]]*\]\s*)+")
+# A binary refused while Envoy runs: the serving one stays. Not said at start-up, where
+# nothing is being restarted (`at_start_up`).
+NOT_RESTARTING: Final = "; not restarting onto it"
 
 
 class Verdict(enum.Enum):
@@ -60,12 +63,19 @@ class PreflightOutcome:
 
 
 def envoy_error_line(output: str) -> str | None:
-    """Envoy's own reason: the text of its `critical` line, else its last non-empty line."""
-    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    """Envoy's own reason: the text of its `critical` line, else its last non-empty line.
+    Runs of spaces become one: protobuf pads its errors at random ("no   such field")
+    so that nobody parses them, and a reader should not have to see that either."""
+    lines = [" ".join(line.split()) for line in output.splitlines() if line.strip()]
     for line in reversed(lines):
         if "[critical]" in line:
             return _LOG_PREFIX_RE.sub("", line)
     return lines[-1] if lines else None
+
+
+def at_start_up(message: str) -> str:
+    """A refusal's words before anything runs: nothing is being restarted onto it."""
+    return message.removesuffix(NOT_RESTARTING)
 
 
 class _Step(enum.Enum):
@@ -136,7 +146,7 @@ class Preflight:
             case _Step.VERSION:
                 match = _VERSION_RE.search(result.stdout) if result.returncode == 0 else None
                 if match is None:
-                    self._refuse_binary("does not answer --version as Envoy", result)
+                    self._refuse_binary("--version", "no Envoy version", result)
                     return
                 self._version = match.group(1)
             case _Step.HOT_RESTART_VERSION:
@@ -147,7 +157,7 @@ class Preflight:
                     else ""
                 )
                 if not _HOT_RESTART_RE.match(text) or self._version is None:
-                    self._refuse_binary("does not answer --hot-restart-version as Envoy", result)
+                    self._refuse_binary("--hot-restart-version", "no hot-restart version", result)
                     return
                 self._binary = BinaryInfo(self.envoy, self._identity, self._version, text)
             case _Step.VALIDATE:
@@ -158,11 +168,21 @@ class Preflight:
                         result.output or None,
                     )
 
-    def _refuse_binary(self, what: str, result: CommandResult) -> None:
+    def _refuse_binary(self, option: str, wanted: str, result: CommandResult) -> None:
+        """`/bin/true is not Envoy: '--version' printed no Envoy version`: the daemon's
+        words; what the binary printed is the detail (`true --version`'s last line is
+        "Written by Jim Meyering.", no reason at all)."""
+        if result.timed_out:
+            why = f"timed out after {self.timeout_s:g} s"
+        elif result.returncode == 0:
+            why = f"printed {wanted}"
+        else:
+            assert result.returncode is not None
+            line = envoy_error_line(result.output) if result.returncode > 0 else None
+            why = f"failed ({describe_exit(result.returncode)}{f': {line}' if line else ''})"
         self._finish(
             Verdict.BINARY_REFUSED,
-            f"{self.envoy} {what} ({_failure_reason(result, self.timeout_s)}); "
-            "not restarting onto it",
+            f"{self.envoy} is not Envoy: {option!r} {why}{NOT_RESTARTING}",
             result.output or None,
         )
 

@@ -94,7 +94,10 @@ def test_a_binary_that_is_not_envoy_is_refused(envoy_family: EnvoyFamily, tmp_pa
     daemon.wait_event("child.serving", epoch=0)
     _swap_binary(wrapper, "echo 'hello, I am not a proxy'; exit 0")
     refused = daemon.wait_event("binary.refused")
-    assert "does not answer --version as Envoy" in refused["message"]
+    assert refused["message"] == (
+        f"{wrapper} is not Envoy: '--version' printed no Envoy version; not restarting onto "
+        "it; epoch 0 keeps serving"
+    )
     assert envoy_family.body() == "v0"
     assert not daemon.events("child.started", epoch=1)
 
