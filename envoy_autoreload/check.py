@@ -26,7 +26,7 @@ from envoy_autoreload.settings import Settings
 from envoy_autoreload.settings import check_config as settings_check_config
 from envoy_autoreload.settings import check_start_script as settings_check_start_script
 from envoy_autoreload.traps import startup_traps
-from envoy_autoreload.validation import BinaryInfo, Preflight, run_preflight_now
+from envoy_autoreload.validation import BinaryInfo, Preflight, at_start_up, run_preflight_now
 from envoy_autoreload.watch.changes import ChangeDetector
 
 _EPOCH_FLAG = re.compile(r"--restart-epoch[ =]+\"?\$\{?RESTART_EPOCH")
@@ -209,7 +209,7 @@ def check_binary(settings: Settings) -> tuple[list[Finding], BinaryInfo | None]:
         Preflight(settings.envoy, None, known_binary=None, timeout_s=settings.validate_timeout_s)
     )
     if not outcome.ok or outcome.binary is None:
-        return [Finding(Status.FAIL, "envoy", outcome.message)], None
+        return [Finding(Status.FAIL, "envoy", at_start_up(outcome.message))], None
     binary = outcome.binary
     return [
         Finding(

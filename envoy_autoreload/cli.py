@@ -9,10 +9,12 @@ message and an exit code; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NoReturn
@@ -430,7 +432,8 @@ def cli(
     handover = _inherited_handover(control_path, address)
     if handover is None:
         _refuse_a_binary_that_is_not_envoy(settings)
-    log_event(
+    started = functools.partial(
+        log_event,
         logger,
         logging.INFO,
         "daemon.started",
@@ -438,9 +441,9 @@ def cli(
         version=__version__,
         pid=os.getpid(),
         start_script=str(start_script),
-    )
+    )  # once the start-up checks passed: a refusal is one line, not a start and a stop
     control = _OpenControl(no_control_socket, control_socket)
-    sys.exit(int(_serve(settings, changes, address, control, handover)))
+    sys.exit(int(_serve(settings, changes, address, control, handover, started)))
 
 
 def _exit_with(err: AutoreloadError) -> NoReturn:
@@ -579,6 +582,7 @@ def _serve(
     address: tuple[str, int] | None,
     control_wanted: _OpenControl,
     handover: Handover | None,
+    started: Callable[[], None],
 ) -> ExitCode:
     """Run the supervisor with its status server and control socket around it (the
     previous image's, after a re-exec)."""
@@ -604,6 +608,7 @@ def _serve(
                 control=control,
                 status_fd=status_fd,
                 handover=handover,
+                started=started,
             )
         except AutoreloadError as err:
             _exit_with(err)

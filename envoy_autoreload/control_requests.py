@@ -11,6 +11,7 @@ from typing import Protocol
 from envoy_autoreload.batches import Batches
 from envoy_autoreload.control import ControlConnection, ControlDesk, ControlReply
 from envoy_autoreload.ports import Gate
+from envoy_autoreload.reexec import Reexec
 from envoy_autoreload.rollbacks import Rollbacks
 from envoy_autoreload.states import SupervisorState
 
@@ -22,7 +23,6 @@ class Hooks(Protocol):
     def state(self) -> SupervisorState: ...
     def status_snapshot(self) -> dict[str, object]: ...
     def unchanged_reply(self) -> ControlReply | None: ...
-    def request_reexec(self, reason: str, conn: ControlConnection | None = None) -> None: ...
     def request_restart(
         self, reason: str, changed: list[str] | None = None, events: int | None = None
     ) -> int: ...
@@ -30,8 +30,15 @@ class Hooks(Protocol):
 
 class ControlRequests:
     def __init__(
-        self, desk: ControlDesk, batches: Batches, hooks: Hooks, rollbacks: Rollbacks, gate: Gate
+        self,
+        desk: ControlDesk,
+        batches: Batches,
+        hooks: Hooks,
+        rollbacks: Rollbacks,
+        gate: Gate,
+        reexec: Reexec,
     ) -> None:
+        self._reexec = reexec
         self._desk = desk
         self._batches = batches
         self._hooks = hooks
@@ -55,7 +62,7 @@ class ControlRequests:
                 if self._hooks.stopping:
                     conn.reply(ControlReply(False, "the daemon is stopping"))
                 else:
-                    self._hooks.request_reexec("control", conn)
+                    self._reexec.request("control", conn)
             case ["rollback", *prefix] if len(prefix) <= 1:
                 self._rollback(conn, prefix[0] if prefix else None)
             case []:

@@ -13,6 +13,7 @@ state directory cannot be used; the daemon then starts what is on disk, as befor
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from collections.abc import Callable, Iterable
@@ -38,6 +39,13 @@ class Lineage:
         self.script_ignores_snapshot = False  # its Envoy runs -c of the files on disk
         self.rolled_back_from: ConfigGeneration | None = None
         self._write_warned = False
+        self.to_announce: list[Callable[[], None]] = []
+
+    def announce(self) -> None:
+        """Say whether generations are on, once the start-up checks passed."""
+        for say in self.to_announce:
+            say()
+        self.to_announce.clear()
 
     @property
     def enabled(self) -> bool:
@@ -167,34 +175,35 @@ class Lineage:
 
 def open_lineage(settings: Settings) -> Lineage:
     """Generations on when there is a --config and a usable state directory; otherwise
-    one line says what is off, and the daemon runs on as before."""
+    one line says what is off, and the daemon runs on as before. What it says waits for
+    `announce()`: a start-up refusal is one line, not a daemon telling its plans first."""
     config, state_dir = settings.config, settings.state_dir
     if config is None or state_dir is None:
+        lineage = Lineage(None, bytes)
         if settings.health_urls:
-            log_event(
-                logger,
-                logging.WARNING,
-                "generations.off",
+            off = (
                 "--health-url needs --config (probation and rollback work on config "
-                "generations): the URLs are not checked",
+                "generations): the URLs are not checked"
             )
-        return Lineage(None, bytes)
+            lineage.to_announce.append(_say(logging.WARNING, "generations.off", off))
+        return lineage
     try:
         store = GenerationStore.open(
             state_dir, keep=settings.keep_generations, suffix=config.suffix or ".yaml"
         )
     except StateDirError as err:
-        log_event(
-            logger,
-            logging.WARNING,
-            "generations.off",
+        lineage = Lineage(None, bytes)
+        off = (
             f"{err}; running without config history, exact start, probation and "
-            "rollback (give --state-dir DIR)",
+            "rollback (give --state-dir DIR)"
         )
-        return Lineage(None, bytes)
+        lineage.to_announce.append(_say(logging.WARNING, "generations.off", off))
+        return lineage
+    lineage = Lineage(store, config.read_bytes)
     for warning in store.warnings:
-        log_event(logger, logging.WARNING, "generations.repaired", warning)
-    log_event(
+        lineage.to_announce.append(_say(logging.WARNING, "generations.repaired", warning))
+    on = functools.partial(
+        log_event,
         logger,
         logging.INFO,
         "generations.on",
@@ -202,7 +211,12 @@ def open_lineage(settings: Settings) -> Lineage:
         last_good=_short(store.last_good()),
         health_window_s=settings.health_window_s,
     )
-    return Lineage(store, config.read_bytes)
+    lineage.to_announce.append(on)
+    return lineage
+
+
+def _say(level: int, event: str, message: str) -> Callable[[], None]:
+    return functools.partial(log_event, logger, level, event, message)
 
 
 def _short(config: ConfigGeneration | None) -> str | None:

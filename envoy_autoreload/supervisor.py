@@ -88,6 +88,13 @@ logger = logging.getLogger(__name__)
 envoy_logger = logging.getLogger("envoy_autoreload.envoy")
 
 
+Callback = Callable[[], None]
+
+
+def _nothing() -> None:
+    return None
+
+
 class Supervisor:
     """Runs generations of the start script and keeps one of them serving."""
 
@@ -126,11 +133,11 @@ class Supervisor:
         gate = gate or CommandGate(settings, reactor, Timer.COMMAND_DEADLINE)
         self._gatekeeper = Gatekeeper(settings, gate, self._batches, family, lineage)
         self._assemble_starting(health)
-        self._assemble_deciders(family, telemetry)
         self._assemble_reexec(control, status_fd, execs)
+        self._assemble_deciders(family, telemetry)
         stopping = Stopping(gate, telemetry, self._batches, control)
         self._shutdown = Shutdown(reactor, self._roster, family, settings.term_wait_s, stopping)
-        self._containment = Containment(telemetry, self._heal, reactor.now, self.request_reexec)
+        self._containment = Containment(telemetry, self._heal, reactor.now, self._reexec.request)
         watch_limit = binding_limit("watches").value
         self._view = StatusView(self._roster, telemetry, family, changes, watch_limit, lineage)
         self._ever_served = False
@@ -193,18 +200,19 @@ class Supervisor:
             self,
         )
         self._control_requests = ControlRequests(
-            self._desk, self._batches, self, self._rollbacks, self._gatekeeper.gate
-        )  # its `reexec` requests reach `self._reexec` through `request_reexec`
+            self._desk, self._batches, self, self._rollbacks, self._gatekeeper.gate, self._reexec
+        )
 
     # -- public ---------------------------------------------------------------
-    def run(self, handover: Handover | None = None) -> ExitCode:
+    def run(self, handover: Handover | None = None, started: Callback = _nothing) -> ExitCode:
         """Start epoch 0 (or adopt the family a previous image handed over) and
-        supervise until stopped."""
+        supervise until stopped; `started` once the start-up checks passed."""
         try:
             if handover is not None:
+                started()
                 self.begin_adopted(handover)
             else:
-                self.begin()
+                self.begin(started)
             while True:
                 code = self.handle(self._reactor.poll())
                 if code is not None:
@@ -213,10 +221,11 @@ class Supervisor:
             self._gatekeeper.gate.abandon()
             self._shutdown.kill_leftovers()
 
-    def begin(self) -> None:
+    def begin(self, started: Callback = _nothing) -> None:
         """Start-up, before the loop: refuse a non-Envoy binary or a config that does not
         validate (blocking is fine here), start watching, start epoch 0."""
         self._gatekeeper.check_before_first_start()
+        started()
         self._open_readers()
         self._launcher.start(0, "startup", first=True, config=self._gatekeeper.config)
 
@@ -228,9 +237,6 @@ class Supervisor:
         self._ever_served = True
         self._telemetry.notifier.send(MAINPID=str(os.getpid()))
         self._telemetry.serving_again(self.status_text())
-
-    def request_reexec(self, reason: str, conn: ControlConnection | None = None) -> None:
-        self._reexec.request(reason, conn)
 
     def _open_readers(self) -> None:
         if self._watching is not None:
@@ -557,8 +563,10 @@ def run(
     control: ControlServer | None = None,
     status_fd: int | None = None,
     handover: Handover | None = None,
+    started: Callback = _nothing,
 ) -> ExitCode:
-    """Supervise until stopped; the reactor's signal handlers live exactly this long."""
+    """Supervise until stopped; the reactor's signal handlers live exactly this long.
+    `started` runs once the start-up checks passed (the CLI's `daemon.started`)."""
     if handover is None:
         log_traps(settings)
     with RealReactor() as reactor, contextlib.ExitStack() as stack:
@@ -582,4 +590,9 @@ def run(
             health=health,
             status_fd=status_fd,
         )
-        return supervisor.run(handover)
+
+        def announce() -> None:
+            started()
+            lineage.announce()
+
+        return supervisor.run(handover, announce)
