@@ -92,6 +92,11 @@ class ExitPolicy:
         self._triggers = triggers
         self._hooks = hooks
 
+    def _last_words(self, gen: Generation) -> str | None:
+        """Envoy's last lines, for a failure's detail: in the JSON log only, where they
+        are not already (in human format its stderr was just passed through)."""
+        return _last_words_of(gen) if self._settings.log_format == "json" else None
+
     def on_exited(self, gen: Generation) -> bool:
         """It was reaped; True when the daemon is stopping (the caller finishes it)."""
         previous = self._roster.exited(gen)
@@ -151,7 +156,7 @@ class ExitPolicy:
             "restart.failed",
             planner.last_start_error
             + (f"; epoch {serving.epoch} keeps serving" if serving else ""),
-            detail="\n".join(gen.stderr_tail) or None,
+            detail=self._last_words(gen),
             epoch=gen.epoch,
             pid=gen.pid,
             config=gen.config_short,
@@ -199,7 +204,7 @@ class ExitPolicy:
             f"epoch {gen.epoch} took over from epoch {parent.epoch} and died before it was "
             f"seen LIVE; epoch {parent.epoch} refuses new connections now: respawning "
             f"epoch {gen.epoch} from it",
-            detail="\n".join(gen.stderr_tail) or None,
+            detail=self._last_words(gen),
             epoch=gen.epoch,
             pid=gen.pid,
             config=gen.config_short,
@@ -300,7 +305,7 @@ class ExitPolicy:
             f"the serving Envoy exited ({status}): {gen.marks.stop_reason}"
             if planned
             else f"the serving Envoy died ({status}); nothing serves until a new epoch is LIVE",
-            detail=None if planned else "\n".join(gen.stderr_tail) or None,
+            detail=None if planned else self._last_words(gen),
             epoch=gen.epoch,
             pid=gen.pid,
             config=gen.config_short,
@@ -433,6 +438,10 @@ class ExitPolicy:
             serving_epoch=successor.epoch,
             serving_pid=successor.pid,
         )
+
+
+def _last_words_of(gen: Generation) -> str | None:
+    return "\n".join(gen.stderr_tail) or None
 
 
 def _exit_cause(previous: GenerationState, gen: Generation, stopping: bool) -> ExitCause:
