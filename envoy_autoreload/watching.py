@@ -8,6 +8,7 @@ What a settled burst *means* is `triggers.py`'s question; this module only drive
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from envoy_autoreload.references import References, files_envoy_reads
 from envoy_autoreload.settings import Settings
 from envoy_autoreload.states import Timer
 from envoy_autoreload.telemetry import Telemetry
+from envoy_autoreload.traps import read_script
 from envoy_autoreload.watch.changes import SettledBurst
 
 logger = logging.getLogger(__name__)
@@ -39,6 +41,7 @@ class Watching:
     def start(self) -> None:
         changes = self.changes
         self.exclude_envoy_outputs()  # before the first snapshot, or it holds the log
+        changes.exclude_paths(self._command_line_outputs())
         planned = changes.plan()
         for check in check_limits(planned.watch_points):
             if not check.ok:
@@ -87,6 +90,20 @@ class Watching:
         self.changes.exclude_paths(p for p, _why in references.excluded)
         if self._settings.watch_referenced:
             self._follow_references(references)
+
+    def _command_line_outputs(self) -> list[Path]:
+        """Files Envoy writes that its command line names (`--admin-address-path`,
+        `--base-id-path`, read from the start script's text): each epoch writes them as
+        it starts, so inside a watched tree they would restart it again and again."""
+        facts = read_script(self._settings.start_script)
+        if facts is None:
+            return []
+        found = []
+        for flag in ("--admin-address-path", "--base-id-path"):
+            given, value = facts.flag(flag)
+            if given and value:
+                found.append(Path(os.path.abspath(value)))
+        return found
 
     def _follow_references(self, references: References) -> None:
         changed = self.changes.watch_referenced(references.reads)

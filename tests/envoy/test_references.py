@@ -250,3 +250,28 @@ def test_the_watches_follow_a_config_that_names_other_files(
     )
     assert reload.returncode == 0 and "unchanged" in reload.stdout, reload
     assert not [e for e in daemon.events("child.started") if e["epoch"] > 2]
+
+
+def test_a_file_envoys_command_line_makes_it_write_restarts_nothing(
+    envoy_family: EnvoyFamily,
+) -> None:
+    """`--admin-address-path` inside the watched tree: Envoy writes it at each start,
+    which would otherwise be a change to restart for, at every start."""
+    written = envoy_family.root / "admin-address.txt"
+    script = envoy_family.script.read_text()
+    assert script.count("--log-level info") == 1
+    envoy_family.script.write_text(
+        script.replace("--log-level info", f"--log-level info --admin-address-path {written}")
+    )
+    daemon = envoy_family.start(*envoy_family.watched("--health-window", "0"))
+    daemon.wait_event("child.serving", epoch=0)
+    wait_until(written.exists, timeout_s=10, what="Envoy to write its admin address")
+    reload = subprocess.run(
+        [str(CTL), "--control-socket", str(daemon.log_path.with_suffix(".sock")), "reload"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert reload.returncode == 0 and "unchanged" in reload.stdout, reload
+    assert not [e for e in daemon.events("child.started") if e["epoch"] > 0]
