@@ -567,8 +567,6 @@ def run(
 ) -> ExitCode:
     """Supervise until stopped; the reactor's signal handlers live exactly this long.
     `started` runs once the start-up checks passed (the CLI's `daemon.started`)."""
-    if handover is None:
-        log_traps(settings)
     with RealReactor() as reactor, contextlib.ExitStack() as stack:
         lineage = open_lineage(settings)
         stack.callback(lineage.close)
@@ -594,5 +592,7 @@ def run(
         def announce() -> None:
             started()
             lineage.announce()
+            if handover is None:
+                log_traps(settings)
 
         return supervisor.run(handover, announce)
