@@ -100,7 +100,10 @@ def test_status_metrics_and_healthz_through_a_refused_and_a_good_restart(
         f"127.0.0.1:{port}",
     )
     daemon.wait_event("child.serving", epoch=0)
-    assert http_get(port, "/healthz") == (200, "serving\n")
+    # Published once the event that made it LIVE is handled (a moment after the line).
+    wait_until(
+        lambda: http_get(port, "/healthz") == (200, "serving\n"), timeout_s=10, what="/healthz"
+    )
     status = _status(port)
     serving = status["serving"]
     assert isinstance(serving, dict)
