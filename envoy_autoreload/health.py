@@ -35,6 +35,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 from envoy_autoreload.admin import fetch_server_info
 from envoy_autoreload.envoy_config import AdminAddress
+from envoy_autoreload.loop import signals_blocked
 
 if TYPE_CHECKING:
     from envoy_autoreload.roster import Generation
@@ -192,7 +193,8 @@ class HealthProber:
                 self._thread = threading.Thread(
                     target=self._work, name="envoy-autoreload-health", daemon=True
                 )
-                self._thread.start()
+                with signals_blocked():
+                    self._thread.start()
             self._cond.notify()
 
     def take(self) -> HealthObservation | None:

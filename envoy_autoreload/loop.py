@@ -25,7 +25,7 @@ import selectors
 import signal
 import socket
 import time
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass
 from types import FrameType
 from typing import Final
@@ -40,6 +40,19 @@ SIGNAL_PRIORITY: Final[tuple[signal.Signals, ...]] = (
     signal.SIGUSR1,
     signal.SIGUSR2,
 )
+
+
+@contextlib.contextmanager
+def signals_blocked() -> Iterator[None]:
+    """Around starting a thread: it inherits a mask that blocks our signals, so only the
+    main thread ever receives them. Otherwise, once the main thread blocks them for a
+    re-exec (reexec.py), a helper thread would still take one in, and Python would hand
+    it to this image's handler, to be lost with the image."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNAL_PRIORITY)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +127,12 @@ class Reactor:
         with contextlib.suppress(BlockingIOError, InterruptedError):
             # A full socket already means "wake up"; the byte's value means nothing.
             self._bell_write.send(b"\0")
+
+    def take_pending(self) -> set[signal.Signals]:
+        """Signals received but not yet handled, taken out (a re-exec raises them again,
+        blocked, so the next image handles them)."""
+        pending, self._pending = self._pending, set()
+        return pending
 
     # -- registration ----------------------------------------------------------
     def add_reader(self, fd: int, key: Hashable) -> None:

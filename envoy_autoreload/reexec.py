@@ -212,7 +212,13 @@ class Reexec:
             self.wanted = None
 
     def exec_now(self, handover: Handover, inherit: list[int]) -> None:
-        """Become the new image. Returns only when `execve` failed (logged, refused)."""
+        """Become the new image. Returns only when `execve` failed (logged, refused).
+
+        Signals are blocked first: from here on a SIGHUP or SIGTERM stays pending in the
+        kernel and survives the exec. One this image already took in but did not handle
+        yet (the reactor's pending set) is raised again, blocked, for the same reason:
+        handled here it would be lost with this image (CI caught a SIGHUP lost so)."""
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, BLOCKED_ACROSS_EXEC)
         fd = write_memfd(handover)
         log_event(
             logger,
@@ -227,12 +233,13 @@ class Reexec:
         flush_logs()
         for number in inherit:
             os.set_inheritable(number, True)
-        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, BLOCKED_ACROSS_EXEC)
+        for signum in self._reactor.take_pending():
+            os.kill(os.getpid(), signum)  # blocked: pending until the new image's handler
         env = {**os.environ, HANDOVER_FD_VARIABLE: str(fd)}
         try:
             os.execve(sys.executable, image_argv(), env)
         except OSError as err:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)  # delivered here again
             with contextlib.suppress(OSError):
                 os.close(fd)
             for number in inherit:

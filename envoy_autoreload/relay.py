@@ -17,6 +17,8 @@ import contextlib
 import threading
 from typing import BinaryIO, Final
 
+from envoy_autoreload.loop import signals_blocked
+
 MAX_PENDING_BYTES: Final = 4 * 1024 * 1024
 
 
@@ -30,7 +32,8 @@ class StderrRelay:
         self._closed = False
         self._lock = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="stderr-relay", daemon=True)
-        self._thread.start()
+        with signals_blocked():
+            self._thread.start()
 
     def write(self, data: bytes) -> None:
         """Never blocks on the output; drops `data` when the queue is full."""

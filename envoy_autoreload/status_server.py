@@ -30,6 +30,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from envoy_autoreload.envoy_config import MAX_PORT, ascii_port
 from envoy_autoreload.errors import UsageError
 from envoy_autoreload.logs import log_event
+from envoy_autoreload.loop import signals_blocked
 from envoy_autoreload.telemetry import Telemetry
 
 JSON_TYPE: Final = "application/json"
@@ -153,7 +154,8 @@ class StatusServer:
         return self._server.socket.fileno()
 
     def start(self) -> None:
-        self._thread.start()
+        with signals_blocked():
+            self._thread.start()
 
     def close(self) -> None:
         self._server.shutdown()

@@ -27,6 +27,7 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver, ObservedWatch
 
 from envoy_autoreload.limits import watch_limit_message
+from envoy_autoreload.loop import signals_blocked
 from envoy_autoreload.watch import directories_under
 from envoy_autoreload.watch.filters import NoiseFilter
 
@@ -63,7 +64,8 @@ class WatchdogWatcher:
         self._handler = _QueueingHandler(self._queue, self._write_fd)
         self._observer: BaseObserver = Observer()
         self._observer.daemon = True
-        self._observer.start()
+        with signals_blocked():
+            self._observer.start()
         self._watches: dict[Path, tuple[ObservedWatch, frozenset[str] | None, int]] = {}
         self._unwatched: list[Path] = []
         self._limit_message = ""
@@ -101,7 +103,8 @@ class WatchdogWatcher:
             with contextlib.suppress(KeyError, OSError):
                 self._observer.unschedule(watch)
         try:
-            watch = self._observer.schedule(self._handler, str(path), recursive=False)
+            with signals_blocked():  # it may start an emitter thread
+                watch = self._observer.schedule(self._handler, str(path), recursive=False)
         except OSError as err:
             if err.errno in (errno.ENOSPC, errno.EMFILE):
                 self._unwatched.append(path)

@@ -73,3 +73,38 @@ def test_handover_from_proc_finds_our_envoy_and_its_stderr_pipe(
         child.kill()
         child.wait(10)
         child.close_stderr()
+
+
+# The daemon, with a SIGHUP that its handler takes in just before the exec: recorded in
+# the reactor, not yet handled when the image is replaced.
+SIGHUP_TAKEN_IN_BEFORE_THE_EXEC = """\
+import os, signal, sys, time
+from envoy_autoreload import reexec
+original = reexec.Reexec.exec_now
+def exec_now(self, handover, inherit):
+    os.kill(os.getpid(), signal.SIGHUP)
+    time.sleep(0.05)  # the Python-level handler runs: the reactor has it pending
+    original(self, handover, inherit)
+reexec.Reexec.exec_now = exec_now
+from envoy_autoreload.cli import cli
+cli.main(args=sys.argv[1:], prog_name="envoy-autoreload")
+"""
+
+
+def test_a_signal_taken_in_but_not_handled_before_the_exec_reaches_the_new_image(
+    envoy_family: EnvoyFamily,
+) -> None:
+    log = envoy_family.root.parent / "pending.daemon.log"
+    daemon = start_daemon(
+        [*envoy_family.watched("--health-window", "0"), str(envoy_family.script)],
+        log,
+        entry=("-c", SIGHUP_TAKEN_IN_BEFORE_THE_EXEC),
+    )
+    envoy_family.daemons.append(daemon)
+    daemon.wait_event("child.serving", epoch=0)
+    daemon.signal(signal.SIGUSR2)
+    adopted = daemon.wait_event("daemon.adopted")
+    request = daemon.wait_event("restart.requested", reason="SIGHUP")
+    assert request["line"] > adopted["line"], "handled by the new image"
+    daemon.wait_event("child.serving", epoch=1)
+    assert len(daemon.events("restart.requested", reason="SIGHUP")) == 1

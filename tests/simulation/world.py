@@ -85,6 +85,10 @@ class SimReactor:
     def remove_reader(self, fd: int) -> None:
         self._readers.pop(fd, None)
 
+    def take_pending(self) -> set[signal.Signals]:
+        pending, self.pending_signals = self.pending_signals, set()
+        return pending
+
 
 class SimChild:
     """A start script that exec'd a model Envoy: the `ChildProcess` port."""
