@@ -14,6 +14,10 @@ Design notes
 - `signal.set_wakeup_fd` points at the same socket so that a signal which lands while
   another thread runs (the watchdog observer) still wakes `select`.
 - There is no tick: `select` sleeps until the nearest deadline, or forever when idle.
+- Each turn is timed, from `select` returning to the next `select` call: the longest
+  an event that became ready meanwhile waited to be looked at (`on_busy`, exported as
+  `envoy_autoreload_loop_busy_seconds`). Two clock reads per turn and nothing while
+  idle: no timer, no wakeup of its own.
 - Rejected: signalfd (Linux only, and every thread must block the signals first) and
   asyncio (its child watchers and signal plumbing are the parts we need to control).
 """
@@ -73,13 +77,22 @@ class DeadlineReached:
 Event = SignalReceived | FdReady | DeadlineReached
 
 Clock = Callable[[], float]
+BusyObserver = Callable[[float], None]
 
 
 class Reactor:
     """Owns the selector, the doorbell socket pair, the pending-signal set and deadlines."""
 
-    def __init__(self, signals: Iterable[signal.Signals] = SIGNAL_PRIORITY) -> None:
+    def __init__(
+        self,
+        signals: Iterable[signal.Signals] = SIGNAL_PRIORITY,
+        on_busy: BusyObserver | None = None,
+    ) -> None:
+        """`on_busy` is told, before each `select` but the first, how long the turn
+        since the previous one returned took (seconds)."""
         self._clock: Clock = time.monotonic
+        self._on_busy = on_busy
+        self._woke_at: float | None = None  # when `select` last returned
         self._selector = selectors.DefaultSelector()
         self._bell_read, self._bell_write = socket.socketpair()
         self._bell_read.setblocking(False)
@@ -161,7 +174,10 @@ class Reactor:
     def poll(self) -> list[Event]:
         """Block until something happens; return what happened, signals first."""
         timeout = self._timeout()
+        if self._woke_at is not None and self._on_busy is not None:
+            self._on_busy(self._clock() - self._woke_at)
         ready = self._selector.select(timeout)
+        self._woke_at = self._clock()
         fd_events: list[Event] = []
         for selector_key, _mask in ready:
             if selector_key.fileobj is self._bell_read:

@@ -567,7 +567,8 @@ def run(
 ) -> ExitCode:
     """Supervise until stopped; the reactor's signal handlers live exactly this long.
     `started` runs once the start-up checks passed (the CLI's `daemon.started`)."""
-    with RealReactor() as reactor, contextlib.ExitStack() as stack:
+    telemetry = telemetry or Telemetry()  # the loop's turns are timed into its metrics
+    with RealReactor(on_busy=telemetry.loop_turned) as reactor, contextlib.ExitStack() as stack:
         lineage = open_lineage(settings)
         stack.callback(lineage.close)
         family = EnvoyFamily(settings)

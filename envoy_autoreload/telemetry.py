@@ -29,6 +29,9 @@ Outcome = Literal["success", "start_failed", "validation_failed", "refused", "ab
 ExitCause = Literal["drained", "start_failed", "died", "stopped", "replaced"]
 
 RESTART_BUCKETS: Final = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+# A turn of the event loop takes well under a millisecond; 50 ms is the most an event may
+# wait (issue 16), and a turn of seconds is a stall someone should hear about.
+LOOP_BUSY_BUCKETS: Final = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BRIEF_ERROR_CHARS: Final = 200
 TRUNCATED: Final = "… (truncated, see the log)"
 
@@ -102,6 +105,7 @@ class Telemetry:
         self.snapshot: Mapping[str, object] = {"state": "starting", "serving": None}
         self._ready_sent = False
         self._config_sha: str | None = None
+        self._loop_busy_max_s = 0.0
 
     def _register_counters(self, prefix: str) -> None:
         self.restarts = Counter(
@@ -166,8 +170,28 @@ class Telemetry:
             "Unix time the last restart (or the first start) went LIVE.",
             registry=self.registry,
         )
+        self.loop_busy = Histogram(
+            f"{prefix}_loop_busy_seconds",
+            "Each turn of the event loop, from select() returning to the next select(): "
+            "the longest an event that became ready meanwhile waited.",
+            buckets=LOOP_BUSY_BUCKETS,
+            registry=self.registry,
+        )
+        self.loop_busy_max = Gauge(
+            f"{prefix}_loop_busy_max_seconds",
+            "The longest turn of the event loop since the daemon started.",
+            registry=self.registry,
+        )
 
     # -- facts from the supervisor --------------------------------------------
+    def loop_turned(self, busy_s: float) -> None:
+        """The reactor's `on_busy`: one turn of the loop took `busy_s`. Runs on every
+        turn, so it only counts: a histogram bucket and, rarely, a new maximum."""
+        self.loop_busy.observe(busy_s)
+        if busy_s > self._loop_busy_max_s:
+            self._loop_busy_max_s = busy_s
+            self.loop_busy_max.set(busy_s)
+
     def serving_config(self, sha256: str | None) -> None:
         """`envoy_autoreload_config_info{sha256}`: one series, the serving config's."""
         if sha256 == self._config_sha:
