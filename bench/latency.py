@@ -13,11 +13,24 @@ events:
 
 Changes are spaced so each restart finds the previous parent gone (we wait for its
 `child.exited`, ~2 s with `--parent-shutdown-time-s 2`): the figure is the reaction
-time, not the drain wait. Run twice: default debounce (0.3 s) and `--debounce 0.05`.
+time, not the drain wait. First run: the default debounce (0.3 s).
 
-    .venv/bin/python bench/latency.py [--changes 20]
+Side by side (on by default): upstream's `bench/upstream/hot-restarter.py` against the
+daemon, the same Envoy binary, config style and start script, three families alive at
+once and their changes alternating (the order rotates each round), `--changes` each:
 
-Prints a table and writes bench/results/latency.json (raw samples + environment).
+- daemon, as shipped: `--debounce 0.05`; rename to served minus the 0.05 s it was told
+  to wait (validation on, as it runs by default);
+- daemon `--no-validate`: the same, without `envoy --mode validate`: the same work as
+  upstream, which validates nothing. The ratio that counts is this one's;
+- upstream: the new config renamed in, then SIGHUP to the restarter; SIGHUP to served.
+
+Every daemon here gets its own `--state-dir` and `--control-socket` in its temp
+directory (generations on, as shipped, without sharing /var/lib or /run between them).
+
+    .venv/bin/python bench/latency.py [--changes 20] [--runs all|default|side-by-side]
+
+Prints tables and writes bench/results/latency.json (raw samples + environment).
 """
 
 from __future__ import annotations
@@ -25,15 +38,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import signal
+import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
 # `python bench/latency.py` puts bench/ first on sys.path, so the helper imports as-is.
 from _common import (
     ENVOY_BIN,
+    REPO,
     BenchError,
     BenchFamily,
     Event,
@@ -43,9 +59,10 @@ from _common import (
     format_table,
     number,
     parse_ts,
-    pick_base_id,
+    shm_path,
     stop_on_sigterm,
     summary,
+    wait_for,
     write_results,
 )
 
@@ -55,6 +72,8 @@ PHASES: Final = ("total", "debounce", "validation", "envoy_start", "overhead")
 DETAIL: Final = ("requested_to_started", "started_to_served", "serving_logged_to_served")
 START_TIMEOUT_S: Final = 60.0
 STEP_TIMEOUT_S: Final = 30.0
+UPSTREAM: Final = REPO / "bench" / "upstream" / "hot-restarter.py"
+SIDE_DEBOUNCE_S: Final = 0.05  # what the side-by-side daemons are told to wait
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +130,7 @@ def one_change(family: BenchFamily, index: int, tag: str, serving_epoch: int) ->
     family.wait_event("child.exited", mark=mark, timeout_s=STEP_TIMEOUT_S, epoch=serving_epoch)
 
     debounce_s = parse_ts(requested) - renamed_wall
+    # `duration_s` 0.0 with --no-validate: the gate ran, Envoy's validation did not.
     validation_s = number(validated, "duration_s") or 0.0
     envoy_start_s = number(serving, "startup_s")
     if envoy_start_s is None:
@@ -127,7 +147,7 @@ def one_change(family: BenchFamily, index: int, tag: str, serving_epoch: int) ->
         requested_to_started=parse_ts(started) - parse_ts(requested),
         started_to_served=served_wall - parse_ts(started),
         serving_logged_to_served=served_wall - parse_ts(serving),
-        validated=validated is not None,
+        validated=validated is not None and bool(validation_s),
         restarts=len(log.since(mark, "child.started")),
         requests=len(log.since(mark, "restart.requested")),
         events=requested.get("events"),
@@ -137,6 +157,7 @@ def one_change(family: BenchFamily, index: int, tag: str, serving_epoch: int) ->
 
 @dataclass(frozen=True, slots=True)
 class Run:
+    label: str
     debounce_option: str
     base_id: int
     first_startup_s: float | None
@@ -151,6 +172,7 @@ class Run:
 
     def to_json(self) -> dict[str, Json]:
         return {
+            "label": self.label,
             "debounce_option": self.debounce_option,
             "base_id": self.base_id,
             "first_startup_s": self.first_startup_s,
@@ -160,13 +182,42 @@ class Run:
         }
 
 
+def daemon_options(family: BenchFamily) -> list[str]:
+    """As shipped (generations on), but in the family's temp directory: two daemons at
+    once must not share the default state directory (one would lock the other out of
+    its generations) or control socket, and a bench must not leave /var/lib behind."""
+    return [
+        "--state-dir",
+        str(family.tmp / "state"),
+        "--control-socket",
+        str(family.tmp / "control.sock"),
+    ]
+
+
+def pick_base_ids(count: int) -> list[int]:
+    """`count` distinct base ids from latency's range whose shared memory nobody holds.
+
+    `pick_base_id` looks at /dev/shm only, which a family fills once its Envoy runs,
+    so families created one after the other would all get the same id from it.
+    """
+    first, last = BASE_IDS
+    span = last - first + 1
+    start = os.getpid() % span
+    candidates = (first + (start + step) % span for step in range(span))
+    chosen = [b for b in candidates if not shm_path(b).exists()][:count]
+    if len(chosen) < count:
+        raise BenchError(f"fewer than {count} free Envoy base ids in {first}-{last}")
+    return chosen
+
+
 def run(changes: int, debounce: float | None, envoy: Path) -> Run:
     """One daemon, `changes` renames, raw samples back. Always cleans up."""
     tag = "default" if debounce is None else f"d{debounce:g}"
-    family = BenchFamily(pick_base_id(*BASE_IDS), envoy=envoy)
+    family = BenchFamily(pick_base_ids(1)[0], envoy=envoy)
     try:
         family.write_config(f"{tag}-v0")
-        family.start(*([] if debounce is None else ["--debounce", str(debounce)]))
+        options = [] if debounce is None else ["--debounce", str(debounce)]
+        family.start(*options, *daemon_options(family))
         serving = family.wait_event("child.serving", timeout_s=START_TIMEOUT_S, epoch=0)
         family.wait_body(f"{tag}-v0")
         serving_epoch = 0
@@ -180,8 +231,10 @@ def run(changes: int, debounce: float | None, envoy: Path) -> Run:
                 f" (restarts {sample.restarts})",
                 flush=True,
             )
+        option = "default" if debounce is None else str(debounce)
         return Run(
-            debounce_option="default" if debounce is None else str(debounce),
+            label=f"--debounce {option}",
+            debounce_option=option,
             base_id=family.base_id,
             first_startup_s=number(serving, "startup_s"),
             samples=samples,
@@ -190,36 +243,250 @@ def run(changes: int, debounce: float | None, envoy: Path) -> Run:
         family.close()
 
 
+# -- side by side: upstream's hot-restarter.py and the daemon --------------------------
+@dataclass
+class Contender:
+    """One subject of the side-by-side run: its family, its options (None: upstream's
+    restarter), what it measured (seconds: daemon rename to served minus the debounce,
+    upstream SIGHUP to served)."""
+
+    name: str
+    family: BenchFamily
+    options: tuple[str, ...] | None
+    tag: str
+    epoch: int = 0
+    first_startup_s: float | None = None
+    reactions: list[float] = field(default_factory=list)
+    samples: list[Sample] = field(default_factory=list)
+
+    @property
+    def is_upstream(self) -> bool:
+        return self.options is None
+
+    def run(self) -> Run:
+        """The daemon's samples as a run of the phase tables."""
+        return Run(
+            label=f"side by side: {self.name}",
+            debounce_option=str(SIDE_DEBOUNCE_S),
+            base_id=self.family.base_id,
+            first_startup_s=self.first_startup_s,
+            samples=self.samples,
+        )
+
+    def to_json(self) -> dict[str, Json]:
+        return {
+            "name": self.name,
+            "base_id": self.family.base_id,
+            "command": "hot-restarter.py + SIGHUP" if self.options is None else [*self.options],
+            "measures": "SIGHUP to served"
+            if self.is_upstream
+            else f"rename to served minus {SIDE_DEBOUNCE_S} s",
+            "stats": dict(summary(self.reactions)),
+            "reactions_s": [*self.reactions],
+        }
+
+
+def start_upstream(family: BenchFamily) -> None:
+    """`hot-restarter.py START_SCRIPT` in its own session: it sets RESTART_EPOCH and
+    forks the family's start script, which execs Envoy with it and our base id. Its
+    log (and Envoy's, inherited) goes beside the family directory."""
+    with open(family.tmp / "upstream.log", "wb") as log:
+        family.process = subprocess.Popen(
+            [sys.executable, str(UPSTREAM), str(family.script)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            cwd=family.tmp,
+            start_new_session=True,
+        )
+
+
+def upstream_tail(family: BenchFamily) -> str:
+    try:
+        text = (family.tmp / "upstream.log").read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-20:])
+
+
+def start_contender(contender: Contender) -> None:
+    family = contender.family
+    family.write_config(f"{contender.tag}-v0")
+    if contender.options is None:
+        start_upstream(family)
+    else:
+        family.start(*contender.options)
+        serving = family.wait_event("child.serving", timeout_s=START_TIMEOUT_S, epoch=0)
+        contender.first_startup_s = number(serving, "startup_s")
+    family.wait_body(f"{contender.tag}-v0", timeout_s=START_TIMEOUT_S)
+
+
+def our_envoys(family: BenchFamily) -> set[int]:
+    """PIDs of this family's live Envoys (a reaped or zombie one has no command line)."""
+    pids = (int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit())
+    return {pid for pid in pids if family.owns(pid)}
+
+
+def one_upstream_change(family: BenchFamily, index: int, tag: str) -> float:
+    """Rename the new config in, SIGHUP the restarter, seconds until it is served; then
+    wait for the old Envoy to exit, as the daemon's changes wait for `child.exited`."""
+    process = family.process
+    assert process is not None
+    body = f"{tag}-v{index}"
+    family.write_config(body)
+    before = our_envoys(family)
+    sent = time.monotonic()
+    process.send_signal(signal.SIGHUP)
+    try:
+        served = family.wait_body(body, timeout_s=STEP_TIMEOUT_S)
+        wait_for(
+            lambda: True if not any(family.owns(pid) for pid in before) else None,
+            timeout_s=STEP_TIMEOUT_S,
+            what="upstream's previous Envoy to exit",
+        )
+    except BenchError as err:
+        raise BenchError(f"{err}\n--- upstream log ---\n{upstream_tail(family)}") from None
+    if process.poll() is not None:
+        raise BenchError(f"hot-restarter.py exited ({process.returncode})\n{upstream_tail(family)}")
+    return served - sent
+
+
+def change_contender(contender: Contender, index: int) -> None:
+    if contender.options is None:
+        contender.reactions.append(one_upstream_change(contender.family, index, contender.tag))
+        return
+    sample = one_change(contender.family, index, contender.tag, contender.epoch)
+    contender.epoch = sample.epoch
+    contender.samples.append(sample)
+    contender.reactions.append(sample.total - SIDE_DEBOUNCE_S)
+
+
+def make_contenders(envoy: Path, no_validate: bool) -> list[Contender]:
+    """The subjects, each with its own family (base id, ports, temp directory)."""
+    wanted: list[tuple[str, str, tuple[str, ...] | None]] = [
+        ("daemon as shipped", "shipped", ("--debounce", str(SIDE_DEBOUNCE_S))),
+        ("upstream hot-restarter.py", "upstream", None),
+    ]
+    if no_validate:
+        wanted.insert(1, ("daemon --no-validate", "novalidate", ()))
+    contenders: list[Contender] = []
+    for base_id, (name, tag, options) in zip(pick_base_ids(len(wanted)), wanted, strict=True):
+        family = BenchFamily(base_id, envoy=envoy)
+        if options is not None:
+            extra = ("--no-validate",) if tag == "novalidate" else ()
+            options = ("--debounce", str(SIDE_DEBOUNCE_S), *extra, *daemon_options(family))
+        contenders.append(Contender(name=name, family=family, options=options, tag=tag))
+    return contenders
+
+
+def side_by_side(changes: int, envoy: Path, no_validate: bool) -> list[Contender]:
+    """All contenders up at once, their changes alternating, the order rotating each
+    round (no subject always follows the same one). Always cleans up."""
+    contenders: list[Contender] = []
+    try:
+        contenders = make_contenders(envoy, no_validate)
+        for contender in contenders:
+            start_contender(contender)
+        for index in range(1, changes + 1):
+            shift = index % len(contenders)
+            for contender in contenders[shift:] + contenders[:shift]:
+                change_contender(contender, index)
+            figures = ", ".join(f"{c.tag} {c.reactions[-1] * 1000:6.1f}" for c in contenders)
+            print(f"  [side by side] round {index:>3}/{changes}: {figures} ms", flush=True)
+        return contenders
+    finally:
+        for contender in contenders:
+            contender.family.close()
+
+
+def ratio(contenders: list[Contender], name: str) -> float | None:
+    """The daemon's median over upstream's, or None when either did not run."""
+    medians = {c.name: summary(c.reactions)["median"] for c in contenders if c.reactions}
+    upstream = medians.get("upstream hot-restarter.py")
+    daemon = medians.get(name)
+    return None if upstream is None or daemon is None else daemon / upstream
+
+
+# -- output ------------------------------------------------------------------------------
+def phase_tables(runs: list[Run]) -> tuple[list[list[str]], list[list[str]]]:
+    rows: list[list[str]] = []
+    detail_rows: list[list[str]] = []
+    for result in runs:
+        for phase, st in result.stats().items():
+            note = " (off)" if phase == "validation" and result.validation == "off" else ""
+            first = phase in ("total", DETAIL[0])
+            (rows if phase in PHASES else detail_rows).append(
+                [
+                    result.label if first else "",
+                    phase + note,
+                    *(f"{st[k] * 1000:.1f}" for k in ("median", "p95", "min", "max")),
+                ]
+            )
+    return rows, detail_rows
+
+
+def print_side_by_side(contenders: list[Contender], changes: int) -> dict[str, Json]:
+    header = ["subject", "measures", "median", "p95", "min", "max"]
+    rows = [
+        [
+            c.name,
+            "SIGHUP to served" if c.is_upstream else "rename to served - debounce",
+            *(f"{summary(c.reactions)[k] * 1000:.1f}" for k in ("median", "p95", "min", "max")),
+        ]
+        for c in contenders
+    ]
+    print()
+    print(f"Side by side, alternating ({changes} changes each), ms")
+    print(format_table(header, rows))
+    result: dict[str, Json] = {}
+    for name, key in (
+        ("daemon --no-validate", "ratio_no_validate"),
+        ("daemon as shipped", "ratio_as_shipped"),
+    ):
+        value = ratio(contenders, name)
+        result[key] = value
+        if value is not None:
+            print(f"ratio of medians, {name} / upstream: {value:.2f}")
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n", 1)[0])
     parser.add_argument("--changes", type=int, default=20, help="renames per run (default 20)")
     parser.add_argument("--envoy", type=Path, default=ENVOY_BIN, help="the Envoy binary")
+    parser.add_argument(
+        "--runs",
+        choices=("all", "default", "side-by-side"),
+        default="all",
+        help="the default-debounce run, the side-by-side run against upstream, or both",
+    )
     args = parser.parse_args()
     stop_on_sigterm()
     if args.changes < 1:
         parser.error("--changes must be at least 1")
 
     env = environment(args.envoy)
-    env["daemon_has_no_validate_option"] = daemon_has_option("--no-validate")
-    runs = [run(args.changes, debounce, args.envoy) for debounce in (None, 0.05)]
+    no_validate = daemon_has_option("--no-validate")
+    env["daemon_has_no_validate_option"] = no_validate
+    runs: list[Run] = []
+    if args.runs in ("all", "default"):
+        runs.append(run(args.changes, None, args.envoy))
+    contenders: list[Contender] = []
+    if args.runs in ("all", "side-by-side"):
+        contenders = side_by_side(args.changes, args.envoy, no_validate)
+        runs += [c.run() for c in contenders if not c.is_upstream]
+    report(args.changes, env, runs, contenders)
+    return 0
 
-    rows: list[list[str]] = []
-    detail_rows: list[list[str]] = []
-    for result in runs:
-        label = f"--debounce {result.debounce_option}"
-        for phase, st in result.stats().items():
-            note = " (off)" if phase == "validation" and result.validation == "off" else ""
-            first = phase in ("total", DETAIL[0])
-            (rows if phase in PHASES else detail_rows).append(
-                [
-                    label if first else "",
-                    phase + note,
-                    *(f"{st[k] * 1000:.1f}" for k in ("median", "p95", "min", "max")),
-                ]
-            )
+
+def report(
+    changes: int, env: dict[str, Json], runs: list[Run], contenders: list[Contender]
+) -> None:
+    env["loadavg_at_end"] = [*os.getloadavg()]
+    rows, detail_rows = phase_tables(runs)
     header = ["run", "phase", "median", "p95", "min", "max"]
     print()
-    print(f"Reaction latency, rename to new body served ({args.changes} changes per run), ms")
+    print(f"Reaction latency, rename to new body served ({changes} changes per run), ms")
     print(format_table(header, rows))
     print()
     print("Where the overhead goes (daemon log timestamps vs. first new body), ms")
@@ -227,17 +494,22 @@ def main() -> int:
     extra = [s for r in runs for s in r.samples if s.restarts != 1 or s.requests != 1]
     if extra:
         print(f"\nNOTE: {len(extra)} change(s) did not make exactly one request and one restart")
+    side: dict[str, Json] = {}
+    if contenders:
+        side = print_side_by_side(contenders, changes)
+        side["contenders"] = [c.to_json() for c in contenders]
+    print(f"\nload average at start {env['loadavg_at_start']}, at end {env['loadavg_at_end']}")
     path = write_results(
         "latency",
         {
             "bench": "latency",
-            "changes": args.changes,
+            "changes": changes,
             "environment": env,
             "runs": [r.to_json() for r in runs],
+            "side_by_side": side or None,
         },
     )
     print(f"\nwrote {path}")
-    return 0
 
 
 if __name__ == "__main__":
