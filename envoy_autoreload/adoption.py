@@ -20,6 +20,7 @@ from typing import Any
 
 from envoy_autoreload import __version__
 from envoy_autoreload.batches import Batches
+from envoy_autoreload.content import digest_of_files
 from envoy_autoreload.control import ControlReply
 from envoy_autoreload.digest import Snapshot
 from envoy_autoreload.envoy_binary import BinaryInfo
@@ -182,9 +183,12 @@ def _snapshot_to_json(snapshot: Snapshot | None) -> dict[str, Any] | None:
 def _snapshot_from_json(raw: dict[str, Any] | None) -> Snapshot | None:
     if raw is None:
         return None
+    files = dict(raw["files"])
     return Snapshot(
-        files=dict(raw["files"]),
-        digest=raw["digest"],
+        files=files,
+        # Computed again, not trusted: the image before may have digested otherwise, and
+        # a digest that differs from this image's for the same files restarts Envoy.
+        digest=digest_of_files(files),
         directories=frozenset(Path(d) for d in raw["directories"]),
         watch_points=raw["watch_points"],
         unreadable=tuple(raw["unreadable"]),

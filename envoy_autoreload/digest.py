@@ -1,9 +1,12 @@
-"""What the watched configuration *is*: one walk that finds every directory to watch and
-hashes every file, so that content, not events, decides whether to restart.
+"""What the watched configuration *is*: one walk that finds and watches every directory,
+then the hashing of every file it listed, so that content, not events, decides whether
+to restart.
 
-Why one walk does both: the walk tells the watcher about each directory *before* it lists
-it, so any file created after the listing raises an event and any file created before
-is in the listing; there is no gap to lose a change in.
+Why the walk watches as it goes: the watcher is told about each directory *before* it
+is listed, so any file created after the listing raises an event and any file created
+before is in the listing; there is no gap to lose a change in. Hashing comes after the
+walk (`hash_listing`), possibly on a worker thread while Envoy already starts (issue
+16): a file changed after it was listed raises an event, and the watcher has it.
 
 Why content: a `touch`, a chmod, a same-bytes rewrite by a config push, or a file saved
 twice by an editor must not restart Envoy. The digest follows symlinks, so a kubelet
@@ -13,10 +16,13 @@ starts with `..` are walked (to be watched) but not hashed under their own names
 content is what the visible `key -> ..data/key` symlinks show, and their timestamped
 names change on every update.
 
-Cost: a stat per file per settled burst; a file is read again only when its stat
+Cost: the previous scan of a root is the cache: a file is read again only when its stat
 (device, inode, size, mtime, ctime) changed, so a big Envoy binary is hashed once.
+After the first walk, an event that names a file in a plain directory (no symlink on
+the way) updates that one entry (`apply`); anything else rescans the root it is in.
 
-Bounds, because the walk and the hashing run on the daemon's only loop (review #12, #13):
+Bounds, because the walk and the hashing may run on the daemon's only loop (review #12,
+#13):
 - a file found by walking a tree and larger than `MAX_HASHED_BYTES` is compared by its
   stat (device, inode, size, mtime), not read: a symlink to a disk image must not stall
   the loop. Files named as roots (`--config`, the Envoy binary, a `--watch` file) are
@@ -38,12 +44,26 @@ import hashlib
 import os
 import stat
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
+import immutables
+
+from envoy_autoreload.content import (
+    RootScan,
+    Snapshot,
+    WatchRoot,
+    content_of,
+    contribution,
+    make_entry,
+    reusable,
+    split_display,
+)
 from envoy_autoreload.watch.filters import NoiseFilter
+
+__all__ = ["ContentScanner", "Snapshot", "WatchRoot", "can_cache_hash", "resolution_hops"]
 
 MAX_SYMLINK_HOPS: Final = 40
 RACY_WINDOW_S: Final = 2.0
@@ -60,40 +80,11 @@ MAX_RESOLVE_ROUNDS: Final = 4
 # for "everything in it matters" and a set of entry names for a symlink chain's parents.
 DirectoryCallback = Callable[[Path, frozenset[str] | None], None]
 
-_StatKey = tuple[int, int, int, int, int]
 _Hop = tuple[Path, str]
 
 
-@dataclass(frozen=True, slots=True)
-class WatchRoot:
-    """A path the user asked us to watch: a file, or a directory tree."""
-
-    path: Path
-    label: str = ""
-
-
-@dataclass(frozen=True)
-class Snapshot:
-    """The watched content at one moment."""
-
-    files: Mapping[str, str]
-    digest: str
-    directories: frozenset[Path]
-    watch_points: int = 0  # directories a watcher needs: the trees plus symlink-chain parents
-    unreadable: tuple[str, ...] = ()
-    missing: tuple[str, ...] = ()
-    # Directories watched only for some names (symlink chains, ancestors of a missing path).
-    name_watched: frozenset[Path] = frozenset()
-    by_stat: tuple[str, ...] = ()  # files over MAX_HASHED_BYTES, compared by stat
-    not_walked: tuple[str, ...] = ()  # symlinked directories skipped or cut short, and why
-    files_read: int = 0  # files read and hashed by this scan (the rest came from the cache)
-
-    def changed_since(self, other: Snapshot | None) -> list[str]:
-        """Paths added, removed or modified relative to `other`, sorted."""
-        if other is None:
-            return sorted(self.files)
-        keys = self.files.keys() | other.files.keys()
-        return sorted(k for k in keys if self.files.get(k) != other.files.get(k))
+def _no_watch(_path: Path, _names: frozenset[str] | None) -> None:
+    return None
 
 
 @dataclass(slots=True)
@@ -107,7 +98,7 @@ class _Budget:
     def exhausted(self) -> bool:
         return self.remaining < 0
 
-    def take(self, walk: _Walk) -> bool:
+    def take(self, walk: Listing) -> bool:
         """Count one entry; False (and one report) once the budget is spent."""
         if self.remaining < 0:
             return False
@@ -122,7 +113,7 @@ class _Budget:
 
 
 @dataclass(frozen=True, slots=True)
-class _Directory:
+class WalkDirectory:
     """A directory waiting on the walk's stack."""
 
     display: str
@@ -132,21 +123,306 @@ class _Directory:
     budget: _Budget | None
 
 
+@dataclass(slots=True)
+class _Batch:
+    """Files of one directory to hash: their names, and where to read each (the same
+    name in `real_dir`, unless `real_names` says otherwise: a root file reached through
+    symlinks)."""
+
+    display_dir: str
+    real_dir: str
+    names: list[str]
+    bounded: bool
+    real_names: list[str] | None = None
+
+
 @dataclass
-class _Walk:
+class Listing:
+    """One root walked: every directory watched and listed, its files not read yet."""
+
+    root: WatchRoot
     on_directory: DirectoryCallback
-    now_ns: int
     excluded: frozenset[str] = frozenset()
-    files: dict[str, str] = field(default_factory=dict)
+    batches: list[_Batch] = field(default_factory=list)
     directories: set[Path] = field(default_factory=set)
+    plain: dict[Path, str] = field(default_factory=dict)
     name_watches: dict[Path, set[str]] = field(default_factory=dict)
     visited: set[tuple[int, int]] = field(default_factory=set)
     unreadable: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
-    by_stat: list[str] = field(default_factory=list)
     not_walked: list[str] = field(default_factory=list)
+
+
+@dataclass
+class FileHashing:
+    """Phase two for one root: read what the listing found, reusing the cache."""
+
+    cache: RootScan | None
+    now_ns: int
+    excluded: frozenset[str]
+    dirs: dict[str, dict[str, bytes]] = field(default_factory=dict)
+    total: int = 0
+    count: int = 0
+    unreadable: list[str] = field(default_factory=list)
+    by_stat: list[str] = field(default_factory=list)
     files_read: int = 0
-    cache: dict[str, tuple[_StatKey, str]] = field(default_factory=dict)
+
+    def add(self, display_dir: str, name: str, path: str, bounded: bool) -> None:
+        display = f"{display_dir}/{name}"
+        if display in self.excluded or path in self.excluded:
+            return
+        entry = self.entry_for(display, path, bounded)
+        if entry is None:
+            return
+        names = self.dirs.setdefault(display_dir, {})
+        old = names.get(name)
+        if old is not None:
+            self.total -= contribution(display, content_of(old))
+            self.count -= 1
+        names[name] = entry
+        self.total += contribution(display, content_of(entry))
+        self.count += 1
+
+    def entry_for(self, display: str, path: str, bounded: bool) -> bytes | None:
+        """The entry for one file as it is now; None when it is gone or not a file."""
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return None  # vanished since the listing: its event follows
+        except OSError as err:  # permission, a symlink loop (ELOOP)
+            self.unreadable.append(f"{display} ({err.strerror})")
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        if bounded and st.st_size > MAX_HASHED_BYTES:
+            # Not read: by identity and modification, so a replacement or a write shows.
+            self.by_stat.append(display)
+            mark = f"stat {st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+            return make_entry(st, hashlib.sha256(mark.encode()).digest(), trusted=False)
+        trusted = can_cache_hash(st, self.now_ns)
+        content = reusable(self.cache.entry(display) if self.cache else None, st)
+        if content is not None:
+            return make_entry(st, content, trusted=trusted)
+        try:
+            with open(path, "rb") as handle:
+                content = hashlib.file_digest(handle, "sha256").digest()
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            self.unreadable.append(f"{display} ({err.strerror})")
+            return None
+        self.files_read += 1
+        return make_entry(st, content, trusted=trusted)
+
+
+def hash_listing(listing: Listing, cache: RootScan | None) -> RootScan:
+    """Phase two: read and hash every file the walk listed. Touches nothing but the
+    files and its own objects, so it may run on a worker thread."""
+    hashing = FileHashing(cache, time.time_ns(), listing.excluded)
+    for batch in listing.batches:
+        real_names = batch.real_names or batch.names
+        for name, real_name in zip(batch.names, real_names, strict=True):
+            hashing.add(batch.display_dir, name, f"{batch.real_dir}/{real_name}", batch.bounded)
+    tree = immutables.Map(
+        {directory: immutables.Map(names) for directory, names in hashing.dirs.items()}
+    )
+    return RootScan(
+        root=listing.root,
+        tree=tree,
+        total=hashing.total,
+        count=hashing.count,
+        directories=frozenset(listing.directories),
+        plain=immutables.Map(listing.plain),
+        name_watches={d: frozenset(n) for d, n in listing.name_watches.items()},
+        unreadable=tuple(listing.unreadable + hashing.unreadable),
+        missing=tuple(listing.missing),
+        by_stat=tuple(hashing.by_stat),
+        not_walked=tuple(listing.not_walked),
+        files_read=hashing.files_read,
+    )
+
+
+class ContentScanner:
+    """Walks the watch roots and keeps, per root, the last scan: the content as last
+    seen and the stat cache of the next walk in one."""
+
+    def __init__(self, roots: Iterable[WatchRoot], noise: NoiseFilter) -> None:
+        self.roots = tuple(roots)
+        self._noise = noise
+        self._scans: dict[WatchRoot, RootScan] = {}
+        # Exact paths left out of the digest (files Envoy itself writes, review #15).
+        self.excluded: frozenset[str] = frozenset()
+
+    @property
+    def noise(self) -> NoiseFilter:
+        return self._noise
+
+    def scan(self, on_directory: DirectoryCallback | None = None) -> Snapshot:
+        """Walk and hash every root now."""
+        listings = self.list_roots(on_directory or _no_watch)
+        return self.keep([hash_listing(lst, self.cached(lst.root)) for lst in listings])
+
+    def cached(self, root: WatchRoot) -> RootScan | None:
+        return self._scans.get(root)
+
+    def keep(self, scans: Iterable[RootScan]) -> Snapshot:
+        """Remember these scans (a root's newest replaces its older one) and return the
+        snapshot of every root as last scanned."""
+        files_read = 0
+        for scan in scans:
+            self._scans[scan.root] = scan
+            files_read += scan.files_read
+        return self.snapshot(files_read)
+
+    def snapshot(self, files_read: int = 0) -> Snapshot:
+        for root in self.roots:
+            if root not in self._scans:
+                self._scans[root] = RootScan(root)
+        for stale in self._scans.keys() - set(self.roots):
+            del self._scans[stale]
+        return Snapshot.of(tuple(self._scans[r] for r in self.roots), files_read=files_read)
+
+    def list_roots(
+        self, on_directory: DirectoryCallback, roots: Iterable[WatchRoot] | None = None
+    ) -> list[Listing]:
+        """Phase one: watch and list every directory of these roots (all by default)."""
+        listings = []
+        for root in self.roots if roots is None else roots:
+            listing = Listing(root, on_directory, self.excluded)
+            self._list_root(listing)
+            listings.append(listing)
+        return listings
+
+    def _watch_chain(self, path: Path, listing: Listing) -> Path:
+        """Name-watch every (directory, entry) a path resolves through; its real path.
+
+        Resolving and watching are two steps, and the tree may change between them (a
+        `mkdir -p` racing the walk). So resolve again after watching: when no new hop
+        turns up, every hop of this answer was watched before it was read, and any
+        later change raises an event (inotify(7): a watch sees what happens after it).
+        """
+        real = path
+        for _round in range(MAX_RESOLVE_ROUNDS):
+            hops, real = resolution_hops(path)
+            added = False
+            for directory, name in hops:
+                known = listing.name_watches.setdefault(directory, set())
+                if name not in known:
+                    known.add(name)
+                    added = True
+                    listing.on_directory(directory, frozenset(known))
+            if not added:
+                break
+        return real
+
+    def _list_root(self, listing: Listing) -> None:
+        root = listing.root
+        real = self._watch_chain(root.path, listing)
+        try:
+            st = os.stat(real)
+        except FileNotFoundError:
+            listing.missing.append(str(root.path))
+            return
+        except OSError as err:  # permission, a symlink loop (ELOOP), ENOTDIR races
+            listing.unreadable.append(f"{root.path} ({err.strerror})")
+            return
+        if stat.S_ISDIR(st.st_mode):
+            self.walk_tree(WalkDirectory(str(root.path), real, st, False, None), listing)
+        elif stat.S_ISREG(st.st_mode):
+            display_dir, name = split_display(str(root.path))
+            batch = _Batch(display_dir, str(real.parent), [name], False, [real.name])
+            listing.batches.append(batch)
+
+    def walk_tree(self, top: WalkDirectory, listing: Listing) -> None:
+        """Depth-first, in name order, on an explicit stack: no recursion limit."""
+        stack = [top]
+        while stack:
+            subdirectories = self._list_directory(stack.pop(), listing)
+            stack.extend(reversed(subdirectories))
+
+    def _list_directory(self, directory: WalkDirectory, listing: Listing) -> list[WalkDirectory]:
+        """Watch, then list one directory; return its subdirectories."""
+        key = (directory.st.st_dev, directory.st.st_ino)
+        if key in listing.visited:
+            return []
+        listing.visited.add(key)
+        if directory.budget is not None and directory.budget.exhausted:
+            return []
+        listing.on_directory(directory.real, None)
+        try:
+            entries = sorted(os.scandir(directory.real), key=lambda e: e.name)
+        except FileNotFoundError:
+            return []
+        except OSError:
+            listing.unreadable.append(directory.display)
+            return []
+        listing.directories.add(directory.real)
+        if directory.budget is None and not directory.hidden:
+            listing.plain[directory.real] = directory.display
+        batch = _Batch(directory.display, str(directory.real), [], True)
+        subdirectories: list[WalkDirectory] = []
+        for entry in entries:
+            if self._noise.is_noise(entry.name):
+                continue
+            if directory.budget is not None and not directory.budget.take(listing):
+                break
+            child = self._visit_entry(directory, entry, listing, batch)
+            if child is not None:
+                subdirectories.append(child)
+        if batch.names:
+            listing.batches.append(batch)
+        return subdirectories
+
+    def _visit_entry(
+        self, parent: WalkDirectory, entry: os.DirEntry[str], listing: Listing, batch: _Batch
+    ) -> WalkDirectory | None:
+        """Note a file entry for hashing; return a directory entry for the walk to visit.
+        A regular file is known by the directory entry's type, without a stat."""
+        hidden = parent.hidden or entry.name.startswith("..")
+        is_link = entry.is_symlink()
+        if not is_link and entry.is_file(follow_symlinks=False):
+            if not hidden:
+                batch.names.append(entry.name)
+            return None
+        if is_link and not hidden:
+            # A link out of the tree (certbot's live/ -> archive/): watch where it
+            # leads, or a renewal there would never be seen. Dangling ones too: the
+            # chain ends at the deepest existing ancestor of the missing target.
+            self._watch_chain(Path(entry.path), listing)
+        try:
+            st = os.stat(entry.path)
+        except FileNotFoundError:
+            return None  # vanished, or a dangling symlink
+        except OSError as err:  # permission, a symlink loop (ELOOP)
+            listing.unreadable.append(f"{parent.display}/{entry.name} ({err.strerror})")
+            return None
+        if stat.S_ISDIR(st.st_mode):
+            return self._subdirectory(parent, entry, st, listing, is_link=is_link, hidden=hidden)
+        if stat.S_ISREG(st.st_mode) and not hidden:
+            batch.names.append(entry.name)
+        return None
+
+    def _subdirectory(
+        self,
+        parent: WalkDirectory,
+        entry: os.DirEntry[str],
+        st: os.stat_result,
+        listing: Listing,
+        *,
+        is_link: bool,
+        hidden: bool,
+    ) -> WalkDirectory | None:
+        display = f"{parent.display}/{entry.name}"
+        if not is_link:  # the parent's path is real already: no realpath (O(depth))
+            return WalkDirectory(display, parent.real / entry.name, st, hidden, parent.budget)
+        real = Path(os.path.realpath(entry.path))
+        if (st.st_dev, st.st_ino) in listing.visited:
+            return None  # a link back into what was walked already
+        if parent.real.is_relative_to(real):
+            listing.not_walked.append(f"{display} (a symlink to {real}, which contains it)")
+            return None
+        budget = parent.budget or _Budget(display)
+        return WalkDirectory(display, real, st, hidden, budget)
 
 
 def resolution_hops(path: Path) -> tuple[list[_Hop], Path]:
@@ -222,174 +498,3 @@ def can_cache_hash(st: os.stat_result, now_ns: int) -> bool:
     """
     changed_ns = st.st_ctime_ns if st.st_mtime_ns > now_ns else max(st.st_mtime_ns, st.st_ctime_ns)
     return now_ns - changed_ns > RACY_WINDOW_S * 1_000_000_000
-
-
-def _stat_key(st: os.stat_result) -> _StatKey:
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
-class ContentScanner:
-    """Walks the watch roots; keeps a stat cache so unchanged files are not re-read."""
-
-    def __init__(self, roots: Iterable[WatchRoot], noise: NoiseFilter) -> None:
-        self.roots = tuple(roots)
-        self._noise = noise
-        self._cache: dict[str, tuple[_StatKey, str]] = {}
-        # Exact paths left out of the digest (files Envoy itself writes, review #15).
-        self.excluded: frozenset[str] = frozenset()
-
-    def scan(self, on_directory: DirectoryCallback | None = None) -> Snapshot:
-        walk = _Walk(on_directory or (lambda _path, _names: None), time.time_ns(), self.excluded)
-        for root in self.roots:
-            self._scan_root(root, walk)
-        self._cache = walk.cache
-        hasher = hashlib.sha256()
-        for name in sorted(walk.files):
-            hasher.update(f"{name}\0{walk.files[name]}\n".encode(errors="surrogateescape"))
-        return Snapshot(
-            files=dict(walk.files),
-            digest=hasher.hexdigest(),
-            directories=frozenset(walk.directories),
-            watch_points=len(walk.directories | walk.name_watches.keys()),
-            unreadable=tuple(walk.unreadable),
-            missing=tuple(walk.missing),
-            name_watched=frozenset(walk.name_watches),
-            by_stat=tuple(walk.by_stat),
-            not_walked=tuple(walk.not_walked),
-            files_read=walk.files_read,
-        )
-
-    def _watch_chain(self, path: Path, walk: _Walk) -> Path:
-        """Name-watch every (directory, entry) a path resolves through; its real path.
-
-        Resolving and watching are two steps, and the tree may change between them (a
-        `mkdir -p` racing the walk). So resolve again after watching: when no new hop
-        turns up, every hop of this answer was watched before it was read, and any
-        later change raises an event (inotify(7): a watch sees what happens after it).
-        """
-        real = path
-        for _round in range(MAX_RESOLVE_ROUNDS):
-            hops, real = resolution_hops(path)
-            added = False
-            for directory, name in hops:
-                known = walk.name_watches.setdefault(directory, set())
-                if name not in known:
-                    known.add(name)
-                    added = True
-                    walk.on_directory(directory, frozenset(known))
-            if not added:
-                break
-        return real
-
-    def _scan_root(self, root: WatchRoot, walk: _Walk) -> None:
-        real = self._watch_chain(root.path, walk)
-        try:
-            st = os.stat(real)
-        except FileNotFoundError:
-            walk.missing.append(str(root.path))
-            return
-        except OSError as err:  # permission, a symlink loop (ELOOP), ENOTDIR races
-            walk.unreadable.append(f"{root.path} ({err.strerror})")
-            return
-        if stat.S_ISDIR(st.st_mode):
-            self._walk_tree(_Directory(str(root.path), real, st, False, None), walk)
-        elif stat.S_ISREG(st.st_mode):
-            self._add_file(str(root.path), real, st, walk, bounded=False)
-
-    def _walk_tree(self, top: _Directory, walk: _Walk) -> None:
-        """Depth-first, in name order, on an explicit stack: no recursion limit."""
-        stack = [top]
-        while stack:
-            subdirectories = self._list_directory(stack.pop(), walk)
-            stack.extend(reversed(subdirectories))
-
-    def _list_directory(self, directory: _Directory, walk: _Walk) -> list[_Directory]:
-        """Watch, then list one directory; hash its files; return its subdirectories."""
-        key = (directory.st.st_dev, directory.st.st_ino)
-        if key in walk.visited:
-            return []
-        walk.visited.add(key)
-        if directory.budget is not None and directory.budget.exhausted:
-            return []
-        walk.on_directory(directory.real, None)
-        try:
-            entries = sorted(os.scandir(directory.real), key=lambda e: e.name)
-        except FileNotFoundError:
-            return []
-        except OSError:
-            walk.unreadable.append(directory.display)
-            return []
-        walk.directories.add(directory.real)
-        subdirectories: list[_Directory] = []
-        for entry in entries:
-            if self._noise.is_noise(entry.name):
-                continue
-            if directory.budget is not None and not directory.budget.take(walk):
-                break
-            child = self._visit_entry(directory, entry, walk)
-            if child is not None:
-                subdirectories.append(child)
-        return subdirectories
-
-    def _visit_entry(
-        self, parent: _Directory, entry: os.DirEntry[str], walk: _Walk
-    ) -> _Directory | None:
-        """Hash a file entry; return a directory entry for the walk to visit."""
-        display = f"{parent.display}/{entry.name}"
-        hidden = parent.hidden or entry.name.startswith("..")
-        is_link = entry.is_symlink()
-        if is_link and not hidden:
-            # A link out of the tree (certbot's live/ -> archive/): watch where it
-            # leads, or a renewal there would never be seen. Dangling ones too: the
-            # chain ends at the deepest existing ancestor of the missing target.
-            self._watch_chain(Path(entry.path), walk)
-        try:
-            st = os.stat(entry.path)
-        except FileNotFoundError:
-            return None  # vanished, or a dangling symlink
-        except OSError as err:  # permission, a symlink loop (ELOOP)
-            walk.unreadable.append(f"{display} ({err.strerror})")
-            return None
-        if stat.S_ISDIR(st.st_mode):
-            if not is_link:  # the parent's path is real already: no realpath (O(depth))
-                real = parent.real / entry.name
-                return _Directory(display, real, st, hidden, parent.budget)
-            real = Path(os.path.realpath(entry.path))
-            if (st.st_dev, st.st_ino) in walk.visited:
-                return None  # a link back into what was walked already
-            if parent.real.is_relative_to(real):
-                walk.not_walked.append(f"{display} (a symlink to {real}, which contains it)")
-                return None
-            budget = parent.budget or _Budget(display)
-            return _Directory(display, real, st, hidden, budget)
-        if stat.S_ISREG(st.st_mode) and not hidden:
-            self._add_file(display, Path(entry.path), st, walk, bounded=True)
-        return None
-
-    def _add_file(
-        self, display: str, path: Path, st: os.stat_result, walk: _Walk, *, bounded: bool
-    ) -> None:
-        if display in walk.excluded or str(path) in walk.excluded:
-            return
-        if bounded and st.st_size > MAX_HASHED_BYTES:
-            # Not read: by identity and modification, so a replacement or a write shows.
-            walk.files[display] = f"stat {st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
-            walk.by_stat.append(display)
-            return
-        stat_key = _stat_key(st)
-        cached = self._cache.get(display)
-        if cached is not None and cached[0] == stat_key:
-            content_hash = cached[1]
-        else:
-            try:
-                with open(path, "rb") as handle:
-                    content_hash = hashlib.file_digest(handle, "sha256").hexdigest()
-            except FileNotFoundError:
-                return
-            except OSError as err:
-                walk.unreadable.append(f"{display} ({err.strerror})")
-                return
-            walk.files_read += 1
-        if can_cache_hash(st, walk.now_ns):
-            walk.cache[display] = (stat_key, content_hash)
-        walk.files[display] = content_hash

@@ -147,8 +147,12 @@ class Intake:
         return True
 
     def _requests_held(self, serving: Generation) -> bool:
-        """File changes wait while a watched path is missing (its return is a change of
-        its own); an operator's SIGHUP or reload still goes to the gate."""
+        """Every request waits while the files are first read (the comparison needs what
+        Envoy started from: watch/build.py). File changes wait while a watched path is
+        missing (its return is a change of its own); an operator's SIGHUP or reload
+        still goes to the gate."""
+        if self._watching is not None and self._watching.building:
+            return True  # asked again once the hashing is done (Timer.ADVANCE)
         current = self._hooks.current()
         if current is None or not set(self._batches.queued) <= {"files_changed"}:
             return False

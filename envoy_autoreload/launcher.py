@@ -73,6 +73,10 @@ class Launcher:
             # (A snapshot other than what --config holds, a rollback's, is not what the
             # files hold: any request goes to the gate again.)
             content = self._current()
+            # None while the files are first read: what it started from comes after.
+            awaiting = content is None and self._roster.reference_pending
+        else:
+            awaiting = False
         try:
             self.spawn(
                 epoch,
@@ -82,6 +86,7 @@ class Launcher:
                 content=content,
                 binary=self._gatekeeper.binary,
                 config=config,
+                awaiting_reference=awaiting,
             )
             self._lineage.started(config, epoch)
         except OSError as err:
@@ -100,13 +105,20 @@ class Launcher:
         content: Snapshot | None,
         binary: BinaryInfo | None,
         config: ConfigGeneration | None = None,
+        awaiting_reference: bool = False,
     ) -> Generation:
         """Start the script at `epoch`; raises OSError when it cannot be executed."""
         if parent is not None:
             # No child of ours is starting, so a set flag can only be a dead child's.
             self._family.restore_flag(parent, epoch)
         gen = self._roster.spawn(
-            epoch, reason, covers_seq=covers_seq, snapshot=content, binary=binary, config=config
+            epoch,
+            reason,
+            covers_seq=covers_seq,
+            snapshot=content,
+            binary=binary,
+            config=config,
+            awaiting_reference=awaiting_reference,
         )
         fd = gen.process.stderr_fd()
         if fd is not None:

@@ -113,6 +113,7 @@ class Reexec:
             and not batches.queued
             and not batches.in_flight
             and not self._reactor.has_deadline(Timer.RETRY)
+            and not roster.reference_pending  # the first hashing of the files runs
         )
 
     def _exec(self) -> None:

@@ -48,6 +48,7 @@ class Generation:
     envoy_seen_at: float | None = None  # when it was first found (monotonic)
     saw_initializing: bool = False  # a probe saw its Envoy set the hot-restart flag
     snapshot: Snapshot | None = None  # the content it started from, when watching
+    awaiting_reference: bool = False  # started while the files were first read
     binary: BinaryInfo | None = None
     covers_seq: int = 0  # restart requests this generation answers (0: none)
     config: ConfigGeneration | None = None  # the snapshot it started (generations on)
@@ -84,6 +85,20 @@ class Roster:
         # The content the newest start carried, failed or not: a missing path counts
         # from it when nothing serves (see `MissingPaths.hold`).
         self.last_started_content: Snapshot | None = None
+        # The first hashing of the watched files runs (watch/build.py): a start now
+        # gets what it started from once that is done (`attach_reference`).
+        self.reference_pending = False
+
+    def attach_reference(self, reference: Snapshot) -> None:
+        """The content generations started while the files were first read started
+        from, with every path changed meanwhile UNKNOWN (never equal to the files)."""
+        self.reference_pending = False
+        for gen in self._generations:
+            if gen.awaiting_reference:
+                gen.awaiting_reference = False
+                gen.snapshot = gen.snapshot or reference
+        if self.last_started_content is None:
+            self.last_started_content = reference
 
     # -- queries ----------------------------------------------------------------
     def alive(self) -> list[Generation]:
@@ -121,6 +136,7 @@ class Roster:
         snapshot: Snapshot | None,
         binary: BinaryInfo | None,
         config: ConfigGeneration | None = None,
+        awaiting_reference: bool = False,
     ) -> Generation:
         """Start the script at `epoch`; raises OSError when it cannot be executed."""
         if self.starting() is not None:
@@ -135,6 +151,7 @@ class Roster:
             binary=binary,
             covers_seq=covers_seq,
             config=config,
+            awaiting_reference=awaiting_reference,
         )
         self._generations.append(gen)
         if snapshot is not None:

@@ -122,12 +122,12 @@ class Supervisor:
         self._batches = Batches(reactor, self._desk, telemetry)
         self._family = family = family or EnvoyFamily(settings)
         self._processes = processes or ScriptSpawner(settings.start_script, settings.script_args)
-        self._roster = Roster(self._processes, reactor)
+        self._roster = roster = Roster(self._processes, reactor)
         self._planner = Planner()
         self._lineage = lineage = lineage or Lineage(None, bytes)
         self._health = health
         self._watching = (
-            Watching(settings, reactor, changes, telemetry) if changes is not None else None
+            Watching(settings, reactor, changes, telemetry, roster) if changes else None
         )
         self._triggers = Triggers(changes.roots if changes is not None else ())
         gate = gate or CommandGate(settings, reactor, Timer.COMMAND_DEADLINE)
@@ -226,7 +226,7 @@ class Supervisor:
         validate (blocking is fine here), start watching, start epoch 0."""
         self._gatekeeper.check_before_first_start()
         started()
-        self._open_readers()
+        self._open_readers(background=True)  # Envoy first: the files are read meanwhile
         self._launcher.start(0, "startup", first=True, config=self._gatekeeper.config)
 
     def begin_adopted(self, handover: Handover) -> None:
@@ -238,9 +238,9 @@ class Supervisor:
         self._telemetry.notifier.send(MAINPID=str(os.getpid()))
         self._telemetry.serving_again(self.status_text())
 
-    def _open_readers(self) -> None:
+    def _open_readers(self, *, background: bool = False) -> None:
         if self._watching is not None:
-            self._watching.start()
+            self._watching.start(background=background)
         for reader in (self._control, self._health):
             if reader is not None:
                 self._reactor.add_reader(reader.fileno(), reader)

@@ -15,10 +15,10 @@ from pathlib import Path
 from envoy_autoreload.digest import Snapshot
 from envoy_autoreload.envoy_config import load_bootstrap
 from envoy_autoreload.errors import ConfigError
-from envoy_autoreload.limits import check_limits
 from envoy_autoreload.logs import log_event
 from envoy_autoreload.ports import Content, Reactor
 from envoy_autoreload.references import References, files_envoy_reads
+from envoy_autoreload.roster import Roster
 from envoy_autoreload.settings import Settings
 from envoy_autoreload.states import Timer
 from envoy_autoreload.telemetry import Telemetry
@@ -30,35 +30,45 @@ logger = logging.getLogger(__name__)
 
 class Watching:
     def __init__(
-        self, settings: Settings, reactor: Reactor, changes: Content, telemetry: Telemetry
+        self,
+        settings: Settings,
+        reactor: Reactor,
+        changes: Content,
+        telemetry: Telemetry,
+        roster: Roster,
     ) -> None:
         self._settings = settings
         self._reactor = reactor
         self.changes = changes
         self._telemetry = telemetry
+        self._roster = roster
         self._referenced_said = False
 
-    def start(self) -> None:
+    def start(self, *, background: bool = False) -> None:
+        """Walk and watch every root; hash the files now, or (`background`, the first
+        start) on a worker thread while epoch 0 starts: Envoy does not wait for a big
+        tree to be read (issue 16, watch/build.py)."""
         changes = self.changes
         self.exclude_envoy_outputs()  # before the first snapshot, or it holds the log
         changes.exclude_paths(self._command_line_outputs())
-        planned = changes.plan()
-        for check in check_limits(planned.watch_points):
-            if not check.ok:
-                log_event(logger, logging.WARNING, "watch.limit_low", check.advice())
-        snapshot = changes.start(degraded_ok=self._settings.watch_degraded)
+        snapshot = changes.start(degraded_ok=self._settings.watch_degraded, background=background)
         if changes.active:
             self._reactor.add_reader(changes.fileno(), changes)
+        build = changes.build_fileno()
+        if build is not None:
+            self._roster.reference_pending = True
+            self._reactor.add_reader(build, changes)
+        listed = changes.listed
         log_event(
             logger,
             logging.INFO,
             "watch.started",
             roots=[str(r.path) for r in changes.roots],
-            directories=len(snapshot.directories),
-            files=len(snapshot.files),
+            directories=len(snapshot.directories) if snapshot else listed.directories,
+            files=snapshot.file_count if snapshot else listed.files,
             watches=changes.watch_count,
         )
-        for missing in snapshot.missing:
+        for missing in snapshot.missing if snapshot else listed.missing:
             log_event(
                 logger,
                 logging.WARNING,
@@ -120,17 +130,37 @@ class Watching:
         )
 
     def on_readable(self) -> None:
-        self._telemetry.watch_events.inc(self.changes.on_readable(self._reactor.now()))
-        deadline = self.changes.deadline()
+        changes = self.changes
+        self._telemetry.watch_events.inc(changes.on_readable(self._reactor.now()))
+        if changes.building:
+            self._take_built()
+        deadline = changes.deadline()
         if deadline is not None:
             self._reactor.set_deadline(Timer.DEBOUNCE, deadline)
 
-    def current(self) -> Snapshot:
+    def _take_built(self) -> None:
+        """The first hashing is done: generations started meanwhile get the reference,
+        and the requests held for it go ahead."""
+        build = self.changes.build_fileno()
+        reference = self.changes.take_built()
+        if reference is None:
+            return
+        if build is not None:
+            self._reactor.remove_reader(build)
+        self._roster.attach_reference(reference)
+        self._reactor.set_timeout(Timer.ADVANCE, 0)
+
+    @property
+    def building(self) -> bool:
+        return self.changes.building
+
+    def current(self) -> Snapshot | None:
         """What is on disk now; events already in the kernel's queue are read first (and
-        start their debounce), so "nothing happened since the last scan" is true."""
+        start their debounce), so "nothing happened since the last scan" is true. None
+        while the first hashing runs: nothing to compare with yet."""
         if self.changes.active:
             self.on_readable()
-        return self.changes.current()
+        return None if self.changes.building else self.changes.current()
 
     def settle(self) -> SettledBurst | None:
         """The burst once it is due; until then the debounce deadline is re-armed."""

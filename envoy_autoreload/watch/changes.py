@@ -14,19 +14,46 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from envoy_autoreload.content import RootScan
 from envoy_autoreload.debounce import Debouncer
-from envoy_autoreload.digest import MAX_HASHED_BYTES, ContentScanner, Snapshot, WatchRoot
+from envoy_autoreload.digest import (
+    MAX_HASHED_BYTES,
+    ContentScanner,
+    Listing,
+    Snapshot,
+    WatchRoot,
+    hash_listing,
+)
 from envoy_autoreload.errors import WatchLimitError
+from envoy_autoreload.incremental import Incremental, mark_unknown
+from envoy_autoreload.limits import Usage, check_limits, inotify_usage
 from envoy_autoreload.logs import log_event
 from envoy_autoreload.watch import Watcher, WatcherKind, open_watcher
+from envoy_autoreload.watch.build import BackgroundHash
 from envoy_autoreload.watch.filters import NoiseFilter
 from envoy_autoreload.watch.inotify import OVERFLOW
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Listed:
+    """What the walk found before any file was read: for `watch.started`."""
+
+    directories: int = 0
+    files: int = 0
+    missing: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, listings: list[Listing]) -> Listed:
+        files = sum(len(batch.names) for listing in listings for batch in listing.batches)
+        missing = tuple(path for listing in listings for path in listing.missing)
+        return cls(sum(len(listing.directories) for listing in listings), files, missing)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,10 +82,14 @@ class ChangeDetector:
         self.snapshot: Snapshot | None = None
         self.events_total = 0
         self._reported_unreadable: tuple[str, ...] = ()
-        self._events_at_snapshot = -1
         self._complete = True  # every directory watched: no change can go unseen
+        self._stale = False  # exclusions or roots changed: the next look walks afresh
         self._excluded: set[str] = set()
         self._warned: set[str] = set()
+        self._unapplied: set[str] = set()  # paths events named since the last apply
+        self._build: BackgroundHash | None = None
+        self._touched: set[str] = set()  # paths events named while the build ran
+        self.listed = Listed()
 
     @property
     def roots(self) -> tuple[WatchRoot, ...]:
@@ -68,9 +99,16 @@ class ChangeDetector:
     def watch_count(self) -> int:
         return self._watcher.watch_count if self._watcher is not None else 0
 
+    @property
+    def building(self) -> bool:
+        """The first hashing still runs: no snapshot to compare with yet."""
+        return self._build is not None
+
+    def build_fileno(self) -> int | None:
+        return self._build.fileno() if self._build is not None else None
+
     def plan(self) -> Snapshot:
-        """The first snapshot without watching anything: how many watches a run needs.
-        The real walk that follows re-reads no file (the stat cache has them)."""
+        """A snapshot without watching anything (`--check`: how many watches a run needs)."""
         self.snapshot = self._scanner.scan()
         return self.snapshot
 
@@ -86,8 +124,10 @@ class ChangeDetector:
         if roots == self._scanner.roots:
             return False
         self._scanner.roots = roots
-        if self._watcher is not None:
+        if self._watcher is not None and self._build is None:
             self._rescan()
+        else:
+            self._stale = True
         return True
 
     def exclude_paths(self, paths: Iterable[Path]) -> None:
@@ -106,15 +146,17 @@ class ChangeDetector:
             return
         self._excluded |= added
         self._scanner.excluded = self._resolved_exclusions()
-        self._events_at_snapshot = -1  # current() must not reuse a snapshot with them
+        self._stale = True  # current() must not reuse a snapshot with them
 
     def _resolved_exclusions(self) -> frozenset[str]:
         """Each excluded path as given and as resolved: the walk and the watcher name a
         file by the real directory they listed, the user by the path they typed."""
         return frozenset(self._excluded | {os.path.realpath(p) for p in self._excluded})
 
-    def start(self, *, degraded_ok: bool) -> Snapshot:
-        """Open the watcher and take the first snapshot, watching as the walk goes.
+    def start(self, *, degraded_ok: bool, background: bool = False) -> Snapshot | None:
+        """Open the watcher and walk every root, watching each directory before listing
+        it; then hash what was listed, now or (`background`) on a worker thread, in
+        which case the snapshot comes from `take_built()` and this returns None.
 
         Hitting an inotify limit raises `WatchLimitError` (start-up failure) unless
         `degraded_ok`: then whatever could be watched is, and the rest is named.
@@ -126,12 +168,44 @@ class ChangeDetector:
                 raise
             log_event(logger, logging.ERROR, "watch.degraded", f"{err}; watching nothing")
             return self.plan()
-        snapshot = self._rescan(report=False)
+        listings = self._scanner.list_roots(self._watcher.watch_directory)
         unwatched, why = self._watcher.take_unwatched()
+        self._check_limits(self.watch_count + len(unwatched))
         if unwatched and not degraded_ok:
             raise WatchLimitError(f"{why} ({len(unwatched)} directories could not be watched)")
         self._report_unwatched(unwatched, why, "watch.degraded")
-        return snapshot
+        self._report_unwatchable(self._watcher.take_unwatchable())
+        self.listed = Listed.of(listings)
+        caches = [self._scanner.cached(listing.root) for listing in listings]
+        if background:
+            self._build = BackgroundHash(listings, caches)
+            return None
+        return self._keep([hash_listing(lst, c) for lst, c in zip(listings, caches, strict=True)])
+
+    def take_built(self) -> Snapshot | None:
+        """Once the background hashing is done: the reference, what an Envoy started
+        during it may have read (every path an event named meanwhile is UNKNOWN in
+        it), while `snapshot` holds the content as it is now. None until then."""
+        build = self._build
+        if build is None or not build.done():
+            return None
+        self.on_readable(time.monotonic())  # what the kernel holds happened meanwhile too
+        self._build = None
+        scans = build.result()
+        touched, self._touched = self._touched, set()
+        reference = Snapshot.of(tuple(mark_unknown(scans, touched)))
+        self._keep(scans)
+        log_event(
+            logger,
+            logging.DEBUG,
+            "watch.digested",
+            files=reference.file_count,
+            took_s=round(build.took_s, 3),
+            touched=len(touched),
+        )
+        if self._stale:
+            self._rescan()
+        return reference
 
     @property
     def active(self) -> bool:
@@ -157,53 +231,80 @@ class ChangeDetector:
                 "the kernel dropped filesystem events; rescanning everything",
             )
         self.events_total += len(changed)
+        self._unapplied |= changed
+        if self._build is not None:
+            self._touched |= changed
         self._debouncer.add(now, changed)
         return len(changed)
 
     def deadline(self) -> float | None:
-        return self._debouncer.deadline()
+        return None if self._build is not None else self._debouncer.deadline()
 
     def settle(self, now: float) -> SettledBurst | None:
-        if not self._debouncer.is_due(now):
+        if self._build is not None or not self._debouncer.is_due(now):
             return None
         events = self._debouncer.events_seen
         self._debouncer.events_seen = 0
         paths = frozenset(self._debouncer.take())
-        return SettledBurst(events, paths, self._rescan())
+        return SettledBurst(events, paths, self._refresh())
 
     def current(self) -> Snapshot:
-        """The content as it is now. With a watcher and no event since the last scan the
-        last snapshot is it: no walk (a rescan of 100,000 files takes ~1 s, on the loop).
-        The caller drains pending events first (`on_readable`), so none is missed."""
-        if (
-            self._watcher is not None
-            and self._watcher.drains_synchronously
-            and self._complete
-            and self.snapshot is not None
-            and self.events_total == self._events_at_snapshot
-        ):
-            return self.snapshot
-        return self._rescan()
+        """The content as it is now: the last snapshot with what events named since
+        applied (the caller drains pending events first, so none is missed). A walk
+        only where events cannot be trusted to name every change."""
+        assert self._build is None, "no content before the first hashing is done"
+        return self._refresh()
 
     def rescan(self) -> Snapshot:
         """The content as it is now, walked afresh (an operator's explicit reload)."""
         return self._rescan()
 
-    def _rescan(self, *, report: bool = True) -> Snapshot:
+    def _refresh(self) -> Snapshot:
+        watcher = self._watcher
+        if (
+            watcher is None
+            or not watcher.drains_synchronously
+            or not self._complete
+            or self._stale
+            or self.snapshot is None
+            or OVERFLOW in self._unapplied
+        ):
+            return self._rescan()
+        if not self._unapplied:
+            return self.snapshot
+        paths, self._unapplied = self._unapplied, set()
+        patched, rescan = Incremental(self._scanner, watcher.watch_directory).apply(paths)
+        self._scanner.keep(patched)
+        if rescan:
+            roots = [self._scanner.roots[i] for i in sorted(rescan)]
+            return self._keep(self._scan_roots(roots))
+        return self._keep([])
+
+    def _scan_roots(self, roots: list[WatchRoot] | None = None) -> list[RootScan]:
+        assert self._watcher is not None
+        listings = self._scanner.list_roots(self._watcher.watch_directory, roots)
+        return [hash_listing(lst, self._scanner.cached(lst.root)) for lst in listings]
+
+    def _rescan(self) -> Snapshot:
         if self._excluded:
             self._scanner.excluded = self._resolved_exclusions()
+        self._unapplied.clear()
+        self._stale = False
         if self._watcher is None:
             # Degraded without an inotify instance: content is still hashed, so SIGHUP
             # and the control socket still know what serves.
             self.snapshot = self._scanner.scan()
             self._report_limits(self.snapshot)
             return self.snapshot
-        self._events_at_snapshot = self.events_total
-        snapshot = self._scanner.scan(self._watcher.watch_directory)
+        return self._keep(self._scan_roots())
+
+    def _keep(self, scans: list[RootScan]) -> Snapshot:
+        """Make these scans current; retire watches nothing needs any more."""
+        snapshot = self._scanner.keep(scans)
+        assert self._watcher is not None
         self._watcher.retire(set(snapshot.directories | snapshot.name_watched))
-        if report:
-            unwatched, why = self._watcher.take_unwatched()
-            self._report_unwatched(unwatched, why, "watch.limit_reached")
+        unwatched, why = self._watcher.take_unwatched()
+        self._report_unwatched(unwatched, why, "watch.limit_reached")
         self._report_unwatchable(self._watcher.take_unwatchable())
         self.snapshot = snapshot
         self._report_limits(snapshot)
@@ -218,6 +319,17 @@ class ChangeDetector:
                 count=len(snapshot.unreadable),
             )
         return snapshot
+
+    def _check_limits(self, need: int) -> None:
+        """Warn when this run's watches leave less than 10% of a limit free: counted by
+        the one walk that also added them (issue 16: no walk just to count), so the
+        watches held already are ours, not another process's."""
+        held = self.watch_count
+        usage = inotify_usage()
+        others = Usage(max(usage.instances - 1, 0), max(usage.watches - held, 0))
+        for check in check_limits(need, others):
+            if not check.ok:
+                log_event(logger, logging.WARNING, "watch.limit_low", check.advice())
 
     def _report_unwatchable(self, failures: list[tuple[Path, str]]) -> None:
         """Directories the kernel would not watch for a reason other than the limits

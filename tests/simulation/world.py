@@ -13,6 +13,7 @@ from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from envoy_autoreload.content import digest_of_files
 from envoy_autoreload.debounce import Debouncer
 from envoy_autoreload.digest import Snapshot, WatchRoot
 from envoy_autoreload.envoy_binary import BinaryInfo
@@ -22,7 +23,7 @@ from envoy_autoreload.loop import SIGNAL_PRIORITY, DeadlineReached, Event, FdRea
 from envoy_autoreload.roster import Generation
 from envoy_autoreload.states import Timer
 from envoy_autoreload.validation import PreflightOutcome, Verdict
-from envoy_autoreload.watch.changes import SettledBurst
+from envoy_autoreload.watch.changes import Listed, SettledBurst
 from tests.simulation.model import Content, EnvoyModel, Proc, ProcState
 
 CONFIG_PATH = Path("/sim/etc/envoy/envoy.yaml")
@@ -366,12 +367,26 @@ class SimContent:
         self._unread += 1
         self._world.reactor.ready.append(self)
 
+    @property
+    def building(self) -> bool:
+        return False  # the modelled config is one file, read at once
+
+    @property
+    def listed(self) -> Listed:
+        return Listed(0, 1)
+
     def plan(self) -> Snapshot:
         return self.current()
 
-    def start(self, *, degraded_ok: bool) -> Snapshot:
+    def start(self, *, degraded_ok: bool, background: bool = False) -> Snapshot:
         self.snapshot = self.current()
         return self.snapshot
+
+    def build_fileno(self) -> int | None:
+        return None
+
+    def take_built(self) -> Snapshot | None:
+        return None
 
     def fileno(self) -> int:
         return -1
@@ -397,7 +412,8 @@ class SimContent:
         content = self._world.disk
         if content is None:
             return Snapshot({}, "missing", frozenset(), missing=(str(CONFIG_PATH),))
-        return Snapshot({str(CONFIG_PATH): content.digest}, content.digest, frozenset())
+        files = {str(CONFIG_PATH): content.digest}
+        return Snapshot(files, digest_of_files(files), frozenset())
 
     def rescan(self) -> Snapshot:
         return self.current()

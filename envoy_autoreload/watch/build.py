@@ -1,0 +1,76 @@
+"""Hashing the watched files on a worker thread while Envoy starts (issue 16).
+
+Reading 100,000 files takes seconds; epoch 0 used to wait for it. Now the walk (watch
+and list every directory, ~0.1 s for 100,000 files) runs before Envoy starts, and the
+hashing after, here. Why that order loses no change: every directory is watched before
+Envoy is spawned, so anything changed after Envoy read it raises an event; the paths
+events name while the hashing runs are *touched*, and the reference (what the first
+epoch started from) holds `UNKNOWN` for them, which equals no content. The first
+comparison after the build then reports each as changed: a spurious restart at worst
+(a `touch` during start-up), never a lost change.
+
+The thread reads files and builds its own objects; it touches no state of the loop's.
+It rings a pipe whose read end the loop watches (the health prober's pattern), and is
+joined by the loop once the pipe is readable. It is started with the daemon's signals
+blocked, so only the main thread ever takes one (loop.signals_blocked).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+
+from envoy_autoreload.content import RootScan
+from envoy_autoreload.digest import Listing, hash_listing
+from envoy_autoreload.loop import signals_blocked
+
+
+class BackgroundHash:
+    """`hash_listing` for every listing, on a thread; `fileno()` readable when done."""
+
+    def __init__(self, listings: list[Listing], caches: list[RootScan | None]) -> None:
+        self._listings = listings
+        self._caches = caches
+        self._read_fd, self._write_fd = os.pipe()
+        os.set_blocking(self._read_fd, False)
+        self.started_at = time.monotonic()
+        self.took_s = 0.0
+        self._scans: list[RootScan] = []
+        self._error: Exception | None = None
+        self._thread = threading.Thread(target=self._run, name="content-hash", daemon=True)
+        with signals_blocked():
+            self._thread.start()
+
+    def fileno(self) -> int:
+        return self._read_fd
+
+    def _run(self) -> None:
+        try:
+            pairs = zip(self._listings, self._caches, strict=True)
+            self._scans = [hash_listing(listing, cache) for listing, cache in pairs]
+        except Exception as err:  # noqa: BLE001 (handed to the loop, which contains it)
+            self._error = err
+        finally:
+            self.took_s = time.monotonic() - self.started_at
+            os.write(self._write_fd, b"!")
+
+    def done(self) -> bool:
+        try:
+            return bool(os.read(self._read_fd, 1))
+        except BlockingIOError:
+            return False
+
+    def result(self) -> list[RootScan]:
+        """The scans, once `done()`; re-raises what the thread raised."""
+        self._thread.join()
+        self.close()
+        if self._error is not None:
+            raise self._error
+        return self._scans
+
+    def close(self) -> None:
+        for fd in (self._read_fd, self._write_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)

@@ -1,0 +1,101 @@
+"""Envoy first (issue 16): epoch 0 does not wait for the watched files to be read, no
+change made meanwhile is lost, the first restart waits for the reading to end, and a
+burst that overflows inotify's queue is still one restart of the final content.
+
+A sparse file (no disk blocks, but every byte hashed) given as the first `--watch`
+root makes the reading take seconds on any machine, so "meanwhile" is a wide window
+rather than a race; the family's own files are read after it.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+from tests.envoy.conftest import EnvoyFamily
+from tests.envoy.probe import ServingProbe
+from tests.helpers import holds_for, wait_until
+
+# Hashed at a few hundred MB/s here: seconds of reading, no disk used.
+SPARSE_BYTES = 768 * 1024 * 1024
+
+
+def _slow_root(family: EnvoyFamily) -> Path:
+    big = family.root.parent / f"{family.root.name}-big.bin"
+    with open(big, "wb") as handle:
+        handle.truncate(SPARSE_BYTES)
+    return big
+
+
+def _serves(family: EnvoyFamily, body: str) -> None:
+    wait_until(lambda: family.body() == body, timeout_s=30, what=f"{body!r} served")
+
+
+def test_envoy_serves_before_the_files_are_read_and_a_sighup_waits_for_them(
+    envoy_family: EnvoyFamily,
+) -> None:
+    big = _slow_root(envoy_family)
+    daemon = envoy_family.start(
+        "--watch", str(big), *envoy_family.watched(), "--log-level", "debug"
+    )
+    served = daemon.wait_event("child.serving", epoch=0)
+    assert not daemon.events("watch.digested"), "epoch 0 waited for the files to be read"
+    daemon.signal(signal.SIGHUP)
+    requested = daemon.wait_event("restart.requested", reason="SIGHUP")
+    digested = daemon.wait_event("watch.digested", timeout_s=60)
+    started = daemon.wait_event("child.started", epoch=1, timeout_s=60)
+    assert served["line"] < requested["line"] < digested["line"] < started["line"]
+    assert digested["files"] >= 3, digested  # the sparse file, the config, the script
+    _serves(envoy_family, "v0")
+
+
+def test_a_config_saved_while_the_files_are_read_is_served(envoy_family: EnvoyFamily) -> None:
+    """Epoch 0 read v0; v1 is saved before the reading reaches envoy.yaml, so the reading
+    sees v1. Without the rule that a path named by an event meanwhile is UNKNOWN in
+    what epoch 0 started from, v1 would look like what serves, and v0 would stay."""
+    big = _slow_root(envoy_family)
+    daemon = envoy_family.start(
+        "--watch", str(big), *envoy_family.watched(), "--log-level", "debug"
+    )
+    daemon.wait_event("child.serving", epoch=0)
+    _serves(envoy_family, "v0")
+    assert not daemon.events("watch.digested"), "the window closed before the save"
+    with ServingProbe(envoy_family.listener_port) as probe:
+        envoy_family.write_config("v1")
+        daemon.wait_event("watch.digested", timeout_s=60)
+        daemon.wait_event("child.serving", epoch=1, timeout_s=60)
+        _serves(envoy_family, "v1")
+    probe.assert_never_failed()
+    requested = daemon.events("restart.requested")
+    assert len(requested) == 1 and str(envoy_family.config) in requested[0]["changed"]
+
+
+def test_a_burst_that_overflows_the_queue_is_one_restart_of_the_final_content(
+    envoy_family: EnvoyFamily,
+) -> None:
+    """The daemon is stopped while 10,000 files and the config change (two events a
+    file: more than inotify's default 16,384 queued), so the kernel drops events and
+    says so; the rescan after it restarts once, on what is there at the end."""
+    limit = int(Path("/proc/sys/fs/inotify/max_queued_events").read_text())
+    data = envoy_family.root / "data"
+    data.mkdir()
+    daemon = envoy_family.start(*envoy_family.watched())
+    daemon.wait_event("child.serving", epoch=0)
+    daemon.signal(signal.SIGSTOP)
+    try:
+        for i in range(limit // 2 + 2000):
+            (data / f"f{i:05d}.json").write_text(f'{{"i": {i}}}\n')
+        envoy_family.write_config("v1")
+        (data / "late.json").write_text("{}\n")
+    finally:
+        daemon.signal(signal.SIGCONT)
+    daemon.wait_event("watch.overflow", timeout_s=30)
+    daemon.wait_event("child.serving", epoch=1, timeout_s=60)
+    _serves(envoy_family, "v1")
+    daemon.wait_event("child.exited", epoch=0, timeout_s=30)
+    holds_for(
+        lambda: len(daemon.events("child.started")) == 2,
+        duration_s=2.0,
+        what="no restart after the one the burst asked for",
+    )
+    assert len(daemon.events("restart.requested")) == 1

@@ -1,0 +1,219 @@
+"""Envoy first, hashing after (issue 16): no change made while the files are first read
+is lost, and what inotify names updates the snapshot exactly as a full walk would.
+
+Real files and real inotify. Where a test needs the hashing to be "still running", the
+worker thread's `hash_listing` is held on an event the test releases: the only way to
+put a write before or after the hashing of one file every time, on any machine.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from envoy_autoreload.content import RootScan, Snapshot, digest_of_files
+from envoy_autoreload.digest import ContentScanner, Listing, WatchRoot
+from envoy_autoreload.watch import build
+from envoy_autoreload.watch.changes import ChangeDetector
+from envoy_autoreload.watch.filters import NoiseFilter
+from tests.helpers import wait_until
+from tests.integration.watch_harness import next_burst
+
+pytestmark = pytest.mark.skipif(
+    os.uname().sysname != "Linux", reason="inotify: the daemon's watcher on Linux"
+)
+
+
+def _tree(top: Path, dirs: int = 5, files: int = 20) -> None:
+    for d in range(dirs):
+        (top / f"d{d}").mkdir(parents=True)
+        for f in range(files):
+            (top / f"d{d}" / f"f{f}.json").write_text(f'{{"d": {d}, "f": {f}}}\n')
+
+
+def _detector(*roots: Path) -> ChangeDetector:
+    return ChangeDetector(
+        [WatchRoot(r) for r in roots],
+        watcher_kind="inotify",
+        ignore_globs=(),
+        quiet_s=0.1,
+        max_wait_s=2.0,
+    )
+
+
+def _fresh_digest(*roots: Path) -> Snapshot:
+    return ContentScanner([WatchRoot(r) for r in roots], NoiseFilter()).scan()
+
+
+class HeldHashing:
+    """`hash_listing` on the worker thread waits for `release()`, before or after it
+    reads the files."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, *, read_first: bool) -> None:
+        self.gate = threading.Event()
+        self.read = threading.Event()
+        real = build.hash_listing
+
+        def held(listing: Listing, cache: RootScan | None) -> RootScan:
+            if read_first:
+                scan = real(listing, cache)
+                self.read.set()
+                self.gate.wait(30)
+                return scan
+            self.read.set()
+            self.gate.wait(30)
+            return real(listing, cache)
+
+        monkeypatch.setattr(build, "hash_listing", held)
+
+
+def _built(detector: ChangeDetector) -> Snapshot:
+    found: list[Snapshot] = []
+
+    def done() -> bool:
+        reference = detector.take_built()
+        if reference is not None:
+            found.append(reference)
+        return bool(found)
+
+    wait_until(done, timeout_s=30, what="the background hashing to finish")
+    return found[0]
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Iterator[Path]:
+    top = tmp_path / "conf"
+    _tree(top)
+    (top / "envoy.yaml").write_text("version: 1\n")
+    yield top
+
+
+@pytest.mark.parametrize(
+    "read_first", [True, False], ids=["hashed-then-changed", "changed-then-hashed"]
+)
+def test_changes_while_the_files_are_first_hashed_are_changes(
+    tree: Path, monkeypatch: pytest.MonkeyPatch, read_first: bool
+) -> None:
+    """A file rewritten, one created and one deleted while the first hashing runs: each
+    differs between the reference (what an Envoy started meanwhile may have read) and
+    the files, whether the hashing read it before or after the change."""
+    held = HeldHashing(monkeypatch, read_first=read_first)
+    detector = _detector(tree)
+    try:
+        assert detector.start(degraded_ok=False, background=True) is None
+        assert detector.building
+        assert held.read.wait(30)
+        (tree / "d1" / "f3.json").write_text('{"changed": true}\n')
+        (tree / "d2" / "new.json").write_text("{}\n")
+        (tree / "d3" / "f0.json").unlink()
+        held.gate.set()
+        reference = _built(detector)
+        now = detector.current()
+        changed = now.changed_since(reference)
+        for path in ("d1/f3.json", "d2/new.json", "d3/f0.json"):
+            assert str(tree / path) in changed, (path, changed)
+        assert now.digest == _fresh_digest(tree).digest, "the files as they are now"
+    finally:
+        held.gate.set()
+        detector.close()
+
+
+def test_nothing_changed_while_hashing_means_the_reference_is_the_files(tree: Path) -> None:
+    """No spurious restart: untouched, the reference is exactly the content."""
+    detector = _detector(tree, tree / "envoy.yaml")
+    try:
+        detector.start(degraded_ok=False, background=True)
+        reference = _built(detector)
+        assert detector.current().digest == reference.digest
+        assert reference.digest == _fresh_digest(tree, tree / "envoy.yaml").digest
+        assert reference.file_count == 101
+    finally:
+        detector.close()
+
+
+def test_a_shared_path_digests_the_same_from_the_handed_over_files(tree: Path) -> None:
+    """`--config` inside a `--watch` directory is in two roots: the digest counts it
+    once, as `files` lists it, so a re-exec's new image (which gets `files`) computes
+    the same digest and restarts nothing (a bug found on the way: it restarted)."""
+    snapshot = _fresh_digest(tree, tree / "envoy.yaml")
+    assert digest_of_files(dict(snapshot.files)) == snapshot.digest
+    assert snapshot.file_count == len(snapshot.files) == 101
+
+
+Operation = Callable[[random.Random, Path], None]
+
+
+def _write(rng: random.Random, top: Path) -> None:
+    files = sorted(p for p in top.rglob("*") if p.is_file() and not p.is_symlink())
+    if files:
+        rng.choice(files).write_text(f"{rng.random()}\n")
+
+
+def _create(rng: random.Random, top: Path) -> None:
+    dirs = [top, *sorted(p for p in top.rglob("*") if p.is_dir() and not p.is_symlink())]
+    (rng.choice(dirs) / f"n{rng.randrange(10**6)}.json").write_text("{}\n")
+
+
+def _delete(rng: random.Random, top: Path) -> None:
+    files = sorted(p for p in top.rglob("*") if p.is_file() or p.is_symlink())
+    if files:
+        rng.choice(files).unlink()
+
+
+def _new_tree(rng: random.Random, top: Path) -> None:
+    staged = top.parent / f"staged{rng.randrange(10**6)}"
+    _tree(staged, dirs=2, files=3)
+    os.rename(staged, top / staged.name)
+
+
+def _remove_tree(rng: random.Random, top: Path) -> None:
+    dirs = sorted(p for p in top.iterdir() if p.is_dir() and not p.is_symlink())
+    if dirs:
+        shutil.rmtree(rng.choice(dirs))
+
+
+def _rename_tree(rng: random.Random, top: Path) -> None:
+    dirs = sorted(p for p in top.iterdir() if p.is_dir() and not p.is_symlink())
+    if dirs:
+        os.rename(rng.choice(dirs), top / f"moved{rng.randrange(10**6)}")
+
+
+def _link(rng: random.Random, top: Path) -> None:
+    dirs = sorted(p for p in top.iterdir() if p.is_dir() and not p.is_symlink())
+    if dirs:
+        (top / f"link{rng.randrange(10**6)}").symlink_to(rng.choice(dirs))
+
+
+OPERATIONS: tuple[Operation, ...] = (
+    _write, _write, _create, _delete, _new_tree, _remove_tree, _rename_tree, _link,
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_what_events_name_keeps_the_snapshot_equal_to_a_full_walk(tree: Path, seed: int) -> None:
+    """Random edits, a few per burst: after each burst the snapshot updated from the
+    named paths alone has the digest a fresh walk of the same files has."""
+    rng = random.Random(seed)
+    detector = _detector(tree, tree / "envoy.yaml")
+    try:
+        detector.start(degraded_ok=False)
+        for _round in range(12):
+            for _op in range(rng.randint(1, 4)):
+                rng.choice(OPERATIONS)(rng, tree)
+            burst = next_burst(detector)
+            assert burst is not None, "no change was seen"
+            fresh = _fresh_digest(tree, tree / "envoy.yaml")
+            assert burst.snapshot.digest == fresh.digest, sorted(
+                burst.snapshot.changed_since(fresh)
+            )
+            assert burst.snapshot.file_count == fresh.file_count
+            assert dict(burst.snapshot.files) == dict(fresh.files)
+            assert burst.snapshot.directories == fresh.directories
+    finally:
+        detector.close()
