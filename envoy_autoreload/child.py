@@ -398,12 +398,90 @@ def reap_strays(ours: set[int]) -> None:
             os.waitpid(info.si_pid, os.WNOHANG)
 
 
+SETPRIV_PATHS: Final = ("/usr/bin/setpriv", "/bin/setpriv")
+
+
+def _file_identity(path: Path) -> tuple[int, ...] | None:
+    """What says the start script is the file that was exec'd before: a replaced,
+    rewritten, chmod'ed or deleted script differs (None when it cannot be stat'ed)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mode, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _find_setpriv() -> str | None:
+    """util-linux's `setpriv`, by absolute path (never through PATH: the daemon may run
+    as root), if it knows `--pdeathsig` (2.33 and later; busybox's does not)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    for path in SETPRIV_PATHS:
+        if not os.access(path, os.X_OK):
+            continue
+        try:
+            done = subprocess.run([path, "--help"], capture_output=True, timeout=5, check=False)
+        except (OSError, subprocess.SubprocessError):
+            continue
+        if b"--pdeathsig" in done.stdout + done.stderr:
+            return path
+    return None
+
+
+def _popen(argv: list[str], env: dict[str, str], preexec: Callable[[], None] | None) -> ScriptChild:
+    """Popen with our stderr pipe. The pipe is ours, not Popen's (`stderr=PIPE` would
+    wrap the read end in a file object that closes it whenever it is collected): a plain
+    descriptor can be handed to the next image of the daemon (`inheritable_stderr_fd`).
+    Both ends are close-on-exec; the child gets the write end as its fd 2 only."""
+    read_end, write_end = os.pipe()
+    try:
+        # preexec_fn is unsafe in a threaded process only when it takes a lock another
+        # thread may hold; ours makes two system calls (the status thread holds nothing
+        # of them). Without one (None), CPython spawns by vfork.
+        process = subprocess.Popen(
+            argv,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stderr=write_end,
+            process_group=0,
+            close_fds=True,
+            preexec_fn=preexec,
+        )
+    except BaseException:
+        os.close(read_end)
+        raise
+    finally:
+        os.close(write_end)
+    os.set_blocking(read_end, False)
+    return ScriptChild(process, read_end)
+
+
 class ScriptSpawner:
-    """Runs the start script; the real `Processes` of `ports.py`."""
+    """Runs the start script; the real `Processes` of `ports.py`.
+
+    A spawn is on every restart's critical path, so it takes the cheap way once that is
+    safe. A `preexec_fn` (our PR_SET_PDEATHSIG request) makes CPython fork the whole
+    daemon and run Python in the child: 1.6-2.4 ms until the script is exec'd (measured,
+    2 cores; bench/README.md). Without one, CPython spawns by vfork in ~0.1 ms, and
+    util-linux's `setpriv --pdeathsig TERM`, exec'd in between (~0.8 ms), makes the
+    same request, which survives its exec of the script.
+
+    That way is taken only for a script file (inode, size, mode, times) that was exec'd
+    the exact way before: an exec failure would otherwise be `setpriv`'s exit status
+    126/127 rather than the OSError that makes a first start a one-line error and a
+    later one `restart.failed` with `cause=exec failed`. What it gives up: the check of
+    the parent after the request (`_dies_with_the_daemon`), so a daemon SIGKILLed in
+    the ~1 ms between the vfork and `setpriv`'s request leaves that script, and the
+    Envoy it starts, orphaned. Without `setpriv`, and off Linux, every spawn takes the
+    exact way.
+    """
 
     def __init__(self, start_script: Path, script_args: tuple[str, ...]) -> None:
         self._start_script = start_script
         self._script_args = script_args
+        self._setpriv: str | None = None
+        self._setpriv_looked_for = False
+        self._proven: tuple[int, ...] | None = None  # the file last exec'd the exact way
 
     def reap_strays(self, ours: set[int]) -> None:
         reap_strays(ours)
@@ -416,31 +494,17 @@ class ScriptSpawner:
         env.pop(SNAPSHOT_VARIABLE, None)  # one an outer supervisor gave us is not ours
         if snapshot is not None:
             env[SNAPSHOT_VARIABLE] = str(snapshot)
-        # The stderr pipe is ours, not Popen's (`stderr=PIPE` would wrap the read end in
-        # a file object that closes it whenever it is collected): a plain descriptor can
-        # be handed to the next image of the daemon (`inheritable_stderr_fd`). Both ends
-        # are close-on-exec; the child gets the write end as its fd 2 only.
-        read_end, write_end = os.pipe()
-        try:
-            # preexec_fn is unsafe in a threaded process only when it takes a lock
-            # another thread may hold; this one makes two system calls (the status
-            # thread holds nothing of them).
-            process = subprocess.Popen(
-                [str(self._start_script), *self._script_args],
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stderr=write_end,
-                process_group=0,
-                close_fds=True,
-                preexec_fn=_dies_with_the_daemon(),
-            )
-        except BaseException:
-            os.close(read_end)
-            raise
-        finally:
-            os.close(write_end)
-        os.set_blocking(read_end, False)
-        return ScriptChild(process, read_end)
+        argv = [str(self._start_script), *self._script_args]
+        identity = _file_identity(self._start_script)
+        setpriv = self._setpriv
+        if setpriv is not None and identity is not None and identity == self._proven:
+            return _popen([setpriv, "--pdeathsig", "TERM", "--", *argv], env, None)
+        child = _popen(argv, env, _dies_with_the_daemon())
+        self._proven = identity  # exec'd: the next spawn of this very file may be fast
+        if not self._setpriv_looked_for:
+            self._setpriv_looked_for = True
+            self._setpriv = _find_setpriv()  # after the spawn: off its critical path
+        return child
 
     def adopt(self, pid: int, stderr_fd: int | None) -> AdoptedChild:
         """A child the previous image of this process spawned, by PID and the read end of
