@@ -1,7 +1,8 @@
 """Reading the few facts the supervisor needs out of an Envoy bootstrap (YAML or JSON).
 
-Only `admin.address.socket_address` is read: it is where we ask "is epoch N LIVE?".
-Validation of the whole config is Envoy's job (`--mode validate`), never ours.
+Only `admin.address.socket_address` is read here: it is where we ask "is epoch N LIVE?"
+(`bootstrap_facts.py` adds the files the config makes Envoy read and write). Validation
+of the whole config is Envoy's job (`--mode validate`), never ours.
 
 The file is parsed from bytes, never decoded with the locale first: Envoy's yaml-cpp
 passes invalid UTF-8 in comments through and decodes UTF-16 with a BOM, so a config
@@ -9,7 +10,10 @@ Envoy serves may hold bytes Python's text decoding rejects. PyYAML detects the e
 itself and reports what it cannot read as a YAMLError, which becomes one ConfigError
 line; nothing a config holds may escape as another exception, since the supervisor
 reads it on its event loop. libyaml's loader is used where installed: the pure-Python
-one takes about 0.26 s of CPU per 120 KB, time the loop would stall for.
+one takes about 0.26 s of CPU per 120 KB. Even libyaml's takes about 0.6 s per MB (its
+constructor is Python code), so the daemon never parses a bootstrap on its event loop:
+`bootstrap_facts.py` does it in a child process; these functions run there, in --check
+and at start-up, before the loop.
 """
 
 from __future__ import annotations
@@ -65,7 +69,16 @@ def load_bootstrap(path: Path) -> object:
     try:
         data = path.read_bytes()
     except OSError as err:
-        raise ConfigError(f"cannot read Envoy config {path}: {err.strerror}") from err
+        raise unreadable(path, err) from err
+    return parse_bootstrap(data, path)
+
+
+def unreadable(path: Path, err: OSError) -> ConfigError:
+    return ConfigError(f"cannot read Envoy config {path}: {err.strerror}")
+
+
+def parse_bootstrap(data: bytes, path: Path) -> object:
+    """`data`, read from `path`, parsed. Raises ConfigError, and only that."""
     try:
         return yaml.load(data, Loader=_LOADER)
     # ValueError covers UnicodeDecodeError; RecursionError a pathologically nested file.
@@ -79,7 +92,11 @@ def admin_address_from_config(path: Path) -> AdminAddress | None:
 
     Raises ConfigError, and only that, for a file that cannot be read or parsed.
     """
-    document = load_bootstrap(path)
+    return admin_address_in(load_bootstrap(path))
+
+
+def admin_address_in(document: object) -> AdminAddress | None:
+    """The admin socket address of a parsed bootstrap (see `admin_address_from_config`)."""
     socket_address = _dig(document, "admin", "address", "socket_address")
     if not isinstance(socket_address, dict):
         return None

@@ -7,7 +7,9 @@ the family uses, and the one write we ever make into that segment.
 Everything here is read from Envoy itself: its command line in /proc (a drop-in run
 with no options still finds it), its admin `/server_info` over a fresh connection, and
 the header of its segment. Nothing here runs a subprocess or waits more than the admin
-probe's short timeout, because it runs on the event loop.
+probe's short timeout, because it runs on the event loop; the admin address in a
+generation's config is parsed off the loop (`bootstrap_facts.py`, issue 16), and a
+generation whose config is still being read is not LIVE yet.
 """
 
 from __future__ import annotations
@@ -19,11 +21,8 @@ from pathlib import Path
 from typing import Final
 
 from envoy_autoreload.admin import fetch_server_info
-from envoy_autoreload.envoy_config import (
-    AdminAddress,
-    admin_address_from_config,
-    parse_admin_address,
-)
+from envoy_autoreload.bootstrap_facts import BootstrapFacts, BootstrapReader, read_facts
+from envoy_autoreload.envoy_config import AdminAddress, parse_admin_address
 from envoy_autoreload.envoy_process import executable_of, find_envoy
 from envoy_autoreload.errors import AutoreloadError
 from envoy_autoreload.hot_restart_shm import (
@@ -54,6 +53,9 @@ class EnvoyFamily:
         self._settings = settings
         self._admin_addresses: dict[int, AdminAddress | None] = {}
         self._warned: set[str] = set()
+        # Where configs are parsed off the loop: the gate's (gatekeeper.py hands it over).
+        # Without one (a family used on its own) a config is parsed where it is asked.
+        self.bootstrap: BootstrapReader | None = None
         self.base_id: int | None = settings.base_id
         self.hot_restart_version: str | None = None
         self.envoy_version: str | None = None
@@ -160,6 +162,8 @@ class EnvoyFamily:
         return found
 
     def admin_address(self, gen: Generation) -> AdminAddress | None:
+        """Where `gen`'s admin answers; None when it has none usable, or while its
+        config is still being parsed off the loop (`admin_pending` tells which)."""
         if self._settings.admin_address is not None:
             return self._settings.admin_address
         key = id(gen)
@@ -175,10 +179,12 @@ class EnvoyFamily:
         config = self.config_path(gen)
         address: AdminAddress | None = None
         if config is not None:
-            try:
-                address = admin_address_from_config(config)
-            except AutoreloadError as err:
-                self._warn_once("admin.unknown", f"{err}; judging LIVE by shared memory")
+            facts = self._facts_of(config)
+            if facts is None:
+                return None  # being parsed; the next probe asks again
+            if facts.error is not None:
+                self._warn_once("admin.unknown", f"{facts.error}; judging LIVE by shared memory")
+            address = facts.admin
         if address is None:
             self._warn_once(
                 "admin.none",
@@ -188,6 +194,30 @@ class EnvoyFamily:
             )
         self._admin_addresses[key] = address
         return address
+
+    def admin_pending(self, gen: Generation) -> bool:
+        """Whether `admin_address(gen)` waits for its config to be parsed."""
+        config = self.config_path(gen)
+        return (
+            self._settings.admin_address is None
+            and id(gen) not in self._admin_addresses
+            and config is not None
+            and self.bootstrap is not None
+            and self.bootstrap.pending(config)
+        )
+
+    def _facts_of(self, config: Path) -> BootstrapFacts | None:
+        """The config's facts, or None while they are being read off the loop (asked
+        for here when nobody has yet: a rollback to a config validated before a
+        restart of the daemon, a drop-in's own -c, a re-exec's adopted family)."""
+        reader = self.bootstrap
+        if reader is None:
+            return read_facts(config, Path.cwd())
+        facts = reader.lookup(config)
+        if facts is None:
+            reader.request(config)
+            facts = reader.lookup(config)  # known now if it had to be parsed here
+        return facts
 
     def forget(self, gen: Generation) -> None:
         self._admin_addresses.pop(id(gen), None)
@@ -201,6 +231,8 @@ class EnvoyFamily:
             if gen.envoy is None and PROC_AVAILABLE:
                 return False  # the start script has not exec'd Envoy yet
             admin = self.admin_address(gen)
+            if admin is None and self.admin_pending(gen):
+                return False  # its config is being read; asked again at the next probe
         if admin is not None:
             info = fetch_server_info(admin)
             if info is None or info.state != "LIVE" or info.restart_epoch != gen.epoch:

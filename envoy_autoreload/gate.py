@@ -4,6 +4,12 @@
 each command as a child whose pipes sit in the reactor, reaps it by PID on SIGCHLD, and
 kills it at its deadline, so a validator that hangs never stalls signals or the watcher.
 What an outcome means for a restart is the supervisor's business.
+
+The gate also reads the config it validates (`bootstrap_facts.py`): a child parses it
+while Envoy validates it, and a passing verdict is handed out once its facts are in, so
+the supervisor can leave the files the config makes Envoy write out of the digest
+before anything starts, without parsing it on the loop. A failing verdict waits for
+nothing. The family's LIVE probe asks the same reader for a generation's admin address.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Hashable, Sequence
 from pathlib import Path
 
+from envoy_autoreload.bootstrap_facts import BootstrapFacts, BootstrapReader
 from envoy_autoreload.command import CommandResult, RunningCommand
 from envoy_autoreload.ports import Reactor
 from envoy_autoreload.settings import Settings
@@ -31,6 +38,10 @@ class CommandGate:
         self._deadline_key = deadline_key
         self._preflight: Preflight | None = None
         self._command: RunningCommand | None = None
+        self._outcome: PreflightOutcome | None = None  # a verdict waiting for its facts
+        self._facts_of: Path | None = None  # the config the preflight checks
+        # Its parses share our deadline key: a config that is a FIFO must not hang one.
+        self.bootstrap = BootstrapReader(reactor, self._arm_deadline)
 
     @property
     def enabled(self) -> bool:
@@ -44,7 +55,7 @@ class CommandGate:
 
     @property
     def busy(self) -> bool:
-        return self._preflight is not None
+        return self._preflight is not None or self._outcome is not None
 
     def _new_preflight(
         self, known_binary: BinaryInfo | None, config: Path | None, flags: Sequence[str]
@@ -59,57 +70,107 @@ class CommandGate:
             flags=flags,
         )
 
+    def _config_of(self, config: Path | None) -> Path | None:
+        return config or self._settings.config
+
     def check_now(self, config: Path | None, flags: Sequence[str] = ()) -> PreflightOutcome:
-        """Blocking, for start-up, before the loop runs."""
+        """Blocking, for start-up, before the loop runs. The config is read meanwhile,
+        for the first epoch's LIVE probe; the loop collects the facts."""
+        path = self._config_of(config)
+        if path is not None:
+            self.bootstrap.request(path)
         return run_preflight_now(self._new_preflight(None, config, flags))
 
     def begin(
         self, known_binary: BinaryInfo | None, config: Path | None, flags: Sequence[str] = ()
     ) -> PreflightOutcome | None:
-        """Start checking; the outcome comes from `poll()`, or now if nothing had to run."""
-        assert self._preflight is None
+        """Start checking, and reading the config; the outcome comes from `poll()`, or
+        now if nothing had to run and its facts are known."""
+        assert self._preflight is None and self._outcome is None
         self._preflight = self._new_preflight(known_binary, config, flags)
-        return self._next_step()
+        self._facts_of = self._config_of(config)
+        if self._facts_of is not None:
+            self.bootstrap.request(self._facts_of)
+        self._outcome = self._next_step()
+        self._arm_deadline()
+        return self._release()
+
+    def bootstrap_facts(self, config: Path | None) -> BootstrapFacts | None:
+        """What the config a verdict was about names (`config`, or --config when None):
+        parsed while it was validated."""
+        path = self._config_of(config)
+        return self.bootstrap.latest(path) if path is not None else None
 
     def child_pids(self) -> set[int]:
-        return {self._command.pid} if self._command is not None else set()
+        running = {self._command.pid} if self._command is not None else set()
+        return running | self.bootstrap.child_pids()
 
     def owns(self, key: Hashable) -> bool:
-        """Whether an fd event's key is one of our command's pipes."""
-        return key is not None and key is self._command
+        """Whether an fd event's key is one of our commands' pipes."""
+        return key is not None and (key is self._command or self.bootstrap.owns(key))
 
     def on_output(self, key: Hashable) -> None:
         command = self._command
         if command is None or key is not command:
+            self.bootstrap.on_output(key)
             return
         for fd in command.open_fds():
             if not command.pump(fd):
                 self._reactor.remove_reader(fd)
 
     def on_deadline(self) -> None:
-        if self._command is not None:
-            self._command.kill()  # reaped on SIGCHLD; its result says it timed out
+        """Kill what is past its deadline; reaped on SIGCHLD, its result says it timed
+        out. The one deadline key is armed at the earliest of them again."""
+        now = self._reactor.now()
+        if self._command is not None and self._command.deadline <= now:
+            self._command.kill()
+        self.bootstrap.on_deadline(now)
+        self._arm_deadline()
 
     def poll(self) -> PreflightOutcome | None:
-        """On SIGCHLD: feed a finished command to the preflight; the outcome once done."""
+        """On SIGCHLD: keep what a finished parse found, feed a finished command to the
+        preflight; the outcome once done (and, if it passed, its config's facts in)."""
+        self.bootstrap.poll()
         command = self._command
-        if command is None:
-            return None
-        result = command.result()
-        if result is None:
-            return None
-        self._drop(command)
-        assert self._preflight is not None
-        self._preflight.feed(result)
-        return self._next_step()
+        result = command.result() if command is not None else None
+        if command is not None and result is not None:
+            self._drop(command)
+            assert self._preflight is not None
+            self._preflight.feed(result)
+            self._outcome = self._next_step()
+        self._arm_deadline()
+        return self._release()
 
     def abandon(self) -> None:
-        """On shutdown: kill and reap the running command, forget the preflight."""
+        """On shutdown: kill and reap the running commands, forget the preflight."""
         command = self._command
         if command is not None:
             self._drop(command)
             command.abandon()
-        self._preflight = None
+        self.bootstrap.abandon()
+        self._reactor.cancel(self._deadline_key)
+        self._preflight = self._outcome = self._facts_of = None
+
+    def _release(self) -> PreflightOutcome | None:
+        """The verdict, unless it passed and its config is still being read: the
+        supervisor acts on a pass at once, and needs to know what the config writes."""
+        outcome = self._outcome
+        if outcome is None:
+            return None
+        if outcome.ok and self._facts_of is not None and self.bootstrap.pending(self._facts_of):
+            return None  # the parse's exit (SIGCHLD) brings it out
+        self._outcome = self._facts_of = None
+        return outcome
+
+    def _arm_deadline(self) -> None:
+        deadlines = [self.bootstrap.next_deadline()]
+        if self._command is not None:
+            deadlines.append(self._command.deadline)
+        due = [at for at in deadlines if at is not None]
+        if due:
+            self._reactor.set_deadline(self._deadline_key, min(due))
+        else:
+            self._reactor.cancel(self._deadline_key)
 
     def _next_step(self) -> PreflightOutcome | None:
         preflight = self._preflight
@@ -123,7 +184,6 @@ class CommandGate:
             self._command = command
             for fd in command.open_fds():
                 self._reactor.add_reader(fd, command)
-            self._reactor.set_deadline(self._deadline_key, command.deadline)
             return None
         self._preflight = None
         return preflight.outcome
@@ -131,6 +191,5 @@ class CommandGate:
     def _drop(self, command: RunningCommand) -> None:
         for fd in command.all_fds():
             self._reactor.remove_reader(fd)
-        self._reactor.cancel(self._deadline_key)
         command.close()
         self._command = None

@@ -19,6 +19,8 @@ from envoy_autoreload.batches import Batches
 from envoy_autoreload.digest import Snapshot
 from envoy_autoreload.envoy_binary import BinaryInfo
 from envoy_autoreload.errors import BinaryError, ValidationFailed
+from envoy_autoreload.family import EnvoyFamily
+from envoy_autoreload.gate import CommandGate
 from envoy_autoreload.generations import ConfigGeneration
 from envoy_autoreload.lineage import Lineage
 from envoy_autoreload.logs import log_event
@@ -47,6 +49,10 @@ class Gatekeeper:
         self._batches = batches
         self._family = family
         self._lineage = lineage
+        if isinstance(gate, CommandGate) and isinstance(family, EnvoyFamily):
+            # One reader of configs: the gate runs it (children, SIGCHLD, deadlines),
+            # the family asks it for a generation's admin address.
+            family.bootstrap = gate.bootstrap
         self.config: ConfigGeneration | None = None  # the snapshot being validated
         self.binary: BinaryInfo | None = None  # the newest binary that passed
         self.reason = ""  # the batch being checked

@@ -250,7 +250,11 @@ class Intake:
             keeper.binary = outcome.binary
         if self._watching is not None:
             config = keeper.config.path if keeper.config is not None else None
-            self._watching.exclude_envoy_outputs(config)  # the config that will run
+            # The config that will run, as the gate read it while it was validated:
+            # never parsed here, on the loop (a 5 MB config takes seconds, issue 16).
+            facts = keeper.gate.bootstrap_facts(config)
+            if facts is not None:
+                self._watching.exclude_envoy_outputs(config, facts)
         # A request that passed the gate is a new chance: no backoff, no old failures.
         planner.hot_failures = 0
         self._reactor.cancel(Timer.RETRY)

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Protocol
 from envoy_autoreload.loop import DeadlineReached, Event
 
 if TYPE_CHECKING:
+    from envoy_autoreload.bootstrap_facts import BootstrapFacts
     from envoy_autoreload.digest import Snapshot, WatchRoot
     from envoy_autoreload.envoy_binary import BinaryInfo
     from envoy_autoreload.envoy_process import EnvoyProcess
@@ -100,7 +101,8 @@ class EnvoyFacts(Protocol):
 
 class Gate(Protocol):
     """The preflight commands (binary checks, `envoy --mode validate`) run as children
-    with deadlines (real: `gate.CommandGate`)."""
+    with deadlines (real: `gate.CommandGate`). A passing verdict comes with what its
+    config makes Envoy read and write (`bootstrap_facts`), read off the loop meanwhile."""
 
     @property
     def enabled(self) -> bool: ...
@@ -116,6 +118,7 @@ class Gate(Protocol):
     def on_deadline(self) -> None: ...
     def poll(self) -> PreflightOutcome | None: ...
     def abandon(self) -> None: ...
+    def bootstrap_facts(self, config: Path | None) -> BootstrapFacts | None: ...
 
 
 class Health(Hashable, Protocol):

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
 from pathlib import Path
 
+from envoy_autoreload.bootstrap_facts import BootstrapFacts, read_facts
 from envoy_autoreload.digest import Snapshot
-from envoy_autoreload.envoy_config import load_bootstrap
-from envoy_autoreload.errors import ConfigError
 from envoy_autoreload.logs import log_event
 from envoy_autoreload.ports import Content, Reactor
-from envoy_autoreload.references import References, files_envoy_reads
+from envoy_autoreload.references import References
 from envoy_autoreload.roster import Roster
 from envoy_autoreload.settings import Settings
 from envoy_autoreload.states import Timer
@@ -77,24 +75,27 @@ class Watching:
                 path=missing,
             )
 
-    def exclude_envoy_outputs(self, snapshot: Path | None = None) -> None:
+    def exclude_envoy_outputs(
+        self, snapshot: Path | None = None, facts: BootstrapFacts | None = None
+    ) -> None:
         """Follow the config that will run (its snapshot, when there is one): files
         Envoy writes (access logs) inside a watched tree are no config: each `envoy
         --mode validate` reopens them and every request grows them, so leaving them in
         the digest is a restart loop (REVIEW-core finding 15); exclusions only grow, as
         a draining epoch still writes the old config's log. Files it makes Envoy read at
-        start (certificates, Lua) are watched like `--watch` paths (`references.py`)."""
+        start (certificates, Lua) are watched like `--watch` paths (`references.py`).
+
+        In the loop, `facts` is what the gate read off the loop while the config was
+        validated (`bootstrap_facts.py`); a 5 MB config takes seconds to parse (issue
+        16). Without them it is parsed here, which only start-up does, before the loop."""
         config = snapshot or self._settings.config
-        if config is None:
+        if facts is None and config is not None:
+            # Relative paths are Envoy's, and Envoy runs in our working directory.
+            facts = read_facts(config, Path.cwd())
+        # Unreadable or no mapping: Envoy's own validation says what is wrong with it.
+        references = facts.references if facts is not None else None
+        if references is None:
             return
-        try:
-            document = load_bootstrap(config)
-        except ConfigError:
-            return  # Envoy's own validation says what is wrong with it
-        if not isinstance(document, Mapping):
-            return
-        # Relative paths are Envoy's, and Envoy runs in our working directory.
-        references = files_envoy_reads(document, Path.cwd())
         # What Envoy writes or reloads itself is no change to restart for, even inside
         # a watched tree (path-based xDS: Envoy picks a change up without a restart).
         self.changes.exclude_paths(p for p, _why in references.excluded)

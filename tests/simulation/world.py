@@ -13,6 +13,7 @@ from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from envoy_autoreload.bootstrap_facts import BootstrapFacts
 from envoy_autoreload.content import digest_of_files
 from envoy_autoreload.debounce import Debouncer
 from envoy_autoreload.digest import Snapshot, WatchRoot
@@ -320,6 +321,9 @@ class SimGate:
 
     def abandon(self) -> None:
         self._running = None
+
+    def bootstrap_facts(self, config: Path | None) -> BootstrapFacts | None:
+        return None  # the modelled config names no file Envoy writes or reads
 
     def _verdict(self, run: _Validation) -> PreflightOutcome:
         binary = BinaryInfo(Path("/sim/envoy"), (1, 1, 1, 1), "x/1.40.0/x", run.hot_restart_version)
