@@ -63,7 +63,8 @@ BASE_IDS: Final = (50000, 50999)
 SIZES: Final = (0, 1_000, 10_000, 100_000)
 START_TIMEOUT_S: Final = 180.0
 CHECK_TIMEOUT_S: Final = 300.0
-SETTLE_S: Final = 1.0  # after LIVE, before reading RSS: the start-up garbage is freed
+SETTLE_S: Final = 1.0  # after the digest, before reading RSS: start-up garbage freed
+CHANGES: Final = 5  # one-file changes per start, each timed rename to served
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +77,8 @@ class Start:
     to_child_started: float
     to_serving: float
     to_body: float
+    to_digested: float  # watch.digested: every file read and hashed (debug event)
+    digest_s: Json  # its took_s: the worker thread's hashing time
     envoy_startup_s: float | None  # child.serving startup_s
     rss_kb: int
     hwm_kb: int
@@ -85,6 +88,7 @@ class Start:
     watches_fdinfo: int  # inotify wd: lines in the daemon's fdinfo
     directories_logged: Json
     files_logged: Json
+    change_ms: list[float]  # one file renamed over (the config): rename to new body served
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +120,7 @@ def one_start(family: BenchFamily, body: str) -> Start:
     shm_path(family.base_id).unlink(missing_ok=True)
     spawned_wall = time.time()
     spawned = time.monotonic()
-    family.start()
+    family.start("--log-level", "debug", "--debounce", "0.05")
     process = family.process
     assert process is not None
     # Poll the listener first (every ~2 ms, refused until Envoy binds): when clients
@@ -127,11 +131,14 @@ def one_start(family: BenchFamily, body: str) -> Start:
     watch_ts, watch = event_ts(family, "watch.started")
     child_ts, _ = event_ts(family, "child.started", epoch=0)
     serving_ts, serving = event_ts(family, "child.serving", epoch=0)
+    digested_ts, digested = event_ts(family, "watch.digested")
     time.sleep(SETTLE_S)
     pid = process.pid
     if process.poll() is not None:
         raise BenchError(f"daemon exited ({process.returncode})")
     startup = serving.get("startup_s")
+    rss_kb, hwm_kb = status_kb(pid, "VmRSS"), status_kb(pid, "VmHWM")
+    cpu_s, threads, watches = cpu_seconds(pid), thread_count(pid), inotify_watches(pid)
     sample = Start(
         to_daemon_started=started_ts - spawned_wall,
         to_validated=validated_ts - spawned_wall,
@@ -139,15 +146,18 @@ def one_start(family: BenchFamily, body: str) -> Start:
         to_child_started=child_ts - spawned_wall,
         to_serving=serving_ts - spawned_wall,
         to_body=body_at - spawned,
+        to_digested=digested_ts - spawned_wall,
+        digest_s=digested.get("took_s"),
         envoy_startup_s=float(startup) if isinstance(startup, int | float) else None,
-        rss_kb=status_kb(pid, "VmRSS"),
-        hwm_kb=status_kb(pid, "VmHWM"),
-        cpu_s=cpu_seconds(pid),
-        threads=thread_count(pid),
+        rss_kb=rss_kb,
+        hwm_kb=hwm_kb,
+        cpu_s=cpu_s,
+        threads=threads,
         watches_logged=watch.get("watches"),
-        watches_fdinfo=inotify_watches(pid),
+        watches_fdinfo=watches,
         directories_logged=watch.get("directories"),
         files_logged=watch.get("files"),
+        change_ms=one_file_changes(family, body),
     )
     status = family.stop()
     if status not in (0, None):
@@ -155,6 +165,24 @@ def one_start(family: BenchFamily, body: str) -> Start:
             f"daemon exited {status} on SIGTERM\n{family.log.tail() if family.log else ''}"
         )
     return sample
+
+
+def one_file_changes(family: BenchFamily, body: str) -> list[float]:
+    """Rename a new config over the old one; time to its body served, minus the 50 ms
+    debounce the daemon was told to wait. Each waits for the previous parent's exit,
+    so the figure is the reaction, not a drain wait."""
+    log = family.log
+    assert log is not None
+    samples = []
+    for index in range(1, CHANGES + 1):
+        new_body = f"{body}-change-{index}"
+        mark = log.mark()
+        renamed = time.monotonic()
+        family.write_config(new_body)
+        served = family.wait_body(new_body, timeout_s=START_TIMEOUT_S)
+        samples.append((served - renamed - 0.05) * 1000)
+        family.wait_event("child.exited", mark=mark, timeout_s=START_TIMEOUT_S, epoch=index - 1)
+    return samples
 
 
 def run_check(family: BenchFamily) -> Check:
@@ -233,6 +261,8 @@ def main() -> int:
                 f"{med([x.to_body for x in s]):.2f}",
                 f"{med([x.to_validated - x.to_daemon_started for x in s]):.2f}",
                 f"{med([x.to_watch_started - x.to_validated for x in s]):.2f}",
+                f"{med([x.to_digested for x in s]):.2f}",
+                f"{med([c for x in s for c in x.change_ms]):.1f}",
                 f"{med([x.rss_kb / 1024 for x in s]):.1f}",
                 f"{med([x.hwm_kb / 1024 for x in s]):.1f}",
                 f"{med([x.cpu_s for x in s]):.2f}",
@@ -258,6 +288,8 @@ def main() -> int:
                 "served",
                 "gate",
                 "watch set-up",
+                "digested",
+                "change ms",
                 "RSS",
                 "RSS peak",
                 "CPU s",

@@ -114,12 +114,15 @@ class RootScan:
     directories: frozenset[Path] = frozenset()
     # Directories where an event names exactly the file that changed (no symlink, no
     # `..data` on the way): real path -> display path. Anything else rescans the root.
-    plain: immutables.Map[Path, str] = field(default_factory=immutables.Map)
+    plain: immutables.Map[str, str] = field(default_factory=immutables.Map)
     name_watches: Mapping[Path, frozenset[str]] = field(default_factory=dict)
     unreadable: tuple[str, ...] = ()
     missing: tuple[str, ...] = ()
     by_stat: tuple[str, ...] = ()
     not_walked: tuple[str, ...] = ()
+    # Where symlinks met by the walk lead (real paths): a change at or above one of
+    # them changes paths the walk shows under the link's name.
+    link_targets: frozenset[str] = frozenset()
     files_read: int = 0
 
     def entry(self, display: str) -> bytes | None:

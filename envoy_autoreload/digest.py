@@ -124,7 +124,7 @@ class WalkDirectory:
 
 
 @dataclass(slots=True)
-class _Batch:
+class Batch:
     """Files of one directory to hash: their names, and where to read each (the same
     name in `real_dir`, unless `real_names` says otherwise: a root file reached through
     symlinks)."""
@@ -143,14 +143,15 @@ class Listing:
     root: WatchRoot
     on_directory: DirectoryCallback
     excluded: frozenset[str] = frozenset()
-    batches: list[_Batch] = field(default_factory=list)
+    batches: list[Batch] = field(default_factory=list)
     directories: set[Path] = field(default_factory=set)
-    plain: dict[Path, str] = field(default_factory=dict)
+    plain: dict[str, str] = field(default_factory=dict)
     name_watches: dict[Path, set[str]] = field(default_factory=dict)
     visited: set[tuple[int, int]] = field(default_factory=set)
     unreadable: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     not_walked: list[str] = field(default_factory=list)
+    link_targets: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -160,28 +161,37 @@ class FileHashing:
     cache: RootScan | None
     now_ns: int
     excluded: frozenset[str]
-    dirs: dict[str, dict[str, bytes]] = field(default_factory=dict)
+    dirs: dict[str, immutables.Map[str, bytes]] = field(default_factory=dict)
     total: int = 0
     count: int = 0
     unreadable: list[str] = field(default_factory=list)
     by_stat: list[str] = field(default_factory=list)
     files_read: int = 0
 
-    def add(self, display_dir: str, name: str, path: str, bounded: bool) -> None:
-        display = f"{display_dir}/{name}"
-        if display in self.excluded or path in self.excluded:
+    def add_batch(self, batch: Batch) -> None:
+        """One directory's files, made a persistent map at once: no dict of the whole
+        tree is ever held beside it (RSS at 100,000 files, issue 16)."""
+        entries: dict[str, bytes] = {}
+        real_names = batch.real_names or batch.names
+        for name, real_name in zip(batch.names, real_names, strict=True):
+            display = f"{batch.display_dir}/{name}"
+            path = f"{batch.real_dir}/{real_name}"
+            if display in self.excluded or path in self.excluded:
+                continue
+            entry = self.entry_for(display, path, batch.bounded)
+            if entry is not None:
+                entries[name] = entry
+        if not entries:
             return
-        entry = self.entry_for(display, path, bounded)
-        if entry is None:
-            return
-        names = self.dirs.setdefault(display_dir, {})
-        old = names.get(name)
-        if old is not None:
-            self.total -= contribution(display, content_of(old))
-            self.count -= 1
-        names[name] = entry
-        self.total += contribution(display, content_of(entry))
-        self.count += 1
+        names = self.dirs.get(batch.display_dir, immutables.Map())
+        for name, entry in entries.items():
+            old = names.get(name)
+            if old is not None:
+                self.total -= contribution(f"{batch.display_dir}/{name}", content_of(old))
+                self.count -= 1
+            self.total += contribution(f"{batch.display_dir}/{name}", content_of(entry))
+            self.count += 1
+        self.dirs[batch.display_dir] = names.update(entries)
 
     def entry_for(self, display: str, path: str, bounded: bool) -> bytes | None:
         """The entry for one file as it is now; None when it is gone or not a file."""
@@ -220,15 +230,10 @@ def hash_listing(listing: Listing, cache: RootScan | None) -> RootScan:
     files and its own objects, so it may run on a worker thread."""
     hashing = FileHashing(cache, time.time_ns(), listing.excluded)
     for batch in listing.batches:
-        real_names = batch.real_names or batch.names
-        for name, real_name in zip(batch.names, real_names, strict=True):
-            hashing.add(batch.display_dir, name, f"{batch.real_dir}/{real_name}", batch.bounded)
-    tree = immutables.Map(
-        {directory: immutables.Map(names) for directory, names in hashing.dirs.items()}
-    )
+        hashing.add_batch(batch)
     return RootScan(
         root=listing.root,
-        tree=tree,
+        tree=immutables.Map(hashing.dirs),
         total=hashing.total,
         count=hashing.count,
         directories=frozenset(listing.directories),
@@ -238,6 +243,7 @@ def hash_listing(listing: Listing, cache: RootScan | None) -> RootScan:
         missing=tuple(listing.missing),
         by_stat=tuple(hashing.by_stat),
         not_walked=tuple(listing.not_walked),
+        link_targets=frozenset(listing.link_targets),
         files_read=hashing.files_read,
     )
 
@@ -313,6 +319,8 @@ class ContentScanner:
                     listing.on_directory(directory, frozenset(known))
             if not added:
                 break
+        if real != path:
+            listing.link_targets.add(str(real))
         return real
 
     def _list_root(self, listing: Listing) -> None:
@@ -330,7 +338,7 @@ class ContentScanner:
             self.walk_tree(WalkDirectory(str(root.path), real, st, False, None), listing)
         elif stat.S_ISREG(st.st_mode):
             display_dir, name = split_display(str(root.path))
-            batch = _Batch(display_dir, str(real.parent), [name], False, [real.name])
+            batch = Batch(display_dir, str(real.parent), [name], False, [real.name])
             listing.batches.append(batch)
 
     def walk_tree(self, top: WalkDirectory, listing: Listing) -> None:
@@ -358,8 +366,8 @@ class ContentScanner:
             return []
         listing.directories.add(directory.real)
         if directory.budget is None and not directory.hidden:
-            listing.plain[directory.real] = directory.display
-        batch = _Batch(directory.display, str(directory.real), [], True)
+            listing.plain[str(directory.real)] = directory.display
+        batch = Batch(directory.display, str(directory.real), [], True)
         subdirectories: list[WalkDirectory] = []
         for entry in entries:
             if self._noise.is_noise(entry.name):
@@ -374,7 +382,7 @@ class ContentScanner:
         return subdirectories
 
     def _visit_entry(
-        self, parent: WalkDirectory, entry: os.DirEntry[str], listing: Listing, batch: _Batch
+        self, parent: WalkDirectory, entry: os.DirEntry[str], listing: Listing, batch: Batch
     ) -> WalkDirectory | None:
         """Note a file entry for hashing; return a directory entry for the walk to visit.
         A regular file is known by the directory entry's type, without a stat."""

@@ -42,7 +42,9 @@ from envoy_autoreload.digest import (
 
 @dataclass
 class _Patch:
-    """One root's scan being updated in place of a rescan."""
+    """One root's scan being updated in place of a rescan. File entries are buffered
+    per directory and written in one update each: a 10,000-file burst into one
+    directory is one new map for it, not 10,000."""
 
     scan: RootScan
     excluded: frozenset[str]
@@ -50,9 +52,10 @@ class _Patch:
     total: int = field(init=False)
     count: int = field(init=False)
     directories: set[Path] = field(init=False)
-    plain: immutables.Map[Path, str] = field(init=False)
+    plain: immutables.Map[str, str] = field(init=False)
     unreadable: list[str] = field(init=False)
     by_stat: list[str] = field(init=False)
+    _pending: dict[str, dict[str, bytes | None]] = field(init=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         scan = self.scan
@@ -64,39 +67,50 @@ class _Patch:
         self.by_stat = list(scan.by_stat)
 
     def set_file(self, display_dir: str, name: str, entry: bytes | None) -> None:
-        """Put (or with None, drop) one file's entry, keeping the digest sum."""
-        display = f"{display_dir}/{name}"
-        names = self.tree.get(display_dir)
-        old = names.get(name) if names is not None else None
-        if old is not None:
-            self.total -= contribution(display, content_of(old))
-            self.count -= 1
-            names = names.delete(name) if names is not None else None
-        if entry is not None:
-            names = (names if names is not None else immutables.Map()).set(name, entry)
-            self.total += contribution(display, content_of(entry))
-            self.count += 1
-        if names is None:
-            return
-        if len(names):
-            self.tree = self.tree.set(display_dir, names)
-        elif display_dir in self.tree:
-            self.tree = self.tree.delete(display_dir)
+        """Put (or with None, drop) one file's entry; applied by `flush`."""
+        self._pending.setdefault(display_dir, {})[name] = entry
 
-    def drop_tree(self, real: Path, display: str) -> None:
+    def flush(self) -> None:
+        """Write the buffered entries, keeping the digest sum and the count."""
+        pending, self._pending = self._pending, {}
+        for display_dir, changes in pending.items():
+            names = self.tree.get(display_dir) or immutables.Map()
+            mutation = names.mutate()
+            for name, entry in changes.items():
+                display = f"{display_dir}/{name}"
+                old = mutation.get(name)
+                if old is not None:
+                    self.total -= contribution(display, content_of(old))
+                    self.count -= 1
+                    mutation.pop(name)
+                if entry is not None:
+                    mutation.set(name, entry)
+                    self.total += contribution(display, content_of(entry))
+                    self.count += 1
+            names = mutation.finish()
+            if len(names):
+                self.tree = self.tree.set(display_dir, names)
+            elif display_dir in self.tree:
+                self.tree = self.tree.delete(display_dir)
+
+    def drop_tree(self, real: str, display: str) -> None:
         """Forget a directory and everything below it (deleted or moved away)."""
+        self.flush()
         prefix = display + "/"
         for directory in [d for d in self.tree if d == display or d.startswith(prefix)]:
             for name, entry in self.tree[directory].items():
                 self.total -= contribution(f"{directory}/{name}", content_of(entry))
                 self.count -= 1
             self.tree = self.tree.delete(directory)
-        for path in [p for p in self.plain if p == real or p.is_relative_to(real)]:
+        below = real + "/"
+        for path in [p for p in self.plain if p == real or p.startswith(below)]:
             self.plain = self.plain.delete(path)
-        self.directories = {d for d in self.directories if not d.is_relative_to(real)}
+        gone = Path(real)
+        self.directories = {d for d in self.directories if not d.is_relative_to(gone)}
 
     def merge(self, sub: RootScan) -> None:
         """Add a subtree walked on its own (a directory that appeared)."""
+        self.flush()
         self.tree = self.tree.update(sub.tree)
         self.total += sub.total
         self.count += sub.count
@@ -107,10 +121,13 @@ class _Patch:
 
     def forget_reports(self, display: str) -> None:
         """A file read again is no longer unreadable or too big until it says so."""
-        self.unreadable = [u for u in self.unreadable if not u.startswith(display + " (")]
-        self.by_stat = [b for b in self.by_stat if b != display]
+        if self.unreadable:
+            self.unreadable = [u for u in self.unreadable if not u.startswith(display + " (")]
+        if self.by_stat:
+            self.by_stat = [b for b in self.by_stat if b != display]
 
     def finish(self) -> RootScan:
+        self.flush()
         return replace(
             self.scan,
             tree=self.tree,
@@ -131,63 +148,71 @@ class Incremental:
         self._scanner = scanner
         self._on_directory = on_directory
         self._patches: dict[int, _Patch] = {}
+        self._views: dict[int, _View] = {}
+        self._now_ns = time.time_ns()
 
     def apply(self, paths: Iterable[str]) -> tuple[list[RootScan], set[int]]:
         """Patched scans, and the indexes of the roots to rescan instead."""
         rescan: set[int] = set()
+        roots = range(len(self._scanner.roots))
         for raw in sorted(paths):  # parents before their children
-            path = Path(raw)
+            parent, _sep, name = raw.rpartition("/")
             claimed = False
-            for index in range(len(self._scanner.roots)):
-                outcome = self._apply_to_root(index, path)
+            for index in roots:
+                if index in rescan:
+                    claimed = True
+                    continue
+                outcome = self._apply_to_root(index, raw, parent or "/", name)
                 claimed = claimed or outcome is not None
                 if outcome is False:
                     rescan.add(index)
             if not claimed:
-                rescan.update(range(len(self._scanner.roots)))
+                rescan.update(roots)
         patched = [p.finish() for i, p in self._patches.items() if i not in rescan]
         return patched, rescan
 
-    def _apply_to_root(self, index: int, path: Path) -> bool | None:
+    def _apply_to_root(self, index: int, raw: str, parent: str, name: str) -> bool | None:
         """True: applied; False: the root must be rescanned; None: not this root's."""
         patch = self._patches.get(index)
         scan = patch.scan if patch is not None else self._scanner.cached(self._scanner.roots[index])
         if scan is None:
             return False
+        view = self._views.get(index) or self._views.setdefault(index, _View.of(scan))
         plain = patch.plain if patch is not None else scan.plain
-        directories = patch.directories if patch is not None else scan.directories
-        display_dir = plain.get(path.parent)
-        if display_dir is not None and not path.name.startswith(".."):
-            if self._scanner.noise.is_noise(path.name):
+        display_dir = plain.get(parent)
+        if display_dir is not None and not name.startswith(".."):
+            if self._scanner.noise.is_noise(name):
                 return True
-            return self._update(index, scan, display_dir, path)
-        watched = scan.name_watches.keys()
-        if path.parent in directories or path in directories or path == scan.root.path:
+            if view.through_a_link(raw, parent, name) or (raw not in plain and raw in view.dirs):
+                return False
+            if patch is None:
+                patch = self._patches[index] = _Patch(scan, self._scanner.excluded)
+            return self._update(patch, display_dir, raw, name)
+        if parent in view.dirs or raw in view.dirs or raw == view.root:
             return False
-        return False if path.parent in watched or path in watched else None
+        if parent in view.hops or raw in view.hops or view.leads_to_a_link_target(raw):
+            return False
+        return None
 
-    def _update(self, index: int, scan: RootScan, display_dir: str, path: Path) -> bool:
-        patch = self._patches.get(index)
-        if patch is None:
-            patch = self._patches[index] = _Patch(scan, self._scanner.excluded)
-        display = f"{display_dir}/{path.name}"
+    def _update(self, patch: _Patch, display_dir: str, raw: str, name: str) -> bool:
+        display = f"{display_dir}/{name}"
         try:
-            st = os.lstat(path)
+            st = os.lstat(raw)
         except OSError:
             st = None  # gone (or unreadable: the rescan of a settle reports it)
         if st is not None and stat.S_ISLNK(st.st_mode):
             return False  # where it leads is the walk's business
-        patch.set_file(display_dir, path.name, None)
+        patch.set_file(display_dir, name, None)
         patch.forget_reports(display)
-        if path in patch.plain or st is None or stat.S_ISDIR(st.st_mode):
-            patch.drop_tree(path, display)
+        if raw in patch.plain or st is None or stat.S_ISDIR(st.st_mode):
+            patch.drop_tree(raw, display)
         if st is None:
             return True
         if stat.S_ISDIR(st.st_mode):
-            return self._walk_new(patch, WalkDirectory(display, path, st, False, None))
-        if stat.S_ISREG(st.st_mode) and not {display, str(path)} & patch.excluded:
-            hashing = FileHashing(None, time.time_ns(), patch.excluded)
-            patch.set_file(display_dir, path.name, hashing.entry_for(display, str(path), True))
+            return self._walk_new(patch, WalkDirectory(display, Path(raw), st, False, None))
+        if stat.S_ISREG(st.st_mode) and display not in patch.excluded and raw not in patch.excluded:
+            hashing = FileHashing(None, self._now_ns, patch.excluded)
+            patch.set_file(display_dir, name, hashing.entry_for(display, raw, True))
             patch.unreadable += hashing.unreadable
             patch.by_stat += hashing.by_stat
         return True
@@ -199,6 +224,43 @@ class Incremental:
             return False  # symlinks inside: the root's walk follows them
         patch.merge(hash_listing(listing, None))
         return True
+
+
+@dataclass(frozen=True, slots=True)
+class _View:
+    """A root's walked directories, name watches and link targets as strings: asked
+    for every event of a burst, where a Path per question cost more than the rest."""
+
+    root: str
+    dirs: frozenset[str]
+    hops: dict[str, frozenset[str]]
+    targets: frozenset[str]
+
+    @classmethod
+    def of(cls, scan: RootScan) -> _View:
+        return cls(
+            str(scan.root.path),
+            frozenset(str(d) for d in scan.directories),
+            {str(d): names for d, names in scan.name_watches.items()},
+            scan.link_targets,
+        )
+
+    def through_a_link(self, raw: str, parent: str, name: str) -> bool:
+        """Whether the entry is also reached through a symlink: a hop of a chain the
+        walk resolved (a link to this file, or a dangling one to this name), or on the
+        way to a link's target. Those paths change with it, and only the root's walk
+        knows them. (A directory the walk entered through a link is not plain: the
+        caller checks.)"""
+        hops = self.hops.get(parent)
+        return (hops is not None and name in hops) or self.leads_to_a_link_target(raw)
+
+    def leads_to_a_link_target(self, raw: str) -> bool:
+        """A symlink's target, or a directory on the way to one (renamed, the link
+        dangles: the walk resolves only the chain's links and last entry by name)."""
+        if not self.targets:
+            return False
+        below = raw + "/"
+        return any(t == raw or t.startswith(below) for t in self.targets)
 
 
 # An entry equal to no file's: a stat nobody has and content no file hashes to.
@@ -213,22 +275,35 @@ def mark_unknown(scans: list[RootScan], touched: set[str]) -> list[RootScan]:
     if not touched:
         return scans
     patches = [_Patch(scan, frozenset()) for scan in scans]
+    views = [_View.of(scan) for scan in scans]
     for raw in sorted(touched):
         path = Path(raw)
-        claimed = [p for p in patches if _mark_one(p, path)]
+        claimed = [p for p, v in zip(patches, views, strict=True) if _mark_one(p, v, path)]
         if not claimed:
             for patch in patches:
                 patch.set_file(str(patch.scan.root.path), "", _UNKNOWN_ENTRY)
     return [patch.finish() for patch in patches]
 
 
-def _mark_one(patch: _Patch, path: Path) -> bool:
-    display_dir = patch.plain.get(path.parent)
-    if display_dir is not None and not path.name.startswith(".."):
-        patch.set_file(display_dir, path.name, _UNKNOWN_ENTRY)
+def _mark_one(patch: _Patch, view: _View, path: Path) -> bool:
+    raw, parent, name = str(path), str(path.parent), path.name
+    display_dir = patch.plain.get(parent)
+    if (
+        display_dir is not None
+        and not name.startswith("..")
+        and not view.through_a_link(raw, parent, name)
+        and not (raw not in patch.plain and raw in view.dirs)
+    ):
+        patch.set_file(display_dir, name, _UNKNOWN_ENTRY)
         return True
-    watched = patch.directories | patch.scan.name_watches.keys()
-    if path.parent in watched or path in watched or path == patch.scan.root.path:
-        patch.set_file(str(patch.scan.root.path), "", _UNKNOWN_ENTRY)
-        return True
-    return False
+    claimed = (
+        parent in view.dirs
+        or raw in view.dirs
+        or raw == view.root
+        or parent in view.hops
+        or raw in view.hops
+        or view.leads_to_a_link_target(raw)
+    )
+    if claimed:
+        patch.set_file(view.root, "", _UNKNOWN_ENTRY)
+    return claimed

@@ -190,12 +190,27 @@ def _link(rng: random.Random, top: Path) -> None:
         (top / f"link{rng.randrange(10**6)}").symlink_to(rng.choice(dirs))
 
 
+def _link_file(rng: random.Random, top: Path) -> None:
+    files = sorted(p for p in top.rglob("*.json") if p.is_file() and not p.is_symlink())
+    if files:
+        (top / f"flink{rng.randrange(10**6)}.json").symlink_to(rng.choice(files))
+
+
+def _dangling_then_made(rng: random.Random, top: Path) -> None:
+    """A link to a name that does not exist yet, then (sometimes) the name."""
+    target = top / f"later{rng.randrange(10)}"
+    (top / f"dlink{rng.randrange(10**6)}").symlink_to(target)
+    if rng.random() < 0.5 and not target.exists():
+        _tree(target, dirs=1, files=2)
+
+
 OPERATIONS: tuple[Operation, ...] = (
     _write, _write, _create, _delete, _new_tree, _remove_tree, _rename_tree, _link,
+    _link_file, _dangling_then_made,
 )  # fmt: skip
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("seed", range(1, 7))
 def test_what_events_name_keeps_the_snapshot_equal_to_a_full_walk(tree: Path, seed: int) -> None:
     """Random edits, a few per burst: after each burst the snapshot updated from the
     named paths alone has the digest a fresh walk of the same files has."""
@@ -203,7 +218,7 @@ def test_what_events_name_keeps_the_snapshot_equal_to_a_full_walk(tree: Path, se
     detector = _detector(tree, tree / "envoy.yaml")
     try:
         detector.start(degraded_ok=False)
-        for _round in range(12):
+        for _round in range(15):
             for _op in range(rng.randint(1, 4)):
                 rng.choice(OPERATIONS)(rng, tree)
             burst = next_burst(detector)
