@@ -300,8 +300,9 @@ class ChangeDetector:
 
     def _apply_some(self) -> bool:
         """Apply named paths for at most `APPLY_SLICE_S` of loop time, parents first;
-        True when none is left (or the settle walks instead). A 10,000-file burst is read while it is written, in
-        slices, instead of in one stall after the quiet window (issue 16)."""
+        True when none is left (or the settle walks instead). A 10,000-file burst is
+        read while it is written, in slices, not in one stall after the quiet window
+        (issue 16)."""
         if not self._incremental():
             return True  # the settle walks instead
         deadline = time.monotonic() + APPLY_SLICE_S
