@@ -130,7 +130,8 @@ def one_change(family: BenchFamily, index: int, tag: str, serving_epoch: int) ->
     family.wait_event("child.exited", mark=mark, timeout_s=STEP_TIMEOUT_S, epoch=serving_epoch)
 
     debounce_s = parse_ts(requested) - renamed_wall
-    # `duration_s` 0.0 with --no-validate: the gate ran, Envoy's validation did not.
+    # With --no-validate the gate still logs `validation.passed` (Envoy's validation
+    # did not run; `duration_s` is then the gate's own time, ~0).
     validation_s = number(validated, "duration_s") or 0.0
     envoy_start_s = number(serving, "startup_s")
     if envoy_start_s is None:
@@ -147,7 +148,7 @@ def one_change(family: BenchFamily, index: int, tag: str, serving_epoch: int) ->
         requested_to_started=parse_ts(started) - parse_ts(requested),
         started_to_served=served_wall - parse_ts(started),
         serving_logged_to_served=served_wall - parse_ts(serving),
-        validated=validated is not None and bool(validation_s),
+        validated=validated is not None,
         restarts=len(log.since(mark, "child.started")),
         requests=len(log.since(mark, "restart.requested")),
         events=requested.get("events"),
@@ -162,10 +163,11 @@ class Run:
     base_id: int
     first_startup_s: float | None
     samples: list[Sample]
+    no_validate: bool = False  # run with --no-validate
 
     @property
     def validation(self) -> str:
-        return "on" if any(s.validated for s in self.samples) else "off"
+        return "off" if self.no_validate else "on"
 
     def stats(self) -> dict[str, dict[str, float]]:
         return {p: summary([s.phase(p) for s in self.samples]) for p in (*PHASES, *DETAIL)}
@@ -271,6 +273,7 @@ class Contender:
             base_id=self.family.base_id,
             first_startup_s=self.first_startup_s,
             samples=self.samples,
+            no_validate="--no-validate" in (self.options or ()),
         )
 
     def to_json(self) -> dict[str, Json]:
