@@ -7,9 +7,11 @@ the family uses, and the one write we ever make into that segment.
 Everything here is read from Envoy itself: its command line in /proc (a drop-in run
 with no options still finds it), its admin `/server_info` over a fresh connection, and
 the header of its segment. Nothing here runs a subprocess or waits more than the admin
-probe's short timeout, because it runs on the event loop; the admin address in a
-generation's config is parsed off the loop (`bootstrap_facts.py`, issue 16), and a
-generation whose config is still being read is not LIVE yet.
+probe's short timeout, because it runs on the event loop. Two things are done off it
+(issue 16): the admin address in a generation's config is parsed in a child
+(`bootstrap_facts.py`), and `/server_info` is asked on a thread and waited for 20 ms at
+most (`live_probe.py`); a generation whose config is still being read, or whose admin
+has not answered yet, is not LIVE yet.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import time
 from pathlib import Path
 from typing import Final
 
-from envoy_autoreload.admin import fetch_server_info
 from envoy_autoreload.bootstrap_facts import BootstrapFacts, BootstrapReader, read_facts
 from envoy_autoreload.envoy_config import AdminAddress, parse_admin_address
 from envoy_autoreload.envoy_process import executable_of, find_envoy
@@ -34,6 +35,7 @@ from envoy_autoreload.hot_restart_shm import (
     segment_version,
     shm_path,
 )
+from envoy_autoreload.live_probe import ServerInfoAsker
 from envoy_autoreload.logs import log_event
 from envoy_autoreload.roster import Generation
 from envoy_autoreload.settings import Settings
@@ -56,6 +58,7 @@ class EnvoyFamily:
         # Where configs are parsed off the loop: the gate's (gatekeeper.py hands it over).
         # Without one (a family used on its own) a config is parsed where it is asked.
         self.bootstrap: BootstrapReader | None = None
+        self._asker = ServerInfoAsker()  # /server_info off the loop (live_probe.py)
         self.base_id: int | None = settings.base_id
         self.hot_restart_version: str | None = None
         self.envoy_version: str | None = None
@@ -234,7 +237,9 @@ class EnvoyFamily:
             if admin is None and self.admin_pending(gen):
                 return False  # its config is being read; asked again at the next probe
         if admin is not None:
-            info = fetch_server_info(admin)
+            # An Envoy still loading a big config keeps the request waiting: asked on a
+            # thread, and not LIVE yet until it answers (live_probe.py).
+            _answered, info = self._asker.ask((id(gen), gen.pid, gen.epoch), admin)
             if info is None or info.state != "LIVE" or info.restart_epoch != gen.epoch:
                 return False
             self.hot_restart_version = info.hot_restart_version or self.hot_restart_version
