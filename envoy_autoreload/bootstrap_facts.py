@@ -1,5 +1,5 @@
-"""What the daemon needs to know from an Envoy bootstrap, parsed in a child process so
-that the event loop never parses one.
+"""What the daemon needs to know from an Envoy bootstrap, read so that the event loop
+never stalls on a big one: parsed in a child process, or at once when it is small.
 
 Two things in the loop's time need the parsed bootstrap: once a config passed the gate,
 the files it makes Envoy write (access logs, left out of the digest) and read
@@ -9,22 +9,24 @@ starts, its admin address, where the LIVE probe asks (`family.py`). PyYAML takes
 the loop for 3-4 s twice per restart, while no signal, child exit, control request or
 probe was handled (issue 16).
 
-So each config is parsed by a child, `python -c` running `main()` below, which prints
-what it found as one JSON object. `BootstrapReader` runs these children for the gate
-(`gate.py`): their pipes sit in the reactor, they are reaped by PID on SIGCHLD and
-killed at their deadline, like the gate's other commands, and the gate starts one as
-it starts validating, so a verdict that waits for the facts waits for the slower of
-the two. Facts are kept per file and its identity (device, inode, size, mtime): a
-snapshot, named by its sha256, is parsed once in its life.
+So a config larger than `INLINE_MAX_BYTES` is parsed by a child, `python -c` running
+`main()` below, which prints what it found as one JSON object. `BootstrapReader` runs
+these children for the gate (`gate.py`): their pipes sit in the reactor, they are
+reaped by PID on SIGCHLD and killed at their deadline, like the gate's other commands,
+and the gate starts one as it starts validating, so a verdict that waits for the facts
+waits for the slower of the two. A smaller config (most are) is parsed at once: in
+less time than starting the child costs the loop, and without the 40-140 ms the
+child's Python takes to start, which a restart would wait for. Facts are kept per file
+and its identity (device, inode, size, mtime): a snapshot, named by its sha256, is
+parsed once in its life.
 
 Rejected: a worker thread (health.py's pattern). libyaml keeps the GIL while PyYAML
 builds the document, and the loop's thread waits for the GIL again after each system
 call it makes, a switch interval (5 ms) at a time: measured while a thread parsed 4 MB,
 one LIVE probe (a fresh connection and a few stats) took 65 ms on average and 260 ms at
-worst. A child costs ~40 ms of interpreter start-up, on another core, in parallel with
-Envoy's own validation. Also rejected: reading only the `admin` block with a text
-scan. The access loggers and the files to watch lie anywhere in the document, and a
-flow-style or JSON config, an alias or a merge key would need a full parse anyway.
+worst. Also rejected: reading only the `admin` block with a text scan. The access
+loggers and the files to watch lie anywhere in the document, and a flow-style or JSON
+config, an alias or a merge key would need a full parse anyway.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 import sys
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Mapping
@@ -59,6 +62,11 @@ logger = logging.getLogger(__name__)
 # PyYAML cannot read. About 0.6 s per MB: 120 s is a config of some 200 MB.
 PARSE_TIMEOUT_S: Final = 120.0
 KEPT: Final = 64  # configs whose facts are kept: far more than --keep-generations
+# A config this small is parsed where it is asked for: at most ~9 ms (0.27 ms per KiB of
+# dense YAML, measured; a few times that on a loaded box), about what starting the child
+# costs the loop, where the child's Python takes 40-140 ms to start, a delay every
+# restart would wait for (bench/latency.py measured it).
+INLINE_MAX_BYTES: Final = 32 * 1024
 _PACKAGE_ROOT: Final = str(Path(__file__).resolve().parent.parent)
 # The child imports this very copy of the package, wherever the daemon found it.
 _CHILD: Final = (
@@ -91,12 +99,25 @@ def identity_of(path: Path) -> Identity | None:
 def read_facts(path: Path, base: Path) -> BootstrapFacts:
     """Parse `path` here and now: in the child, and before the loop runs (start-up).
     `base` is Envoy's working directory, which relative paths are taken from."""
+    facts = read_facts_up_to(path, base, None)
+    assert facts is not None
+    return facts
+
+
+def read_facts_up_to(path: Path, base: Path, max_bytes: int | None) -> BootstrapFacts | None:
+    """`read_facts`, or None when the file holds more than `max_bytes` or is no regular
+    file: opened without blocking then, since a FIFO would hang the loop in `open`."""
+    flags = os.O_RDONLY | os.O_CLOEXEC | (os.O_NONBLOCK if max_bytes is not None else 0)
     try:
-        with open(path, "rb") as config:
+        with open(os.open(path, flags), "rb") as config:
             st = os.fstat(config.fileno())
-            data = config.read()
+            if max_bytes is not None and (not stat.S_ISREG(st.st_mode) or st.st_size > max_bytes):
+                return None
+            data = config.read() if max_bytes is None else config.read(max_bytes + 1)
     except OSError as err:
         return BootstrapFacts(path, None, None, None, str(unreadable(path, err)))
+    if max_bytes is not None and len(data) > max_bytes:
+        return None  # it grew since the stat
     identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
     try:
         document = parse_bootstrap(data, path)
@@ -179,9 +200,13 @@ class BootstrapReader:
         return path in self._running
 
     def request(self, path: Path) -> None:
-        """Have `path` parsed unless its facts are known or on their way; the result
-        comes in through `poll()` on SIGCHLD."""
+        """Have `path` parsed unless its facts are known or on their way: at once when
+        it is small, else in a child, whose result comes in through `poll()` on SIGCHLD."""
         if path in self._running or self.lookup(path) is not None:
+            return
+        small = read_facts_up_to(path, Path.cwd(), INLINE_MAX_BYTES)
+        if small is not None:
+            self._keep(small)
             return
         argv = [sys.executable, "-c", _CHILD, _PACKAGE_ROOT, str(path), str(Path.cwd())]
         try:

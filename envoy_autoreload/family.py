@@ -7,8 +7,8 @@ the family uses, and the one write we ever make into that segment.
 Everything here is read from Envoy itself: its command line in /proc (a drop-in run
 with no options still finds it), its admin `/server_info` over a fresh connection, and
 the header of its segment. Nothing here runs a subprocess or waits more than the admin
-probe's short timeout, because it runs on the event loop. Two things are done off it
-(issue 16): the admin address in a generation's config is parsed in a child
+probe's short timeout, because it runs on the event loop. Two things are kept off it
+(issue 16): a big config, where a generation's admin address is, is parsed in a child
 (`bootstrap_facts.py`), and `/server_info` is asked on a thread and waited for 20 ms at
 most (`live_probe.py`); a generation whose config is still being read, or whose admin
 has not answered yet, is not LIVE yet.

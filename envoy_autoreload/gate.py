@@ -5,11 +5,12 @@ each command as a child whose pipes sit in the reactor, reaps it by PID on SIGCH
 kills it at its deadline, so a validator that hangs never stalls signals or the watcher.
 What an outcome means for a restart is the supervisor's business.
 
-The gate also reads the config it validates (`bootstrap_facts.py`): a child parses it
-while Envoy validates it, and a passing verdict is handed out once its facts are in, so
-the supervisor can leave the files the config makes Envoy write out of the digest
-before anything starts, without parsing it on the loop. A failing verdict waits for
-nothing. The family's LIVE probe asks the same reader for a generation's admin address.
+The gate also reads the config it validates (`bootstrap_facts.py`; a big one in a
+child, while Envoy validates it), and a passing verdict is handed out once its facts
+are in, so the supervisor can leave the files the config makes Envoy write out of the
+digest before anything starts, without parsing a big config on the loop. A failing
+verdict waits for nothing. The family's LIVE probe asks the same reader for a
+generation's admin address.
 """
 
 from __future__ import annotations

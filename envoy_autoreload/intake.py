@@ -250,8 +250,8 @@ class Intake:
             keeper.binary = outcome.binary
         if self._watching is not None:
             config = keeper.config.path if keeper.config is not None else None
-            # The config that will run, as the gate read it while it was validated:
-            # never parsed here, on the loop (a 5 MB config takes seconds, issue 16).
+            # The config that will run, as the gate read it when it began validating:
+            # a big one in a child, never here (a 5 MB config takes seconds, issue 16).
             facts = keeper.gate.bootstrap_facts(config)
             if facts is not None:
                 self._watching.exclude_envoy_outputs(config, facts)

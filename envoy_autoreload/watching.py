@@ -85,9 +85,10 @@ class Watching:
         a draining epoch still writes the old config's log. Files it makes Envoy read at
         start (certificates, Lua) are watched like `--watch` paths (`references.py`).
 
-        In the loop, `facts` is what the gate read off the loop while the config was
-        validated (`bootstrap_facts.py`); a 5 MB config takes seconds to parse (issue
-        16). Without them it is parsed here, which only start-up does, before the loop."""
+        In the loop, `facts` is what the gate read as it began validating the config
+        (`bootstrap_facts.py`: a big one in a child, as a 5 MB config takes seconds to
+        parse, issue 16). Without them it is parsed here: only start-up does that,
+        before the loop runs."""
         config = snapshot or self._settings.config
         if facts is None and config is not None:
             # Relative paths are Envoy's, and Envoy runs in our working directory.

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, cast
 import pytest
 import yaml
 
-from envoy_autoreload.bootstrap_facts import BootstrapReader
+from envoy_autoreload.bootstrap_facts import INLINE_MAX_BYTES, BootstrapReader
 from envoy_autoreload.envoy_config import AdminAddress
 from envoy_autoreload.family import EnvoyFamily
 from envoy_autoreload.gate import CommandGate
@@ -80,13 +80,20 @@ def fake_envoy(tmp_path: Path, validate_rc: int) -> Path:
 
 
 @pytest.fixture
-def no_parse_here(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A parse in this process (the daemon's loop, in these tests) fails the test."""
+def no_parse_here(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A parse of a big config in this process (the daemon's loop, in these tests)
+    fails the test; the sizes of those it parsed (small ones) are listed."""
+    load = yaml.load
+    parsed: list[int] = []
 
-    def refuse(*_args: object, **_kwargs: object) -> object:
-        raise AssertionError("a bootstrap was parsed in the daemon's process")
+    def refuse(stream: bytes, Loader: type[yaml.CSafeLoader]) -> object:
+        if len(stream) > INLINE_MAX_BYTES:
+            raise AssertionError("a big bootstrap was parsed in the daemon's process")
+        parsed.append(len(stream))
+        return load(stream, Loader=Loader)
 
     monkeypatch.setattr(yaml, "load", refuse)
+    return parsed
 
 
 @pytest.fixture
@@ -233,23 +240,48 @@ def test_live_waits_for_the_admin_address_instead_of_parsing_on_the_loop(
     assert family.admin_address(gen) == AdminAddress("127.0.0.1", 19901)
 
 
-@pytest.mark.usefixtures("no_parse_here")
 def test_a_snapshot_is_parsed_once(
-    tmp_path: Path, reactor: Reactor, gates: list[CommandGate]
+    tmp_path: Path, reactor: Reactor, gates: list[CommandGate], no_parse_here: list[int]
 ) -> None:
-    config = tmp_path / "small.yaml"
-    config.write_text(HEADER)
-    reader = BootstrapReader(reactor)
+    config = big_config(tmp_path / "envoy.yaml")
     gate = gate_for(tmp_path, reactor, config, 0, gates)
-    gate.bootstrap = reader
+    reader = gate.bootstrap
     reader.request(config)
+    assert reader.pending(config)
     Loop(reactor, gate).until(lambda: not reader.pending(config), "the facts")
-    first = reader.lookup(config)
-    assert first is not None
+    assert reader.lookup(config) is not None
     reader.request(config)
     assert not reader.pending(config), "known: not parsed again"
-    config.write_text(HEADER.replace("19901", "19902"))  # the file changed: parsed again
+    config.write_text(HEADER)  # the file changed (and is small now): read again, here
     assert reader.lookup(config) is None
+    reader.request(config)
+    facts = reader.lookup(config)
+    assert facts is not None and facts.admin == AdminAddress("127.0.0.1", 19901)
+    assert no_parse_here == [len(HEADER)] and reader.child_pids() == set()
+
+
+def test_a_small_config_is_read_at_once_and_its_verdict_waits_for_nothing(
+    tmp_path: Path, reactor: Reactor, gates: list[CommandGate], no_parse_here: list[int]
+) -> None:
+    """Most configs are a few KiB: parsing one costs the loop less than a child's start
+    would, and a restart need not wait for a Python to start (bench/latency.py)."""
+    config = tmp_path / "envoy.yaml"
+    config.write_text(HEADER)
+    gate = gate_for(tmp_path, reactor, config, 0, gates)
+    assert gate.begin(None, None) is None  # the binary checks and validation still run
+    assert gate.bootstrap_facts(None) is not None, "known as the preflight began"
+    assert gate.child_pids() and not gate.bootstrap.child_pids(), "no parse child"
+    found: list[PreflightOutcome] = []
+
+    def step() -> bool | None:
+        outcome = Loop(reactor, gate).turn()
+        if outcome is not None:
+            found.append(outcome)
+        return True if found else None
+
+    wait_until(step, timeout_s=60, what="the verdict")
+    assert found[0].verdict is Verdict.PASSED
+    assert no_parse_here == [len(HEADER)]
 
 
 def test_a_parse_that_hangs_is_killed_at_its_deadline(
