@@ -308,7 +308,7 @@ def check_watching(settings: Settings, changes: ChangeDetector | None) -> list[F
             Status.OK,
             "watch",
             f"paths: {len(changes.roots)}, directories: {len(snapshot.directories)}, files: "
-            f"{len(snapshot.files)}, inotify watches: {snapshot.watch_points} "
+            f"{snapshot.file_count}, inotify watches: {snapshot.watch_points} "
             f"({settings.watcher} watcher)",
         )
     ]

@@ -51,7 +51,7 @@ class StatusView:
             "rolled_back_from": _config(self.lineage.rolled_back_from),
             "last_restart": self.telemetry.last_restart_dict(),
             "last_validation_error": self.telemetry.last_validation_error,
-            "watched": {"directories": len(snapshot.directories), "files": len(snapshot.files)}
+            "watched": {"directories": len(snapshot.directories), "files": snapshot.file_count}
             if snapshot is not None
             else None,
             "inotify": {"used": changes.watch_count, "limit": self.watch_limit}
