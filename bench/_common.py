@@ -451,6 +451,10 @@ class BenchFamily:
             str(self.envoy),
             "--term-wait",
             "10",
+            # Generations on, as a packaged install has them, in a directory of this
+            # run's own: one daemon per state directory, and no history shared.
+            "--state-dir",
+            str(self.tmp / "state"),
             *options,
             str(self.script),
         ]

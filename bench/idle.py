@@ -139,6 +139,10 @@ def idle_daemon(subject: str, seconds: float, envoy: Path, *options: str) -> Idl
         watch = family.wait_event("watch.started", timeout_s=START_TIMEOUT_S)
         serving = family.wait_event("child.serving", timeout_s=START_TIMEOUT_S, epoch=0)
         family.wait_body("idle-v0")
+        assert family.log is not None
+        if family.log.since(0, "health.probation"):
+            # Probation checks every 0.5 s for --health-window: measure after it.
+            family.wait_event("health.passed", timeout_s=START_TIMEOUT_S)
         time.sleep(SETTLE_S)
         process = family.process
         assert process is not None and family.log is not None

@@ -117,6 +117,7 @@ def event_ts(family: BenchFamily, name: str, epoch: int | None = None) -> tuple[
 
 
 def one_start(family: BenchFamily, body: str) -> Start:
+    family.write_config(body)  # the previous start's changes left another body
     shm_path(family.base_id).unlink(missing_ok=True)
     spawned_wall = time.time()
     spawned = time.monotonic()

@@ -26,6 +26,7 @@ from envoy_autoreload.validation import (
     BinaryInfo,
     Preflight,
     PreflightOutcome,
+    checked_binary,
     run_preflight_now,
 )
 
@@ -80,7 +81,9 @@ class CommandGate:
         path = self._config_of(config)
         if path is not None:
             self.bootstrap.request(path)
-        return run_preflight_now(self._new_preflight(None, config, flags))
+        assert self._settings.envoy is not None
+        known = checked_binary(self._settings.envoy)  # by cli.py a moment ago
+        return run_preflight_now(self._new_preflight(known, config, flags))
 
     def begin(
         self, known_binary: BinaryInfo | None, config: Path | None, flags: Sequence[str] = ()

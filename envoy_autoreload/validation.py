@@ -206,9 +206,22 @@ def _failure_reason(result: CommandResult, timeout_s: float) -> str:
     return envoy_error_line(result.output) or describe_exit(result.returncode)
 
 
+# What the start-up checks learned of each binary: the gate's check before epoch 0 reuses
+# it while the file is the same one (its identity), instead of running `--version` and
+# `--hot-restart-version` a second time, a tenth of a second before Envoy starts.
+_BINARIES_CHECKED: dict[Path, BinaryInfo] = {}
+
+
+def checked_binary(path: Path) -> BinaryInfo | None:
+    return _BINARIES_CHECKED.get(path)
+
+
 def run_preflight_now(preflight: Preflight) -> PreflightOutcome:
     """Blocking, for start-up checks before the loop runs."""
     while (argv := preflight.next_argv()) is not None:
         preflight.feed(run_now(argv, preflight.timeout_s))
-    assert preflight.outcome is not None
-    return preflight.outcome
+    outcome = preflight.outcome
+    assert outcome is not None
+    if outcome.binary is not None:
+        _BINARIES_CHECKED[outcome.binary.path] = outcome.binary
+    return outcome
