@@ -20,6 +20,7 @@ Processes are never looked up by name.
 
 from __future__ import annotations
 
+import compileall
 import contextlib
 import datetime
 import fcntl
@@ -304,7 +305,11 @@ def daemon_has_option(option: str) -> bool:
 
 
 def environment(envoy: Path) -> dict[str, Json]:
-    """What the figures depend on: machine, kernel, versions, commit, when."""
+    """What the figures depend on: machine, kernel, versions, commit, when. Compiles the
+    package's bytecode first, as `pip install` does: with PYTHONDONTWRITEBYTECODE set
+    (as here) every daemon start would otherwise compile ~70 modules, 80 ms that no
+    installed daemon spends."""
+    compileall.compile_dir(REPO / "envoy_autoreload", quiet=1)
     version_line = _run([str(envoy), "--version"])
     dirty = _run(["git", "-C", str(REPO), "status", "--porcelain"])
     inotify: dict[str, Json] = {}

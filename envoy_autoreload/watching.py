@@ -131,9 +131,11 @@ class Watching:
             excluded=[f"{path}: {why}" for path, why in references.excluded],
         )
 
-    def on_readable(self) -> None:
+    def on_readable(self, *, drain: bool = False) -> None:
+        """The watcher's fd is readable: one slice of its events per turn of the loop,
+        unless everything pending must be known now (`drain`, for `current()`)."""
         changes = self.changes
-        self._telemetry.watch_events.inc(changes.on_readable(self._reactor.now()))
+        self._telemetry.watch_events.inc(changes.on_readable(self._reactor.now(), drain=drain))
         if changes.building:
             self._take_built()
         deadline = changes.deadline()
@@ -161,7 +163,7 @@ class Watching:
         start their debounce), so "nothing happened since the last scan" is true. None
         while the first hashing runs: nothing to compare with yet."""
         if self.changes.active:
-            self.on_readable()
+            self.on_readable(drain=True)
         return None if self.changes.building else self.changes.current()
 
     def settle(self) -> SettledBurst | None:

@@ -220,10 +220,11 @@ class ChangeDetector:
         assert self._watcher is not None
         return self._watcher.fileno()
 
-    def on_readable(self, now: float) -> int:
-        """Read what the watcher has; returns how many changed paths it reported."""
+    def on_readable(self, now: float, *, drain: bool = True) -> int:
+        """Read what the watcher has (with `drain` False, one slice of it: the fd stays
+        readable); returns how many changed paths it reported."""
         assert self._watcher is not None
-        changed = self._watcher.read_changes() - self._scanner.excluded
+        changed = self._watcher.read_changes(drain=drain) - self._scanner.excluded
         if not changed:
             return 0
         for path in sorted(changed)[:20]:

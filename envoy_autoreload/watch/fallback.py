@@ -122,7 +122,7 @@ class WatchdogWatcher:
             with contextlib.suppress(KeyError, OSError):
                 self._observer.unschedule(watch)
 
-    def read_changes(self) -> set[str]:
+    def read_changes(self, *, drain: bool = True) -> set[str]:
         with contextlib.suppress(BlockingIOError):
             while os.read(self._read_fd, 4096):
                 pass

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from envoy_autoreload.content import RootScan, Snapshot, digest_of_files
-from envoy_autoreload.digest import ContentScanner, Listing, WatchRoot
+from envoy_autoreload.digest import ContentScanner, Listing, WatchRoot, hash_listing
 from envoy_autoreload.watch import build
 from envoy_autoreload.watch.changes import ChangeDetector
 from envoy_autoreload.watch.filters import NoiseFilter
@@ -58,7 +58,7 @@ class HeldHashing:
     def __init__(self, monkeypatch: pytest.MonkeyPatch, *, read_first: bool) -> None:
         self.gate = threading.Event()
         self.read = threading.Event()
-        real = build.hash_listing
+        real = hash_listing
 
         def held(listing: Listing, cache: RootScan | None) -> RootScan:
             if read_first:

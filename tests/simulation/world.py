@@ -395,7 +395,7 @@ class SimContent:
     def fileno(self) -> int:
         return -1
 
-    def on_readable(self, now: float) -> int:
+    def on_readable(self, now: float, *, drain: bool = True) -> int:
         count, self._unread = self._unread, 0
         if count:
             self._debouncer.add(now, {str(CONFIG_PATH)})
