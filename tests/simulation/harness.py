@@ -10,6 +10,7 @@ virtual clock, firing the model's happenings and the supervisor's deadlines in o
 from __future__ import annotations
 
 import hashlib
+import math
 import shutil
 import signal
 import socket
@@ -84,6 +85,7 @@ class Knobs:
     generations: bool = True  # a real GenerationStore in a temp dir; probation, rollback
     health_window_s: float = 10.0
     rollback: bool = True
+    build_s: float = 0.0  # the first reading of the watched files, after epoch 0 starts
 
 
 @dataclass
@@ -126,7 +128,7 @@ class Simulation:
             health_urls=(SimHealth.URL,),
             rollback=knobs.rollback,
         )
-        self.content = SimContent(self.world, knobs.debounce_s, knobs.debounce_max_s)
+        self.content = SimContent(self.world, knobs.debounce_s, knobs.debounce_max_s, knobs.build_s)
         self.gate = SimGate(self.world, knobs.validate_timeout_s)
         self.facts = SimFacts(self.world)
         self.health = SimHealth(self.world)
@@ -184,7 +186,7 @@ class Simulation:
         fresh.pending_signals = set(previous.pending_signals)  # blocked across the exec
         self.world.reactor = fresh
         knobs = self.knobs
-        self.content = SimContent(self.world, knobs.debounce_s, knobs.debounce_max_s)
+        self.content = SimContent(self.world, knobs.debounce_s, knobs.debounce_max_s, knobs.build_s)
         self.telemetry = Telemetry(self.notifier)
         self.supervisor = self._new_supervisor()
         self.supervisor.begin_adopted(handover)
@@ -227,6 +229,7 @@ class Simulation:
                     self.world.model.next_at(),
                     self.world.reactor.next_deadline(),
                     self.gate.next_at(),
+                    self.content.next_at(),
                 )
                 if t is not None
             ]
@@ -245,6 +248,7 @@ class Simulation:
                 return
             self.world.model.fire_due(self.now)
             self.gate.finish_due(self.now)
+            self.content.finish_due(self.now)
             events = self.world.reactor.poll()
             if not events:
                 return
@@ -354,6 +358,13 @@ class Simulation:
                 raise InvariantBroken(
                     f"invariant 5: epoch {spawned.epoch} ({reason}) started {digest}, "
                     f"which never passed the gate"
+                )
+            window = self.content.build_window
+            building = window is not None and window[0] <= spawned.at < (window[1] or math.inf)
+            if building and reason not in {*RECOVERY_REASONS, "startup"}:
+                raise InvariantBroken(
+                    f"invariant 11: epoch {spawned.epoch} ({reason}) started while the files "
+                    "were first read: a request must wait for what epoch 0 started from"
                 )
         self._spawns_checked = len(self.world.spawned)
 

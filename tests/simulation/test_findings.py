@@ -323,3 +323,28 @@ def test_ci_sigterm_during_a_restart_lets_each_parent_leave_on_its_childs_reques
     sim.check_stops()
     statuses = {p.epoch: p.returncode for p in sim.world.model.procs}
     assert statuses == {0: 0, 1: 0}, statuses
+
+
+def test_issue_16_a_request_while_the_files_are_first_read_waits_for_them(
+    make_sim: object,
+) -> None:
+    """Envoy first: epoch 0 starts while the files are read (2 s here); a SIGHUP and a
+    write meanwhile restart nothing until the reading ends, then one restart serves
+    the write (the reference holds the written path as unknown: nothing is lost)."""
+    sim: Simulation = make_sim(build_s=3.0)  # type: ignore[operator]
+    assert serving_epoch(sim) == 0 and _building(sim)
+    written = sim.write(good=True)
+    sim.send(signal.SIGHUP)
+    sim.advance(1.0)  # 2 s into the reading
+    assert serving_epoch(sim) == 0 and len(sim.world.spawned) == 1, (
+        "started before the reading ended"
+    )
+    sim.advance(5.0)
+    assert not _building(sim)
+    assert serving_epoch(sim) == 1
+    serving = sim.world.model.serving()
+    assert serving is not None and serving.content == written
+
+
+def _building(sim: Simulation) -> bool:
+    return sim.content.building

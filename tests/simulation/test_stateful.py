@@ -51,6 +51,7 @@ class DaemonInAWorld(RuleBasedStateMachine):
         debounce_s=st.sampled_from([0.05, 0.3]),
         watch=st.booleans(),
         on_incompatible_binary=st.sampled_from(["refuse", "restart"]),
+        build_s=st.sampled_from([0.0, 0.0, 0.05, 2.0]),
     )
     def start(
         self,
@@ -60,6 +61,7 @@ class DaemonInAWorld(RuleBasedStateMachine):
         debounce_s: float,
         watch: bool,
         on_incompatible_binary: Literal["refuse", "restart"],
+        build_s: float = 0.0,
     ) -> None:
         knobs = Knobs(
             max_drain_wait_s=max_drain_wait_s,
@@ -68,6 +70,7 @@ class DaemonInAWorld(RuleBasedStateMachine):
             debounce_s=debounce_s,
             watch=watch,
             on_incompatible_binary=on_incompatible_binary,
+            build_s=build_s,  # the first reading of the files while epoch 0 starts
         )
         self.sim = Simulation(knobs)
         self.sim.begin()

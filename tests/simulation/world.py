@@ -344,12 +344,21 @@ def _outcome(verdict: Verdict, message: str, binary: BinaryInfo | None) -> Prefl
 class SimContent:
     """The watched config: writes raise events; the real Debouncer settles them."""
 
-    def __init__(self, world: SimWorld, quiet_s: float, max_wait_s: float) -> None:
+    def __init__(
+        self, world: SimWorld, quiet_s: float, max_wait_s: float, build_s: float = 0.0
+    ) -> None:
         self._world = world
         self._debouncer = Debouncer(quiet_s, max_wait_s)
         self._unread = 0
         self.snapshot: Snapshot | None = None
         self.events_total = 0
+        # The first reading of the files after epoch 0 started (watch/build.py): it
+        # takes `build_s` of virtual time; a write meanwhile makes the reference unknown.
+        self._build_s = build_s
+        self._build_done_at: float | None = None
+        self._build_rang = False
+        self._touched = False
+        self.build_window: tuple[float, float | None] | None = None  # virtual times
 
     def __hash__(self) -> int:
         return id(self)
@@ -373,7 +382,7 @@ class SimContent:
 
     @property
     def building(self) -> bool:
-        return False  # the modelled config is one file, read at once
+        return self._build_done_at is not None
 
     @property
     def listed(self) -> Listed:
@@ -382,15 +391,40 @@ class SimContent:
     def plan(self) -> Snapshot:
         return self.current()
 
-    def start(self, *, degraded_ok: bool, background: bool = False) -> Snapshot:
+    def start(self, *, degraded_ok: bool, background: bool = False) -> Snapshot | None:
+        if background and self._build_s > 0:
+            self._build_done_at = self._world.reactor.now() + self._build_s
+            self.build_window = (self._world.reactor.now(), None)
+            self._touched = False
+            return None
         self.snapshot = self.current()
         return self.snapshot
 
     def build_fileno(self) -> int | None:
-        return None
+        return -2 if self.building else None
+
+    def next_at(self) -> float | None:
+        return None if self._build_rang else self._build_done_at
+
+    def finish_due(self, now: float) -> None:
+        """The worker thread is done: its pipe becomes readable."""
+        due = self._build_done_at
+        if due is not None and now >= due and not self._build_rang:
+            self._build_rang = True
+            self._world.reactor.ready.append(self)
 
     def take_built(self) -> Snapshot | None:
-        return None
+        if not self._build_rang:
+            return None
+        self.on_readable(self._world.reactor.now())  # what happened meanwhile counts
+        self._build_done_at, self._build_rang = None, False
+        if self.build_window is not None:
+            self.build_window = (self.build_window[0], self._world.reactor.now())
+        self.snapshot = self.current()
+        if not self._touched:
+            return self.snapshot
+        files = {str(CONFIG_PATH): "unknown"}  # equal to no content (content.UNKNOWN)
+        return Snapshot(files, digest_of_files(files), frozenset())
 
     def fileno(self) -> int:
         return -1
@@ -400,13 +434,14 @@ class SimContent:
         if count:
             self._debouncer.add(now, {str(CONFIG_PATH)})
             self.events_total += count
+            self._touched = self._touched or self.building
         return count
 
     def deadline(self) -> float | None:
-        return self._debouncer.deadline()
+        return None if self.building else self._debouncer.deadline()
 
     def settle(self, now: float) -> SettledBurst | None:
-        if not self._debouncer.is_due(now):
+        if self.building or not self._debouncer.is_due(now):
             return None
         paths = self._debouncer.take()
         self.snapshot = self.current()
