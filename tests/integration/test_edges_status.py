@@ -151,23 +151,54 @@ def _try_get_v6(port: int) -> bytes | None:
         return None
 
 
+HEALTHZ_IN_IMAGE = "/usr/local/lib/envoy-autoreload/healthz"
+
+
 def test_the_kubernetes_example_exposes_no_status_port(tmp_path: Path) -> None:
+    """/status stays on loopback (it names PIDs and paths and quotes the last error); the
+    pod IP gets /healthz and /metrics alone, through the config's own `status` listener."""
     deployment = yaml.safe_load((REPO / "examples/kubernetes/deployment.yaml").read_text())
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     args = container["args"]
     assert "--status-allow-remote" not in args
     assert "--status-address=127.0.0.1:9902" in args
-    assert [p["containerPort"] for p in container["ports"]] == [8080]
+    assert [p["containerPort"] for p in container["ports"]] == [8080, 9903]
+    assert _exposed_status_paths() == {9903: ["/healthz", "/metrics"]}
     socket_env = {e["name"]: e["value"] for e in container["env"]}
     assert socket_env["ENVOY_AUTORELOAD_CONTROL_SOCKET"].startswith("/run/envoy-autoreload/")
     assert socket_env["ENVOY_AUTORELOAD_CONTROL_SOCKET"].count("/") > 3, "a private subdirectory"
     for probe in ("readinessProbe", "livenessProbe"):
-        command = container[probe]["exec"]["command"]
         assert "httpGet" not in container[probe]
-        _the_probe_tells_serving_from_not(command)
+        assert container[probe]["exec"]["command"] == [HEALTHZ_IN_IMAGE]
+    _the_probe_tells_serving_from_not(REPO / "examples/kubernetes/healthz.py")
 
 
-def _the_probe_tells_serving_from_not(command: list[str]) -> None:
+def _exposed_status_paths() -> dict[int, list[str]]:
+    """{port: paths} of every route in the example's Envoy config that reaches the
+    status server (127.0.0.1:9902): each must be an exact path, never a prefix."""
+    configmap = yaml.safe_load((REPO / "examples/kubernetes/configmap.yaml").read_text())
+    bootstrap = yaml.safe_load(configmap["data"]["envoy.yaml"])
+    to_status = {
+        cluster["name"]
+        for cluster in bootstrap["static_resources"]["clusters"]
+        for endpoints in cluster["load_assignment"]["endpoints"]
+        for endpoint in endpoints["lb_endpoints"]
+        if endpoint["endpoint"]["address"]["socket_address"]["port_value"] == 9902
+    }
+    exposed: dict[int, list[str]] = {}
+    for listener in bootstrap["static_resources"]["listeners"]:
+        port = listener["address"]["socket_address"]["port_value"]
+        for chain in listener["filter_chains"]:
+            for hcm in chain["filters"]:
+                hosts = hcm["typed_config"]["route_config"]["virtual_hosts"]
+                for route in (r for host in hosts for r in host["routes"]):
+                    if route.get("route", {}).get("cluster") in to_status:
+                        assert set(route["match"]) == {"path"}, route
+                        exposed.setdefault(port, []).append(route["match"]["path"])
+    return exposed
+
+
+def _the_probe_tells_serving_from_not(script: Path) -> None:
     """Run the example's exec probe against a real status server on a free port."""
     import subprocess
 
@@ -175,7 +206,7 @@ def _the_probe_tells_serving_from_not(command: list[str]) -> None:
     server = StatusServer(("127.0.0.1", 0), telemetry)
     server.start()
     try:
-        probe = [sys.executable, *command[1:-1], command[-1].replace("9902", str(server.port))]
+        probe = [sys.executable, str(script), f"http://127.0.0.1:{server.port}/healthz"]
 
         def run() -> subprocess.CompletedProcess[str]:
             return subprocess.run(probe, capture_output=True, text=True, timeout=30, check=False)

@@ -220,10 +220,15 @@ def _base_image(podman: Podman) -> str:
 
 
 def _build_context(context: Path) -> None:
-    """Containerfile, .containerignore, the start script and a fresh wheelhouse: all the
+    """Containerfile, .containerignore, the scripts and a fresh wheelhouse: all the
     Containerfile reads when wheelhouse/ is there. Not the repository root: the wheels
     would be left in another engineer's working tree."""
-    for name in ("Containerfile", ".containerignore", "contrib/systemd/start_envoy.sh"):
+    for name in (
+        "Containerfile",
+        ".containerignore",
+        "contrib/systemd/start_envoy.sh",
+        "examples/kubernetes/healthz.py",
+    ):
         (context / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, context / name)
     _run(

@@ -54,10 +54,23 @@ class Runtime:
 
     def get(self, container: str, url: str) -> str:
         """GET `url` from inside `container`'s network namespace: "STATUS BODY"."""
-        return self.podman.exec(container, "python3", "-c", GET_SCRIPT, url).stdout
+        result = self.podman.exec(container, "python3", "-c", GET_SCRIPT, url, check=False)
+        if result.returncode != 0:
+            state = self.inspect(container, "{{json .State}}")
+            raise AssertionError(
+                f"GET {url} in {container} exited {result.returncode}: {result.stdout}"
+                f"{result.stderr}\nstate: {state}\nlogs:\n{self.logs(container)[-6000:]}"
+            )
+        return result.stdout
 
     def inspect(self, container: str, template: str) -> str:
         return self.podman.run("inspect", "--format", template, container).stdout.strip()
+
+    def inspect_volume(self, volume: str) -> str:
+        """Where volume `volume` is on the host."""
+        return self.podman.run(
+            "volume", "inspect", "--format", "{{.Mountpoint}}", volume
+        ).stdout.strip()
 
     def exit_code(self, container: str, timeout_s: float = 60) -> int:
         """Wait for `container` to exit; its exit code."""
