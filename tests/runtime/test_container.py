@@ -74,6 +74,16 @@ def test_pid_1_reaps_an_orphan_of_a_start_script(runtime: Runtime, tmp_path: Pat
         assert "200 hello from envoy-autoreload v1" in runtime.get(name, "http://127.0.0.1:10000/")
 
 
+DEV_LOOP = """\
+podman run --rm --network host -v "$PWD/examples/dev:/etc/envoy:ro" envoy-autoreload \\
+    --watch /etc/envoy --config /etc/envoy/envoy.yaml /etc/envoy/start_envoy.sh
+"""
+
+
+def test_the_readme_runs_the_dev_loop_with_this_command() -> None:
+    assert DEV_LOOP in (REPO / "README.md").read_text()
+
+
 def test_the_dev_loop_serves_a_host_edit_at_epoch_1(runtime: Runtime, tmp_path: Path) -> None:
     """README's `podman run --network host -v "$PWD/examples/dev:/etc/envoy:ro" ...` with
     the example's ports and base id changed to ones no other test has (host network)."""

@@ -78,6 +78,10 @@ class Systemd:
         assert started.returncode == 0, f"{started.stderr}\n{self.journal()[-4000:]}"
 
 
+def test_the_readme_installs_the_unit_with_these_commands() -> None:
+    assert INSTALL in (REPO / "README.md").read_text()
+
+
 @pytest.fixture(scope="module")
 def systemd(runtime: Runtime) -> Iterator[Systemd]:
     with runtime.running(
