@@ -132,8 +132,17 @@ class Lineage:
             self._warn_write(f"cannot write history: {err.strerror or err}")
 
     def started(self, config: ConfigGeneration | None, epoch: int) -> None:
+        """After the spawn: the snapshot it names is made durable now, off the path
+        from a change to its start (`GenerationStore.sync`)."""
         if config is not None:
             self.last_started = config
+        store = self._store
+        if store is None:
+            return
+        try:
+            store.sync()
+        except OSError as err:
+            self._warn_write(f"cannot write a config snapshot: {err.strerror or err}")
 
     def prune(self, pinned: Iterable[ConfigGeneration | None]) -> None:
         store = self._store

@@ -54,6 +54,22 @@ def test_snapshot_is_read_only_and_byte_for_byte(store: GenerationStore) -> None
     assert _leftovers(store) == []
 
 
+def test_a_snapshot_is_recorded_once_synced_and_at_close(state: Path) -> None:
+    """Pinning writes the snapshot without waiting for the disk (a restart's critical
+    path); the start that follows syncs it, and so does closing the store: either way a
+    later daemon's history names it, and never before its bytes were synced."""
+    with GenerationStore.open(state, keep=3, suffix=".yaml") as store:
+        first = store.snapshot(CONFIG)
+        assert not (state / "history.json").exists(), "nothing written before the start"
+        store.sync()
+        assert first.sha256 in (state / "history.json").read_text()
+        second = store.snapshot(b"other: {}\n")
+    with GenerationStore.open(state, keep=3, suffix=".yaml") as again:
+        assert again.get(first.sha256) == first
+        assert again.get(second.sha256) == second
+        assert {e.sha256 for e in again.history()} >= {first.sha256, second.sha256}
+
+
 @pytest.mark.parametrize("suffix", [".json", ".yml", ".pb"])
 def test_snapshot_keeps_the_config_suffix(state: Path, suffix: str) -> None:
     with GenerationStore.open(state, keep=3, suffix=suffix) as store:
