@@ -22,10 +22,9 @@ from typing import Literal, NoReturn
 import click
 
 from envoy_autoreload import __version__
-from envoy_autoreload.check import run_check
 from envoy_autoreload.control import ControlServer, default_control_socket
 from envoy_autoreload.envoy_config import AdminAddress, parse_admin_address
-from envoy_autoreload.errors import AutoreloadError, BinaryError, ExitCode, StartScriptError
+from envoy_autoreload.errors import AutoreloadError, ExitCode, StartScriptError
 from envoy_autoreload.handover import Handover, HandoverError, read_inherited
 from envoy_autoreload.health import parse_health_url
 from envoy_autoreload.logs import LogFormat, configure_logging, flush_logs, log_event
@@ -38,10 +37,8 @@ from envoy_autoreload.settings import (
     check_start_script,
     default_state_dir,
 )
-from envoy_autoreload.status_server import StatusServer, parse_status_address
 from envoy_autoreload.supervisor import run
 from envoy_autoreload.telemetry import Telemetry
-from envoy_autoreload.validation import Preflight, at_start_up, run_preflight_now
 from envoy_autoreload.watch import WatcherKind
 from envoy_autoreload.watch.changes import ChangeDetector
 
@@ -423,15 +420,17 @@ def cli(
     _check_state_dir_unwatched(settings)
     changes = _change_detector(settings)
     if check_only:
+        from envoy_autoreload.check import run_check  # 0.05 s of imports a start never needs
+
         sys.exit(run_check(settings, changes, click.echo))
     address = _status_address(status_address, status_allow_remote)
     if self_test:
         click.echo(f"self-test ok: envoy-autoreload {__version__}")
         sys.exit(0)
     control_path = None if no_control_socket else (control_socket or default_control_socket())
+    # A binary that is not Envoy, or a config that does not validate, is refused by the
+    # start-up check (`Gatekeeper.check_before_first_start`) before `daemon.started`.
     handover = _inherited_handover(control_path, address)
-    if handover is None:
-        _refuse_a_binary_that_is_not_envoy(settings)
     started = functools.partial(
         log_event,
         logger,
@@ -451,36 +450,6 @@ def _exit_with(err: AutoreloadError) -> NoReturn:
     flush_logs()
     click.echo(f"envoy-autoreload: error: {err}", err=True)
     sys.exit(int(err.exit_code))
-
-
-def _refuse_a_binary_that_is_not_envoy(settings: Settings) -> None:
-    """Before `daemon.started`: a binary that is not Envoy is one line and exit 2, not a
-    daemon that starts and then refuses it. The gate checks it again at epoch 0 (the
-    same condition as `CommandGate.enabled`): a moment later, and a swap in between is
-    refused there."""
-    envoy = settings.envoy
-    checked = (settings.validate and settings.config is not None) or (
-        settings.watch_binary and bool(settings.watch)
-    )
-    if envoy is None or not checked:
-        return
-    outcome = run_preflight_now(
-        Preflight(envoy, None, known_binary=None, timeout_s=settings.validate_timeout_s)
-    )
-    if outcome.ok:
-        return
-    message = at_start_up(outcome.message)
-    if settings.log_format == "json":  # a human reads the error line alone
-        log_event(
-            logger,
-            logging.ERROR,
-            outcome.verdict.value,
-            message,
-            detail=outcome.detail,
-            epoch=0,
-            duration_s=outcome.duration_s,
-        )
-    _exit_with(BinaryError(message))
 
 
 def _inherited_handover(
@@ -538,6 +507,8 @@ def _status_address(value: str | None, allow_remote: bool) -> tuple[str, int] | 
     if value is None:
         return None
     try:
+        from envoy_autoreload.status_server import parse_status_address  # off by default
+
         return parse_status_address(value, allow_remote=allow_remote)
     except AutoreloadError as err:
         raise click.BadParameter(str(err), param_hint="--status-address") from err
@@ -592,6 +563,8 @@ def _serve(
             telemetry = Telemetry()
             server = None
             if address is not None:
+                from envoy_autoreload.status_server import StatusServer
+
                 server = StatusServer(address, telemetry, inherited.get("status"))
                 server.start()
                 stack.callback(server.close)

@@ -10,6 +10,7 @@ steal its status, and subprocess would then report exit status 0 for a failed va
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -139,34 +140,55 @@ class RunningCommand:
 
 def run_now(argv: list[str], timeout_s: float) -> CommandResult:
     """The same command, blocking: only for start-up checks, before the loop runs."""
+    return run_all_now([argv], timeout_s)[0]
+
+
+def run_all_now(argvs: list[list[str]], timeout_s: float) -> list[CommandResult]:
+    """Several commands at once, blocking, each within `timeout_s` of the start: for
+    start-up checks, where they are independent and the time is Envoy's first start's.
+    A command whose pipe fills while an earlier one is read only waits for its turn."""
     started = time.monotonic()
+    deadline = started + timeout_s
+    launched = [_launch(argv) for argv in argvs]
+    results = []
+    for argv, process in zip(argvs, launched, strict=True):
+        if isinstance(process, OSError):
+            # Not executable by us (EACCES), gone, not a binary: the caller's verdict
+            # says so in one line, as for the same failure in the loop.
+            results.append(CommandResult(tuple(argv), 127, "", str(process), 0.0))
+            continue
+        results.append(_collect(argv, process, started, deadline))
+    return results
+
+
+def _launch(argv: list[str]) -> subprocess.Popen[bytes] | OSError:
     try:
-        completed = subprocess.run(
+        return subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
-            capture_output=True,
-            timeout=timeout_s,
-            check=False,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             process_group=0,
         )
-    except subprocess.TimeoutExpired as err:
-        return CommandResult(
-            tuple(argv),
-            None,
-            _text(err.stdout),
-            _text(err.stderr),
-            time.monotonic() - started,
-        )
     except OSError as err:
-        # Not executable by us (EACCES), gone, not a binary: the caller's verdict says
-        # so in one line, as for the same failure in the loop (`RunningCommand`).
-        return CommandResult(tuple(argv), 127, "", str(err), time.monotonic() - started)
+        return err
+
+
+def _collect(
+    argv: list[str], process: subprocess.Popen[bytes], started: float, deadline: float
+) -> CommandResult:
+    try:
+        stdout, stderr = process.communicate(timeout=max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        # Its own process group: a wrapper's children holding the pipes die with it.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        return CommandResult(
+            tuple(argv), None, _text(stdout), _text(stderr), time.monotonic() - started
+        )
     return CommandResult(
-        tuple(argv),
-        completed.returncode,
-        _text(completed.stdout),
-        _text(completed.stderr),
-        time.monotonic() - started,
+        tuple(argv), process.returncode, _text(stdout), _text(stderr), time.monotonic() - started
     )
 
 

@@ -55,6 +55,7 @@ class Gatekeeper:
             family.bootstrap = gate.bootstrap
         self.config: ConfigGeneration | None = None  # the snapshot being validated
         self.binary: BinaryInfo | None = None  # the newest binary that passed
+        self.first_pin: str | None = None  # sha256 of --config as the start-up check read it
         self.reason = ""  # the batch being checked
         self.seq = 0
         self.content: Snapshot | None = None  # pinned before validating
@@ -89,7 +90,8 @@ class Gatekeeper:
         """A machine reading the JSON log gets the event and Envoy's whole output; a
         human reads the error line alone."""
         if self._settings.log_format == "json":
-            self.log_outcome(outcome, epoch=0, serving=False)
+            message = at_start_up(outcome.message)  # nothing is being restarted onto it
+            self.log_outcome(dataclasses.replace(outcome, message=message), 0, serving=False)
 
     def _start_last_good_instead(self, failed: PreflightOutcome) -> bool:
         """A config on disk that does not validate at start-up (a bad push while the
@@ -123,6 +125,7 @@ class Gatekeeper:
         """What epoch 0 starts: the config as it is now, unless these very bytes failed
         probation before (history outlives the daemon) and a good one is kept."""
         pinned = self._lineage.pin()
+        self.first_pin = pinned.sha256 if pinned is not None else None
         good = self._lineage.last_good()
         if not self._lineage.failed(pinned) or good is None or pinned is None:
             return pinned

@@ -222,11 +222,13 @@ class Supervisor:
             self._shutdown.kill_leftovers()
 
     def begin(self, started: Callback = _nothing) -> None:
-        """Start-up, before the loop: refuse a non-Envoy binary or a config that does not
-        validate (blocking is fine here), start watching, start epoch 0."""
+        """Start-up, before the loop: walk the watched trees (on a thread) while refusing
+        a non-Envoy binary or a config that does not validate, start epoch 0."""
+        if self._watching is not None:
+            self._watching.changes.begin_walk()
         self._gatekeeper.check_before_first_start()
         started()
-        self._open_readers(background=True)  # Envoy first: the files are read meanwhile
+        self._open_readers(background=True, pin=self._gatekeeper.first_pin)  # Envoy first
         self._launcher.start(0, "startup", first=True, config=self._gatekeeper.config)
 
     def begin_adopted(self, handover: Handover) -> None:
@@ -238,9 +240,9 @@ class Supervisor:
         self._telemetry.notifier.send(MAINPID=str(os.getpid()))
         self._telemetry.serving_again(self.status_text())
 
-    def _open_readers(self, *, background: bool = False) -> None:
+    def _open_readers(self, *, background: bool = False, pin: str | None = None) -> None:
         if self._watching is not None:
-            self._watching.start(background=background)
+            self._watching.start(background=background, pin=pin)
         for reader in (self._control, self._health):
             if reader is not None:
                 self._reactor.add_reader(reader.fileno(), reader)
@@ -262,8 +264,7 @@ class Supervisor:
     def state(self) -> SupervisorState:
         if self._shutdown.stopping:
             return SupervisorState.STOPPING
-        serving = self._roster.serving()
-        starting = self._roster.starting()
+        serving, starting = self._roster.serving(), self._roster.starting()
         if serving is None:
             return SupervisorState.STARTING if starting else SupervisorState.RECOVERING
         if self._gatekeeper.gate.busy:

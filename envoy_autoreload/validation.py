@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from envoy_autoreload.command import CommandResult, describe_exit, run_now
+from envoy_autoreload.command import CommandResult, describe_exit, run_all_now
 
 # BinaryInfo is re-exported: callers that only validate need not know where it lives.
 from envoy_autoreload.envoy_binary import BinaryInfo as BinaryInfo
@@ -131,7 +131,14 @@ class Preflight:
         if not self._steps:
             self._finish(Verdict.PASSED, "", None)
             return None
-        match self._steps[0]:
+        return self._argv(self._steps[0])
+
+    def remaining_argvs(self) -> list[list[str]]:
+        """Every command still to run, in order: none needs another's answer."""
+        return [] if self.outcome is not None else [self._argv(step) for step in self._steps]
+
+    def _argv(self, step: _Step) -> list[str]:
+        match step:
             case _Step.VERSION:
                 return [str(self.envoy), "--version"]
             case _Step.HOT_RESTART_VERSION:
@@ -217,9 +224,15 @@ def checked_binary(path: Path) -> BinaryInfo | None:
 
 
 def run_preflight_now(preflight: Preflight) -> PreflightOutcome:
-    """Blocking, for start-up checks before the loop runs."""
-    while (argv := preflight.next_argv()) is not None:
-        preflight.feed(run_now(argv, preflight.timeout_s))
+    """Blocking, for start-up checks before the loop runs. Every step runs at once:
+    `--version`, `--hot-restart-version` and the validation are independent commands,
+    one after another 0.16 s of the time before epoch 0 serves (issue 16). Their
+    results are taken in order, so the first failure is the verdict, as before."""
+    for result in run_all_now(preflight.remaining_argvs(), preflight.timeout_s):
+        if preflight.outcome is not None:
+            break
+        preflight.feed(result)
+    preflight.next_argv()  # no step left: this finishes it
     outcome = preflight.outcome
     assert outcome is not None
     if outcome.binary is not None:

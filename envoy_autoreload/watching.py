@@ -7,6 +7,7 @@ What a settled burst *means* is `triggers.py`'s question; this module only drive
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -42,14 +43,16 @@ class Watching:
         self._roster = roster
         self._referenced_said = False
 
-    def start(self, *, background: bool = False) -> None:
+    def start(self, *, background: bool = False, pin: str | None = None) -> None:
         """Walk and watch every root; hash the files now, or (`background`, the first
         start) on a worker thread while epoch 0 starts: Envoy does not wait for a big
-        tree to be read (issue 16, watch/build.py)."""
+        tree to be read (issue 16, watch/build.py). `pin`: the sha256 of --config as the
+        start-up check snapshotted it, which may predate the watch on its directory."""
         changes = self.changes
         self.exclude_envoy_outputs()  # before the first snapshot, or it holds the log
         changes.exclude_paths(self._command_line_outputs())
         snapshot = changes.start(degraded_ok=self._settings.watch_degraded, background=background)
+        self._suspect_a_change_since(pin)
         if changes.active:
             self._reactor.add_reader(changes.fileno(), changes)
         build = changes.build_fileno()
@@ -74,6 +77,22 @@ class Watching:
                 "does not exist yet; watching for it to appear",
                 path=missing,
             )
+
+    def _suspect_a_change_since(self, pin: str | None) -> None:
+        """The config was snapshotted for the start-up check while the walk watched the
+        trees (on a thread: issue 16), so a save in between may have raised no event.
+        If the file no longer holds the pinned bytes, it is taken as changed, as if an
+        event had named it: the restart request follows the first reading of the files.
+        """
+        config = self._settings.config
+        if pin is None or config is None or not self.changes.active:
+            return
+        try:
+            now = hashlib.sha256(config.read_bytes()).hexdigest()
+        except OSError:
+            now = None  # gone or unreadable: a change too
+        if now != pin:
+            self.changes.suspect(Path(os.path.realpath(config)))
 
     def exclude_envoy_outputs(
         self, snapshot: Path | None = None, facts: BootstrapFacts | None = None

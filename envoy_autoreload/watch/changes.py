@@ -12,6 +12,7 @@ and each request appended would restart Envoy, forever (review #15).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -35,7 +36,7 @@ from envoy_autoreload.incremental import Incremental, mark_unknown
 from envoy_autoreload.limits import Usage, check_limits, inotify_usage
 from envoy_autoreload.logs import log_event
 from envoy_autoreload.watch import Watcher, WatcherKind, open_watcher
-from envoy_autoreload.watch.build import BackgroundHash
+from envoy_autoreload.watch.build import Ahead, BackgroundHash
 from envoy_autoreload.watch.filters import NoiseFilter
 from envoy_autoreload.watch.inotify import OVERFLOW
 
@@ -59,6 +60,15 @@ class Listed:
         files = sum(len(batch.names) for listing in listings for batch in listing.batches)
         missing = tuple(path for listing in listings for path in listing.missing)
         return cls(sum(len(listing.directories) for listing in listings), files, missing)
+
+
+@dataclass(frozen=True, slots=True)
+class _Walked:
+    """The watcher opened and every root listed, or why no watcher could be opened."""
+
+    watcher: Watcher | None
+    listings: list[Listing]
+    error: WatchLimitError | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +104,7 @@ class ChangeDetector:
         self._unapplied: set[str] = set()  # paths events named since the last apply
         self._build: BackgroundHash | None = None
         self._touched: set[str] = set()  # paths events named while the build ran
+        self._ahead: Ahead[_Walked] | None = None  # the start-up walk, on a thread
         self.listed = Listed()
 
     @property
@@ -158,22 +169,41 @@ class ChangeDetector:
         file by the real directory they listed, the user by the path they typed."""
         return frozenset(self._excluded | {os.path.realpath(p) for p in self._excluded})
 
+    def begin_walk(self) -> None:
+        """Open the watcher and walk every root on a thread, now, for `start()` to take:
+        the start-up check runs `envoy --mode validate` meanwhile. Watching is then in
+        place before the config is pinned and validated, so a change made during the
+        check is an event too."""
+        if self._watcher is None and self._ahead is None:
+            self._ahead = Ahead(self._open_and_walk, "watch-walk")
+
+    def _open_and_walk(self) -> _Walked:
+        try:
+            watcher = open_watcher(self._watcher_kind, self._noise)
+        except WatchLimitError as err:
+            return _Walked(None, [], err)
+        return _Walked(watcher, self._scanner.list_roots(watcher.watch_directory))
+
     def start(self, *, degraded_ok: bool, background: bool = False) -> Snapshot | None:
         """Open the watcher and walk every root, watching each directory before listing
-        it; then hash what was listed, now or (`background`) on a worker thread, in
-        which case the snapshot comes from `take_built()` and this returns None.
+        it (or take what `begin_walk` did); then hash what was listed, now or
+        (`background`) on a worker thread, in which case the snapshot comes from
+        `take_built()` and this returns None.
 
         Hitting an inotify limit raises `WatchLimitError` (start-up failure) unless
         `degraded_ok`: then whatever could be watched is, and the rest is named.
         """
-        try:
-            self._watcher = open_watcher(self._watcher_kind, self._noise)
-        except WatchLimitError as err:
+        ahead, self._ahead = self._ahead, None
+        walked = ahead.join() if ahead is not None else self._open_and_walk()
+        if walked.watcher is None:
+            assert walked.error is not None
             if not degraded_ok:
-                raise
-            log_event(logger, logging.ERROR, "watch.degraded", f"{err}; watching nothing")
+                raise walked.error
+            log_event(logger, logging.ERROR, "watch.degraded", f"{walked.error}; watching nothing")
             return self.plan()
-        listings = self._scanner.list_roots(self._watcher.watch_directory)
+        self._watcher, listings = walked.watcher, walked.listings
+        for listing in listings:
+            listing.excluded = self._scanner.excluded  # as excluded since the walk began
         unwatched, why = self._watcher.take_unwatched()
         self._check_limits(self.watch_count + len(unwatched))
         if unwatched and not degraded_ok:
@@ -237,12 +267,20 @@ class ChangeDetector:
                 "the kernel dropped filesystem events; rescanning everything",
             )
         self.events_total += len(changed)
+        self._take(now, changed)
+        return len(changed)
+
+    def suspect(self, path: Path) -> None:
+        """A change that may have raised no event (made before its directory was
+        watched): handled as if one had named `path`."""
+        self._take(time.monotonic(), {str(path)})
+
+    def _take(self, now: float, changed: set[str]) -> None:
         self._unapplied |= changed
         if self._build is not None:
             self._touched |= changed
         self._debouncer.add(now, changed)
         self._apply_some()
-        return len(changed)
 
     def deadline(self) -> float | None:
         """When `settle` wants to run: the burst's due time, or at once while named
@@ -434,6 +472,12 @@ class ChangeDetector:
         )
 
     def close(self) -> None:
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:  # a start-up check refused: the walk's watcher goes too
+            with contextlib.suppress(Exception):
+                walked = ahead.join()
+                if walked.watcher is not None:
+                    walked.watcher.close()
         if self._watcher is not None:
             self._watcher.close()
             self._watcher = None

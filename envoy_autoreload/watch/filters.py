@@ -45,9 +45,12 @@ class NoiseFilter:
         self.globs: tuple[str, ...] = DEFAULT_IGNORE_GLOBS + tuple(extra_globs)
         # One regular expression for all globs: asked once per file of every walk,
         # a glob at a time was most of a 100,000-file walk's time (issue 16).
-        self._match = re.compile("|".join(fnmatch.translate(g) for g in self.globs)).match
+        # Never a name that starts with "..": kubelet's ..data and ..<timestamp> are the
+        # ConfigMap swap itself. `match` is the bare C call, for the walk's inner loop.
+        globs = "|".join(fnmatch.translate(g) for g in self.globs)
+        self.match: Final = re.compile(rf"(?!\.\.)(?:{globs})").match
+        # A file the walk never hashes: noise, or one of kubelet's `..` names.
+        self.skips_file: Final = re.compile(rf"\.\.|(?:{globs})").match
 
     def is_noise(self, name: str) -> bool:
-        if name.startswith(".."):
-            return False  # kubelet's ..data and ..<timestamp>: the ConfigMap swap itself
-        return self._match(name) is not None
+        return self.match(name) is not None

@@ -12,7 +12,7 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
-from tests.envoy.conftest import EnvoyFamily
+from tests.envoy.conftest import ENVOY_BIN, EnvoyFamily
 from tests.envoy.probe import ServingProbe
 from tests.helpers import holds_for, wait_until
 
@@ -99,3 +99,40 @@ def test_a_burst_that_overflows_the_queue_is_one_restart_of_the_final_content(
         what="no restart after the one the burst asked for",
     )
     assert len(daemon.events("restart.requested")) == 1
+
+
+def test_a_config_saved_before_the_walk_reaches_it_is_served(
+    envoy_family: EnvoyFamily,
+) -> None:
+    """The start-up check snapshots and validates the config while the walk watches the
+    trees on a thread (issue 16). Here the walk reaches the config last (a --watch tree
+    of 20,000 directories comes first, and the config is a root of its own), and the
+    config is saved as its validation starts: no event can name that save. The file no
+    longer holds the snapshotted bytes when the walk is done, so epoch 1 serves it."""
+    outside = envoy_family.root.parent / f"{envoy_family.root.name}-outside"
+    tree = outside / "dirs"  # not under the config's directory, which nothing watches yet
+    for top in range(200):
+        for leaf in range(100):
+            (tree / f"d{top:03d}" / f"e{leaf:02d}").mkdir(parents=True)
+    saved = outside / "v1.yaml"
+    saved.write_text(envoy_family.render("v1"))
+    marker = outside / "saved"
+    config = envoy_family.config
+    wrapper = outside / "envoy-saving-v1"  # the real Envoy, saving v1 as it validates
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        'case " $* " in *" --mode validate "*)\n'
+        f"  if [ ! -e {marker} ]; then\n"
+        f"    cp {saved} {config}.tmp && mv {config}.tmp {config} && : > {marker}\n"
+        "  fi;;\n"
+        "esac\n"
+        f'exec {ENVOY_BIN} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    daemon = envoy_family.start(
+        "--watch", str(tree), "--config", str(config), "--envoy", str(wrapper)
+    )
+    daemon.wait_event("child.serving", epoch=0, timeout_s=60)
+    assert marker.exists(), "the wrapper did not save v1"
+    daemon.wait_event("child.serving", epoch=1, timeout_s=60)
+    _serves(envoy_family, "v1")

@@ -391,6 +391,9 @@ class SimContent:
     def plan(self) -> Snapshot:
         return self.current()
 
+    def begin_walk(self) -> None:
+        """The real one walks on a thread during the start-up check: no virtual time."""
+
     def start(self, *, degraded_ok: bool, background: bool = False) -> Snapshot | None:
         if background and self._build_s > 0:
             self._build_done_at = self._world.reactor.now() + self._build_s
@@ -436,6 +439,10 @@ class SimContent:
             self.events_total += count
             self._touched = self._touched or self.building
         return count
+
+    def suspect(self, path: Path) -> None:
+        self._debouncer.add(self._world.reactor.now(), {str(path)})
+        self._touched = self._touched or self.building
 
     def deadline(self) -> float | None:
         return None if self.building else self._debouncer.deadline()
