@@ -2,7 +2,8 @@
 
 What a fresh machine of this kind lacks is made here, in this order, under one lock (two
 pytest runs on the machine share the cache):
-1. `apt-get install podman runc mmdebstrap` (as root, only when a command is missing);
+1. `apt-get install podman runc mmdebstrap` (as root, only when a command is missing;
+   with recommends, catatonit among them);
 2. a private CONTAINERS_CONF and storage.conf under CACHE_DIR, never /etc: this host has
    no CAP_SYS_RESOURCE (podman's default nofile ulimit cannot be raised, so it is set to
    one it can), and a hybrid cgroup v1/v2 layout crun 1.8 refuses (runc, cgroupfs, and
@@ -42,6 +43,9 @@ CACHE_DIR: Final = Path(
 )
 NAME_PREFIX: Final = "ear-test-"
 APT_PACKAGES: Final = ("podman", "runc", "mmdebstrap")
+# Installed with their recommends: podman's include catatonit, without which `kube play`
+# cannot build its pause image ("finding pause binary"), measured on a fresh machine.
+COMMANDS: Final = (*APT_PACKAGES, "catatonit")
 # The base image: what the Containerfile needs (python3, python3-venv, tini) plus systemd
 # for the unit's test. Changing this list changes the cache key.
 BASE_PACKAGES: Final = ("python3", "python3-venv", "tini", "systemd", "systemd-sysv")
@@ -155,11 +159,11 @@ def _run(argv: Sequence[str], *, timeout_s: float, what: str) -> None:
 
 
 def _install_packages() -> None:
-    if all(shutil.which(command) for command in APT_PACKAGES):
+    if all(shutil.which(command) for command in COMMANDS):
         return
     _run(["apt-get", "update", "-q"], timeout_s=300, what="apt-get update")
     _run(
-        ["apt-get", "install", "-y", "-q", "--no-install-recommends", *APT_PACKAGES],
+        ["apt-get", "install", "-y", "-q", *APT_PACKAGES, "catatonit"],
         timeout_s=600,
         what="apt-get install",
     )
