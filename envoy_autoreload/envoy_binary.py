@@ -21,7 +21,9 @@ class BinaryInfo:
     path: Path
     identity: BinaryIdentity
     version: str
-    hot_restart_version: str
+    # None when not asked: at start-up the running Envoy's own /server_info says it
+    # (`EnvoyFamily.hot_restart_version`), and only a changed binary is compared with it.
+    hot_restart_version: str | None
 
     @property
     def release(self) -> str:

@@ -60,9 +60,17 @@ class CommandGate:
         return self._preflight is not None or self._outcome is not None
 
     def _new_preflight(
-        self, known_binary: BinaryInfo | None, config: Path | None, flags: Sequence[str]
+        self,
+        known_binary: BinaryInfo | None,
+        config: Path | None,
+        flags: Sequence[str],
+        *,
+        hot_restart_version: bool = True,
     ) -> Preflight:
-        """`config` is the snapshot to validate (or --config itself without generations)."""
+        """`config` is the snapshot to validate (or --config itself without generations).
+        Before epoch 0 (`hot_restart_version` False) the binary's hot-restart version is
+        not asked: nothing runs to compare it with, and the Envoy that starts reports
+        its own; 60 ms of CPU less beside the validation and the walk (issue 16)."""
         assert self._settings.envoy is not None
         return Preflight(
             self._settings.envoy,
@@ -70,6 +78,7 @@ class CommandGate:
             known_binary=known_binary,
             timeout_s=self._settings.validate_timeout_s,
             flags=flags,
+            hot_restart_version=hot_restart_version,
         )
 
     def _config_of(self, config: Path | None) -> Path | None:
@@ -82,8 +91,9 @@ class CommandGate:
         if path is not None:
             self.bootstrap.request(path)
         assert self._settings.envoy is not None
-        known = checked_binary(self._settings.envoy)  # by cli.py a moment ago
-        return run_preflight_now(self._new_preflight(known, config, flags))
+        known = checked_binary(self._settings.envoy)  # by an earlier start-up check
+        preflight = self._new_preflight(known, config, flags, hot_restart_version=False)
+        return run_preflight_now(preflight)
 
     def begin(
         self, known_binary: BinaryInfo | None, config: Path | None, flags: Sequence[str] = ()

@@ -186,7 +186,9 @@ class Gatekeeper:
                 config=config,
                 duration_s=outcome.duration_s,
                 version=binary.release if binary else None,
-                hot_restart_version=binary.hot_restart_version if binary else None,
+                # Of the binary, or else the running Envoy's (not asked before epoch 0).
+                hot_restart_version=(binary.hot_restart_version if binary else None)
+                or self._family.hot_restart_version,
             )
             return
         log_event(
@@ -220,7 +222,8 @@ class Gatekeeper:
         running = self._family.hot_restart_version or (
             believed.hot_restart_version if believed else None
         )
-        if running and binary.hot_restart_version != running:
+        asked = binary.hot_restart_version  # None: the start-up binary, never compared
+        if running and asked is not None and asked != running:
             return running
         return None
 

@@ -59,9 +59,9 @@ class StatusView:
             else None,
             "envoy": {
                 "version": binary.release if binary else self.family.envoy_version,
-                "hot_restart_version": binary.hot_restart_version
-                if binary
-                else self.family.hot_restart_version,
+                # Not asked of the start-up binary: the running Envoy says it.
+                "hot_restart_version": (binary.hot_restart_version if binary else None)
+                or self.family.hot_restart_version,
             },
             "daemon": {"pid": os.getpid(), "version": __version__},
         }

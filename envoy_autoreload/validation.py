@@ -36,6 +36,7 @@ from envoy_autoreload.envoy_binary import binary_identity
 
 _VERSION_RE: Final = re.compile(r"version:\s*(\S+)")
 _HOT_RESTART_RE: Final = re.compile(r"^\d+\.\d+$")
+_VALIDATED_RE: Final = re.compile(r"^configuration '.*' OK$", re.MULTILINE)
 _LOG_PREFIX_RE: Final = re.compile(r"^(\[[^\]]*\]\s*)+")
 # A binary refused while Envoy runs: the serving one stays. Not said at start-up, where
 # nothing is being restarted (`at_start_up`).
@@ -95,6 +96,7 @@ class Preflight:
         known_binary: BinaryInfo | None,
         timeout_s: float,
         flags: Sequence[str] = (),
+        hot_restart_version: bool = True,
     ) -> None:
         self.envoy = envoy
         self.config = config
@@ -117,7 +119,14 @@ class Preflight:
         if known_binary is not None and known_binary.identity == identity:
             self._binary = known_binary
         else:
-            self._steps += [_Step.VERSION, _Step.HOT_RESTART_VERSION]
+            self._steps.append(_Step.VERSION)
+            if hot_restart_version or config is None:
+                self._steps.append(_Step.HOT_RESTART_VERSION)
+        # Without --hot-restart-version, Envoy's own words on a passed validation prove
+        # that the binary is Envoy (ENVOY_FACTS §1): `true` passes any validation.
+        self._validation_proves = _Step.VERSION in self._steps and (
+            _Step.HOT_RESTART_VERSION not in self._steps
+        )
         if config is not None:
             self._steps.append(_Step.VALIDATE)
 
@@ -156,6 +165,8 @@ class Preflight:
                     self._refuse_binary("--version", "no Envoy version", result)
                     return
                 self._version = match.group(1)
+                if _Step.HOT_RESTART_VERSION not in self._steps:
+                    self._binary = BinaryInfo(self.envoy, self._identity, self._version, None)
             case _Step.HOT_RESTART_VERSION:
                 # Envoy prints it to stderr, without a newline (ENVOY_FACTS §14).
                 text = (
@@ -168,7 +179,10 @@ class Preflight:
                     return
                 self._binary = BinaryInfo(self.envoy, self._identity, self._version, text)
             case _Step.VALIDATE:
-                if result.returncode != 0:
+                if result.returncode == 0 and self._validation_proves:
+                    if not _VALIDATED_RE.search(result.stdout):
+                        self._refuse_binary("--mode validate", 'no "configuration ... OK"', result)
+                elif result.returncode != 0:
                     self._finish(
                         Verdict.FAILED,
                         f"validation failed: {_failure_reason(result, self.timeout_s)}",
