@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -143,13 +144,26 @@ def run_now(argv: list[str], timeout_s: float) -> CommandResult:
     return run_all_now([argv], timeout_s)[0]
 
 
-def run_all_now(argvs: list[list[str]], timeout_s: float) -> list[CommandResult]:
+def run_all_now(
+    argvs: list[list[str]], timeout_s: float, meanwhile: Callable[[], None] | None = None
+) -> list[CommandResult]:
     """Several commands at once, blocking, each within `timeout_s` of the start: for
     start-up checks, where they are independent and the time is Envoy's first start's.
-    A command whose pipe fills while an earlier one is read only waits for its turn."""
+    `meanwhile` runs while they do (the walk of the watched trees), in this thread: a
+    second Python thread would only take turns with this one for the interpreter. A
+    command whose pipe fills meanwhile, or while an earlier one is read, only waits."""
     started = time.monotonic()
     deadline = started + timeout_s
     launched = [_launch(argv) for argv in argvs]
+    if meanwhile is not None:
+        try:
+            meanwhile()
+        except BaseException:
+            for process in launched:
+                if not isinstance(process, OSError):
+                    _kill_group(process)
+                    process.communicate()
+            raise
     results = []
     for argv, process in zip(argvs, launched, strict=True):
         if isinstance(process, OSError):
@@ -180,9 +194,7 @@ def _collect(
     try:
         stdout, stderr = process.communicate(timeout=max(0.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
-        # Its own process group: a wrapper's children holding the pipes die with it.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
+        _kill_group(process)
         stdout, stderr = process.communicate()
         return CommandResult(
             tuple(argv), None, _text(stdout), _text(stderr), time.monotonic() - started
@@ -190,6 +202,12 @@ def _collect(
     return CommandResult(
         tuple(argv), process.returncode, _text(stdout), _text(stderr), time.monotonic() - started
     )
+
+
+def _kill_group(process: subprocess.Popen[bytes]) -> None:
+    """Its own process group: a wrapper's children holding the pipes die with it."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
 
 
 def _text(data: bytes | str | None) -> str:

@@ -15,7 +15,7 @@ generation's admin address.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from pathlib import Path
 
 from envoy_autoreload.bootstrap_facts import BootstrapFacts, BootstrapReader
@@ -84,7 +84,12 @@ class CommandGate:
     def _config_of(self, config: Path | None) -> Path | None:
         return config or self._settings.config
 
-    def check_now(self, config: Path | None, flags: Sequence[str] = ()) -> PreflightOutcome:
+    def check_now(
+        self,
+        config: Path | None,
+        flags: Sequence[str] = (),
+        meanwhile: Callable[[], None] | None = None,
+    ) -> PreflightOutcome:
         """Blocking, for start-up, before the loop runs. The config is read meanwhile,
         for the first epoch's LIVE probe; the loop collects the facts."""
         path = self._config_of(config)
@@ -93,7 +98,7 @@ class CommandGate:
         assert self._settings.envoy is not None
         known = checked_binary(self._settings.envoy)  # by an earlier start-up check
         preflight = self._new_preflight(known, config, flags, hot_restart_version=False)
-        return run_preflight_now(preflight)
+        return run_preflight_now(preflight, meanwhile)
 
     def begin(
         self, known_binary: BinaryInfo | None, config: Path | None, flags: Sequence[str] = ()

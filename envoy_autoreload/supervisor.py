@@ -222,11 +222,10 @@ class Supervisor:
             self._shutdown.kill_leftovers()
 
     def begin(self, started: Callback = _nothing) -> None:
-        """Start-up, before the loop: walk the watched trees (on a thread) while refusing
-        a non-Envoy binary or a config that does not validate, start epoch 0."""
-        if self._watching is not None:
-            self._watching.changes.begin_walk()
-        self._gatekeeper.check_before_first_start()
+        """Start-up, before the loop: walk the watched trees while the commands that
+        refuse a non-Envoy binary or a config that does not validate run, start epoch 0."""
+        walk = self._watching.changes.walk_ahead if self._watching is not None else None
+        self._gatekeeper.check_before_first_start(meanwhile=walk)
         started()
         self._open_readers(background=True, pin=self._gatekeeper.first_pin)  # Envoy first
         self._launcher.start(0, "startup", first=True, config=self._gatekeeper.config)

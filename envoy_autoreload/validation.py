@@ -23,7 +23,7 @@ import enum
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -237,12 +237,17 @@ def checked_binary(path: Path) -> BinaryInfo | None:
     return _BINARIES_CHECKED.get(path)
 
 
-def run_preflight_now(preflight: Preflight) -> PreflightOutcome:
+def run_preflight_now(
+    preflight: Preflight, meanwhile: Callable[[], None] | None = None
+) -> PreflightOutcome:
     """Blocking, for start-up checks before the loop runs. Every step runs at once:
     `--version`, `--hot-restart-version` and the validation are independent commands,
     one after another 0.16 s of the time before epoch 0 serves (issue 16). Their
     results are taken in order, so the first failure is the verdict, as before."""
-    for result in run_all_now(preflight.remaining_argvs(), preflight.timeout_s):
+    argvs = preflight.remaining_argvs()
+    if not argvs and meanwhile is not None:
+        meanwhile()  # nothing to wait for
+    for result in run_all_now(argvs, preflight.timeout_s, meanwhile if argvs else None):
         if preflight.outcome is not None:
             break
         preflight.feed(result)

@@ -21,44 +21,10 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Callable
-from typing import Generic, TypeVar
 
 from envoy_autoreload.content import RootScan
 from envoy_autoreload.digest import Listing, hash_listing
 from envoy_autoreload.loop import signals_blocked
-
-T = TypeVar("T")
-
-
-class Ahead(Generic[T]):
-    """One call run on a thread while the caller does something else; `join()` is its
-    value, or raises what it raised. Started with signals blocked, like the hashing.
-
-    For the start-up walk: opening the watcher and listing every directory (0.1 s at
-    100,000 files) overlaps `envoy --mode validate` instead of following it (issue 16).
-    """
-
-    def __init__(self, call: Callable[[], T], name: str) -> None:
-        self._call = call
-        self._value: T | None = None
-        self._error: Exception | None = None
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        with signals_blocked():
-            self._thread.start()
-
-    def _run(self) -> None:
-        try:
-            self._value = self._call()
-        except Exception as err:  # noqa: BLE001 (re-raised by join, in the caller's thread)
-            self._error = err
-
-    def join(self) -> T:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        assert self._value is not None
-        return self._value
 
 
 class BackgroundHash:

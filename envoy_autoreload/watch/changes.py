@@ -12,7 +12,6 @@ and each request appended would restart Envoy, forever (review #15).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import time
@@ -36,7 +35,7 @@ from envoy_autoreload.incremental import Incremental, mark_unknown
 from envoy_autoreload.limits import Usage, check_limits, inotify_usage
 from envoy_autoreload.logs import log_event
 from envoy_autoreload.watch import Watcher, WatcherKind, open_watcher
-from envoy_autoreload.watch.build import Ahead, BackgroundHash
+from envoy_autoreload.watch.build import BackgroundHash
 from envoy_autoreload.watch.filters import NoiseFilter
 from envoy_autoreload.watch.inotify import OVERFLOW
 
@@ -104,7 +103,7 @@ class ChangeDetector:
         self._unapplied: set[str] = set()  # paths events named since the last apply
         self._build: BackgroundHash | None = None
         self._touched: set[str] = set()  # paths events named while the build ran
-        self._ahead: Ahead[_Walked] | None = None  # the start-up walk, on a thread
+        self._walked: _Walked | None = None  # the start-up walk, during the check
         self.listed = Listed()
 
     @property
@@ -169,13 +168,14 @@ class ChangeDetector:
         file by the real directory they listed, the user by the path they typed."""
         return frozenset(self._excluded | {os.path.realpath(p) for p in self._excluded})
 
-    def begin_walk(self) -> None:
-        """Open the watcher and walk every root on a thread, now, for `start()` to take:
-        the start-up check runs `envoy --mode validate` meanwhile. Watching is then in
-        place before the config is pinned and validated, so a change made during the
-        check is an event too."""
-        if self._watcher is None and self._ahead is None:
-            self._ahead = Ahead(self._open_and_walk, "watch-walk")
+    def walk_ahead(self) -> None:
+        """Open the watcher and walk every root now, for `start()` to take: called while
+        the start-up check's commands (`envoy --mode validate`) run, off epoch 0's path
+        (issue 16). The config was snapshotted for that check a moment before, so a
+        save in between may raise no event: `Watching.start` compares it with the
+        snapshot for that reason."""
+        if self._watcher is None and self._walked is None:
+            self._walked = self._open_and_walk()
 
     def _open_and_walk(self) -> _Walked:
         try:
@@ -186,15 +186,14 @@ class ChangeDetector:
 
     def start(self, *, degraded_ok: bool, background: bool = False) -> Snapshot | None:
         """Open the watcher and walk every root, watching each directory before listing
-        it (or take what `begin_walk` did); then hash what was listed, now or
+        it (or take what `walk_ahead` did); then hash what was listed, now or
         (`background`) on a worker thread, in which case the snapshot comes from
         `take_built()` and this returns None.
 
         Hitting an inotify limit raises `WatchLimitError` (start-up failure) unless
         `degraded_ok`: then whatever could be watched is, and the rest is named.
         """
-        ahead, self._ahead = self._ahead, None
-        walked = ahead.join() if ahead is not None else self._open_and_walk()
+        walked, self._walked = self._walked or self._open_and_walk(), None
         if walked.watcher is None:
             assert walked.error is not None
             if not degraded_ok:
@@ -472,12 +471,9 @@ class ChangeDetector:
         )
 
     def close(self) -> None:
-        ahead, self._ahead = self._ahead, None
-        if ahead is not None:  # a start-up check refused: the walk's watcher goes too
-            with contextlib.suppress(Exception):
-                walked = ahead.join()
-                if walked.watcher is not None:
-                    walked.watcher.close()
+        walked, self._walked = self._walked, None
+        if walked is not None and walked.watcher is not None:  # the start-up check refused
+            walked.watcher.close()
         if self._watcher is not None:
             self._watcher.close()
             self._watcher = None

@@ -272,7 +272,14 @@ class SimGate:
         moments = [t for t in (running.read_at, running.done_at) if t is not None and t >= 0]
         return min(moments) if moments else None
 
-    def check_now(self, config: Path | None, flags: Sequence[str] = ()) -> PreflightOutcome:
+    def check_now(
+        self,
+        config: Path | None,
+        flags: Sequence[str] = (),
+        meanwhile: Callable[[], None] | None = None,
+    ) -> PreflightOutcome:
+        if meanwhile is not None:
+            meanwhile()
         world = self._world
         content = world.content_at(config)
         return self._verdict(_Validation(content, world.binary_ok, world.binary_hrv, 0.0))
@@ -391,8 +398,8 @@ class SimContent:
     def plan(self) -> Snapshot:
         return self.current()
 
-    def begin_walk(self) -> None:
-        """The real one walks on a thread during the start-up check: no virtual time."""
+    def walk_ahead(self) -> None:
+        """The real one walks while the start-up check's commands run: no virtual time."""
 
     def start(self, *, degraded_ok: bool, background: bool = False) -> Snapshot | None:
         if background and self._build_s > 0:
