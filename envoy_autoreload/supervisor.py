@@ -222,13 +222,14 @@ class Supervisor:
             self._shutdown.kill_leftovers()
 
     def begin(self, started: Callback = _nothing) -> None:
-        """Start-up, before the loop: walk the watched trees while the commands that
-        refuse a non-Envoy binary or a config that does not validate run, start epoch 0."""
+        """Start-up: the start-up check (the trees walked meanwhile), then epoch 0."""
         walk = self._watching.changes.walk_ahead if self._watching is not None else None
         self._gatekeeper.check_before_first_start(meanwhile=walk)
         started()
         self._open_readers(background=True, pin=self._gatekeeper.first_pin)  # Envoy first
         self._launcher.start(0, "startup", first=True, config=self._gatekeeper.config)
+        if self._watching is not None:
+            self._watching.changes.start_building()  # the files are read once Envoy runs
 
     def begin_adopted(self, handover: Handover) -> None:
         """A re-exec: take over the family the previous image ran, then rescan once (a

@@ -40,8 +40,14 @@ class BackgroundHash:
         self._scans: list[RootScan] = []
         self._error: Exception | None = None
         self._thread = threading.Thread(target=self._run, name="content-hash", daemon=True)
-        with signals_blocked():
-            self._thread.start()
+
+    def start(self) -> None:
+        """Once Envoy is spawned: before, the thread would take turns with the spawn's
+        path for the interpreter, and the CPU from Envoy's first start (issue 16)."""
+        if self._thread.ident is None:
+            self.started_at = time.monotonic()
+            with signals_blocked():
+                self._thread.start()
 
     def fileno(self) -> int:
         return self._read_fd
@@ -64,6 +70,7 @@ class BackgroundHash:
 
     def result(self) -> list[RootScan]:
         """The scans, once `done()`; re-raises what the thread raised."""
+        self.start()
         self._thread.join()
         self.close()
         if self._error is not None:

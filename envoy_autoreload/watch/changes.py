@@ -119,6 +119,11 @@ class ChangeDetector:
         """The first hashing still runs: no snapshot to compare with yet."""
         return self._build is not None
 
+    def start_building(self) -> None:
+        """Start the first hashing `start(background=True)` prepared (after the spawn)."""
+        if self._build is not None:
+            self._build.start()
+
     def build_fileno(self) -> int | None:
         return self._build.fileno() if self._build is not None else None
 

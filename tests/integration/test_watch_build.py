@@ -107,6 +107,7 @@ def test_changes_while_the_files_are_first_hashed_are_changes(
     detector = _detector(tree)
     try:
         assert detector.start(degraded_ok=False, background=True) is None
+        detector.start_building()  # as the daemon does once epoch 0 is spawned
         assert detector.building
         assert held.read.wait(30)
         (tree / "d1" / "f3.json").write_text('{"changed": true}\n')
@@ -129,6 +130,7 @@ def test_nothing_changed_while_hashing_means_the_reference_is_the_files(tree: Pa
     detector = _detector(tree, tree / "envoy.yaml")
     try:
         detector.start(degraded_ok=False, background=True)
+        detector.start_building()
         reference = _built(detector)
         assert detector.current().digest == reference.digest
         assert reference.digest == _fresh_digest(tree, tree / "envoy.yaml").digest

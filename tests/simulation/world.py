@@ -410,6 +410,9 @@ class SimContent:
         self.snapshot = self.current()
         return self.snapshot
 
+    def start_building(self) -> None:
+        """The real one starts its hashing thread here, after epoch 0's spawn."""
+
     def build_fileno(self) -> int | None:
         return -2 if self.building else None
 
