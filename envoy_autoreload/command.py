@@ -15,7 +15,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Final
 
@@ -144,17 +144,59 @@ def run_now(argv: list[str], timeout_s: float) -> CommandResult:
     return run_all_now([argv], timeout_s)[0]
 
 
+# Processes already running, by argv.
+Running = dict[tuple[str, ...], subprocess.Popen[bytes]]
+
+
+class CommandsAhead:
+    """Commands started before their owner exists: the start-up check's, launched as
+    soon as the command line is parsed, so that the daemon's own imports run while
+    Envoy validates instead of before (issue 16). The owner later takes those it would
+    run itself, for the same key (the binary's identity); the rest are killed."""
+
+    def __init__(self, key: Hashable, argvs: list[list[str]]) -> None:
+        self._key = key
+        self._running: dict[tuple[str, ...], subprocess.Popen[bytes]] = {}
+        for argv in argvs:
+            process = _launch(argv)
+            if not isinstance(process, OSError):  # the owner's own launch says why
+                self._running[tuple(argv)] = process
+
+    def take(self, key: Hashable, argvs: list[list[str]]) -> Running:
+        """What the owner would run, if it is for the same key; the rest is closed."""
+        taken: Running = {}
+        if key == self._key:
+            for argv in map(tuple, argvs):
+                process = self._running.pop(argv, None)
+                if process is not None:
+                    taken[argv] = process
+        self.close()
+        return taken
+
+    def close(self) -> None:
+        """Kill and reap what nobody took (its group: a wrapper's children too)."""
+        while self._running:
+            _, process = self._running.popitem()
+            _kill_group(process)
+            process.communicate()
+
+
 def run_all_now(
-    argvs: list[list[str]], timeout_s: float, meanwhile: Callable[[], None] | None = None
+    argvs: list[list[str]],
+    timeout_s: float,
+    meanwhile: Callable[[], None] | None = None,
+    ahead: Running | None = None,
 ) -> list[CommandResult]:
     """Several commands at once, blocking, each within `timeout_s` of the start: for
     start-up checks, where they are independent and the time is Envoy's first start's.
     `meanwhile` runs while they do (the walk of the watched trees), in this thread: a
     second Python thread would only take turns with this one for the interpreter. A
-    command whose pipe fills meanwhile, or while an earlier one is read, only waits."""
+    command whose pipe fills meanwhile, or while an earlier one is read, only waits.
+    Those in `ahead` already run (`CommandsAhead`) and are not started again."""
     started = time.monotonic()
     deadline = started + timeout_s
-    launched = [_launch(argv) for argv in argvs]
+    running = ahead or {}
+    launched = [running.get(tuple(argv)) or _launch(argv) for argv in argvs]
     if meanwhile is not None:
         try:
             meanwhile()

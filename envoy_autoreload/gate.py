@@ -26,7 +26,8 @@ from envoy_autoreload.validation import (
     BinaryInfo,
     Preflight,
     PreflightOutcome,
-    checked_binary,
+    first_check,
+    preflight_for,
     run_preflight_now,
 )
 
@@ -47,39 +48,17 @@ class CommandGate:
 
     @property
     def enabled(self) -> bool:
-        """A gate needs a binary, and something to check: a config to validate or a
-        watched binary to vet."""
-        settings = self._settings
-        return settings.envoy is not None and (
-            (settings.validate and settings.config is not None)
-            or (settings.watch_binary and bool(settings.watch))
-        )
+        return self._settings.gated
 
     @property
     def busy(self) -> bool:
         return self._preflight is not None or self._outcome is not None
 
     def _new_preflight(
-        self,
-        known_binary: BinaryInfo | None,
-        config: Path | None,
-        flags: Sequence[str],
-        *,
-        hot_restart_version: bool = True,
+        self, known_binary: BinaryInfo | None, config: Path | None, flags: Sequence[str]
     ) -> Preflight:
-        """`config` is the snapshot to validate (or --config itself without generations).
-        Before epoch 0 (`hot_restart_version` False) the binary's hot-restart version is
-        not asked: nothing runs to compare it with, and the Envoy that starts reports
-        its own; 60 ms of CPU less beside the validation and the walk (issue 16)."""
-        assert self._settings.envoy is not None
-        return Preflight(
-            self._settings.envoy,
-            (config or self._settings.config) if self._settings.validate else None,
-            known_binary=known_binary,
-            timeout_s=self._settings.validate_timeout_s,
-            flags=flags,
-            hot_restart_version=hot_restart_version,
-        )
+        """`config` is the snapshot to validate (or --config itself without generations)."""
+        return preflight_for(self._settings, known_binary, config, flags)
 
     def _config_of(self, config: Path | None) -> Path | None:
         return config or self._settings.config
@@ -95,10 +74,7 @@ class CommandGate:
         path = self._config_of(config)
         if path is not None:
             self.bootstrap.request(path)
-        assert self._settings.envoy is not None
-        known = checked_binary(self._settings.envoy)  # by an earlier start-up check
-        preflight = self._new_preflight(known, config, flags, hot_restart_version=False)
-        return run_preflight_now(preflight, meanwhile)
+        return run_preflight_now(first_check(self._settings, config, flags), meanwhile)
 
     def begin(
         self, known_binary: BinaryInfo | None, config: Path | None, flags: Sequence[str] = ()

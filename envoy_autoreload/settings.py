@@ -8,12 +8,14 @@ import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Literal
+from typing import TYPE_CHECKING, Final, Literal
 
-from envoy_autoreload.digest import WatchRoot
-from envoy_autoreload.envoy_config import AdminAddress
 from envoy_autoreload.errors import StartScriptError, UsageError
-from envoy_autoreload.watch import WatcherKind
+
+if TYPE_CHECKING:  # imported where used: the start-up check starts before them (issue 16)
+    from envoy_autoreload.digest import WatchRoot
+    from envoy_autoreload.envoy_config import AdminAddress
+    from envoy_autoreload.watch import WatcherKind
 
 DEFAULT_ENVOY: Final = "envoy"
 
@@ -50,11 +52,21 @@ class Settings:
     rollback: bool = True
     watch_referenced: bool = True  # the files the config names (certificates, Lua...)
 
+    @property
+    def gated(self) -> bool:
+        """Whether each start is checked first: that needs a binary, and something to
+        check, a config to validate or a watched binary to vet."""
+        return self.envoy is not None and (
+            (self.validate and self.config is not None) or (self.watch_binary and bool(self.watch))
+        )
+
     def watch_roots(self) -> list[WatchRoot]:
         """Nothing without --watch (the drop-in restarter); with it, every --watch path
         plus the config and the Envoy binary, since either changing means a restart."""
         if not self.watch:
             return []
+        from envoy_autoreload.digest import WatchRoot
+
         roots = [WatchRoot(path) for path in self.watch]
         if self.config is not None:
             roots.append(WatchRoot(self.config))

@@ -565,13 +565,16 @@ def run(
     status_fd: int | None = None,
     handover: Handover | None = None,
     started: Callback = _nothing,
+    lineage: Lineage | None = None,
 ) -> ExitCode:
     """Supervise until stopped; the reactor's signal handlers live exactly this long.
-    `started` runs once the start-up checks passed (the CLI's `daemon.started`)."""
+    `started` runs once the start-up checks passed (the CLI's `daemon.started`). A
+    `lineage` given is the caller's to close (`head_start.py` opened it to pin)."""
     telemetry = telemetry or Telemetry()  # the loop's turns are timed into its metrics
     with RealReactor(on_busy=telemetry.loop_turned) as reactor, contextlib.ExitStack() as stack:
-        lineage = open_lineage(settings)
-        stack.callback(lineage.close)
+        if lineage is None:
+            lineage = open_lineage(settings)
+            stack.callback(lineage.close)
         family = EnvoyFamily(settings)
         health = None
         if lineage.enabled and settings.health_window_s > 0:

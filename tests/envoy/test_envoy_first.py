@@ -105,9 +105,10 @@ def test_a_config_saved_before_the_walk_reaches_it_is_served(
     envoy_family: EnvoyFamily,
 ) -> None:
     """The start-up check snapshots and validates the config while the walk watches the
-    trees on a thread (issue 16). Here the walk reaches the config last (a --watch tree
-    of 20,000 directories comes first, and the config is a root of its own), and the
-    config is saved as its validation starts: no event can name that save. The file no
+    trees (issue 16). Here the walk reaches the config last (a --watch tree of 20,000
+    directories comes first, and the config is a root of its own), and the config is
+    saved once the walk has begun (the daemon, the wrapper's parent, holds inotify
+    watches), hence after the snapshot: no event can name that save. The file no
     longer holds the snapshotted bytes when the walk is done, so epoch 1 serves it."""
     outside = envoy_family.root.parent / f"{envoy_family.root.name}-outside"
     tree = outside / "dirs"  # not under the config's directory, which nothing watches yet
@@ -118,11 +119,16 @@ def test_a_config_saved_before_the_walk_reaches_it_is_served(
     saved.write_text(envoy_family.render("v1"))
     marker = outside / "saved"
     config = envoy_family.config
-    wrapper = outside / "envoy-saving-v1"  # the real Envoy, saving v1 as it validates
+    wrapper = outside / "envoy-saving-v1"  # the real Envoy, saving v1 during the walk
     wrapper.write_text(
         "#!/bin/sh\n"
         'case " $* " in *" --mode validate "*)\n'
         f"  if [ ! -e {marker} ]; then\n"
+        "    tries=0\n"
+        '    until [ "$(cat /proc/$PPID/fdinfo/* 2>/dev/null | grep -c "inotify wd")" -gt 50 ]'
+        " || [ $tries -ge 2000 ]; do\n"
+        "      tries=$((tries + 1)); sleep 0.005\n"
+        "    done\n"
         f"    cp {saved} {config}.tmp && mv {config}.tmp {config} && : > {marker}\n"
         "  fi;;\n"
         "esac\n"
@@ -136,3 +142,17 @@ def test_a_config_saved_before_the_walk_reaches_it_is_served(
     assert marker.exists(), "the wrapper did not save v1"
     daemon.wait_event("child.serving", epoch=1, timeout_s=60)
     _serves(envoy_family, "v1")
+
+
+def test_epoch_0s_check_runs_once(envoy_family: EnvoyFamily) -> None:
+    """The check is started before the daemon is imported (`head_start.py`) and the
+    gate's start-up check takes it: Envoy validates epoch 0's config once, not twice."""
+    calls = envoy_family.root.parent / f"{envoy_family.root.name}-calls"
+    wrapper = envoy_family.root.parent / f"{envoy_family.root.name}-envoy-logging"
+    wrapper.write_text(f'#!/bin/sh\necho "$*" >> {calls}\nexec {ENVOY_BIN} "$@"\n')
+    wrapper.chmod(0o755)
+    daemon = envoy_family.start(*envoy_family.watched("--envoy", str(wrapper)))
+    daemon.wait_event("child.serving", epoch=0, timeout_s=60)
+    _serves(envoy_family, "v0")
+    commands = [line for line in calls.read_text().splitlines() if "--restart-epoch" not in line]
+    assert sorted(line.split()[0] for line in commands) == ["--mode", "--version"], commands

@@ -1,0 +1,151 @@
+"""The start-up check started ahead (`head_start.py`, issue 16): its commands are
+taken by the gate's check only when it would run exactly them on the same binary,
+and nothing it started outlives it.
+
+A fake `envoy` (a shell script) logs each call and answers as Envoy does; a validation
+of a config that holds "slow" waits for a minute first, so a process that was
+not killed is plain to see.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from envoy_autoreload.validation import (
+    Preflight,
+    Verdict,
+    commands_ahead,
+    run_preflight_now,
+)
+from tests.helpers import wait_until
+
+FAKE_ENVOY = """\
+#!/bin/sh
+echo "$$ $*" >> {calls}
+case "$1" in
+  --version) echo "envoy  version: 0123abcd/1.40.0/Clean/RELEASE/BoringSSL"; exit 0 ;;
+  --mode)
+    if grep -q slow "$4"; then sleep 60; fi
+    echo "configuration '$4' OK"; exit 0 ;;
+esac
+exit 1
+"""
+
+
+@pytest.fixture
+def envoy(tmp_path: Path) -> Path:
+    path = tmp_path / "envoy"
+    path.write_text(FAKE_ENVOY.format(calls=tmp_path / "calls"))
+    path.chmod(0o755)
+    return path
+
+
+def _calls(envoy: Path) -> list[tuple[int, str]]:
+    log = envoy.parent / "calls"
+    lines = log.read_text().splitlines() if log.exists() else []
+    return [(int(pid), args) for pid, _, args in (line.partition(" ") for line in lines)]
+
+
+def _preflight(envoy: Path, config: Path) -> Preflight:
+    config.write_text(f"# {config.name}\nstatic_resources: {{}}\n")
+    return Preflight(envoy, config, known_binary=None, timeout_s=120, hot_restart_version=False)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_the_same_check_is_taken_not_run_twice(envoy: Path, tmp_path: Path) -> None:
+    config = tmp_path / "a.yaml"
+    with commands_ahead(_preflight(envoy, config)):
+        wait_until(lambda: len(_calls(envoy)) == 2, timeout_s=30, what="both commands ran")
+        outcome = run_preflight_now(_preflight(envoy, config))
+    assert outcome.verdict is Verdict.PASSED, outcome
+    assert sorted(args for _, args in _calls(envoy)) == [
+        "--mode validate -c " + str(config),
+        "--version",
+    ]
+
+
+def test_another_config_is_validated_afresh_and_the_one_ahead_is_killed(
+    envoy: Path, tmp_path: Path
+) -> None:
+    """A config saved between the pin ahead and the gate's pin is another snapshot,
+    hence another command: the verdict must be about the new bytes."""
+    slow, saved = tmp_path / "slow.yaml", tmp_path / "saved.yaml"
+    with commands_ahead(_preflight(envoy, slow)):
+        wait_until(lambda: len(_calls(envoy)) == 2, timeout_s=30, what="both commands ran")
+        (ahead,) = [pid for pid, args in _calls(envoy) if "slow" in args]
+        outcome = run_preflight_now(_preflight(envoy, saved))
+        assert not _alive(ahead), "the validation of the old bytes was left running"
+    assert outcome.verdict is Verdict.PASSED, outcome
+    validated = [args for _, args in _calls(envoy) if args.startswith("--mode")]
+    assert validated == [f"--mode validate -c {slow}", f"--mode validate -c {saved}"]
+    assert [args for _, args in _calls(envoy)].count("--version") == 1  # that one was taken
+
+
+def test_another_binary_runs_its_own_commands(envoy: Path, tmp_path: Path) -> None:
+    """The binary replaced in between (its identity changed): nothing is taken."""
+    config = tmp_path / "a.yaml"
+    with commands_ahead(_preflight(envoy, config)):
+        wait_until(lambda: len(_calls(envoy)) == 2, timeout_s=30, what="both commands ran")
+        replaced = envoy.with_name("envoy.new")
+        replaced.write_text(envoy.read_text() + "\n")
+        replaced.chmod(0o755)
+        os.replace(replaced, envoy)
+        outcome = run_preflight_now(_preflight(envoy, config))
+    assert outcome.verdict is Verdict.PASSED, outcome
+    assert len(_calls(envoy)) == 4
+
+
+def test_what_nobody_took_is_killed_on_the_way_out(envoy: Path, tmp_path: Path) -> None:
+    with commands_ahead(_preflight(envoy, tmp_path / "slow.yaml")):
+        wait_until(lambda: len(_calls(envoy)) == 2, timeout_s=30, what="both commands ran")
+        (ahead,) = [pid for pid, args in _calls(envoy) if "slow" in args]
+    assert not _alive(ahead)
+
+
+SIGNALLED = """\
+import os, signal, sys, time
+from pathlib import Path
+from envoy_autoreload.head_start import head_start
+from envoy_autoreload.settings import Settings
+
+root = Path(sys.argv[1])
+settings = Settings(
+    start_script=root / "start.sh", config=root / "slow.yaml", envoy=root / "envoy",
+    state_dir=root / "state",
+)
+with head_start(settings):
+    calls = root / "calls"
+    deadline = time.monotonic() + 30
+    while "--mode" not in (calls.read_text() if calls.exists() else ""):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(30)
+"""
+
+
+def test_a_sigterm_before_the_reactor_ends_the_daemon_and_the_check(
+    envoy: Path, tmp_path: Path
+) -> None:
+    """TERM still ends a daemon that has no reactor yet, as before there was a check
+    ahead; the validation it started (in a process group of its own) goes with it."""
+    (tmp_path / "slow.yaml").write_text("# slow\nstatic_resources: {}\n")
+    done = subprocess.run(
+        [sys.executable, "-c", SIGNALLED, str(tmp_path)], timeout=60, capture_output=True
+    )
+    assert done.returncode == -15, done.stderr.decode()
+    validations = [pid for pid, args in _calls(envoy) if args.startswith("--mode")]
+    assert len(validations) == 1
+    wait_until(lambda: not _alive(validations[0]), timeout_s=10, what="the validation gone")
