@@ -458,10 +458,16 @@ def cli(
 
 
 def _import_the_daemon() -> None:
-    """What a start imports only once Envoy validates: a new image about to be
-    re-executed into (`--self-test`) must prove that all of it imports."""
+    """What a start imports only once Envoy validates, or when first used (PyYAML,
+    the metrics, http.client): a new image about to be re-executed into
+    (`--self-test`) must prove that all of it imports."""
+    import http.client  # noqa: F401
+
+    import yaml  # noqa: F401
+
     import envoy_autoreload.control
     import envoy_autoreload.head_start
+    import envoy_autoreload.metrics
     import envoy_autoreload.proc_adoption
     import envoy_autoreload.status_server
     import envoy_autoreload.supervisor
@@ -531,7 +537,7 @@ def _status_address(value: str | None, allow_remote: bool) -> tuple[str, int] | 
     if value is None:
         return None
     try:
-        from envoy_autoreload.status_server import parse_status_address  # off by default
+        from envoy_autoreload.status_address import parse_status_address
 
         return parse_status_address(value, allow_remote=allow_remote)
     except AutoreloadError as err:

@@ -15,7 +15,6 @@ put HTTP parsing on the path of every restart decision.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import socket
@@ -27,7 +26,6 @@ from typing import Final
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from envoy_autoreload.envoy_config import MAX_PORT, ascii_port
 from envoy_autoreload.errors import UsageError
 from envoy_autoreload.logs import log_event
 from envoy_autoreload.loop import signals_blocked
@@ -38,26 +36,6 @@ HANDLER_TIMEOUT_S: Final = 5.0
 MAX_CONNECTIONS: Final = 32
 
 logger = logging.getLogger(__name__)
-
-
-def parse_status_address(text: str, *, allow_remote: bool) -> tuple[str, int]:
-    """(host, port) from `HOST:PORT` or `[V6]:PORT`; a UsageError naming the mistake
-    otherwise, so a typo is one line at start-up, never a traceback from `bind`."""
-    host, sep, port_text = text.strip().rpartition(":")
-    host = host.strip("[]")
-    port = ascii_port(port_text)
-    if not sep or port is None or not host:
-        raise UsageError(f"status address {text!r} is not HOST:PORT (PORT: 1-{MAX_PORT})")
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = host == "localhost"
-    if not loopback and not allow_remote:
-        raise UsageError(
-            f"status address {text} is not a loopback address: /status names PIDs and paths; "
-            "give --status-allow-remote to serve it beyond this host"
-        )
-    return host, port
 
 
 class _BoundedHTTPServer(ThreadingHTTPServer):

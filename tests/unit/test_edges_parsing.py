@@ -20,7 +20,7 @@ from envoy_autoreload.envoy_config import (
 from envoy_autoreload.envoy_process import looks_like_envoy
 from envoy_autoreload.errors import ConfigError, UsageError
 from envoy_autoreload.logs import configure_logging, log_event
-from envoy_autoreload.status_server import parse_status_address
+from envoy_autoreload.status_address import parse_status_address
 from envoy_autoreload.telemetry import Telemetry
 
 ADMIN = b"admin:\n  address:\n    socket_address: { address: 127.0.0.1, port_value: 9901 }\n"
@@ -143,9 +143,9 @@ def test_status_errors_are_brief_and_never_quote_the_config() -> None:
 
 def test_internal_errors_counter_is_registered() -> None:
     telemetry = Telemetry()
-    telemetry.internal_errors.inc()
+    telemetry.metrics.internal_errors.inc()
     assert telemetry.registry.get_sample_value("envoy_autoreload_internal_errors_total") == 1
-    (family,) = telemetry.internal_errors.describe()
+    (family,) = telemetry.metrics.internal_errors.describe()
     assert family.documentation
 
 
