@@ -9,6 +9,7 @@ millisecond, and a process that does not answer (SIGSTOP, §7) must not stall si
 
 from __future__ import annotations
 
+import http.client
 import json
 from dataclasses import dataclass
 from typing import Final
@@ -31,8 +32,6 @@ def fetch_server_info(
     address: AdminAddress, timeout_s: float = PROBE_TIMEOUT_S
 ) -> ServerInfo | None:
     """`/server_info` over a new connection; None when nothing answers sensibly."""
-    import http.client  # on the probe's thread, after Envoy is spawned (issue 16)
-
     conn = http.client.HTTPConnection(address.host, address.port, timeout=timeout_s)
     try:
         conn.request("GET", "/server_info", headers={"Connection": "close"})

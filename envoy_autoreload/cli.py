@@ -458,16 +458,10 @@ def cli(
 
 
 def _import_the_daemon() -> None:
-    """What a start imports only once Envoy validates, or when first used (PyYAML,
-    the metrics, http.client): a new image about to be re-executed into
-    (`--self-test`) must prove that all of it imports."""
-    import http.client  # noqa: F401
-
-    import yaml  # noqa: F401
-
+    """What a start imports only once Envoy validates: a new image about to be
+    re-executed into (`--self-test`) must prove that all of it imports."""
     import envoy_autoreload.control
     import envoy_autoreload.head_start
-    import envoy_autoreload.metrics
     import envoy_autoreload.proc_adoption
     import envoy_autoreload.status_server
     import envoy_autoreload.supervisor

@@ -60,7 +60,7 @@ class Containment:
 
     def _record(self, err: Exception, event: Event | None) -> None:
         self.errors.append(err)
-        self._telemetry.metrics.internal_errors.inc()
+        self._telemetry.internal_errors.inc()
         self._heal()
         frames = traceback.extract_tb(err.__traceback__)
         where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"

@@ -22,9 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+import yaml
+
 from envoy_autoreload.errors import ConfigError, UsageError
 
 _WILDCARDS: Final = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
+_LOADER: Final[type[yaml.SafeLoader] | type[yaml.CSafeLoader]] = (
+    yaml.CSafeLoader if yaml.__with_libyaml__ else yaml.SafeLoader
+)
 MAX_PORT: Final = 65535
 
 
@@ -73,13 +78,9 @@ def unreadable(path: Path, err: OSError) -> ConfigError:
 
 
 def parse_bootstrap(data: bytes, path: Path) -> object:
-    """`data`, read from `path`, parsed. Raises ConfigError, and only that. PyYAML is
-    imported here, not before epoch 0's check starts (`head_start.py`): 0.01 s."""
-    import yaml
-
-    loader = yaml.CSafeLoader if yaml.__with_libyaml__ else yaml.SafeLoader
+    """`data`, read from `path`, parsed. Raises ConfigError, and only that."""
     try:
-        return yaml.load(data, Loader=loader)
+        return yaml.load(data, Loader=_LOADER)
     # ValueError covers UnicodeDecodeError; RecursionError a pathologically nested file.
     except (yaml.YAMLError, ValueError, RecursionError) as err:
         raise ConfigError(f"cannot parse Envoy config {path}: {_first_line(err)}") from err

@@ -25,6 +25,7 @@ Why it is built this way:
 from __future__ import annotations
 
 import contextlib
+import http.client
 import os
 import threading
 from collections.abc import Callable
@@ -91,8 +92,6 @@ def parse_health_url(text: str) -> str:
 
 def check_url(url: str, timeout_s: float) -> UrlResult:
     """GET `url` over a new connection that is closed after the answer; 2xx is ok."""
-    import http.client  # on the probe's thread, after Envoy is spawned (issue 16)
-
     parts = urlsplit(url)
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     try:
@@ -120,8 +119,6 @@ def check_url(url: str, timeout_s: float) -> UrlResult:
 def fetch_listener_failures(address: AdminAddress, timeout_s: float) -> int | None:
     """The `listener_manager.listener_create_failure` counter from admin's text `/stats`,
     over a new connection (§9); None when admin does not answer or lacks the line."""
-    import http.client  # on the probe's thread, after Envoy is spawned (issue 16)
-
     conn = http.client.HTTPConnection(address.host, address.port, timeout=timeout_s)
     try:
         conn.request("GET", LISTENER_FAILURES_PATH, headers={"Connection": "close"})

@@ -92,7 +92,7 @@ class Rollbacks:
         self, gen: Generation, pending: _Pending, reason: str = ROLLBACK_REASON, seq: int = 0
     ) -> None:
         self._pending = pending
-        self._telemetry.metrics.rollbacks.labels(reason=pending.check).inc()
+        self._telemetry.rollbacks.labels(reason=pending.check).inc()
         log_event(
             logger,
             logging.WARNING,

@@ -32,8 +32,8 @@ class StatusView:
     def publish(self, state: SupervisorState, binary: BinaryInfo | None) -> None:
         """After each event: gauges, /status, and systemd's STATUS= when it changed."""
         serving = self.roster.serving()
-        self.telemetry.metrics.epoch.set(serving.epoch if serving else -1)
-        self.telemetry.metrics.generations_alive.set(len(self.roster.alive()))
+        self.telemetry.epoch.set(serving.epoch if serving else -1)
+        self.telemetry.generations_alive.set(len(self.roster.alive()))
         line = self.line(state)
         changed = line if line != self._last_line else None
         self.telemetry.publish(self.snapshot(state, binary), changed)

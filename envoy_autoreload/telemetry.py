@@ -16,22 +16,22 @@ from __future__ import annotations
 
 import datetime
 import re
-import threading
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Final, Literal
+from typing import Final, Literal
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from envoy_autoreload.notify import Notifier
-
-if TYPE_CHECKING:
-    from prometheus_client import CollectorRegistry
-
-    from envoy_autoreload.metrics import Metrics
 
 Outcome = Literal["success", "start_failed", "validation_failed", "refused", "abandoned"]
 ExitCause = Literal["drained", "start_failed", "died", "stopped", "replaced"]
 
+RESTART_BUCKETS: Final = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+# A turn of the event loop takes well under a millisecond; 50 ms is the most an event may
+# wait (issue 16), and a turn of seconds is a stall someone should hear about.
+LOOP_BUSY_BUCKETS: Final = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BRIEF_ERROR_CHARS: Final = 200
 TRUNCATED: Final = "… (truncated, see the log)"
 
@@ -96,8 +96,10 @@ class RestartRecord:
 class Telemetry:
     def __init__(self, notifier: Notifier | None = None) -> None:
         self.notifier = notifier or Notifier()
-        self._metrics: Metrics | None = None
-        self._metrics_lock = threading.Lock()  # the status server's thread may be first
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._register_counters("envoy_autoreload")
+        self._register_gauges("envoy_autoreload")
+        self.epoch.set(-1)
         self.last_restart: RestartRecord | None = None
         self.last_validation_error: str | None = None
         self.snapshot: Mapping[str, object] = {"state": "starting", "serving": None}
@@ -105,39 +107,98 @@ class Telemetry:
         self._config_sha: str | None = None
         self._loop_busy_max_s = 0.0
 
-    @property
-    def metrics(self) -> Metrics:
-        """Built when first touched (`metrics.py` says why)."""
-        metrics = self._metrics
-        if metrics is None:
-            with self._metrics_lock:
-                if self._metrics is None:
-                    from envoy_autoreload.metrics import Metrics
+    def _register_counters(self, prefix: str) -> None:
+        self.restarts = Counter(
+            f"{prefix}_restarts",
+            "Restart attempts by outcome.",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.validation_failures = Counter(
+            f"{prefix}_validation_failures",
+            "Configs refused by envoy --mode validate.",
+            registry=self.registry,
+        )
+        self.child_exits = Counter(
+            f"{prefix}_child_exits",
+            "Envoy processes that exited, by cause.",
+            ["cause"],
+            registry=self.registry,
+        )
+        self.watch_events = Counter(
+            f"{prefix}_watch_events",
+            "Filesystem events seen (after filtering).",
+            registry=self.registry,
+        )
+        self.rollbacks = Counter(
+            f"{prefix}_rollbacks",
+            "Rollbacks to the last good config, by the check that failed.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.internal_errors = Counter(
+            f"{prefix}_internal_errors",
+            "Exceptions contained by the event loop (a bug of ours; Envoy kept serving).",
+            registry=self.registry,
+        )
 
-                    self._metrics = Metrics()
-                metrics = self._metrics
-        return metrics
-
-    @property
-    def registry(self) -> CollectorRegistry:
-        return self.metrics.registry
+    def _register_gauges(self, prefix: str) -> None:
+        self.restart_duration = Histogram(
+            f"{prefix}_restart_duration_seconds",
+            "From a restart request to the new epoch LIVE.",
+            buckets=RESTART_BUCKETS,
+            registry=self.registry,
+        )
+        self.epoch = Gauge(
+            f"{prefix}_epoch",
+            "Restart epoch of the serving Envoy (-1: none).",
+            registry=self.registry,
+        )
+        self.generations_alive = Gauge(
+            f"{prefix}_generations_alive",
+            "Envoy processes of this daemon alive now.",
+            registry=self.registry,
+        )
+        self.config_info = Gauge(
+            f"{prefix}_config_info",
+            "1 for the sha256 of the config generation that serves.",
+            ["sha256"],
+            registry=self.registry,
+        )
+        self.last_success = Gauge(
+            f"{prefix}_last_success_timestamp_seconds",
+            "Unix time the last restart (or the first start) went LIVE.",
+            registry=self.registry,
+        )
+        self.loop_busy = Histogram(
+            f"{prefix}_loop_busy_seconds",
+            "Each turn of the event loop, from select() returning to the next select(): "
+            "the longest an event that became ready meanwhile waited.",
+            buckets=LOOP_BUSY_BUCKETS,
+            registry=self.registry,
+        )
+        self.loop_busy_max = Gauge(
+            f"{prefix}_loop_busy_max_seconds",
+            "The longest turn of the event loop since the daemon started.",
+            registry=self.registry,
+        )
 
     # -- facts from the supervisor --------------------------------------------
     def loop_turned(self, busy_s: float) -> None:
         """The reactor's `on_busy`: one turn of the loop took `busy_s`. Runs on every
         turn, so it only counts: a histogram bucket and, rarely, a new maximum."""
-        self.metrics.loop_busy.observe(busy_s)
+        self.loop_busy.observe(busy_s)
         if busy_s > self._loop_busy_max_s:
             self._loop_busy_max_s = busy_s
-            self.metrics.loop_busy_max.set(busy_s)
+            self.loop_busy_max.set(busy_s)
 
     def serving_config(self, sha256: str | None) -> None:
         """`envoy_autoreload_config_info{sha256}`: one series, the serving config's."""
         if sha256 == self._config_sha:
             return
-        self.metrics.config_info.clear()
+        self.config_info.clear()
         if sha256 is not None:
-            self.metrics.config_info.labels(sha256=sha256).set(1)
+            self.config_info.labels(sha256=sha256).set(1)
         self._config_sha = sha256
 
     def restart_began(self, reason: str, status: str) -> None:
@@ -153,13 +214,13 @@ class Telemetry:
         error: str | None = None,
         status: str,
     ) -> None:
-        self.metrics.restarts.labels(outcome=outcome).inc()
+        self.restarts.labels(outcome=outcome).inc()
         if outcome == "success":
-            self.metrics.last_success.set(time.time())
+            self.last_success.set(time.time())
             if duration_s is not None:
-                self.metrics.restart_duration.observe(duration_s)
+                self.restart_duration.observe(duration_s)
         if outcome == "validation_failed":
-            self.metrics.validation_failures.inc()
+            self.validation_failures.inc()
             self.last_validation_error = brief_error(error)
         self.last_restart = RestartRecord(
             at=datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds"),
@@ -174,12 +235,12 @@ class Telemetry:
     def serving_again(self, status: str) -> None:
         """READY=1: the first time an Envoy serves, and after each restart attempt ends."""
         if not self._ready_sent:
-            self.metrics.last_success.set(time.time())
+            self.last_success.set(time.time())
         self._ready_sent = True
         self.notifier.ready(status)
 
     def child_exited(self, cause: ExitCause) -> None:
-        self.metrics.child_exits.labels(cause=cause).inc()
+        self.child_exits.labels(cause=cause).inc()
 
     def stopping(self, status: str) -> None:
         self.notifier.stopping(status)

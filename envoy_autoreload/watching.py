@@ -154,9 +154,7 @@ class Watching:
         """The watcher's fd is readable: one slice of its events per turn of the loop,
         unless everything pending must be known now (`drain`, for `current()`)."""
         changes = self.changes
-        self._telemetry.metrics.watch_events.inc(
-            changes.on_readable(self._reactor.now(), drain=drain)
-        )
+        self._telemetry.watch_events.inc(changes.on_readable(self._reactor.now(), drain=drain))
         if changes.building:
             self._take_built()
         deadline = changes.deadline()

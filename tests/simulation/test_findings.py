@@ -151,7 +151,7 @@ def test_finding_15_a_config_recreated_during_validation_is_no_validation_failur
     sim.advance(1.5)
     sim.revert_to(content)
     sim.advance(5.0)
-    assert sim.telemetry.metrics.validation_failures._value.get() == 0
+    assert sim.telemetry.validation_failures._value.get() == 0
     assert serving_epoch(sim) == 1
 
 
@@ -173,7 +173,7 @@ def test_containment_a_handler_that_raises_leaves_envoy_serving(make_sim: object
     sim.write(good=True)
     sim.advance(2.0)
     assert len(sim.supervisor.internal_errors) == 1
-    assert sim.telemetry.metrics.internal_errors._value.get() == 1
+    assert sim.telemetry.internal_errors._value.get() == 1
     assert serving_epoch(sim) == 1, "the change was not applied after the fault"
     assert not [s for s in sim.world.model.signals if s.signum == signal.SIGKILL]
     assert all(p.state is not ProcState.DEAD or p.epoch == 0 for p in sim.world.model.procs)

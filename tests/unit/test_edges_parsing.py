@@ -143,9 +143,9 @@ def test_status_errors_are_brief_and_never_quote_the_config() -> None:
 
 def test_internal_errors_counter_is_registered() -> None:
     telemetry = Telemetry()
-    telemetry.metrics.internal_errors.inc()
+    telemetry.internal_errors.inc()
     assert telemetry.registry.get_sample_value("envoy_autoreload_internal_errors_total") == 1
-    (family,) = telemetry.metrics.internal_errors.describe()
+    (family,) = telemetry.internal_errors.describe()
     assert family.documentation
 
 

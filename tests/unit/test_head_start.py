@@ -149,23 +149,3 @@ def test_a_sigterm_before_the_reactor_ends_the_daemon_and_the_check(
     validations = [pid for pid, args in _calls(envoy) if args.startswith("--mode")]
     assert len(validations) == 1
     wait_until(lambda: not _alive(validations[0]), timeout_s=10, what="the validation gone")
-
-
-BEFORE_THE_CHECK = """\
-import sys
-import envoy_autoreload.cli, envoy_autoreload.head_start, envoy_autoreload.status_address
-heavy = ("envoy_autoreload.supervisor", "prometheus_client", "http.client", "http.server",
-         "yaml", "envoy_autoreload.watch.changes")
-print(" ".join(name for name in heavy if name in sys.modules))
-"""
-
-
-def test_the_check_starts_before_the_heavy_imports() -> None:
-    """What epoch 0's check needs imports nothing that can wait (the supervisor, the
-    metrics, PyYAML, http): an import added back at a module's top would put tens of
-    milliseconds back before Envoy validates, and no other test would notice."""
-    done = subprocess.run(
-        [sys.executable, "-c", BEFORE_THE_CHECK], capture_output=True, text=True, timeout=60
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == []
