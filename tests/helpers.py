@@ -243,3 +243,12 @@ def port_held() -> Iterator[int]:
         yield int(blocker.getsockname()[1])
     finally:
         blocker.close()
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process (or a zombie not reaped yet) holds `pid`."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

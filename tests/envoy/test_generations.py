@@ -19,7 +19,7 @@ from typing import Any
 
 from tests.daemon import Daemon
 from tests.envoy.conftest import ENVOY_BIN, EnvoyFamily
-from tests.helpers import wait_until
+from tests.helpers import pid_alive, wait_until
 
 CTL = Path(sys.executable).parent / "envoy-autoreloadctl"
 WINDOW_S = "3"  # --health-window: short, so each probation is over quickly
@@ -66,14 +66,6 @@ def _render_503(family: EnvoyFamily, body: str) -> str:
     text = family.render(body)
     assert text.count("status: 200") == 1
     return text.replace("status: 200", "status: 503")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def _serving_good(daemon: Daemon, family: EnvoyFamily, epoch: int = 0) -> str:
@@ -168,7 +160,7 @@ def test_a_generation_that_dies_during_probation_fails_and_the_last_good_one_ser
     # Still serving v0 from a live process a moment later (no crash loop behind it).
     info = wait_until(envoy_family.server_info, timeout_s=10, what="admin answers")
     assert info["state"] == "LIVE"
-    assert _alive(int(finished["pid"]))
+    assert pid_alive(int(finished["pid"]))
 
 
 def test_history_and_a_manual_rollback_to_an_older_good_generation(

@@ -22,7 +22,7 @@ from envoy_autoreload.validation import (
     commands_ahead,
     run_preflight_now,
 )
-from tests.helpers import wait_until
+from tests.helpers import pid_alive, wait_until
 
 FAKE_ENVOY = """\
 #!/bin/sh
@@ -56,14 +56,6 @@ def _preflight(envoy: Path, config: Path) -> Preflight:
     return Preflight(envoy, config, known_binary=None, timeout_s=120, hot_restart_version=False)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def test_the_same_check_is_taken_not_run_twice(envoy: Path, tmp_path: Path) -> None:
     config = tmp_path / "a.yaml"
     with commands_ahead(_preflight(envoy, config)):
@@ -86,7 +78,7 @@ def test_another_config_is_validated_afresh_and_the_one_ahead_is_killed(
         wait_until(lambda: len(_calls(envoy)) == 2, timeout_s=30, what="both commands ran")
         (ahead,) = [pid for pid, args in _calls(envoy) if "slow" in args]
         outcome = run_preflight_now(_preflight(envoy, saved))
-        assert not _alive(ahead), "the validation of the old bytes was left running"
+        assert not pid_alive(ahead), "the validation of the old bytes was left running"
     assert outcome.verdict is Verdict.PASSED, outcome
     validated = [args for _, args in _calls(envoy) if args.startswith("--mode")]
     assert validated == [f"--mode validate -c {slow}", f"--mode validate -c {saved}"]
@@ -111,7 +103,7 @@ def test_what_nobody_took_is_killed_on_the_way_out(envoy: Path, tmp_path: Path) 
     with commands_ahead(_preflight(envoy, tmp_path / "slow.yaml")):
         wait_until(lambda: len(_calls(envoy)) == 2, timeout_s=30, what="both commands ran")
         (ahead,) = [pid for pid, args in _calls(envoy) if "slow" in args]
-    assert not _alive(ahead)
+    assert not pid_alive(ahead)
 
 
 SIGNALLED = """\
@@ -148,4 +140,4 @@ def test_a_sigterm_before_the_reactor_ends_the_daemon_and_the_check(
     assert done.returncode == -15, done.stderr.decode()
     validations = [pid for pid, args in _calls(envoy) if args.startswith("--mode")]
     assert len(validations) == 1
-    wait_until(lambda: not _alive(validations[0]), timeout_s=10, what="the validation gone")
+    wait_until(lambda: not pid_alive(validations[0]), timeout_s=10, what="the validation gone")
