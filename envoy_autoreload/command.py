@@ -156,6 +156,7 @@ class CommandsAhead:
 
     def __init__(self, key: Hashable, argvs: list[list[str]]) -> None:
         self._key = key
+        self.started_at = time.monotonic()
         self._running: dict[tuple[str, ...], subprocess.Popen[bytes]] = {}
         for argv in argvs:
             process = _launch(argv)

@@ -300,8 +300,15 @@ def drop_commands_ahead() -> None:
 
 def _take_ahead(preflight: Preflight, argvs: list[list[str]]) -> Running:
     """Only exactly these commands for the same binary: the snapshot's path names its
-    bytes, so a config changed since is another argv, and runs afresh."""
-    return _AHEAD.pop().take(preflight.identity, argvs) if _AHEAD else {}
+    bytes, so a config changed since is another argv, and runs afresh. The check's
+    duration then counts from when they started."""
+    if not _AHEAD:
+        return {}
+    ahead = _AHEAD.pop()
+    taken = ahead.take(preflight.identity, argvs)
+    if taken:
+        preflight.started_at = min(preflight.started_at, ahead.started_at)
+    return taken
 
 
 def run_preflight_now(

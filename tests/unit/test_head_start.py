@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,7 @@ case "$1" in
   --version) echo "envoy  version: 0123abcd/1.40.0/Clean/RELEASE/BoringSSL"; exit 0 ;;
   --mode)
     if grep -q slow "$4"; then sleep 60; fi
+    sleep 0.2  # a check that takes a while: its duration is seen
     echo "configuration '$4' OK"; exit 0 ;;
 esac
 exit 1
@@ -51,17 +53,32 @@ def _calls(envoy: Path) -> list[tuple[int, str]]:
     return [(int(pid), args) for pid, _, args in (line.partition(" ") for line in lines)]
 
 
+def _exited(pid: int) -> bool:
+    """Gone, or a zombie: exited, not reaped yet."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rpartition(")")[2].split()[0] == "Z"
+
+
 def _preflight(envoy: Path, config: Path) -> Preflight:
     config.write_text(f"# {config.name}\nstatic_resources: {{}}\n")
     return Preflight(envoy, config, known_binary=None, timeout_s=120, hot_restart_version=False)
 
 
 def test_the_same_check_is_taken_not_run_twice(envoy: Path, tmp_path: Path) -> None:
+    """...and its duration counts from when the commands started, not from the take."""
     config = tmp_path / "a.yaml"
-    with commands_ahead(_preflight(envoy, config)):
+    ahead = _preflight(envoy, config)
+    with commands_ahead(ahead):
         wait_until(lambda: len(_calls(envoy)) == 2, timeout_s=30, what="both commands ran")
+        pids = [pid for pid, _ in _calls(envoy)]
+        wait_until(lambda: all(map(_exited, pids)), timeout_s=30, what="both commands done")
         outcome = run_preflight_now(_preflight(envoy, config))
+        took_s = time.monotonic() - ahead.started_at
     assert outcome.verdict is Verdict.PASSED, outcome
+    assert took_s + 0.001 >= outcome.duration_s >= 0.2  # the validation sleeps 0.2 s
     assert sorted(args for _, args in _calls(envoy)) == [
         "--mode validate -c " + str(config),
         "--version",
