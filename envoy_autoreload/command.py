@@ -175,10 +175,13 @@ class CommandsAhead:
         return taken
 
     def close(self) -> None:
-        """Kill and reap what nobody took (its group: a wrapper's children too)."""
-        while self._running:
-            _, process = self._running.popitem()
+        """Kill and reap what nobody took (its group: a wrapper's children too). Every
+        group is killed before any is waited for."""
+        running = list(self._running.values())
+        for process in running:
             _kill_group(process)
+        self._running.clear()
+        for process in running:
             process.communicate()
 
 

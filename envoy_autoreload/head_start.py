@@ -46,22 +46,27 @@ def head_start(settings: Settings) -> Iterator[Lineage]:
 
 @contextlib.contextmanager
 def _signals_end_the_check() -> Iterator[None]:
-    """Until the reactor takes the signals over, TERM, INT and HUP end the daemon as
-    they always did, but without leaving the check's Envoy to run on by itself (it is
-    in a process group of its own)."""
+    """Until the reactor takes the signals over, TERM, INT and HUP end the daemon, as
+    they did before there was a check to start this early, but not the check's Envoy
+    with it (that runs in a process group of its own): the check is killed, and the
+    daemon exits 128 + the signal's number through every `finally` on the way (the
+    lineage's lock, the commands). An exit, not a signal raised again: as PID 1 (a
+    container without an init) that would be ignored, and start-up would go on. A
+    signal the daemon was started with ignored (`nohup`, `&`) stays ignored."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous: dict[int, Handler] = {}
 
     def end(signum: int, frame: FrameType | None) -> None:
+        for number in previous:  # a second signal must not interrupt the kill below
+            signal.signal(number, signal.SIG_IGN)
         drop_commands_ahead()
-        before = previous[signum]
-        signal.signal(signum, signal.SIG_DFL if before is None else before)
-        signal.raise_signal(signum)
+        raise SystemExit(128 + signum)
 
     for signum in _ENDING_SIGNALS:
-        previous[signum] = signal.signal(signum, end)
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            previous[signum] = signal.signal(signum, end)
     try:
         yield
     finally:
