@@ -45,6 +45,12 @@ class StderrRelay:
             self._pending_bytes += len(data)
             self._lock.notify()
 
+    @property
+    def backlog(self) -> int:
+        """Bytes queued and not written yet."""
+        with self._lock:
+            return self._pending_bytes
+
     def flush(self, timeout_s: float) -> None:
         """Wait (at most `timeout_s`) until everything queued is written: at exit."""
         with self._lock:
