@@ -15,7 +15,7 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Final
 
@@ -188,28 +188,16 @@ class CommandsAhead:
 def run_all_now(
     argvs: list[list[str]],
     timeout_s: float,
-    meanwhile: Callable[[], None] | None = None,
     ahead: Running | None = None,
 ) -> list[CommandResult]:
     """Several commands at once, blocking, each within `timeout_s` of the start: for
     start-up checks, where they are independent and the time is Envoy's first start's.
-    `meanwhile` runs while they do (the walk of the watched trees), in this thread: a
-    second Python thread would only take turns with this one for the interpreter. A
-    command whose pipe fills meanwhile, or while an earlier one is read, only waits.
-    Those in `ahead` already run (`CommandsAhead`) and are not started again."""
+    A command whose pipe fills while an earlier one is read only waits. Those in
+    `ahead` already run (`CommandsAhead`) and are not started again."""
     started = time.monotonic()
     deadline = started + timeout_s
     running = ahead or {}
     launched = [running.get(tuple(argv)) or _launch(argv) for argv in argvs]
-    if meanwhile is not None:
-        try:
-            meanwhile()
-        except BaseException:
-            for process in launched:
-                if not isinstance(process, OSError):
-                    _kill_group(process)
-                    process.communicate()
-            raise
     results = []
     for argv, process in zip(argvs, launched, strict=True):
         if isinstance(process, OSError):

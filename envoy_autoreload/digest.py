@@ -5,8 +5,10 @@ to restart.
 Why the walk watches as it goes: the watcher is told about each directory *before* it
 is listed, so any file created after the listing raises an event and any file created
 before is in the listing; there is no gap to lose a change in. Hashing comes after the
-walk (`hash_listing`), possibly on a worker thread while Envoy already starts (issue
-16): a file changed after it was listed raises an event, and the watcher has it.
+walk (`hash_listing`), possibly on a worker thread while Envoy already serves (issue
+16): a file changed after it was listed raises an event, and the watcher has it. At
+start-up the walk itself comes after epoch 0's spawn; what changed before the watch
+reached it is found by its ctime (`changed_since.py`).
 
 Why content: a `touch`, a chmod, a same-bytes rewrite by a config push, or a file saved
 twice by an editor must not restart Envoy. The digest follows symlinks, so a kubelet
@@ -52,6 +54,7 @@ from typing import Final
 
 import immutables
 
+from envoy_autoreload.changed_since import ChangedSince
 from envoy_autoreload.content import (
     RootScan,
     Snapshot,
@@ -168,6 +171,7 @@ class FileHashing:
     unreadable: list[str] = field(default_factory=list)
     by_stat: list[str] = field(default_factory=list)
     files_read: int = 0
+    changed: ChangedSince | None = None  # the first hashing after epoch 0's spawn
 
     def add_batch(self, batch: Batch) -> None:
         """One directory's files, made a persistent map at once: no dict of the whole
@@ -205,6 +209,8 @@ class FileHashing:
             return None
         if not stat.S_ISREG(st.st_mode):
             return None
+        if self.changed is not None:
+            self.changed.note(path, st)
         if bounded and st.st_size > MAX_HASHED_BYTES:
             # Not read: by identity and modification, so a replacement or a write shows.
             self.by_stat.append(display)
@@ -226,12 +232,18 @@ class FileHashing:
         return make_entry(st, content, trusted=trusted)
 
 
-def hash_listing(listing: Listing, cache: RootScan | None) -> RootScan:
+def hash_listing(
+    listing: Listing, cache: RootScan | None, changed: ChangedSince | None = None
+) -> RootScan:
     """Phase two: read and hash every file the walk listed. Touches nothing but the
-    files and its own objects, so it may run on a worker thread."""
-    hashing = FileHashing(cache, time.time_ns(), listing.excluded)
+    files and its own objects, so it may run on a worker thread. `changed` collects
+    the files and directories whose ctime is after its instant (`changed_since.py`)."""
+    hashing = FileHashing(cache, time.time_ns(), listing.excluded, changed=changed)
     for batch in listing.batches:
         hashing.add_batch(batch)
+    if changed is not None:
+        for directory in listing.directories:
+            changed.note_directory(str(directory))
     return RootScan(
         root=listing.root,
         tree=immutables.Map(hashing.dirs),

@@ -15,7 +15,7 @@ generation's admin address.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Hashable, Sequence
 from pathlib import Path
 
 from envoy_autoreload.bootstrap_facts import BootstrapFacts, BootstrapReader
@@ -63,18 +63,13 @@ class CommandGate:
     def _config_of(self, config: Path | None) -> Path | None:
         return config or self._settings.config
 
-    def check_now(
-        self,
-        config: Path | None,
-        flags: Sequence[str] = (),
-        meanwhile: Callable[[], None] | None = None,
-    ) -> PreflightOutcome:
+    def check_now(self, config: Path | None, flags: Sequence[str] = ()) -> PreflightOutcome:
         """Blocking, for start-up, before the loop runs. The config is read meanwhile,
         for the first epoch's LIVE probe; the loop collects the facts."""
         path = self._config_of(config)
         if path is not None:
             self.bootstrap.request(path)
-        return run_preflight_now(first_check(self._settings, config, flags), meanwhile)
+        return run_preflight_now(first_check(self._settings, config, flags))
 
     def begin(
         self, known_binary: BinaryInfo | None, config: Path | None, flags: Sequence[str] = ()

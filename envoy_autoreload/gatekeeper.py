@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Final
 
 from envoy_autoreload.batches import Batches
@@ -60,18 +60,16 @@ class Gatekeeper:
         self.seq = 0
         self.content: Snapshot | None = None  # pinned before validating
 
-    def check_before_first_start(self, meanwhile: Callable[[], None] | None = None) -> None:
+    def check_before_first_start(self) -> None:
         """Start-up: refuse to start Envoy on a binary that is not Envoy or a config that
         does not validate (blocking is fine: the loop is not running yet). A refusal is
         the one `envoy-autoreload: error:` line cli.py prints; Envoy's output is logged
         as its detail in JSON only, never as human lines."""
         self.config = self._first_config()
         if not self.gate.enabled:
-            if meanwhile is not None:
-                meanwhile()
             return
         checked = self.config.path if self.config is not None else None
-        outcome = self.named(self.gate.check_now(checked, meanwhile=meanwhile))
+        outcome = self.named(self.gate.check_now(checked))
         match outcome.verdict:
             case Verdict.PASSED:
                 self.log_outcome(outcome, epoch=0, serving=False)

@@ -181,9 +181,28 @@ class Shutdown:
             log_event(logger, logging.INFO, "shutdown.finished", exit_code=int(self.exit_code))
 
     def kill_leftovers(self) -> None:
-        """Last resort on the way out of `run()` when start-up itself raised: no child
-        outlives the daemon. Never reached from an event handler (they are contained)."""
-        for gen in self._roster.alive():
-            gen.process.kill()
+        """Last resort on the way out of `run()` when start-up itself raised (the walk
+        after epoch 0's spawn hit an inotify limit: issue 16): no child outlives the
+        daemon. SIGTERM first: nothing drains yet, and Envoy exits at once (ENVOY_FACTS
+        §2); SIGKILL to the group after `KILL_REAP_WAIT_S`. Never reached from an event
+        handler (they are contained)."""
+        alive = self._roster.alive()
+        if not alive:
+            return
+        log_event(
+            logger,
+            logging.WARNING,
+            "shutdown.leftovers",
+            "start-up failed after Envoy was started; stopping it",
+            epochs=[gen.epoch for gen in alive],
+            pids=[gen.pid for gen in alive],
+        )
+        for gen in alive:
+            gen.process.send_signal(signal.SIGTERM)
+        for gen in alive:
+            gen.process.wait(KILL_REAP_WAIT_S)
+            gen.process.kill()  # only if it is still there
             gen.process.wait(KILL_REAP_WAIT_S)
             gen.process.close_stderr()
+        if not self._roster.alive():
+            self._family.remove_shared_memory()

@@ -222,14 +222,22 @@ class Supervisor:
             self._shutdown.kill_leftovers()
 
     def begin(self, started: Callback = _nothing) -> None:
-        """Start-up: the start-up check (the trees walked meanwhile), then epoch 0."""
-        walk = self._watching.changes.walk_ahead if self._watching is not None else None
-        self._gatekeeper.check_before_first_start(meanwhile=walk)
+        """Start-up: the start-up check, epoch 0, then the walk of the watched trees.
+
+        Envoy first (issue 16): epoch 0 does not wait for a 100,000-file walk. A change
+        made between its spawn and the watch on its directory is found by its ctime
+        (`changed_since.py`); the first restart waits for the files to be read. A walk
+        that hits an inotify limit still fails start-up: `run()` stops epoch 0 on the
+        way out."""
+        self._gatekeeper.check_before_first_start()
         started()
-        self._open_readers(background=True, pin=self._gatekeeper.first_pin)  # Envoy first
+        watching = self._watching
+        if watching is not None:
+            watching.before_first_spawn()
         self._launcher.start(0, "startup", first=True, config=self._gatekeeper.config)
-        if self._watching is not None:
-            self._watching.changes.start_building()  # the files are read once Envoy runs
+        self._open_readers(background=True, pin=self._gatekeeper.first_pin)
+        if watching is not None:
+            watching.changes.start_building()
 
     def begin_adopted(self, handover: Handover) -> None:
         """A re-exec: take over the family the previous image ran, then rescan once (a

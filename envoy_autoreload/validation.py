@@ -24,7 +24,7 @@ import enum
 import os
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
@@ -311,18 +311,14 @@ def _take_ahead(preflight: Preflight, argvs: list[list[str]]) -> Running:
     return taken
 
 
-def run_preflight_now(
-    preflight: Preflight, meanwhile: Callable[[], None] | None = None
-) -> PreflightOutcome:
+def run_preflight_now(preflight: Preflight) -> PreflightOutcome:
     """Blocking, for start-up checks before the loop runs. Every step runs at once:
     `--version`, `--hot-restart-version` and the validation are independent commands,
     one after another 0.16 s of the time before epoch 0 serves (issue 16). Their
     results are taken in order, so the first failure is the verdict, as before."""
     argvs = preflight.remaining_argvs()
     ahead = _take_ahead(preflight, argvs)
-    if not argvs and meanwhile is not None:
-        meanwhile()  # nothing to wait for
-    for result in run_all_now(argvs, preflight.timeout_s, meanwhile if argvs else None, ahead):
+    for result in run_all_now(argvs, preflight.timeout_s, ahead):
         if preflight.outcome is not None:
             break
         preflight.feed(result)

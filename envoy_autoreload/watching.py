@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import time
 from pathlib import Path
 
 from envoy_autoreload.bootstrap_facts import BootstrapFacts, read_facts
@@ -42,16 +43,31 @@ class Watching:
         self._telemetry = telemetry
         self._roster = roster
         self._referenced_said = False
+        self._spawned_ns: int | None = None  # epoch 0 was spawned before the walk
+
+    def before_first_spawn(self) -> None:
+        """Epoch 0 is about to start before anything is watched (issue 16: Envoy does not
+        wait for a 100,000-file walk): what it starts from comes once the files are read,
+        and what changes from now on must count (`changed_since.py`)."""
+        self._spawned_ns = time.time_ns()
+        self._roster.reference_pending = True
 
     def start(self, *, background: bool = False, pin: str | None = None) -> None:
         """Walk and watch every root; hash the files now, or (`background`, the first
-        start) on a worker thread while epoch 0 starts: Envoy does not wait for a big
-        tree to be read (issue 16, watch/build.py). `pin`: the sha256 of --config as the
-        start-up check snapshotted it, which may predate the watch on its directory."""
+        start) on a worker thread once epoch 0 runs: Envoy does not wait for a big tree
+        to be read (issue 16, watch/build.py). `pin`: the sha256 of --config as the
+        start-up check snapshotted it, which predates the watch on its directory."""
         changes = self.changes
         self.exclude_envoy_outputs()  # before the first snapshot, or it holds the log
         changes.exclude_paths(self._command_line_outputs())
-        snapshot = changes.start(degraded_ok=self._settings.watch_degraded, background=background)
+        snapshot = changes.start(
+            degraded_ok=self._settings.watch_degraded,
+            background=background,
+            changed_since_ns=self._spawned_ns,
+        )
+        self._spawned_ns = None
+        if snapshot is not None and self._roster.reference_pending:
+            self._roster.attach_reference(snapshot)  # read at once: watching nothing
         self._suspect_a_change_since(pin)
         if changes.active:
             self._reactor.add_reader(changes.fileno(), changes)
@@ -79,8 +95,9 @@ class Watching:
             )
 
     def _suspect_a_change_since(self, pin: str | None) -> None:
-        """The config was snapshotted for the start-up check while the walk watched the
-        trees (on a thread: issue 16), so a save in between may have raised no event.
+        """The config was snapshotted for the start-up check before anything was
+        watched (the walk comes after epoch 0's spawn: issue 16), so a save in between
+        raised no event, and may be older than the spawn (`changed_since.py` misses it).
         If the file no longer holds the pinned bytes, it is taken as changed, as if an
         event had named it: the restart request follows the first reading of the files.
         """
@@ -180,7 +197,10 @@ class Watching:
     def current(self) -> Snapshot | None:
         """What is on disk now; events already in the kernel's queue are read first (and
         start their debounce), so "nothing happened since the last scan" is true. None
-        while the first hashing runs: nothing to compare with yet."""
+        while the first hashing runs, or before it (epoch 0's spawn came first): nothing
+        to compare with yet."""
+        if self._spawned_ns is not None:
+            return None
         if self.changes.active:
             self.on_readable(drain=True)
         return None if self.changes.building else self.changes.current()

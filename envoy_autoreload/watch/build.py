@@ -1,13 +1,15 @@
 """Hashing the watched files on a worker thread while Envoy starts (issue 16).
 
-Reading 100,000 files takes seconds; epoch 0 used to wait for it. Now the walk (watch
-and list every directory, ~0.1 s for 100,000 files) runs before Envoy starts, and the
-hashing after, here. Why that order loses no change: every directory is watched before
-Envoy is spawned, so anything changed after Envoy read it raises an event; the paths
-events name while the hashing runs are *touched*, and the reference (what the first
-epoch started from) holds `UNKNOWN` for them, which equals no content. The first
-comparison after the build then reports each as changed: a spurious restart at worst
-(a `touch` during start-up), never a lost change.
+Reading 100,000 files takes seconds; epoch 0 used to wait for it. Now Envoy is spawned
+first, then the walk (watch and list every directory, ~0.1 s for 100,000 files) runs,
+and the hashing after it, here. Why that order loses no change: every directory is
+watched before it is listed, so anything changed after the walk reached it raises an
+event; the paths events name while the hashing runs are *touched*. What changed
+between the spawn and the watch raised no event but moved its ctime, and the hashing
+notes it (`changed_since.py`). The reference (what the first epoch started from) holds
+`UNKNOWN` for both, which equals no content. The first comparison after the build then
+reports each as changed: a spurious restart at worst (a `touch` during start-up), never
+a lost change.
 
 The thread reads files and builds its own objects; it touches no state of the loop's.
 It rings a pipe whose read end the loop watches (the health prober's pattern), and is
@@ -22,6 +24,7 @@ import os
 import threading
 import time
 
+from envoy_autoreload.changed_since import ChangedSince
 from envoy_autoreload.content import RootScan
 from envoy_autoreload.digest import Listing, hash_listing
 from envoy_autoreload.loop import signals_blocked
@@ -30,9 +33,15 @@ from envoy_autoreload.loop import signals_blocked
 class BackgroundHash:
     """`hash_listing` for every listing, on a thread; `fileno()` readable when done."""
 
-    def __init__(self, listings: list[Listing], caches: list[RootScan | None]) -> None:
+    def __init__(
+        self,
+        listings: list[Listing],
+        caches: list[RootScan | None],
+        changed: ChangedSince | None = None,
+    ) -> None:
         self._listings = listings
         self._caches = caches
+        self.changed = changed  # filled by the thread: read it once `done()`
         self._read_fd, self._write_fd = os.pipe()
         os.set_blocking(self._read_fd, False)
         self.started_at = time.monotonic()
@@ -55,7 +64,8 @@ class BackgroundHash:
     def _run(self) -> None:
         try:
             pairs = zip(self._listings, self._caches, strict=True)
-            self._scans = [hash_listing(listing, cache) for listing, cache in pairs]
+            changed = self.changed
+            self._scans = [hash_listing(listing, cache, changed) for listing, cache in pairs]
         except Exception as err:  # noqa: BLE001 (handed to the loop, which contains it)
             self._error = err
         finally:

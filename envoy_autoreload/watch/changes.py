@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+from envoy_autoreload.changed_since import ChangedSince
 from envoy_autoreload.content import RootScan
 from envoy_autoreload.debounce import Debouncer
 from envoy_autoreload.digest import (
@@ -103,7 +104,6 @@ class ChangeDetector:
         self._unapplied: set[str] = set()  # paths events named since the last apply
         self._build: BackgroundHash | None = None
         self._touched: set[str] = set()  # paths events named while the build ran
-        self._walked: _Walked | None = None  # the start-up walk, during the check
         self.listed = Listed()
 
     @property
@@ -173,15 +173,6 @@ class ChangeDetector:
         file by the real directory they listed, the user by the path they typed."""
         return frozenset(self._excluded | {os.path.realpath(p) for p in self._excluded})
 
-    def walk_ahead(self) -> None:
-        """Open the watcher and walk every root now, for `start()` to take: called while
-        the start-up check's commands (`envoy --mode validate`) run, off epoch 0's path
-        (issue 16). The config was snapshotted for that check a moment before, so a
-        save in between may raise no event: `Watching.start` compares it with the
-        snapshot for that reason."""
-        if self._watcher is None and self._walked is None:
-            self._walked = self._open_and_walk()
-
     def _open_and_walk(self) -> _Walked:
         try:
             watcher = open_watcher(self._watcher_kind, self._noise)
@@ -189,16 +180,23 @@ class ChangeDetector:
             return _Walked(None, [], err)
         return _Walked(watcher, self._scanner.list_roots(watcher.watch_directory))
 
-    def start(self, *, degraded_ok: bool, background: bool = False) -> Snapshot | None:
+    def start(
+        self,
+        *,
+        degraded_ok: bool,
+        background: bool = False,
+        changed_since_ns: int | None = None,
+    ) -> Snapshot | None:
         """Open the watcher and walk every root, watching each directory before listing
-        it (or take what `walk_ahead` did); then hash what was listed, now or
-        (`background`) on a worker thread, in which case the snapshot comes from
-        `take_built()` and this returns None.
+        it; then hash what was listed, now or (`background`) on a worker thread, in
+        which case the snapshot comes from `take_built()` and this returns None. With
+        `changed_since_ns` (the wall clock at epoch 0's spawn, which came before this
+        walk), what changed since then is taken as changed (`changed_since.py`).
 
         Hitting an inotify limit raises `WatchLimitError` (start-up failure) unless
         `degraded_ok`: then whatever could be watched is, and the rest is named.
         """
-        walked, self._walked = self._walked or self._open_and_walk(), None
+        walked = self._open_and_walk()
         if walked.watcher is None:
             assert walked.error is not None
             if not degraded_ok:
@@ -206,8 +204,6 @@ class ChangeDetector:
             log_event(logger, logging.ERROR, "watch.degraded", f"{walked.error}; watching nothing")
             return self.plan()
         self._watcher, listings = walked.watcher, walked.listings
-        for listing in listings:
-            listing.excluded = self._scanner.excluded  # as excluded since the walk began
         unwatched, why = self._watcher.take_unwatched()
         self._check_limits(self.watch_count + len(unwatched))
         if unwatched and not degraded_ok:
@@ -217,7 +213,8 @@ class ChangeDetector:
         self.listed = Listed.of(listings)
         caches = [self._scanner.cached(listing.root) for listing in listings]
         if background:
-            self._build = BackgroundHash(listings, caches)
+            since = ChangedSince(changed_since_ns) if changed_since_ns is not None else None
+            self._build = BackgroundHash(listings, caches, since)
             return None
         return self._keep([hash_listing(lst, c) for lst, c in zip(listings, caches, strict=True)])
 
@@ -231,9 +228,13 @@ class ChangeDetector:
         self.on_readable(time.monotonic())  # what the kernel holds happened meanwhile too
         self._build = None
         scans = build.result()
-        touched, self._touched = self._touched, set()
+        unseen = build.changed.paths if build.changed is not None else set()
+        touched, self._touched = self._touched | unseen, set()
         reference = Snapshot.of(tuple(mark_unknown(scans, touched)))
         self._keep(scans)
+        if unseen:
+            self._report_unseen(unseen)
+            self._take(time.monotonic(), unseen)  # a burst, as if events had named them
         log_event(
             logger,
             logging.DEBUG,
@@ -404,6 +405,16 @@ class ChangeDetector:
             )
         return snapshot
 
+    def _report_unseen(self, unseen: set[str]) -> None:
+        log_event(
+            logger,
+            logging.INFO,
+            "watch.changed_at_start",
+            "changed between Envoy's start and the watch on their directory; taken as changed",
+            paths=sorted(unseen)[:10],
+            count=len(unseen),
+        )
+
     def _check_limits(self, need: int) -> None:
         """Warn when this run's watches leave less than 10% of a limit free: counted by
         the one walk that also added them (issue 16: no walk just to count), so the
@@ -476,9 +487,6 @@ class ChangeDetector:
         )
 
     def close(self) -> None:
-        walked, self._walked = self._walked, None
-        if walked is not None and walked.watcher is not None:  # the start-up check refused
-            walked.watcher.close()
         if self._watcher is not None:
             self._watcher.close()
             self._watcher = None

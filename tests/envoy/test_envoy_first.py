@@ -101,47 +101,75 @@ def test_a_burst_that_overflows_the_queue_is_one_restart_of_the_final_content(
     assert len(daemon.events("restart.requested")) == 1
 
 
-def test_a_config_saved_before_the_walk_reaches_it_is_served(
+def test_a_config_saved_after_the_check_snapshotted_it_is_served(
     envoy_family: EnvoyFamily,
 ) -> None:
-    """The start-up check snapshots and validates the config while the walk watches the
-    trees (issue 16). Here the walk reaches the config last (a --watch tree of 20,000
-    directories comes first, and the config is a root of its own), and the config is
-    saved once the walk has begun (the daemon, the wrapper's parent, holds inotify
-    watches), hence after the snapshot: no event can name that save. The file no
-    longer holds the snapshotted bytes when the walk is done, so epoch 1 serves it."""
+    """The start-up check snapshots and validates the config before anything is
+    watched (the walk comes after epoch 0's spawn: issue 16). Here v1 is saved while
+    the check runs, 1 s in (the daemon has long pinned v0 by then: a save before the
+    pin is simply what epoch 0 starts), so no event can name it, and it is older than
+    the spawn by more than the coarse clock's margin (the wrapper waits 0.2 s after
+    saving), so its ctime does not either. The file no longer holds the snapshotted
+    bytes once the walk is done, so epoch 1 serves it."""
     outside = envoy_family.root.parent / f"{envoy_family.root.name}-outside"
-    tree = outside / "dirs"  # not under the config's directory, which nothing watches yet
-    for top in range(200):
-        for leaf in range(100):
-            (tree / f"d{top:03d}" / f"e{leaf:02d}").mkdir(parents=True)
+    outside.mkdir()
     saved = outside / "v1.yaml"
     saved.write_text(envoy_family.render("v1"))
     marker = outside / "saved"
     config = envoy_family.config
-    wrapper = outside / "envoy-saving-v1"  # the real Envoy, saving v1 during the walk
+    wrapper = outside / "envoy-saving-v1"  # the real Envoy, saving v1 during the check
     wrapper.write_text(
         "#!/bin/sh\n"
         'case " $* " in *" --mode validate "*)\n'
         f"  if [ ! -e {marker} ]; then\n"
-        "    tries=0\n"
-        '    until [ "$(cat /proc/$PPID/fdinfo/* 2>/dev/null | grep -c "inotify wd")" -gt 50 ]'
-        " || [ $tries -ge 2000 ]; do\n"
-        "      tries=$((tries + 1)); sleep 0.005\n"
-        "    done\n"
+        "    sleep 1\n"
         f"    cp {saved} {config}.tmp && mv {config}.tmp {config} && : > {marker}\n"
+        "    sleep 0.2\n"
         "  fi;;\n"
         "esac\n"
         f'exec {ENVOY_BIN} "$@"\n'
     )
     wrapper.chmod(0o755)
-    daemon = envoy_family.start(
-        "--watch", str(tree), "--config", str(config), "--envoy", str(wrapper)
-    )
+    daemon = envoy_family.start(*envoy_family.watched("--envoy", str(wrapper)))
     daemon.wait_event("child.serving", epoch=0, timeout_s=60)
     assert marker.exists(), "the wrapper did not save v1"
     daemon.wait_event("child.serving", epoch=1, timeout_s=60)
     _serves(envoy_family, "v1")
+    assert not daemon.events("watch.changed_at_start"), "the pin found it, not the ctime"
+
+
+def test_a_file_changed_between_the_spawn_and_the_walk_restarts_epoch_0(
+    envoy_family: EnvoyFamily,
+) -> None:
+    """Epoch 0 is spawned before the walk (issue 16). Its start script rewrites a
+    watched file as it starts; the walk reaches that file's directory last (a --watch
+    tree of 20,000 directories comes first, ~0.1 s of walking), so no event can name
+    the write. Its ctime, later than the spawn, does: the first reading of the files
+    takes it as changed and epoch 1 starts for it, naming it."""
+    tree = envoy_family.root.parent / f"{envoy_family.root.name}-tree"
+    for top in range(200):
+        for leaf in range(100):
+            (tree / f"d{top:03d}" / f"e{leaf:02d}").mkdir(parents=True)
+    late = tree / "zz" / "late.txt"  # walked last: names are walked in order
+    late.parent.mkdir()
+    late.write_text("as epoch 0 may have read it\n")
+    marker = tree.parent / f"{tree.name}-written"  # outside anything watched
+    envoy_family.write_script(
+        prelude=f'[ -e {marker} ] || {{ echo "rewritten" > {late}; : > {marker}; }}\n'
+    )
+    daemon = envoy_family.start("--watch", str(tree), *envoy_family.watched())
+    daemon.wait_event("child.serving", epoch=0, timeout_s=60)
+    found = daemon.wait_event("watch.changed_at_start", timeout_s=60)
+    assert found["paths"] == [str(late)], found
+    requested = daemon.wait_event("restart.requested", timeout_s=60)
+    assert requested["changed"] == [str(late)], requested
+    daemon.wait_event("child.serving", epoch=1, timeout_s=60)
+    _serves(envoy_family, "v0")
+    holds_for(
+        lambda: len(daemon.events("child.started")) == 2,
+        duration_s=1.0,
+        what="one restart for the one change",
+    )
 
 
 def test_epoch_0s_check_runs_once(envoy_family: EnvoyFamily) -> None:

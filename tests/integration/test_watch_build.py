@@ -12,11 +12,13 @@ import os
 import random
 import shutil
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from envoy_autoreload.changed_since import COARSE_CLOCK_S, ChangedSince
 from envoy_autoreload.content import RootScan, Snapshot, digest_of_files
 from envoy_autoreload.digest import ContentScanner, Listing, WatchRoot, hash_listing
 from envoy_autoreload.watch import build
@@ -60,15 +62,17 @@ class HeldHashing:
         self.read = threading.Event()
         real = hash_listing
 
-        def held(listing: Listing, cache: RootScan | None) -> RootScan:
+        def held(
+            listing: Listing, cache: RootScan | None, changed: ChangedSince | None = None
+        ) -> RootScan:
             if read_first:
-                scan = real(listing, cache)
+                scan = real(listing, cache, changed)
                 self.read.set()
                 self.gate.wait(30)
                 return scan
             self.read.set()
             self.gate.wait(30)
-            return real(listing, cache)
+            return real(listing, cache, changed)
 
         monkeypatch.setattr(build, "hash_listing", held)
 
@@ -122,6 +126,59 @@ def test_changes_while_the_files_are_first_hashed_are_changes(
         assert now.digest == _fresh_digest(tree).digest, "the files as they are now"
     finally:
         held.gate.set()
+        detector.close()
+
+
+def _older_than_the_margin(top: Path) -> None:
+    """Wait until the clock is past the tree's newest ctime by the coarse clock's margin
+    (`changed_since.py`): as a tree written long before the daemon started is."""
+    newest = max(os.stat(p).st_ctime_ns for p in [top, *top.rglob("*")])
+    margin_ns = int((COARSE_CLOCK_S + 0.02) * 1e9)
+    wait_until(lambda: time.time_ns() > newest + margin_ns, timeout_s=5, what="time to pass")
+
+
+def test_changes_between_the_spawn_and_the_walk_are_changes(tree: Path) -> None:
+    """Epoch 0 is spawned before the walk (issue 16): a file rewritten, one created and
+    one deleted after the spawn and before anything is watched raise no event, but each
+    differs between the reference and the files, and a burst follows as if events had
+    named them (no event ever will)."""
+    _older_than_the_margin(tree)
+    spawned_ns = time.time_ns()
+    (tree / "d1" / "f3.json").write_text('{"changed": true}\n')  # in place: d1 is as it was
+    (tree / "d2" / "new.json").write_text("{}\n")
+    (tree / "d3" / "f0.json").unlink()  # leaves no file: d3 itself moved
+    (tree / "d4" / "f1.json").chmod(0o600)  # same bytes: no restart for it
+    detector = _detector(tree)
+    try:
+        assert (
+            detector.start(degraded_ok=False, background=True, changed_since_ns=spawned_ns) is None
+        )
+        detector.start_building()
+        reference = _built(detector)
+        changed = detector.current().changed_since(reference)
+        for path in ("d1/f3.json", "d2/new.json", "d3"):
+            assert str(tree / path) in changed, (path, changed)
+        assert str(tree / "d0" / "f0.json") not in changed, "untouched files are no change"
+        burst = next_burst(detector)
+        assert burst is not None, "no event named them: the detector must settle a burst"
+        assert {str(tree / p) for p in ("d1/f3.json", "d2/new.json", "d3")} <= burst.paths
+    finally:
+        detector.close()
+
+
+def test_nothing_changed_since_the_spawn_means_the_reference_is_the_files(tree: Path) -> None:
+    """No spurious restart: files last changed before the spawn (and its margin for the
+    coarse clock) are what epoch 0 read, and the reference is exactly the content."""
+    _older_than_the_margin(tree)
+    spawned_ns = time.time_ns()
+    detector = _detector(tree)
+    try:
+        detector.start(degraded_ok=False, background=True, changed_since_ns=spawned_ns)
+        detector.start_building()
+        reference = _built(detector)
+        assert detector.current().digest == reference.digest
+        assert next_burst(detector, timeout_s=0.5) is None
+    finally:
         detector.close()
 
 

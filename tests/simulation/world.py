@@ -272,14 +272,7 @@ class SimGate:
         moments = [t for t in (running.read_at, running.done_at) if t is not None and t >= 0]
         return min(moments) if moments else None
 
-    def check_now(
-        self,
-        config: Path | None,
-        flags: Sequence[str] = (),
-        meanwhile: Callable[[], None] | None = None,
-    ) -> PreflightOutcome:
-        if meanwhile is not None:
-            meanwhile()
+    def check_now(self, config: Path | None, flags: Sequence[str] = ()) -> PreflightOutcome:
         world = self._world
         content = world.content_at(config)
         return self._verdict(_Validation(content, world.binary_ok, world.binary_hrv, 0.0))
@@ -398,10 +391,16 @@ class SimContent:
     def plan(self) -> Snapshot:
         return self.current()
 
-    def walk_ahead(self) -> None:
-        """The real one walks while the start-up check's commands run: no virtual time."""
-
-    def start(self, *, degraded_ok: bool, background: bool = False) -> Snapshot | None:
+    def start(
+        self,
+        *,
+        degraded_ok: bool,
+        background: bool = False,
+        changed_since_ns: int | None = None,
+    ) -> Snapshot | None:
+        """The real one walks here, after epoch 0's spawn, in no virtual time: no write
+        can land between the spawn and the watch, so `changed_since_ns` has nothing to
+        find (the rule is proven on real files: tests/integration/test_watch_build.py)."""
         if background and self._build_s > 0:
             self._build_done_at = self._world.reactor.now() + self._build_s
             self.build_window = (self._world.reactor.now(), None)
