@@ -211,16 +211,16 @@ class ScriptChild(_Child):
     def send_signal(self, signum: signal.Signals) -> None:
         self.process.send_signal(signum)
 
-    def kill(self) -> None:
-        """SIGKILL the child's process group (its own, from `process_group=0`), so an Envoy
-        left under a start script that did not exec dies too. Only while unreaped: until
-        then the group id cannot be reused."""
+    def kill(self, signum: signal.Signals = signal.SIGKILL) -> None:
+        """SIGKILL (or `signum`) the child's process group (its own, from
+        `process_group=0`), so an Envoy left under a start script that did not exec gets
+        it too. Only while unreaped: until then the group id cannot be reused."""
         if self.process.returncode is not None:
             return
         try:
-            os.killpg(self.pid, signal.SIGKILL)
+            os.killpg(self.pid, signum)
         except (ProcessLookupError, PermissionError):
-            self.process.kill()
+            self.process.send_signal(signum)
 
     def wait(self, timeout_s: float) -> None:
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -303,15 +303,16 @@ class AdoptedChild(_Child):
             else:
                 os.kill(self._pid, signum)
 
-    def kill(self) -> None:
-        """SIGKILL the child's process group, as `ScriptChild.kill`: only while unreaped
-        (an exited leader is not reaped first, so the rest of its group still dies)."""
+    def kill(self, signum: signal.Signals = signal.SIGKILL) -> None:
+        """SIGKILL (or `signum`) the child's process group, as `ScriptChild.kill`: only
+        while unreaped (an exited leader is not reaped first, so the rest of its group
+        still gets it)."""
         if self._returncode is not None or not self._still_ours():
             return
         try:
-            os.killpg(self._pid, signal.SIGKILL)
+            os.killpg(self._pid, signum)
         except (ProcessLookupError, PermissionError):
-            self.send_signal(signal.SIGKILL)
+            self.send_signal(signum)
 
     def wait(self, timeout_s: float) -> None:
         """Reap the child if it exits within `timeout_s`; returns by then either way."""

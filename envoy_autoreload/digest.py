@@ -156,6 +156,8 @@ class Listing:
     missing: list[str] = field(default_factory=list)
     not_walked: list[str] = field(default_factory=list)
     link_targets: set[str] = field(default_factory=set)
+    # When each directory's watch was added (wall clock ns; for `changed_since.py`).
+    watched_at: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -244,6 +246,9 @@ def hash_listing(
     if changed is not None:
         for directory in listing.directories:
             changed.note_directory(str(directory))
+        for hop_directory, names in listing.name_watches.items():
+            for name in names:
+                changed.note_entry(os.path.join(hop_directory, name))
     return RootScan(
         root=listing.root,
         tree=immutables.Map(hashing.dirs),
@@ -276,10 +281,18 @@ class ContentScanner:
     def noise(self) -> NoiseFilter:
         return self._noise
 
-    def scan(self, on_directory: DirectoryCallback | None = None) -> Snapshot:
+    def scan(
+        self, on_directory: DirectoryCallback | None = None, changed: ChangedSince | None = None
+    ) -> Snapshot:
         """Walk and hash every root now."""
+        return self.keep(self.scan_roots(on_directory, changed))
+
+    def scan_roots(
+        self, on_directory: DirectoryCallback | None = None, changed: ChangedSince | None = None
+    ) -> list[RootScan]:
+        """Walk and hash every root now; the scans, not kept."""
         listings = self.list_roots(on_directory or _no_watch)
-        return self.keep([hash_listing(lst, self.cached(lst.root)) for lst in listings])
+        return [hash_listing(lst, self.cached(lst.root), changed) for lst in listings]
 
     def cached(self, root: WatchRoot) -> RootScan | None:
         return self._scans.get(root)
@@ -330,6 +343,7 @@ class ContentScanner:
                     known.add(name)
                     added = True
                     listing.on_directory(directory, frozenset(known))
+                    listing.watched_at[str(directory)] = time.time_ns()
             if not added:
                 break
         if real != path:
@@ -370,6 +384,7 @@ class ContentScanner:
         if directory.budget is not None and directory.budget.exhausted:
             return []
         listing.on_directory(directory.real, None)
+        listing.watched_at[str(directory.real)] = time.time_ns()
         try:
             entries = sorted(os.scandir(directory.real), key=operator.attrgetter("name"))
         except FileNotFoundError:

@@ -186,7 +186,7 @@ class Shutdown:
         daemon. SIGTERM first: nothing drains yet, and Envoy exits at once (ENVOY_FACTS
         §2); SIGKILL to the group after `KILL_REAP_WAIT_S`. Never reached from an event
         handler (they are contained)."""
-        alive = self._roster.alive()
+        alive = [gen for gen in self._roster.alive() if gen.process.returncode is None]
         if not alive:
             return
         log_event(
@@ -198,11 +198,12 @@ class Shutdown:
             pids=[gen.pid for gen in alive],
         )
         for gen in alive:
-            gen.process.send_signal(signal.SIGTERM)
+            self._family.observe(gen)  # its base id, when Envoy runs already
+            gen.process.kill(signal.SIGTERM)  # the group: an Envoy under a shell too
         for gen in alive:
             gen.process.wait(KILL_REAP_WAIT_S)
-            gen.process.kill()  # only if it is still there
+            gen.process.kill()  # only if the leader is still there
             gen.process.wait(KILL_REAP_WAIT_S)
             gen.process.close_stderr()
-        if not self._roster.alive():
+        if all(gen.process.returncode is not None for gen in alive):
             self._family.remove_shared_memory()

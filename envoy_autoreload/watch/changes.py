@@ -202,8 +202,9 @@ class ChangeDetector:
             if not degraded_ok:
                 raise walked.error
             log_event(logger, logging.ERROR, "watch.degraded", f"{walked.error}; watching nothing")
-            return self.plan()
+            return self._unwatched_reference(changed_since_ns)
         self._watcher, listings = walked.watcher, walked.listings
+        self._stale = False  # walked with the exclusions and roots given so far
         unwatched, why = self._watcher.take_unwatched()
         self._check_limits(self.watch_count + len(unwatched))
         if unwatched and not degraded_ok:
@@ -213,10 +214,25 @@ class ChangeDetector:
         self.listed = Listed.of(listings)
         caches = [self._scanner.cached(listing.root) for listing in listings]
         if background:
-            since = ChangedSince(changed_since_ns) if changed_since_ns is not None else None
+            since = None
+            if changed_since_ns is not None:
+                since = ChangedSince(changed_since_ns, until_ns=time.time_ns())
+                for listing in listings:
+                    since.learn(listing.watched_at)
             self._build = BackgroundHash(listings, caches, since)
             return None
         return self._keep([hash_listing(lst, c) for lst, c in zip(listings, caches, strict=True)])
+
+    def _unwatched_reference(self, changed_since_ns: int | None) -> Snapshot:
+        """Nothing is watched: the files are read now, and what changed since epoch 0's
+        spawn (`changed_since_ns`) is UNKNOWN in what this returns, the reference, so a
+        SIGHUP or a `reload` restarts for it; `snapshot` holds the files as they are."""
+        if changed_since_ns is None:
+            return self.plan()
+        since = ChangedSince(changed_since_ns, until_ns=None)
+        scans = self._scanner.scan_roots(changed=since)
+        self.snapshot = self._scanner.keep(scans)
+        return Snapshot.of(tuple(mark_unknown(scans, since.paths)))
 
     def take_built(self) -> Snapshot | None:
         """Once the background hashing is done: the reference, what an Envoy started
@@ -410,7 +426,7 @@ class ChangeDetector:
             logger,
             logging.INFO,
             "watch.changed_at_start",
-            "changed between Envoy's start and the watch on their directory; taken as changed",
+            "changed between Envoy's start and the watch that sees them; taken as changed",
             paths=sorted(unseen)[:10],
             count=len(unseen),
         )

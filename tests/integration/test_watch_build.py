@@ -21,7 +21,8 @@ import pytest
 from envoy_autoreload.changed_since import COARSE_CLOCK_S, ChangedSince
 from envoy_autoreload.content import RootScan, Snapshot, digest_of_files
 from envoy_autoreload.digest import ContentScanner, Listing, WatchRoot, hash_listing
-from envoy_autoreload.watch import build
+from envoy_autoreload.errors import WatchLimitError
+from envoy_autoreload.watch import Watcher, build, changes
 from envoy_autoreload.watch.changes import ChangeDetector
 from envoy_autoreload.watch.filters import NoiseFilter
 from tests.helpers import wait_until
@@ -138,16 +139,19 @@ def _older_than_the_margin(top: Path) -> None:
 
 
 def test_changes_between_the_spawn_and_the_walk_are_changes(tree: Path) -> None:
-    """Epoch 0 is spawned before the walk (issue 16): a file rewritten, one created and
-    one deleted after the spawn and before anything is watched raise no event, but each
-    differs between the reference and the files, and a burst follows as if events had
-    named them (no event ever will)."""
+    """Epoch 0 is spawned before the walk (issue 16): a file rewritten, one created, one
+    deleted and one renamed over (prepared before the spawn, as a config push stages
+    it) after the spawn and before anything is watched raise no event, but each differs
+    between the reference and the files, and a burst follows as if events had named
+    them (no event ever will)."""
+    (tree / "d4" / "staged.json").write_text('{"staged": true}\n')
     _older_than_the_margin(tree)
     spawned_ns = time.time_ns()
     (tree / "d1" / "f3.json").write_text('{"changed": true}\n')  # in place: d1 is as it was
     (tree / "d2" / "new.json").write_text("{}\n")
     (tree / "d3" / "f0.json").unlink()  # leaves no file: d3 itself moved
-    (tree / "d4" / "f1.json").chmod(0o600)  # same bytes: no restart for it
+    (tree / "d4" / "f1.json").chmod(0o600)  # same bytes, but ctime cannot tell: changed
+    os.replace(tree / "d4" / "staged.json", tree / "d4" / "f2.json")  # rename sets its ctime
     detector = _detector(tree)
     try:
         assert (
@@ -156,7 +160,7 @@ def test_changes_between_the_spawn_and_the_walk_are_changes(tree: Path) -> None:
         detector.start_building()
         reference = _built(detector)
         changed = detector.current().changed_since(reference)
-        for path in ("d1/f3.json", "d2/new.json", "d3"):
+        for path in ("d1/f3.json", "d2/new.json", "d3", "d4/f2.json", "d4/f1.json"):
             assert str(tree / path) in changed, (path, changed)
         assert str(tree / "d0" / "f0.json") not in changed, "untouched files are no change"
         burst = next_burst(detector)
@@ -180,6 +184,87 @@ def test_nothing_changed_since_the_spawn_means_the_reference_is_the_files(tree: 
         assert next_burst(detector, timeout_s=0.5) is None
     finally:
         detector.close()
+
+
+def test_a_symlinked_root_retargeted_between_the_spawn_and_the_walk_is_a_change(
+    tmp_path: Path,
+) -> None:
+    """`--watch current` with `current -> rel1`, switched to an older `rel2` (a rollback
+    by symlink) after the spawn, before the walk: the walk reads rel2 and no event
+    names the switch, but the new link's ctime does (a resolution hop, `lstat`)."""
+    for release in ("rel1", "rel2"):
+        (tmp_path / release).mkdir()
+        (tmp_path / release / "envoy.yaml").write_text(f"release: {release}\n")
+    current = tmp_path / "current"
+    current.symlink_to("rel1")
+    _older_than_the_margin(tmp_path)
+    spawned_ns = time.time_ns()  # epoch 0 read rel1
+    (tmp_path / "next").symlink_to("rel2")
+    os.replace(tmp_path / "next", current)
+    detector = _detector(current)
+    try:
+        detector.start(degraded_ok=False, background=True, changed_since_ns=spawned_ns)
+        detector.start_building()
+        reference = _built(detector)
+        assert detector.current().digest != reference.digest
+        burst = next_burst(detector)
+        assert burst is not None and str(current) in burst.paths, burst
+    finally:
+        detector.close()
+
+
+def test_a_file_excluded_and_created_after_the_watch_restarts_nothing(tree: Path) -> None:
+    """Envoy creates its `--admin-address-path` file in a watched directory once the walk
+    has watched it: the directory's ctime moves after the spawn, but after its watch
+    too, so the (excluded) event decides, and nothing changed."""
+    _older_than_the_margin(tree)
+    spawned_ns = time.time_ns()
+    detector = _detector(tree)
+    detector.exclude_paths([tree / "admin.addr"])
+    try:
+        detector.start(degraded_ok=False, background=True, changed_since_ns=spawned_ns)
+        _after_the_coarse_tick()
+        (tree / "admin.addr").write_text("127.0.0.1:9901\n")
+        detector.start_building()
+        reference = _built(detector)
+        assert detector.current().digest == reference.digest
+        assert next_burst(detector, timeout_s=0.5) is None
+    finally:
+        detector.close()
+
+
+def test_unwatched_a_change_since_the_spawn_is_still_a_change(
+    tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No inotify instance at all (`--watch-degraded`): the files are read after the
+    spawn, and what changed since is UNKNOWN in the reference, so an operator's reload
+    (which compares the files with it) restarts for it."""
+    _older_than_the_margin(tree)
+    spawned_ns = time.time_ns()
+    (tree / "d1" / "f3.json").write_text('{"changed": true}\n')
+
+    def no_instance(*_args: object) -> Watcher:
+        raise WatchLimitError("inotify instances: the limit is reached")
+
+    monkeypatch.setattr(changes, "open_watcher", no_instance)
+    detector = _detector(tree)
+    try:
+        reference = detector.start(degraded_ok=True, background=True, changed_since_ns=spawned_ns)
+        assert reference is not None
+        assert str(tree / "d1" / "f3.json") in detector.current().changed_since(reference)
+        assert str(tree / "d0" / "f0.json") not in detector.current().changed_since(reference)
+    finally:
+        detector.close()
+
+
+def _after_the_coarse_tick() -> None:
+    """Wait until a file time written now is later than any wall time read before."""
+    before = time.time_ns()
+    wait_until(
+        lambda: time.time_ns() > before + int(COARSE_CLOCK_S * 1e9),
+        timeout_s=5,
+        what="the coarse clock to move on",
+    )
 
 
 def test_nothing_changed_while_hashing_means_the_reference_is_the_files(tree: Path) -> None:

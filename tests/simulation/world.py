@@ -124,8 +124,8 @@ class SimChild:
     def signal_envoy(self, signum: signal.Signals, envoy: EnvoyProcess | None) -> None:
         self.send_signal(signum)
 
-    def kill(self) -> None:
-        self.send_signal(signal.SIGKILL)
+    def kill(self, signum: signal.Signals = signal.SIGKILL) -> None:
+        self.send_signal(signum)
 
     def wait(self, timeout_s: float) -> None:
         return None

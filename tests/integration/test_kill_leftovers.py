@@ -1,0 +1,71 @@
+"""A start-up that fails after epoch 0 was spawned (the walk comes after the spawn since
+issue 16) leaves nothing: its whole process group is stopped, an Envoy under a start
+script that did not `exec` included, and the shared memory is removed."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+from envoy_autoreload.child import ScriptChild
+from envoy_autoreload.roster import Generation, Roster
+from envoy_autoreload.shutdown import Shutdown
+from tests.helpers import wait_until
+
+
+class _Script:
+    """A start script that did not exec: the shell leads the group, "Envoy" under it."""
+
+    def spawn(self, epoch: int, snapshot: Path | None = None) -> ScriptChild:
+        process = subprocess.Popen(["sh", "-c", "sleep 60; true"], process_group=0)
+        return ScriptChild(process, None)
+
+
+class _Reactor:
+    def now(self) -> float:
+        return time.monotonic()
+
+
+class _Family:
+    def __init__(self) -> None:
+        self.observed: list[int] = []
+        self.removed = False
+
+    def observe(self, gen: Generation) -> None:
+        self.observed.append(gen.epoch)
+
+    def remove_shared_memory(self) -> None:
+        self.removed = True
+
+
+def _live_members(group: int) -> list[int]:
+    """PIDs in the process group that are not zombies."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == group and fields[0] != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
+def test_a_failed_start_up_stops_the_whole_group_and_removes_the_shared_memory() -> None:
+    roster = Roster(_Script(), _Reactor())  # type: ignore[arg-type]
+    gen = roster.spawn(0, "startup", covers_seq=0, snapshot=None, binary=None)
+    family = _Family()
+    try:
+        wait_until(lambda: len(_live_members(gen.pid)) == 2, timeout_s=10, what="sh and sleep")
+        shutdown = Shutdown(_Reactor(), roster, family, 1.0, None)  # type: ignore[arg-type]
+        began = time.monotonic()
+        shutdown.kill_leftovers()
+        assert time.monotonic() - began < 3.0, "SIGTERM is enough: no 5 s wait"
+        assert gen.process.returncode is not None
+        wait_until(lambda: not _live_members(gen.pid), timeout_s=10, what="the group gone")
+        assert family.observed == [0], "its base id is looked for before it is stopped"
+        assert family.removed
+    finally:
+        gen.process.kill()
+        gen.process.wait(5)
