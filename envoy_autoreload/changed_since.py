@@ -7,16 +7,20 @@ it is listed, so anything changed after the walk reached it raises an event. Wha
 happened in between raises none, but it moved an inode's ctime: a write, a chmod, a new
 file (born then), a rename (which sets the moved inode's ctime on ext4, xfs, btrfs and
 tmpfs), a symlink replaced by another (a new inode) all do, and a file created in or
-removed from a directory moves the directory's. So the first hashing, which stats
-every file after its directory was watched, also notes each file, directory and
-resolution hop (a `current -> release` link on the way to a root) whose ctime falls
-between the spawn and the moment the watch that sees it was added. They are taken as
-if an event had named them: UNKNOWN in what epoch 0 started from, and a burst that
-restarts it.
+removed from a directory moves the directory's. So:
 
-A ctime later than that watch is left to the event it raised, which the exclusions and
-the noise filter already judged: Envoy creating its `--admin-address-path` file or an
-access log in a watched directory once the walk is past it restarts nothing.
+- the walk stats each directory right after adding its watch, and `lstat`s each
+  resolution hop (a `current -> release` link on the way to a root) right after its
+  name watch: a ctime after the spawn there is a change nothing will report. Taken at
+  that moment, not later: a directory keeps only its last change's time, and a file
+  Envoy creates there afterwards (an access log, its `--admin-address-path` file,
+  excluded from the digest) would hide a deletion made before the watch;
+- the first hashing, which stats every file after its directory was watched, notes
+  each file whose ctime is after the spawn (a later change also raised an event: it is
+  counted twice, which is the same restart).
+
+Noted paths are taken as if an event had named them: UNKNOWN in what epoch 0 started
+from, and a burst that restarts it.
 
 What it costs: a spurious restart for something written just before the spawn (within
 the margin below), or for a file Envoy itself creates in a watched directory before
@@ -34,7 +38,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -56,48 +59,21 @@ WHOLE_SECONDS_S: Final = 2.0
 @dataclass(slots=True)
 class ChangedSince:
     """Real paths whose ctime is at or after `instant_ns` (the wall clock, as file times
-    are; less the margin) and not after the watch that would have seen the change.
-    `until_ns` bounds what has no watch time of its own (None: nothing was watched, so
-    no event will ever come)."""
+    are), less the margin their timestamps' granularity needs."""
 
     instant_ns: int
-    until_ns: int | None
-    watched_at: dict[str, int] = field(default_factory=dict)  # directory -> wall ns
     paths: set[str] = field(default_factory=set)
 
-    def learn(self, watched_at: Mapping[str, int]) -> None:
-        """When each directory's watch was added, from one root's walk; the latest
-        counts (it saw less)."""
-        for directory, at in watched_at.items():
-            self.watched_at[directory] = max(at, self.watched_at.get(directory, at))
-
     def note(self, path: str, st: os.stat_result) -> None:
-        """A file or a hop: its own directory's watch sees a change to it."""
-        self._note(path, st, path.rpartition("/")[0] or "/")
-
-    def note_directory(self, path: str) -> None:
-        """A directory's ctime moves when an entry is created, removed or renamed in
-        it: the only trace a file deleted before the watch leaves. Its own watch sees
-        those."""
-        try:
-            st = os.stat(path)
-        except OSError:
-            return  # gone: its parent's ctime moved, and the parent is noted
-        self._note(path, st, path)
-
-    def note_entry(self, path: str) -> None:
-        """A resolution hop, as it is (a symlink replaced is a new inode: a new ctime)."""
-        try:
-            st = os.lstat(path)
-        except OSError:
-            return  # gone: the walk found what is there now, and its parent moved
-        self.note(path, st)
-
-    def _note(self, path: str, st: os.stat_result, seen_by: str) -> None:
         ctime = st.st_ctime_ns
-        watched = self.watched_at.get(seen_by, self.until_ns)
-        if watched is not None and ctime > watched:
-            return  # after the watch: the event it raised decides
         margin = WHOLE_SECONDS_S if ctime % _NS == 0 else COARSE_CLOCK_S
         if ctime >= self.instant_ns - int(margin * _NS):
             self.paths.add(path)
+
+    def note_watched(self, path: str, *, follow: bool) -> None:
+        """A directory (`follow`) or a hop (as it is, `lstat`), right after its watch."""
+        try:
+            st = os.stat(path) if follow else os.lstat(path)
+        except OSError:
+            return  # gone meanwhile: its parent's ctime moved, and its event came
+        self.note(path, st)

@@ -156,8 +156,8 @@ class Listing:
     missing: list[str] = field(default_factory=list)
     not_walked: list[str] = field(default_factory=list)
     link_targets: set[str] = field(default_factory=set)
-    # When each directory's watch was added (wall clock ns; for `changed_since.py`).
-    watched_at: dict[str, int] = field(default_factory=dict)
+    # The first walk after epoch 0's spawn: what changed before each watch was added.
+    changed: ChangedSince | None = None
 
 
 @dataclass
@@ -239,16 +239,10 @@ def hash_listing(
 ) -> RootScan:
     """Phase two: read and hash every file the walk listed. Touches nothing but the
     files and its own objects, so it may run on a worker thread. `changed` collects
-    the files and directories whose ctime is after its instant (`changed_since.py`)."""
+    the files whose ctime is after its instant (`changed_since.py`)."""
     hashing = FileHashing(cache, time.time_ns(), listing.excluded, changed=changed)
     for batch in listing.batches:
         hashing.add_batch(batch)
-    if changed is not None:
-        for directory in listing.directories:
-            changed.note_directory(str(directory))
-        for hop_directory, names in listing.name_watches.items():
-            for name in names:
-                changed.note_entry(os.path.join(hop_directory, name))
     return RootScan(
         root=listing.root,
         tree=immutables.Map(hashing.dirs),
@@ -291,7 +285,7 @@ class ContentScanner:
         self, on_directory: DirectoryCallback | None = None, changed: ChangedSince | None = None
     ) -> list[RootScan]:
         """Walk and hash every root now; the scans, not kept."""
-        listings = self.list_roots(on_directory or _no_watch)
+        listings = self.list_roots(on_directory or _no_watch, changed=changed)
         return [hash_listing(lst, self.cached(lst.root), changed) for lst in listings]
 
     def cached(self, root: WatchRoot) -> RootScan | None:
@@ -315,12 +309,16 @@ class ContentScanner:
         return Snapshot.of(tuple(self._scans[r] for r in self.roots), files_read=files_read)
 
     def list_roots(
-        self, on_directory: DirectoryCallback, roots: Iterable[WatchRoot] | None = None
+        self,
+        on_directory: DirectoryCallback,
+        roots: Iterable[WatchRoot] | None = None,
+        changed: ChangedSince | None = None,
     ) -> list[Listing]:
-        """Phase one: watch and list every directory of these roots (all by default)."""
+        """Phase one: watch and list every directory of these roots (all by default);
+        `changed` notes what changed before each watch (`changed_since.py`)."""
         listings = []
         for root in self.roots if roots is None else roots:
-            listing = Listing(root, on_directory, self.excluded)
+            listing = Listing(root, on_directory, self.excluded, changed=changed)
             self._list_root(listing)
             listings.append(listing)
         return listings
@@ -343,7 +341,8 @@ class ContentScanner:
                     known.add(name)
                     added = True
                     listing.on_directory(directory, frozenset(known))
-                    listing.watched_at[str(directory)] = time.time_ns()
+                    if listing.changed is not None:
+                        listing.changed.note_watched(str(directory / name), follow=False)
             if not added:
                 break
         if real != path:
@@ -384,7 +383,8 @@ class ContentScanner:
         if directory.budget is not None and directory.budget.exhausted:
             return []
         listing.on_directory(directory.real, None)
-        listing.watched_at[str(directory.real)] = time.time_ns()
+        if listing.changed is not None:
+            listing.changed.note_watched(str(directory.real), follow=True)
         try:
             entries = sorted(os.scandir(directory.real), key=operator.attrgetter("name"))
         except FileNotFoundError:

@@ -39,7 +39,6 @@ from envoy_autoreload.live_probe import ServerInfoAsker
 from envoy_autoreload.logs import log_event
 from envoy_autoreload.roster import Generation
 from envoy_autoreload.settings import Settings
-from envoy_autoreload.traps import read_script, script_base_id
 
 logger = logging.getLogger(__name__)
 
@@ -349,15 +348,12 @@ class EnvoyFamily:
     def remove_shared_memory(self) -> None:
         """Envoy leaves its segment behind after every exit (ENVOY_FACTS §0); once the
         whole family is gone nobody uses it, and the next epoch 0 would recreate it.
-        Before any Envoy was seen (a start-up that failed just after epoch 0's spawn),
-        the base id is the start script's `--base-id`."""
-        base_id = self.base_id
-        if base_id is None:
-            facts = read_script(self._settings.start_script)
-            base_id = script_base_id(facts) if facts is not None else None
-        if base_id is None:
+        Only a base id seen in use by our own Envoy: guessed (the start script's text, a
+        default 0) it could be another family's live segment. A segment left behind is
+        harmless: an epoch 0 unlinks it before creating its own."""
+        if self.base_id is None:
             return
-        path = shm_path(base_id)
+        path = shm_path(self.base_id)
         try:
             path.unlink(missing_ok=True)
         except OSError as err:

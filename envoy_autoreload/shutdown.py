@@ -193,7 +193,8 @@ class Shutdown:
             logger,
             logging.WARNING,
             "shutdown.leftovers",
-            "start-up failed after Envoy was started; stopping it",
+            "the daemon is exiting and Envoy still runs (a start-up that failed after "
+            "epoch 0 was started); stopping it",
             epochs=[gen.epoch for gen in alive],
             pids=[gen.pid for gen in alive],
         )

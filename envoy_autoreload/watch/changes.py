@@ -173,12 +173,13 @@ class ChangeDetector:
         file by the real directory they listed, the user by the path they typed."""
         return frozenset(self._excluded | {os.path.realpath(p) for p in self._excluded})
 
-    def _open_and_walk(self) -> _Walked:
+    def _open_and_walk(self, changed: ChangedSince | None = None) -> _Walked:
         try:
             watcher = open_watcher(self._watcher_kind, self._noise)
         except WatchLimitError as err:
             return _Walked(None, [], err)
-        return _Walked(watcher, self._scanner.list_roots(watcher.watch_directory))
+        listings = self._scanner.list_roots(watcher.watch_directory, changed=changed)
+        return _Walked(watcher, listings)
 
     def start(
         self,
@@ -196,7 +197,8 @@ class ChangeDetector:
         Hitting an inotify limit raises `WatchLimitError` (start-up failure) unless
         `degraded_ok`: then whatever could be watched is, and the rest is named.
         """
-        walked = self._open_and_walk()
+        since = ChangedSince(changed_since_ns) if changed_since_ns is not None else None
+        walked = self._open_and_walk(since if background else None)
         if walked.watcher is None:
             assert walked.error is not None
             if not degraded_ok:
@@ -214,11 +216,6 @@ class ChangeDetector:
         self.listed = Listed.of(listings)
         caches = [self._scanner.cached(listing.root) for listing in listings]
         if background:
-            since = None
-            if changed_since_ns is not None:
-                since = ChangedSince(changed_since_ns, until_ns=time.time_ns())
-                for listing in listings:
-                    since.learn(listing.watched_at)
             self._build = BackgroundHash(listings, caches, since)
             return None
         return self._keep([hash_listing(lst, c) for lst, c in zip(listings, caches, strict=True)])
@@ -229,7 +226,7 @@ class ChangeDetector:
         SIGHUP or a `reload` restarts for it; `snapshot` holds the files as they are."""
         if changed_since_ns is None:
             return self.plan()
-        since = ChangedSince(changed_since_ns, until_ns=None)
+        since = ChangedSince(changed_since_ns)
         scans = self._scanner.scan_roots(changed=since)
         self.snapshot = self._scanner.keep(scans)
         return Snapshot.of(tuple(mark_unknown(scans, since.paths)))

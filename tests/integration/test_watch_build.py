@@ -233,6 +233,31 @@ def test_a_file_excluded_and_created_after_the_watch_restarts_nothing(tree: Path
         detector.close()
 
 
+def test_a_deletion_before_the_watch_stays_a_change_when_envoy_writes_there_after(
+    tree: Path,
+) -> None:
+    """A directory keeps only its last change's time: a file deleted before the walk,
+    then Envoy's own (excluded) file and an editor's swap file created there after the
+    watch. The directory was stat'ed right after its watch, so the deletion counts."""
+    _older_than_the_margin(tree)
+    spawned_ns = time.time_ns()
+    (tree / "d3" / "f0.json").unlink()  # Envoy read it; no watch on d3 yet
+    detector = _detector(tree)
+    detector.exclude_paths([tree / "d3" / "admin.addr"])
+    try:
+        detector.start(degraded_ok=False, background=True, changed_since_ns=spawned_ns)
+        _after_the_coarse_tick()
+        (tree / "d3" / "admin.addr").write_text("127.0.0.1:9901\n")
+        (tree / "d3" / ".f1.json.swp").write_text("vim\n")
+        detector.start_building()
+        reference = _built(detector)
+        assert str(tree / "d3") in detector.current().changed_since(reference)
+        burst = next_burst(detector)
+        assert burst is not None and str(tree / "d3") in burst.paths, burst
+    finally:
+        detector.close()
+
+
 def test_unwatched_a_change_since_the_spawn_is_still_a_change(
     tree: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
