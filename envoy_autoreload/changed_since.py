@@ -11,13 +11,18 @@ removed from a directory moves the directory's. So:
 
 - the walk stats each directory right after adding its watch, and `lstat`s each
   resolution hop (a `current -> release` link on the way to a root) right after its
-  name watch: a ctime after the spawn there is a change nothing will report. Taken at
+  name watch: a ctime after the spawn there is a change nothing will report;
+- what each root resolves to (device and inode) is taken just before the spawn and
+  compared after the walk (`watching.py`): a directory above a root swapped in between
+  leaves no other trace; Taken at
   that moment, not later: a directory keeps only its last change's time, and a file
   Envoy creates there afterwards (an access log, its `--admin-address-path` file,
   excluded from the digest) would hide a deletion made before the watch;
 - the first hashing, which stats every file after its directory was watched, notes
   each file whose ctime is after the spawn (a later change also raised an event: it is
-  counted twice, which is the same restart).
+  counted twice, which is the same restart; a file Envoy keeps appending to, such as
+  a `--log-path` inside a watched tree, is one restart too many, as its every close
+  already was).
 
 Noted paths are taken as if an event had named them: UNKNOWN in what epoch 0 started
 from, and a burst that restarts it.
@@ -38,7 +43,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Final
 
 _NS: Final = 1_000_000_000
@@ -75,5 +82,22 @@ class ChangedSince:
         try:
             st = os.stat(path) if follow else os.lstat(path)
         except OSError:
-            return  # gone meanwhile: its parent's ctime moved, and its event came
+            return  # gone: what resolves now was walked, and the root reads as missing
         self.note(path, st)
+
+    def note_hop(self, directory: Path, name: str) -> None:
+        """A resolution hop right after its name watch, as it is: a link replaced is a
+        new inode. (A directory above a root renamed into place, `mv app.new app` above
+        `--watch app/conf`, moves only that directory's ctime, which every entry made
+        in it moves too: `Watching` compares the roots' identities instead.)"""
+        self.note_watched(str(directory / name), follow=False)
+
+    def note_scanned(self, directories: Iterable[Path], hops: Mapping[Path, Iterable[str]]) -> None:
+        """Every directory and hop again, after the files were read: without a watch
+        (no inotify instance) a file deleted between the listing and its reading left
+        no other trace."""
+        for directory in directories:
+            self.note_watched(str(directory), follow=True)
+        for directory, names in hops.items():
+            for name in names:
+                self.note_hop(directory, name)

@@ -342,7 +342,7 @@ class ContentScanner:
                     added = True
                     listing.on_directory(directory, frozenset(known))
                     if listing.changed is not None:
-                        listing.changed.note_watched(str(directory / name), follow=False)
+                        listing.changed.note_hop(directory, name)
             if not added:
                 break
         if real != path:

@@ -181,10 +181,11 @@ class Shutdown:
             log_event(logger, logging.INFO, "shutdown.finished", exit_code=int(self.exit_code))
 
     def kill_leftovers(self) -> None:
-        """Last resort on the way out of `run()` when start-up itself raised (the walk
-        after epoch 0's spawn hit an inotify limit: issue 16): no child outlives the
-        daemon. SIGTERM first: nothing drains yet, and Envoy exits at once (ENVOY_FACTS
-        §2); SIGKILL to the group after `KILL_REAP_WAIT_S`. Never reached from an event
+        """Last resort on the way out of `run()` with children still running: start-up
+        raised (the walk after epoch 0's spawn hit an inotify limit: issue 16), or a
+        shutdown's SIGKILL wait ran out. No child outlives the daemon. SIGTERM first:
+        at start-up nothing drains yet, and Envoy exits at once (ENVOY_FACTS §2);
+        SIGKILL to the group after `KILL_REAP_WAIT_S`. Never reached from an event
         handler (they are contained)."""
         alive = [gen for gen in self._roster.alive() if gen.process.returncode is None]
         if not alive:

@@ -51,6 +51,7 @@ class Watching:
         and what changes from now on must count (`changed_since.py`)."""
         self._spawned_ns = time.time_ns()
         self._roster.reference_pending = True
+        self.changes.remember_roots()
 
     def start(self, *, background: bool = False, pin: str | None = None) -> None:
         """Walk and watch every root; hash the files now, or (`background`, the first

@@ -5,8 +5,9 @@ first, then the walk (watch and list every directory, ~0.1 s for 100,000 files) 
 and the hashing after it, here. Why that order loses no change: every directory is
 watched before it is listed, so anything changed after the walk reached it raises an
 event; the paths events name while the hashing runs are *touched*. What changed
-between the spawn and the watch raised no event but moved its ctime, and the hashing
-notes it (`changed_since.py`). The reference (what the first epoch started from) holds
+between the spawn and the watch raised no event but moved its ctime: the walk notes
+directories and links as it watches them, and the hashing notes files
+(`changed_since.py`). The reference (what the first epoch started from) holds
 `UNKNOWN` for both, which equals no content. The first comparison after the build then
 reports each as changed: a spurious restart at worst (a `touch` during start-up), never
 a lost change.

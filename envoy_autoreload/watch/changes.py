@@ -105,6 +105,7 @@ class ChangeDetector:
         self._build: BackgroundHash | None = None
         self._touched: set[str] = set()  # paths events named while the build ran
         self.listed = Listed()
+        self._identities: dict[WatchRoot, tuple[int, int] | None] = {}  # at the spawn
 
     @property
     def roots(self) -> tuple[WatchRoot, ...]:
@@ -173,6 +174,18 @@ class ChangeDetector:
         file by the real directory they listed, the user by the path they typed."""
         return frozenset(self._excluded | {os.path.realpath(p) for p in self._excluded})
 
+    def remember_roots(self) -> None:
+        """Just before epoch 0's spawn, which comes before the walk: what each root
+        resolves to, for `start` to compare (`changed_since.py`)."""
+        self._identities = {root: _identity(root.path) for root in self._scanner.roots}
+
+    def _swapped_roots(self) -> set[str]:
+        """Roots that resolve to another file or directory than at the spawn: swapped
+        before the walk watched them (`mv app.new app` above `--watch app/conf` moves
+        only the ctime of `app`, which every entry made in it moves too)."""
+        identities, self._identities = self._identities, {}
+        return {str(r.path) for r, before in identities.items() if _identity(r.path) != before}
+
     def _open_and_walk(self, changed: ChangedSince | None = None) -> _Walked:
         try:
             watcher = open_watcher(self._watcher_kind, self._noise)
@@ -217,6 +230,9 @@ class ChangeDetector:
         caches = [self._scanner.cached(listing.root) for listing in listings]
         if background:
             self._build = BackgroundHash(listings, caches, since)
+            swapped = self._swapped_roots()
+            if swapped:
+                self._take(time.monotonic(), swapped)  # touched: UNKNOWN, and a burst
             return None
         return self._keep([hash_listing(lst, c) for lst, c in zip(listings, caches, strict=True)])
 
@@ -228,6 +244,9 @@ class ChangeDetector:
             return self.plan()
         since = ChangedSince(changed_since_ns)
         scans = self._scanner.scan_roots(changed=since)
+        for scan in scans:
+            since.note_scanned(scan.directories, scan.name_watches)
+        since.paths |= self._swapped_roots()
         self.snapshot = self._scanner.keep(scans)
         return Snapshot.of(tuple(mark_unknown(scans, since.paths)))
 
@@ -503,3 +522,12 @@ class ChangeDetector:
         if self._watcher is not None:
             self._watcher.close()
             self._watcher = None
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of what `path` resolves to; None when it does not (yet)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from envoy_autoreload import digest
 from envoy_autoreload.changed_since import COARSE_CLOCK_S, ChangedSince
 from envoy_autoreload.content import RootScan, Snapshot, digest_of_files
 from envoy_autoreload.digest import ContentScanner, Listing, WatchRoot, hash_listing
@@ -278,6 +279,62 @@ def test_unwatched_a_change_since_the_spawn_is_still_a_change(
         assert reference is not None
         assert str(tree / "d1" / "f3.json") in detector.current().changed_since(reference)
         assert str(tree / "d0" / "f0.json") not in detector.current().changed_since(reference)
+    finally:
+        detector.close()
+
+
+def test_a_directory_above_a_root_swapped_between_the_spawn_and_the_walk_is_a_change(
+    tmp_path: Path,
+) -> None:
+    """`--watch app/conf`, and a deploy swaps `app` itself (`mv app app.old; mv app.new
+    app`) after the spawn, before the walk: nothing under the root has a new ctime, but
+    the root resolves to another directory than just before the spawn."""
+    for name, body in (("app", "v1"), ("app.new", "v2")):
+        (tmp_path / name / "conf").mkdir(parents=True)
+        (tmp_path / name / "conf" / "envoy.yaml").write_text(f"version: {body}\n")
+    _older_than_the_margin(tmp_path)
+    root = tmp_path / "app" / "conf"
+    detector = _detector(root)
+    detector.remember_roots()  # as the daemon does just before the spawn
+    spawned_ns = time.time_ns()
+    os.rename(tmp_path / "app", tmp_path / "app.old")
+    os.rename(tmp_path / "app.new", tmp_path / "app")
+    try:
+        detector.start(degraded_ok=False, background=True, changed_since_ns=spawned_ns)
+        detector.start_building()
+        reference = _built(detector)
+        assert detector.current().digest != reference.digest
+        burst = next_burst(detector)
+        assert burst is not None and str(root) in burst.paths, burst
+    finally:
+        detector.close()
+
+
+def test_unwatched_a_deletion_between_the_listing_and_the_reading_is_a_change(
+    tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a watch, nothing reports a file deleted after the walk listed its
+    directory and before it was read: the directories are stat'ed again afterwards."""
+    _older_than_the_margin(tree)
+    spawned_ns = time.time_ns()
+    real = digest.hash_listing
+
+    def deleting_first(
+        listing: Listing, cache: RootScan | None, changed: ChangedSince | None = None
+    ) -> RootScan:
+        (tree / "d1" / "f3.json").unlink(missing_ok=True)
+        return real(listing, cache, changed)
+
+    def no_instance(*_args: object) -> Watcher:
+        raise WatchLimitError("inotify instances: the limit is reached")
+
+    monkeypatch.setattr(digest, "hash_listing", deleting_first)
+    monkeypatch.setattr(changes, "open_watcher", no_instance)
+    detector = _detector(tree)
+    try:
+        reference = detector.start(degraded_ok=True, background=True, changed_since_ns=spawned_ns)
+        assert reference is not None
+        assert str(tree / "d1") in detector.current().changed_since(reference)
     finally:
         detector.close()
 

@@ -409,6 +409,9 @@ class SimContent:
         self.snapshot = self.current()
         return self.snapshot
 
+    def remember_roots(self) -> None:
+        """The real one notes what each root resolves to, for the walk to compare."""
+
     def start_building(self) -> None:
         """The real one starts its hashing thread here, after epoch 0's spawn."""
 
