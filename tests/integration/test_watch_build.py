@@ -155,11 +155,7 @@ def test_changes_between_the_spawn_and_the_walk_are_changes(tree: Path) -> None:
     os.replace(tree / "d4" / "staged.json", tree / "d4" / "f2.json")  # rename sets its ctime
     detector = _detector(tree)
     try:
-        assert (
-            detector.start(degraded_ok=False, background=True, changed_since_ns=spawned_ns) is None
-        )
-        detector.start_building()
-        reference = _built(detector)
+        reference = _first_reading(detector, spawned_ns)
         changed = detector.current().changed_since(reference)
         for path in ("d1/f3.json", "d2/new.json", "d3", "d4/f2.json", "d4/f1.json"):
             assert str(tree / path) in changed, (path, changed)
@@ -178,9 +174,7 @@ def test_nothing_changed_since_the_spawn_means_the_reference_is_the_files(tree: 
     spawned_ns = time.time_ns()
     detector = _detector(tree)
     try:
-        detector.start(degraded_ok=False, background=True, changed_since_ns=spawned_ns)
-        detector.start_building()
-        reference = _built(detector)
+        reference = _first_reading(detector, spawned_ns)
         assert detector.current().digest == reference.digest
         assert next_burst(detector, timeout_s=0.5) is None
     finally:
@@ -204,9 +198,7 @@ def test_a_symlinked_root_retargeted_between_the_spawn_and_the_walk_is_a_change(
     os.replace(tmp_path / "next", current)
     detector = _detector(current)
     try:
-        detector.start(degraded_ok=False, background=True, changed_since_ns=spawned_ns)
-        detector.start_building()
-        reference = _built(detector)
+        reference = _first_reading(detector, spawned_ns)
         assert detector.current().digest != reference.digest
         burst = next_burst(detector)
         assert burst is not None and str(current) in burst.paths, burst
@@ -216,18 +208,19 @@ def test_a_symlinked_root_retargeted_between_the_spawn_and_the_walk_is_a_change(
 
 def test_a_file_excluded_and_created_after_the_watch_restarts_nothing(tree: Path) -> None:
     """Envoy creates its `--admin-address-path` file in a watched directory once the walk
-    has watched it: the directory's ctime moves after the spawn, but after its watch
-    too, so the (excluded) event decides, and nothing changed."""
+    has watched it: the directory was stat'ed right after its watch, before the file
+    came, so the (excluded) event decides, and nothing changed."""
     _older_than_the_margin(tree)
     spawned_ns = time.time_ns()
     detector = _detector(tree)
     detector.exclude_paths([tree / "admin.addr"])
-    try:
-        detector.start(degraded_ok=False, background=True, changed_since_ns=spawned_ns)
+
+    def after_the_watch() -> None:
         _after_the_coarse_tick()
         (tree / "admin.addr").write_text("127.0.0.1:9901\n")
-        detector.start_building()
-        reference = _built(detector)
+
+    try:
+        reference = _first_reading(detector, spawned_ns, after_the_watch)
         assert detector.current().digest == reference.digest
         assert next_burst(detector, timeout_s=0.5) is None
     finally:
@@ -245,13 +238,14 @@ def test_a_deletion_before_the_watch_stays_a_change_when_envoy_writes_there_afte
     (tree / "d3" / "f0.json").unlink()  # Envoy read it; no watch on d3 yet
     detector = _detector(tree)
     detector.exclude_paths([tree / "d3" / "admin.addr"])
-    try:
-        detector.start(degraded_ok=False, background=True, changed_since_ns=spawned_ns)
+
+    def after_the_watch() -> None:
         _after_the_coarse_tick()
         (tree / "d3" / "admin.addr").write_text("127.0.0.1:9901\n")
         (tree / "d3" / ".f1.json.swp").write_text("vim\n")
-        detector.start_building()
-        reference = _built(detector)
+
+    try:
+        reference = _first_reading(detector, spawned_ns, after_the_watch)
         assert str(tree / "d3") in detector.current().changed_since(reference)
         burst = next_burst(detector)
         assert burst is not None and str(tree / "d3") in burst.paths, burst
@@ -300,9 +294,7 @@ def test_a_directory_above_a_root_swapped_between_the_spawn_and_the_walk_is_a_ch
     os.rename(tmp_path / "app", tmp_path / "app.old")
     os.rename(tmp_path / "app.new", tmp_path / "app")
     try:
-        detector.start(degraded_ok=False, background=True, changed_since_ns=spawned_ns)
-        detector.start_building()
-        reference = _built(detector)
+        reference = _first_reading(detector, spawned_ns)
         assert detector.current().digest != reference.digest
         burst = next_burst(detector)
         assert burst is not None and str(root) in burst.paths, burst
@@ -337,6 +329,18 @@ def test_unwatched_a_deletion_between_the_listing_and_the_reading_is_a_change(
         assert str(tree / "d1") in detector.current().changed_since(reference)
     finally:
         detector.close()
+
+
+def _first_reading(
+    detector: ChangeDetector, spawned_ns: int, after_the_walk: Callable[[], None] | None = None
+) -> Snapshot:
+    """The first walk and reading after epoch 0's spawn, as the daemon runs them; the
+    reference they give (what epoch 0 may have read)."""
+    assert detector.start(degraded_ok=False, background=True, changed_since_ns=spawned_ns) is None
+    if after_the_walk is not None:
+        after_the_walk()
+    detector.start_building()
+    return _built(detector)
 
 
 def _after_the_coarse_tick() -> None:
