@@ -79,6 +79,11 @@ class RunningCommand:
     def pid(self) -> int:
         return self._process.pid
 
+    @property
+    def finished(self) -> bool:
+        """It has exited (and is reaped): a deadline no longer applies to it."""
+        return self._process.poll() is not None
+
     def open_fds(self) -> list[int]:
         return sorted(self._open)
 

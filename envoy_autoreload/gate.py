@@ -11,6 +11,13 @@ are in, so the supervisor can leave the files the config makes Envoy write out o
 digest before anything starts, without parsing a big config on the loop. A failing
 verdict waits for nothing. The family's LIVE probe asks the same reader for a
 generation's admin address.
+
+A validation may also be started ahead (`check_ahead`, while a burst's debounce
+waits; `check_ahead.py` decides when): `begin` takes it only if it would run exactly
+that command, and kills it otherwise. The snapshot's path names its bytes and the
+binary's path and flags are in the argv, so "the same argv" is "the same check"; a
+binary that changed is checked the usual way (`--version` comes first). Whatever is
+dropped is killed at once and reaped by its PID.
 """
 
 from __future__ import annotations
@@ -43,6 +50,8 @@ class CommandGate:
         self._command: RunningCommand | None = None
         self._outcome: PreflightOutcome | None = None  # a verdict waiting for its facts
         self._facts_of: Path | None = None  # the config the preflight checks
+        self._ahead: RunningCommand | None = None  # a validation started before `begin`
+        self._dropped: list[RunningCommand] = []  # killed, not reaped yet
         # Its parses share our deadline key: a config that is a FIFO must not hang one.
         self.bootstrap = BootstrapReader(reactor, self._arm_deadline)
 
@@ -82,8 +91,47 @@ class CommandGate:
         if self._facts_of is not None:
             self.bootstrap.request(self._facts_of)
         self._outcome = self._next_step()
+        self.drop_ahead()  # not what this check runs
         self._arm_deadline()
         return self._release()
+
+    def check_ahead(
+        self, known_binary: BinaryInfo | None, config: Path | None, flags: Sequence[str] = ()
+    ) -> bool:
+        """Start the validation that `begin` with the same arguments would run, if that
+        is all it would run; False when nothing was started."""
+        if self.busy or self._ahead is not None:
+            return False
+        preflight = self._new_preflight(known_binary, config, flags)
+        argvs = preflight.remaining_argvs()
+        if len(argvs) != 1 or preflight.binary_changed:
+            return False  # nothing to validate, or a binary to check first
+        try:
+            command = RunningCommand(argvs[0], preflight.timeout_s)
+        except OSError:
+            return False  # `begin` runs it, and says why it cannot
+        self._listen(command)
+        self._ahead = command
+        path = self._config_of(config)
+        if path is not None:
+            self.bootstrap.request(path)  # its facts are read meanwhile too
+        self._arm_deadline()
+        return True
+
+    @property
+    def ahead(self) -> bool:
+        """Whether a validation started ahead is there for `begin` to take."""
+        return self._ahead is not None
+
+    def drop_ahead(self) -> None:
+        """What was started ahead is stale: killed now (its group), reaped on SIGCHLD."""
+        command, self._ahead = self._ahead, None
+        if command is None:
+            return
+        command.kill()
+        self._unlisten(command)
+        self._dropped.append(command)
+        self._arm_deadline()
 
     def bootstrap_facts(self, config: Path | None) -> BootstrapFacts | None:
         """What the config a verdict was about names (`config`, or --config when None):
@@ -92,15 +140,17 @@ class CommandGate:
         return self.bootstrap.latest(path) if path is not None else None
 
     def child_pids(self) -> set[int]:
-        running = {self._command.pid} if self._command is not None else set()
-        return running | self.bootstrap.child_pids()
+        commands = [self._command, self._ahead, *self._dropped]
+        return {c.pid for c in commands if c is not None} | self.bootstrap.child_pids()
 
     def owns(self, key: Hashable) -> bool:
         """Whether an fd event's key is one of our commands' pipes."""
-        return key is not None and (key is self._command or self.bootstrap.owns(key))
+        return key is not None and (
+            key is self._command or key is self._ahead or self.bootstrap.owns(key)
+        )
 
     def on_output(self, key: Hashable) -> None:
-        command = self._command
+        command = self._command if key is self._command else self._ahead
         if command is None or key is not command:
             self.bootstrap.on_output(key)
             return
@@ -112,8 +162,9 @@ class CommandGate:
         """Kill what is past its deadline; reaped on SIGCHLD, its result says it timed
         out. The one deadline key is armed at the earliest of them again."""
         now = self._reactor.now()
-        if self._command is not None and self._command.deadline <= now:
-            self._command.kill()
+        for command in (self._command, self._ahead):
+            if command is not None and command.deadline <= now and not command.finished:
+                command.kill()  # taken or not, its result says it timed out
         self.bootstrap.on_deadline(now)
         self._arm_deadline()
 
@@ -121,6 +172,7 @@ class CommandGate:
         """On SIGCHLD: keep what a finished parse found, feed a finished command to the
         preflight; the outcome once done (and, if it passed, its config's facts in)."""
         self.bootstrap.poll()
+        self._dropped = [c for c in self._dropped if not c.finished]
         command = self._command
         result = command.result() if command is not None else None
         if command is not None and result is not None:
@@ -137,6 +189,10 @@ class CommandGate:
         if command is not None:
             self._drop(command)
             command.abandon()
+        self.drop_ahead()
+        for dropped in self._dropped:
+            dropped.abandon()
+        self._dropped.clear()
         self.bootstrap.abandon()
         self._reactor.cancel(self._deadline_key)
         self._preflight = self._outcome = self._facts_of = None
@@ -154,8 +210,9 @@ class CommandGate:
 
     def _arm_deadline(self) -> None:
         deadlines = [self.bootstrap.next_deadline()]
-        if self._command is not None:
-            deadlines.append(self._command.deadline)
+        for command in (self._command, self._ahead):
+            if command is not None and not command.finished:
+                deadlines.append(command.deadline)
         due = [at for at in deadlines if at is not None]
         if due:
             self._reactor.set_deadline(self._deadline_key, min(due))
@@ -166,20 +223,41 @@ class CommandGate:
         preflight = self._preflight
         assert preflight is not None
         while (argv := preflight.next_argv()) is not None:
-            try:
-                command = RunningCommand(argv, preflight.timeout_s)
-            except OSError as err:
-                preflight.feed(CommandResult(tuple(argv), 127, "", str(err), 0.0))
-                continue
+            command = self._take_ahead(argv, preflight)
+            if command is None:
+                try:
+                    command = RunningCommand(argv, preflight.timeout_s)
+                except OSError as err:
+                    preflight.feed(CommandResult(tuple(argv), 127, "", str(err), 0.0))
+                    continue
+                self._listen(command)
             self._command = command
-            for fd in command.open_fds():
-                self._reactor.add_reader(fd, command)
-            return None
+            result = command.result()  # one taken from ahead may be done already
+            if result is None:
+                return None
+            self._drop(command)
+            preflight.feed(result)
         self._preflight = None
         return preflight.outcome
 
-    def _drop(self, command: RunningCommand) -> None:
+    def _take_ahead(self, argv: list[str], preflight: Preflight) -> RunningCommand | None:
+        """The command started ahead if it is exactly `argv`; its time counts from then."""
+        command = self._ahead
+        if command is None or command.argv != tuple(argv):
+            return None
+        self._ahead = None
+        preflight.started_at = min(preflight.started_at, command.started_at)
+        return command
+
+    def _listen(self, command: RunningCommand) -> None:
+        for fd in command.open_fds():
+            self._reactor.add_reader(fd, command)
+
+    def _unlisten(self, command: RunningCommand) -> None:
         for fd in command.all_fds():
             self._reactor.remove_reader(fd)
         command.close()
+
+    def _drop(self, command: RunningCommand) -> None:
+        self._unlisten(command)
         self._command = None

@@ -160,6 +160,17 @@ class Gatekeeper:
             )
         return self.gate.begin(self.binary, config.path if config is not None else None, flags)
 
+    def check_ahead(self, flags: Sequence[str]) -> bool:
+        """Stage --config as it is now and start the validation `begin` would run for
+        it (`check_ahead.py`); False when nothing was started. Not for bytes that failed
+        probation: `begin` refuses those without running anything."""
+        if not self.gate.enabled:
+            return False
+        config = self._lineage.stage()
+        if config is None or self._lineage.failed(config):
+            return False  # generations off: nothing would pin what it validated
+        return self.gate.check_ahead(self.binary, config.path, flags)
+
     def named(self, outcome: PreflightOutcome) -> PreflightOutcome:
         """Envoy names the file it validated: the operator's --config, not our snapshot
         of it (whose hash is in the line too)."""

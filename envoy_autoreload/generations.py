@@ -375,7 +375,10 @@ class GenerationStore:
             return False
         return path.read_bytes() == data
 
-    def snapshot(self, data: bytes) -> ConfigGeneration:
+    def snapshot(self, data: bytes, *, record: bool = True) -> ConfigGeneration:
+        """The bytes' snapshot file, and their history entry unless `record` is False:
+        a check started ahead of its burst (`check_ahead.py`) writes the file only, so
+        that a burst which moves on leaves no entry, and `prune` removes the file."""
         sha = hashlib.sha256(data).hexdigest()
         path = self._path(sha)
         if not self._intact(path, data):
@@ -383,7 +386,7 @@ class GenerationStore:
                 self.warnings.append(f"snapshot {path} did not hold its bytes; rewritten")
             _atomic_write(path, data, 0o444, durable=False)
             self._unsynced.add(path)
-        if sha not in self._entries:
+        if record and sha not in self._entries:
             now = self._now()
             self._entries[sha] = HistoryEntry(sha, now, now, Outcome.VALIDATED, None, None)
             self._history_unsaved = True

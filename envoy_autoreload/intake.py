@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Protocol
 
 from envoy_autoreload.batches import Batches
+from envoy_autoreload.check_ahead import CheckAhead
 from envoy_autoreload.control import ControlReply
 from envoy_autoreload.digest import Snapshot
 from envoy_autoreload.gatekeeper import Gatekeeper
@@ -57,6 +58,7 @@ class Intake:
         recovery: Recovery,
         family: EnvoyFacts,
         hooks: Hooks,
+        check_ahead: CheckAhead,
     ) -> None:
         self._settings = settings
         self._reactor = reactor
@@ -69,6 +71,7 @@ class Intake:
         self._recovery = recovery
         self._family = family
         self._hooks = hooks
+        self._check_ahead = check_ahead
 
     def absorb_requests(self) -> bool:
         """Requests that arrive while validated content waits to start, and ask for
@@ -100,6 +103,7 @@ class Intake:
         reason = self._batches.take()
         if gate.enabled:
             flags = self._family.config_flags(serving)
+            self._check_ahead.before_begin()
             outcome = self._gatekeeper.begin(
                 reason, self._batches.seq, self._hooks.current(), flags
             )

@@ -40,6 +40,7 @@ class Lineage:
         self.rolled_back_from: ConfigGeneration | None = None
         self._write_warned = False
         self.to_announce: list[Callable[[], None]] = []
+        self.staged: ConfigGeneration | None = None  # a check ahead may be reading it
 
     def announce(self) -> None:
         """Say whether generations are on, once the start-up checks passed."""
@@ -55,6 +56,16 @@ class Lineage:
         """Snapshot --config as it is now, before it is validated: the verdict and the
         start are then about these bytes, whatever the file does meanwhile. None when
         generations are off or the file cannot be read (validating it says why)."""
+        return self._snapshot(record=True)
+
+    def stage(self) -> ConfigGeneration | None:
+        """`pin` for a check started ahead of its burst: the snapshot file without a
+        history entry (the burst may move on), kept from `prune` until the next
+        `stage`. The later `pin` of the same bytes finds the file and records them."""
+        self.staged = self._snapshot(record=False)
+        return self.staged
+
+    def _snapshot(self, *, record: bool) -> ConfigGeneration | None:
         store = self._store
         if store is None:
             return None
@@ -63,7 +74,7 @@ class Lineage:
         except OSError:
             return None
         try:
-            return store.snapshot(data)
+            return store.snapshot(data, record=record)
         except OSError as err:
             self._warn_write(f"cannot write a config snapshot: {err.strerror or err}")
             return None
@@ -148,7 +159,7 @@ class Lineage:
         store = self._store
         if store is None:
             return
-        keep = {c.sha256 for c in pinned if c is not None}
+        keep = {c.sha256 for c in (*pinned, self.staged) if c is not None}
         try:
             store.prune(keep)
         except OSError as err:

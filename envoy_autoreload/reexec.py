@@ -125,6 +125,9 @@ class Reexec:
             # (docs/FACTS-reexec.md R4).
             self._parts.launcher.pump_output(gen)
         stderr = [g.stderr_fd for g in handover.generations if g.stderr_fd is not None]
+        # Nothing runs for the gate (`quiet`), but a check started ahead of a burst may
+        # (check_ahead.py): killed and reaped, the new image checks the burst afresh.
+        self._parts.gatekeeper.gate.abandon()
         self._passed = False
         self.exec_now(handover, [*stderr, *self._inherited.values(), *clients])
 

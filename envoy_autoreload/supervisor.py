@@ -43,6 +43,7 @@ from typing import assert_never
 
 from envoy_autoreload.adoption import CoreParts, adopt_family
 from envoy_autoreload.batches import Batches
+from envoy_autoreload.check_ahead import CheckAhead
 from envoy_autoreload.child import ScriptSpawner
 from envoy_autoreload.command import describe_exit
 from envoy_autoreload.containment import Containment
@@ -186,6 +187,9 @@ class Supervisor:
             self,
         )
         self._launcher.exec_failed = self._exits.exec_failed
+        self._check_ahead = CheckAhead(
+            self._gatekeeper, self._watching, roster, self._planner, self._batches, family
+        )
         self._intake = Intake(
             settings,
             reactor,
@@ -198,6 +202,7 @@ class Supervisor:
             self._recovery,
             family,
             self,
+            self._check_ahead,
         )
         self._control_requests = ControlRequests(
             self._desk, self._batches, self, self._rollbacks, self._gatekeeper.gate, self._reexec
@@ -261,6 +266,7 @@ class Supervisor:
         for event in events:
             self._containment.run(self._dispatch, event, starting_up=starting_up)
             self._containment.run(self._advance, event, starting_up=starting_up)
+            self._containment.run(self._look_ahead, event, starting_up=starting_up)
             code = self._shutdown.exit_code
             if code is not None:
                 self._containment.run(self._publish, event, starting_up=False)
@@ -402,6 +408,9 @@ class Supervisor:
                 self._desk.drop_idle()
             case _:
                 assert_never(timer)
+
+    def _look_ahead(self, _event: Event | None) -> None:
+        self._check_ahead.after_event(self._shutdown.stopping or self._reexec.wanted is not None)
 
     # -- watching -------------------------------------------------------------
     def current(self) -> Snapshot | None:

@@ -310,6 +310,7 @@ class ChangeDetector:
     def suspect(self, path: Path) -> None:
         """A change that may have raised no event (made before its directory was
         watched): handled as if one had named `path`."""
+        self.events_total += 1
         self._take(time.monotonic(), {str(path)})
 
     def _take(self, now: float, changed: set[str]) -> None:

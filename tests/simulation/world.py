@@ -249,7 +249,11 @@ class SimGate:
         # milliseconds (ENVOY_FACTS §1), so 0 by default; a later read widens the window
         # between the supervisor's pin and what the verdict is about (finding 8b).
         self.read_after_s = 0.0
+        self.ahead_started = 0  # validations started ahead of their burst
         self.passed: set[str | None] = set()  # digests that passed
+        # A validation started ahead (check_ahead.py), with what it was started for:
+        # `begin` takes it for the same snapshot and binary only.
+        self._ahead: tuple[Path | None, bool, str, _Validation] | None = None
 
     @property
     def enabled(self) -> bool:
@@ -282,13 +286,38 @@ class SimGate:
     ) -> PreflightOutcome | None:
         assert self._running is None
         world = self._world
-        done = None if self.hangs else world.reactor.now() + self.duration_s
-        content = world.content_at(config)
-        self._running = _Validation(content, world.binary_ok, world.binary_hrv, done)
-        if self.read_after_s > 0 and config is None:  # a snapshot never changes
-            self._running.read_at = world.reactor.now() + self.read_after_s
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[:3] == (config, world.binary_ok, world.binary_hrv):
+            self._running = ahead[3]
+        else:
+            self._running = self._validation(config)
         world.reactor.set_timeout(Timer.COMMAND_DEADLINE, self._timeout_s)
         return None
+
+    def _validation(self, config: Path | None) -> _Validation:
+        world = self._world
+        done = None if self.hangs else world.reactor.now() + self.duration_s
+        run = _Validation(world.content_at(config), world.binary_ok, world.binary_hrv, done)
+        if self.read_after_s > 0 and config is None:  # a snapshot never changes
+            run.read_at = world.reactor.now() + self.read_after_s
+        return run
+
+    def check_ahead(
+        self, known_binary: BinaryInfo | None, config: Path | None, flags: Sequence[str] = ()
+    ) -> bool:
+        if self._running is not None or self._ahead is not None:
+            return False
+        world = self._world
+        self._ahead = (config, world.binary_ok, world.binary_hrv, self._validation(config))
+        self.ahead_started += 1
+        return True
+
+    @property
+    def ahead(self) -> bool:
+        return self._ahead is not None
+
+    def drop_ahead(self) -> None:
+        self._ahead = None  # killed: nothing of it is ever reported
 
     def finish_due(self, now: float) -> None:
         running = self._running
@@ -321,6 +350,7 @@ class SimGate:
 
     def abandon(self) -> None:
         self._running = None
+        self._ahead = None
 
     def bootstrap_facts(self, config: Path | None) -> BootstrapFacts | None:
         return None  # the modelled config names no file Envoy writes or reads
@@ -454,6 +484,7 @@ class SimContent:
 
     def suspect(self, path: Path) -> None:
         self._debouncer.add(self._world.reactor.now(), {str(path)})
+        self.events_total += 1
         self._touched = self._touched or self.building
 
     def deadline(self) -> float | None:

@@ -1,0 +1,57 @@
+"""The gate's validation started while a burst's debounce waits (`check_ahead.py`,
+issue 16), in virtual time: validation (0.04 s here) no longer delays a restart whose
+debounce (0.3 s) is longer, a storm costs a few validations and not one per event,
+and what starts is still only what passed (the harness checks it at every spawn)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.simulation.harness import Knobs, Simulation
+
+DEBOUNCE_S = 0.3
+
+
+@pytest.fixture
+def sim() -> Iterator[Simulation]:
+    made = Simulation(Knobs(debounce_s=DEBOUNCE_S))
+    made.begin()
+    made.advance(1.0)
+    yield made
+    made.close()
+
+
+def started_at(sim: Simulation, epoch: int) -> float:
+    return next(s.at for s in sim.world.spawned if s.epoch == epoch)
+
+
+def test_a_burst_starts_when_it_is_due_not_a_validation_later(sim: Simulation) -> None:
+    written_at = sim.now
+    sim.write(good=True)
+    sim.advance(1.0)
+    assert sim.gate.ahead_started == 1
+    took = started_at(sim, 1) - written_at
+    assert took == pytest.approx(DEBOUNCE_S, abs=0.005), "the validation ran after the debounce"
+
+
+def test_a_storm_starts_a_few_checks_ahead_and_the_last_content_starts(sim: Simulation) -> None:
+    for _ in range(20):
+        last = sim.write(good=True)
+        sim.advance(0.01)
+    sim.advance(2.0)
+    assert 1 <= sim.gate.ahead_started <= 3, sim.gate.ahead_started
+    serving = sim.world.model.serving()
+    assert serving is not None and serving.epoch == 1 and serving.content == last
+
+
+def test_a_bad_write_in_the_debounce_is_what_the_gate_judges(sim: Simulation) -> None:
+    """The good content's check ran ahead and passed; the bad write after it is the
+    burst's content, so the pass is never taken and nothing starts."""
+    sim.write(good=True)
+    sim.advance(0.1)  # the check of the good content is done
+    sim.write(good=False)
+    sim.advance(2.0)
+    assert sim.gate.ahead_started == 2
+    assert [s.epoch for s in sim.world.spawned] == [0]
