@@ -43,6 +43,9 @@ from envoy_autoreload.settings import Settings
 logger = logging.getLogger(__name__)
 
 PROC_AVAILABLE: Final = Path("/proc/self/cmdline").exists()
+# How long a set INITIALIZING flag keeps the LIVE probe off admin (`is_live`): a 5 MB
+# config loads in about a second; after that admin is asked again at each probe.
+FLAG_TRUSTED_S: Final = 2.0
 NO_ADMIN_SETTLE_S: Final = 1.0
 ENVOY_DEFAULT_PARENT_SHUTDOWN_S: Final = 900.0
 
@@ -82,20 +85,23 @@ class EnvoyFamily:
         if base_id is not None:
             self.base_id = base_id
 
-    def note_flag(self, gen: Generation) -> None:
-        """At each probe of a starting epoch past 0: remember once its Envoy has set
-        the INITIALIZING flag, so a clear flag later means it handed over."""
-        if gen.epoch == 0 or gen.saw_initializing or gen.envoy is None:
-            return
+    def note_flag(self, gen: Generation) -> bool:
+        """At each probe of a starting epoch past 0: whether its Envoy holds the
+        INITIALIZING flag now, remembered once seen, so a clear flag later means it
+        handed over. False when it cannot be known."""
+        if gen.epoch == 0 or gen.envoy is None:
+            return False
         base_id = self.base_id_of(gen)
         if base_id is None:
-            return
+            return False
         try:
             path = shm_path(base_id)
             flags = read_flags(path, layout_for(segment_version(path)))
         except ShmUnsupported:
-            return
-        gen.saw_initializing = bool(flags & INITIALIZING)
+            return False
+        held = bool(flags & INITIALIZING)
+        gen.saw_initializing = gen.saw_initializing or held
+        return held
 
     def base_id_of(self, gen: Generation) -> int | None:
         """The base id this generation's Envoy uses; None when it cannot be known."""
@@ -228,7 +234,13 @@ class EnvoyFamily:
     # -- liveness -------------------------------------------------------------
     def is_live(self, gen: Generation) -> bool:
         """True when this generation's Envoy reports LIVE at its own epoch (§9, §15)."""
-        self.note_flag(gen)
+        if self.note_flag(gen) and self._flag_trusted(gen):
+            # It clears the flag when it tells its parent to drain, ~2 ms after its
+            # admin first says LIVE (ENVOY_FACTS §0, §2): until then admin is not asked.
+            # /server_info is 124 KB here, built by the parent or by the loading child
+            # on the two cores the new Envoy starts on (issue 16: ~1.4 ms of each
+            # restart's time to serve).
+            return False
         admin = self._settings.admin_address
         if admin is None:
             if gen.envoy is None and PROC_AVAILABLE:
@@ -246,6 +258,14 @@ class EnvoyFamily:
             self.envoy_version = info.version or self.envoy_version
             return True
         return self._shm_says_live(gen)
+
+    @staticmethod
+    def _flag_trusted(gen: Generation) -> bool:
+        """For a while after its Envoy's exec only: a flag that stays set (an Envoy
+        whose hot restart works otherwise) must not hide a LIVE one until the start
+        deadline kills it."""
+        seen = gen.envoy_seen_at
+        return seen is not None and time.monotonic() - seen < FLAG_TRUSTED_S
 
     def _shm_says_live(self, gen: Generation) -> bool:
         """Without admin: alive for a moment and, past epoch 0, the INITIALIZING flag clear."""
