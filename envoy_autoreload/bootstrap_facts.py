@@ -199,6 +199,16 @@ class BootstrapReader:
     def pending(self, path: Path) -> bool:
         return path in self._running
 
+    def read_small(self, path: Path) -> BootstrapFacts | None:
+        """The facts of `path` if it is small enough to parse at once (known, or parsed
+        now); None for a big one, which only `request` parses (in a child)."""
+        facts = self.lookup(path)
+        if facts is None and path not in self._running:
+            facts = read_facts_up_to(path, Path.cwd(), INLINE_MAX_BYTES)
+            if facts is not None:
+                self._keep(facts)
+        return facts
+
     def request(self, path: Path) -> None:
         """Have `path` parsed unless its facts are known or on their way: at once when
         it is small, else in a child, whose result comes in through `poll()` on SIGCHLD."""

@@ -3,28 +3,42 @@
 Upstream's restarter forks Envoy from its SIGHUP handler and validates nothing; the
 daemon validates every restart with `envoy --mode validate` (~40 ms with the binary,
 ~60 ms through the PyPI wrapper, ENVOY_FACTS §1), which used to start only once the
-burst was due. Here it starts as soon as a burst's events are read: the config is
-staged (its snapshot file, no history entry: `Lineage.stage`) and the gate runs the
-validation that its `begin` would run for those bytes. When the burst is due, the gate
-takes that run if it is exactly the command it would start (`gate.py`); the verdict is
-often in by then, so a validated restart starts about as soon as an unvalidated one.
+burst was due. Here it starts as soon as a burst's events have changed the content:
+the config is staged (its snapshot file, no history entry: `Lineage.stage`) and the
+gate runs the validation that its `begin` would run for those bytes. When the burst
+is due, the gate takes that run if it is exactly the command it would start
+(`gate.py`); the verdict is often in by then, so a validated restart starts about as
+soon as an unvalidated one.
 
-Taken only if nothing changed since it started: every event read after it (and every
-change noted without one) makes it stale, and a stale run is killed at once, because
-a file the config names can change what validates. The next events start another,
-at most `MAX_PER_BURST` times per burst, so an event storm costs a few validations,
-not one per event. Nothing here decides what starts: a run that is not taken only
-cost CPU, and what the gate's `begin` runs afterwards is exactly what it ran before.
+A run ahead is only ever a verdict about the files as they are at the burst's end:
+- every change noted after it started (an event, or one noted without: `suspect`)
+  makes it stale, and a stale run is killed at once; the next events start another,
+  at most `MAX_PER_BURST` times per burst, so a storm costs a few validations;
+- the content handed to `begin` must still have the digest it started on (a change
+  a walk found rather than an event, `before_begin`);
+- it starts only where events name every change (inotify, no overflow, nothing left
+  to hash), and only for a config whose named files are all watched, and whose
+  outputs inside a watched tree are already excluded: a file it names outside the
+  watch raises no event (it is watched once a config naming it passed), and an
+  access log that `--mode validate` creates would make the run stale by itself;
+- it does not start when the content is what serves (a `touch`, identical bytes
+  pushed again): that burst restarts nothing.
+
+Nothing here decides what starts: a run not taken only cost CPU, and what `begin`
+runs otherwise is exactly what it ran before.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Final
 
 from envoy_autoreload.batches import Batches
+from envoy_autoreload.bootstrap_facts import BootstrapFacts
+from envoy_autoreload.digest import Snapshot
 from envoy_autoreload.gatekeeper import Gatekeeper
 from envoy_autoreload.planner import Planner
-from envoy_autoreload.ports import EnvoyFacts
+from envoy_autoreload.ports import Content, EnvoyFacts
 from envoy_autoreload.roster import Generation, Roster
 from envoy_autoreload.watching import Watching
 
@@ -42,52 +56,86 @@ class CheckAhead:
         family: EnvoyFacts,
     ) -> None:
         self._keeper = gatekeeper
-        self._watching = watching
+        self._changes = watching.changes if watching is not None else None
         self._roster = roster
         self._planner = planner
         self._batches = batches
         self._family = family
-        self._seen = self._changes_seen()  # changes noted when last looked
-        self._started_for: tuple[int, int] | None = None  # (changes noted, serving PID)
+        self._tried_at = self._changes_seen()  # changes noted at the last attempt
+        # (changes noted, serving PID, content digest) when the run ahead started.
+        self._started_for: tuple[int, int, str] | None = None
         self._launches = 0  # in the burst under way
 
     def after_event(self, stopping: bool) -> None:
         """After each event and what it led to: drop a run that is stale, and start one
-        on the files as they are now when this event brought changes."""
-        changes = self._changes_seen()
-        fresh, self._seen = changes != self._seen, changes
+        on the files as they are now when they changed since the last attempt."""
         serving = self._roster.serving()
         wanted = not stopping and serving is not None and self._may_run(serving)
         if not self._burst_pending():
             self._launches = 0
-        if self._keeper.gate.ahead and (not wanted or not self._still_current(serving)):
-            self._keeper.gate.drop_ahead()
-        if wanted and fresh and serving is not None and not self._keeper.gate.ahead:
-            self._start(serving, changes)
+        gate = self._keeper.gate
+        if gate.ahead and (not wanted or not self._still_current(serving)):
+            gate.drop_ahead()
+        fresh = self._changes_seen() != self._tried_at
+        if wanted and fresh and serving is not None and not gate.ahead:
+            self._start(serving)
 
-    def before_begin(self) -> None:
-        """Right before the gate's `begin`: a run started before the latest change is
-        not what the burst is about (the events may have been read just now)."""
-        if not self._still_current(self._roster.serving()):
+    def before_begin(self, content: Snapshot | None) -> None:
+        """Right before the gate's `begin` for `content`: a run ahead that is not about
+        exactly that content is killed (`begin` would then run its own)."""
+        started = self._started_for
+        if (
+            not self._still_current(self._roster.serving())
+            or content is None
+            or started is None
+            or content.digest != started[2]
+        ):
             self._keeper.gate.drop_ahead()
 
-    def _start(self, serving: Generation, changes: int) -> None:
+    def _start(self, serving: Generation) -> None:
+        changes = self._changes
+        content = changes.applied if changes is not None else None
+        if content is None:
+            return  # files left to hash, or only a walk would tell: a later turn
+        self._tried_at = self._changes_seen()
+        if serving.snapshot is None or content.digest == serving.snapshot.digest:
+            return  # this content serves already: the burst restarts nothing
         if self._launches >= MAX_PER_BURST:
             return
         self._launches += 1
-        if self._keeper.check_ahead(self._family.config_flags(serving)):
-            self._started_for = (changes, serving.pid)
+        if self._keeper.check_ahead(self._family.config_flags(serving), self._safe):
+            self._started_for = (self._tried_at, serving.pid, content.digest)
+
+    def _safe(self, facts: BootstrapFacts) -> bool:
+        """Every file the config names is watched, so a change to it is an event, and
+        each file it makes Envoy write inside a watched tree is excluded already."""
+        changes, references = self._changes, facts.references
+        if changes is None or references is None:
+            return False  # unreadable: Envoy's validation says why, at the burst's end
+        roots = [root.path for root in changes.roots]
+
+        def watched(path: Path) -> bool:
+            return any(path.is_relative_to(root) for root in roots)
+
+        return all(map(watched, references.reads)) and all(
+            changes.is_excluded(path) or not watched(path) for path, _ in references.excluded
+        )
 
     def _still_current(self, serving: Generation | None) -> bool:
-        return serving is not None and self._started_for == (self._changes_seen(), serving.pid)
+        started = self._started_for
+        return (
+            serving is not None
+            and started is not None
+            and started[:2] == (self._changes_seen(), serving.pid)
+        )
 
     def _may_run(self, serving: Generation) -> bool:
         """Only where the burst's own check would come next: files are watched and
         read, a burst is pending, and nothing else holds the gate or the next start."""
-        watching = self._watching
+        changes = self._changes
         return (
-            watching is not None
-            and not watching.building
+            changes is not None
+            and not changes.building
             and self._burst_pending()
             and serving.marks.stop_reason is None
             and self._roster.starting() is None
@@ -97,9 +145,8 @@ class CheckAhead:
         )
 
     def _burst_pending(self) -> bool:
-        watching = self._watching
-        return watching is not None and watching.changes.deadline() is not None
+        return self._changes is not None and self._changes.deadline() is not None
 
     def _changes_seen(self) -> int:
-        watching = self._watching
-        return watching.changes.events_total if watching is not None else 0
+        changes: Content | None = self._changes
+        return changes.events_total if changes is not None else 0

@@ -74,6 +74,7 @@ class RunningCommand:
             os.set_blocking(fd, False)
         self._open = set(self._buffers)
         self._timed_out = False
+        self._ended_at: float | None = None
 
     @property
     def pid(self) -> int:
@@ -82,7 +83,15 @@ class RunningCommand:
     @property
     def finished(self) -> bool:
         """It has exited (and is reaped): a deadline no longer applies to it."""
-        return self._process.poll() is not None
+        if self._ended_at is None and self._process.poll() is not None:
+            self._ended_at = time.monotonic()  # or soon after: on its SIGCHLD
+        return self._ended_at is not None
+
+    @property
+    def elapsed_s(self) -> float:
+        """How long it has run: until its exit was seen, or until now."""
+        ended = self._ended_at if self.finished else None
+        return (ended or time.monotonic()) - self.started_at
 
     def open_fds(self) -> list[int]:
         return sorted(self._open)

@@ -22,6 +22,7 @@ dropped is killed at once and reaped by its PID.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Hashable, Sequence
 from pathlib import Path
 
@@ -112,11 +113,13 @@ class CommandGate:
             return False  # `begin` runs it, and says why it cannot
         self._listen(command)
         self._ahead = command
-        path = self._config_of(config)
-        if path is not None:
-            self.bootstrap.request(path)  # its facts are read meanwhile too
         self._arm_deadline()
         return True
+
+    def read_facts_now(self, config: Path) -> BootstrapFacts | None:
+        """A small config's facts (parsed now, and kept for `begin`); None for a big one:
+        its parse, in a child, is started only by a check that will surely be used."""
+        return self.bootstrap.read_small(config)
 
     @property
     def ahead(self) -> bool:
@@ -173,6 +176,8 @@ class CommandGate:
         preflight; the outcome once done (and, if it passed, its config's facts in)."""
         self.bootstrap.poll()
         self._dropped = [c for c in self._dropped if not c.finished]
+        if self._ahead is not None:
+            _ = self._ahead.finished  # reaped now: its time ends at its exit
         command = self._command
         result = command.result() if command is not None else None
         if command is not None and result is not None:
@@ -246,7 +251,8 @@ class CommandGate:
         if command is None or command.argv != tuple(argv):
             return None
         self._ahead = None
-        preflight.started_at = min(preflight.started_at, command.started_at)
+        # Its own time, not the wait for the burst: one done 0.2 s before took 0.04 s.
+        preflight.started_at = min(preflight.started_at, time.monotonic() - command.elapsed_s)
         return command
 
     def _listen(self, command: RunningCommand) -> None:

@@ -12,10 +12,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final
 
 from envoy_autoreload.batches import Batches
+from envoy_autoreload.bootstrap_facts import BootstrapFacts
 from envoy_autoreload.digest import Snapshot
 from envoy_autoreload.envoy_binary import BinaryInfo
 from envoy_autoreload.errors import BinaryError, ValidationFailed
@@ -160,15 +161,20 @@ class Gatekeeper:
             )
         return self.gate.begin(self.binary, config.path if config is not None else None, flags)
 
-    def check_ahead(self, flags: Sequence[str]) -> bool:
+    def check_ahead(self, flags: Sequence[str], safe: Callable[[BootstrapFacts], bool]) -> bool:
         """Stage --config as it is now and start the validation `begin` would run for
-        it (`check_ahead.py`); False when nothing was started. Not for bytes that failed
-        probation: `begin` refuses those without running anything."""
+        it (`check_ahead.py`), if what it names is `safe` to validate early; False when
+        nothing was started. Not for bytes that failed probation (`begin` refuses those
+        without running anything), nor for a big config, whose facts only a child
+        parses, and only for a check that will surely be used."""
         if not self.gate.enabled:
             return False
         config = self._lineage.stage()
         if config is None or self._lineage.failed(config):
             return False  # generations off: nothing would pin what it validated
+        facts = self.gate.read_facts_now(config.path)
+        if facts is None or not safe(facts):
+            return False
         return self.gate.check_ahead(self.binary, config.path, flags)
 
     def named(self, outcome: PreflightOutcome) -> PreflightOutcome:

@@ -103,10 +103,9 @@ class Intake:
         reason = self._batches.take()
         if gate.enabled:
             flags = self._family.config_flags(serving)
-            self._check_ahead.before_begin()
-            outcome = self._gatekeeper.begin(
-                reason, self._batches.seq, self._hooks.current(), flags
-            )
+            content = self._hooks.current()  # events still queued are read first
+            self._check_ahead.before_begin(content)
+            outcome = self._gatekeeper.begin(reason, self._batches.seq, content, flags)
             if outcome is not None:
                 self.on_preflight_done(outcome)
             if not gate.busy:

@@ -349,6 +349,16 @@ class ChangeDetector:
         assert self._build is None, "no content before the first hashing is done"
         return self._refresh()
 
+    @property
+    def applied(self) -> Snapshot | None:
+        """The content now, from the events read so far, when that needs no walk and no
+        file is left to hash (`current()` without its cost); None otherwise."""
+        return self.snapshot if self._incremental() and not self._unapplied else None
+
+    def is_excluded(self, path: Path) -> bool:
+        """Whether `exclude_paths` was given this file (as given or resolved)."""
+        return os.path.abspath(path) in self._scanner.excluded
+
     def rescan(self) -> Snapshot:
         """The content as it is now, walked afresh (an operator's explicit reload)."""
         return self._rescan()

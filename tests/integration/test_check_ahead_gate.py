@@ -157,9 +157,12 @@ def test_a_check_done_before_begin_is_the_verdict_at_once(
     pid = calls(envoy)[0][0]
     wait_until(lambda: ended(pid), timeout_s=30, what="the validation to end")
     pump(reactor, gate)  # its SIGCHLD, as the loop would have handled it
+    ended_at = time.monotonic()
+    wait_until(lambda: time.monotonic() - ended_at >= 1.0, timeout_s=5, what="a second on")
     outcome = gate.begin(known(envoy), snapshot)
     assert outcome is not None, "the verdict was already there"
     assert outcome.verdict is Verdict.FAILED and "bad" in outcome.message, outcome
+    assert 0.25 <= outcome.duration_s < 0.9, "its duration is its own, not the wait after"
     assert len(calls(envoy)) == 1
     assert not gate.busy and gate.child_pids() == set()
 

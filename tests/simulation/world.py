@@ -21,6 +21,7 @@ from envoy_autoreload.envoy_binary import BinaryInfo
 from envoy_autoreload.envoy_process import EnvoyProcess
 from envoy_autoreload.health import HealthObservation, UrlResult
 from envoy_autoreload.loop import SIGNAL_PRIORITY, DeadlineReached, Event, FdReady, SignalReceived
+from envoy_autoreload.references import References
 from envoy_autoreload.roster import Generation
 from envoy_autoreload.states import Timer
 from envoy_autoreload.validation import PreflightOutcome, Verdict
@@ -355,6 +356,9 @@ class SimGate:
     def bootstrap_facts(self, config: Path | None) -> BootstrapFacts | None:
         return None  # the modelled config names no file Envoy writes or reads
 
+    def read_facts_now(self, config: Path) -> BootstrapFacts | None:
+        return BootstrapFacts(config, None, None, References(frozenset(), ()))
+
     def _verdict(self, run: _Validation) -> PreflightOutcome:
         binary = BinaryInfo(Path("/sim/envoy"), (1, 1, 1, 1), "x/1.40.0/x", run.hot_restart_version)
         if not run.binary_ok:
@@ -506,6 +510,13 @@ class SimContent:
 
     def rescan(self) -> Snapshot:
         return self.current()
+
+    @property
+    def applied(self) -> Snapshot | None:
+        return None if self.building else self.current()
+
+    def is_excluded(self, path: Path) -> bool:
+        return False
 
     def exclude_paths(self, paths: Iterable[Path]) -> None:
         return None

@@ -17,6 +17,7 @@ from envoy_autoreload.generations import (
     Outcome,
     StateDirError,
 )
+from envoy_autoreload.lineage import Lineage
 
 CONFIG = b"static_resources: {}\n"
 
@@ -326,3 +327,25 @@ def test_a_file_where_the_snapshot_dir_goes(state: Path) -> None:
         GenerationStore.open(state, keep=3, suffix=".yaml")
     (state / "generations").unlink()
     GenerationStore.open(state, keep=3, suffix=".yaml").close()  # the lock was released
+
+
+# -- staged snapshots (a check started ahead of its burst) ----------------------------
+
+
+def test_a_staged_snapshot_has_no_history_until_pinned_and_survives_prune(
+    store: GenerationStore, tmp_path: Path
+) -> None:
+    """`Lineage.stage` writes the bytes a check ahead validates, with no history entry
+    (the burst may move on); prune keeps that file while it is staged, and the later
+    pin of the same bytes records them."""
+    config = tmp_path / "envoy.yaml"
+    config.write_bytes(CONFIG)
+    lineage = Lineage(store, config.read_bytes)
+    staged = lineage.stage()
+    assert staged is not None and staged.path.read_bytes() == CONFIG
+    assert store.outcome(staged.sha256) is None, "a staged snapshot is in the history"
+    lineage.prune([])
+    assert staged.path.exists(), "prune removed the snapshot a check ahead reads"
+    pinned = lineage.pin()
+    assert pinned == staged
+    assert store.outcome(staged.sha256) is Outcome.VALIDATED
