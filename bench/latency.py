@@ -6,10 +6,15 @@ time until the body is the new version. That total is split with the daemon's ow
 events:
 
 - debounce:    `restart.requested` ts minus the rename (quiet window + read + digest)
-- validation:  `validation.passed` duration_s (0 when the daemon does not validate)
+- validation:  `validation.passed` duration_s (0 when the daemon does not validate): the
+               check's own time. It runs during the debounce where it can
+               (`check_ahead.py`), so it is not a share of the total; what it still
+               holds the start back is in `requested_to_started`
 - envoy start: `child.serving` startup_s (spawn to Envoy reporting LIVE)
-- overhead:    what is left (spawning after the request, seeing LIVE, the listener
-               handing over, our poll interval)
+- overhead:    what is left once the debounce, `requested_to_started` (the wait for the
+               verdict and the spawn) and Envoy's start are taken off (seeing LIVE,
+               the listener handing over, our poll interval; < 0 when the listener
+               serves before the daemon's probe sees LIVE)
 
 Changes are spaced so each restart finds the previous parent gone (we wait for its
 `child.exited`, ~2 s with `--parent-shutdown-time-s 2`): the figure is the reaction
@@ -87,7 +92,7 @@ class Sample:
     validation: float
     envoy_start: float
     overhead: float
-    requested_to_started: float  # validation plus spawning, from the log's ms stamps
+    requested_to_started: float  # the verdict's wait plus spawning, from the log's ms stamps
     started_to_served: float  # spawn logged until our poll saw the new body
     serving_logged_to_served: float  # LIVE logged until the new body (< 0: served first)
     validated: bool
@@ -137,6 +142,7 @@ def one_change(family: BenchFamily, index: int, tag: str, serving_epoch: int) ->
     if envoy_start_s is None:
         raise BenchError(f"child.serving without startup_s: {serving}")
     served_wall = renamed_wall + total_s
+    waited_s = parse_ts(started) - parse_ts(requested)
     return Sample(
         change=index,
         epoch=epoch,
@@ -144,8 +150,8 @@ def one_change(family: BenchFamily, index: int, tag: str, serving_epoch: int) ->
         debounce=debounce_s,
         validation=validation_s,
         envoy_start=envoy_start_s,
-        overhead=total_s - debounce_s - validation_s - envoy_start_s,
-        requested_to_started=parse_ts(started) - parse_ts(requested),
+        overhead=total_s - debounce_s - waited_s - envoy_start_s,
+        requested_to_started=waited_s,
         started_to_served=served_wall - parse_ts(started),
         serving_logged_to_served=served_wall - parse_ts(serving),
         validated=validated is not None,

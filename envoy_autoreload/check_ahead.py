@@ -17,10 +17,14 @@ A run ahead is only ever a verdict about the files as they are at the burst's en
 - the content handed to `begin` must still have the digest it started on (a change
   a walk found rather than an event, `before_begin`);
 - it starts only where events name every change (inotify, no overflow, nothing left
-  to hash), and only for a config whose named files are all watched, and whose
-  outputs inside a watched tree are already excluded: a file it names outside the
-  watch raises no event (it is watched once a config naming it passed), and an
-  access log that `--mode validate` creates would make the run stale by itself;
+  to hash), and only for a config whose named files were all walked and hashed by
+  the names Envoy opens (a `..` after a symlink is resolved), are no `--ignore` or
+  editor name (their events are dropped) and are not excluded, and whose outputs
+  inside a watched tree are already excluded: a file it names outside the watch
+  raises no event (it is watched once a config naming it passed), and an access log
+  that `--mode validate` creates would make the run stale by itself. Not with
+  `--config-yaml` among the serving Envoy's flags: what that overlay names is not
+  looked at;
 - it does not start when the content is what serves (a `touch`, identical bytes
   pushed again): that burst restarts nothing.
 
@@ -39,6 +43,7 @@ from envoy_autoreload.digest import Snapshot
 from envoy_autoreload.gatekeeper import Gatekeeper
 from envoy_autoreload.planner import Planner
 from envoy_autoreload.ports import Content, EnvoyFacts
+from envoy_autoreload.references import References
 from envoy_autoreload.roster import Generation, Roster
 from envoy_autoreload.watching import Watching
 
@@ -82,7 +87,9 @@ class CheckAhead:
 
     def before_begin(self, content: Snapshot | None) -> None:
         """Right before the gate's `begin` for `content`: a run ahead that is not about
-        exactly that content is killed (`begin` would then run its own)."""
+        exactly that content is killed (`begin` would then run its own). The burst is
+        judged now: the next one gets its own runs ahead."""
+        self._launches = 0
         started = self._started_for
         if (
             not self._still_current(self._roster.serving())
@@ -102,24 +109,17 @@ class CheckAhead:
             return  # this content serves already: the burst restarts nothing
         if self._launches >= MAX_PER_BURST:
             return
+        flags = self._family.config_flags(serving)
+        if "--config-yaml" in flags:
+            return
         self._launches += 1
-        if self._keeper.check_ahead(self._family.config_flags(serving), self._safe):
+
+        def safe(facts: BootstrapFacts) -> bool:
+            changes = self._changes
+            return changes is not None and named_files_seen(changes, content, facts.references)
+
+        if self._keeper.check_ahead(flags, safe):
             self._started_for = (self._tried_at, serving.pid, content.digest)
-
-    def _safe(self, facts: BootstrapFacts) -> bool:
-        """Every file the config names is watched, so a change to it is an event, and
-        each file it makes Envoy write inside a watched tree is excluded already."""
-        changes, references = self._changes, facts.references
-        if changes is None or references is None:
-            return False  # unreadable: Envoy's validation says why, at the burst's end
-        roots = [root.path for root in changes.roots]
-
-        def watched(path: Path) -> bool:
-            return any(path.is_relative_to(root) for root in roots)
-
-        return all(map(watched, references.reads)) and all(
-            changes.is_excluded(path) or not watched(path) for path, _ in references.excluded
-        )
 
     def _still_current(self, serving: Generation | None) -> bool:
         started = self._started_for
@@ -150,3 +150,28 @@ class CheckAhead:
     def _changes_seen(self) -> int:
         changes: Content | None = self._changes
         return changes.events_total if changes is not None else 0
+
+
+def named_files_seen(changes: Content, content: Snapshot, references: References | None) -> bool:
+    """Whether a change to any file the config names is an event: each one was walked
+    and hashed under the name Envoy opens (it is in `content`), and no event naming it
+    is dropped (noise, excluded). And each file it makes Envoy write inside a watched
+    tree is excluded already, so that `--mode validate` creating it is no change."""
+    if references is None:
+        return False  # unreadable: Envoy's validation says why, at the burst's end
+    roots = [root.path for root in changes.roots]
+
+    def under_a_root(path: Path) -> bool:
+        return any(path.is_relative_to(root) for root in roots)
+
+    def seen(path: Path) -> bool:
+        return (
+            str(path) in content.files
+            and under_a_root(path)
+            and not changes.is_noise(path)
+            and not changes.is_excluded(path)
+        )
+
+    return all(map(seen, references.reads)) and all(
+        changes.is_excluded(path) or not under_a_root(path) for path, _ in references.excluded
+    )

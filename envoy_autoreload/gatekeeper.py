@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import re
 from collections.abc import Callable, Sequence
 from typing import Final
 
 from envoy_autoreload.batches import Batches
-from envoy_autoreload.bootstrap_facts import BootstrapFacts
+from envoy_autoreload.bootstrap_facts import INLINE_MAX_BYTES, BootstrapFacts
 from envoy_autoreload.digest import Snapshot
 from envoy_autoreload.envoy_binary import BinaryInfo
 from envoy_autoreload.errors import BinaryError, ValidationFailed
@@ -167,8 +168,8 @@ class Gatekeeper:
         nothing was started. Not for bytes that failed probation (`begin` refuses those
         without running anything), nor for a big config, whose facts only a child
         parses, and only for a check that will surely be used."""
-        if not self.gate.enabled:
-            return False
+        if not (self.gate.enabled and self._settings.validate) or self._config_is_big():
+            return False  # nothing to run ahead, or a big config: not read twice
         config = self._lineage.stage()
         if config is None or self._lineage.failed(config):
             return False  # generations off: nothing would pin what it validated
@@ -176,6 +177,13 @@ class Gatekeeper:
         if facts is None or not safe(facts):
             return False
         return self.gate.check_ahead(self.binary, config.path, flags)
+
+    def _config_is_big(self) -> bool:
+        config = self._settings.config
+        try:
+            return config is None or os.stat(config).st_size > INLINE_MAX_BYTES
+        except OSError:
+            return False  # staging it fails too, or reads it some other way
 
     def named(self, outcome: PreflightOutcome) -> PreflightOutcome:
         """Envoy names the file it validated: the operator's --config, not our snapshot

@@ -13,7 +13,9 @@ What is left out, and why (each named in `watch.referenced` and `--check`):
   without a restart, and a restart for them would only cut connections;
 - standard streams and other devices.
 
-Pure: the caller parses the bootstrap and passes the document; nothing here reads a file.
+The caller parses the bootstrap and passes the document; nothing here reads a file,
+except to resolve a name with `..` in it as the kernel does: `tls/../ca.pem`, with `tls`
+a symlink, is `ca.pem` beside the link's target, not beside the link.
 """
 
 from __future__ import annotations
@@ -44,13 +46,21 @@ def files_envoy_reads(document: Mapping[str, object], base: Path) -> References:
     for raw, watched in _filenames(document, watched=False):
         if raw.startswith(("/dev/", "/proc/")):
             continue
-        (itself if watched else reads).add(Path(os.path.abspath(base / raw)))
+        (itself if watched else reads).add(_absolute(base, raw))
     for raw in _xds_paths(document):
-        itself.add(Path(os.path.abspath(base / raw)))
+        itself.add(_absolute(base, raw))
     written = paths_envoy_writes(document, base)
     excluded = [(p, WRITTEN_BY_ENVOY) for p in sorted(written)]
     excluded += [(p, WATCHED_BY_ENVOY) for p in sorted(itself - written)]
     return References(frozenset(reads - written - itself), tuple(excluded))
+
+
+def _absolute(base: Path, raw: str) -> Path:
+    """The file Envoy opens for `raw`: `abspath` drops `..` as text, which is right only
+    where no symlink comes before it (then the real path is taken)."""
+    if ".." in Path(raw).parts:
+        return Path(os.path.realpath(base / raw))
+    return Path(os.path.abspath(base / raw))
 
 
 def _filenames(node: object, *, watched: bool) -> Iterator[tuple[str, bool]]:

@@ -359,6 +359,11 @@ class ChangeDetector:
         """Whether `exclude_paths` was given this file (as given or resolved)."""
         return os.path.abspath(path) in self._scanner.excluded
 
+    def is_noise(self, path: Path) -> bool:
+        """Whether events naming this file are dropped (an editor's or `--ignore` name),
+        even where it is hashed (a file given as a root itself)."""
+        return self._noise.is_noise(path.name)
+
     def rescan(self) -> Snapshot:
         """The content as it is now, walked afresh (an operator's explicit reload)."""
         return self._rescan()

@@ -12,16 +12,18 @@ The daemon's `--envoy` is a wrapper around the real Envoy that logs each validat
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.daemon import Daemon
 from tests.envoy.conftest import ENVOY_BIN, EnvoyFamily
-from tests.helpers import holds_for, wait_until
+from tests.helpers import free_port, holds_for, wait_until
 
 INLINE = 'body: {{ inline_string: "{body}" }}'
 LOGGING_ENVOY = """\
@@ -184,3 +186,50 @@ def test_an_access_log_the_check_creates_does_not_make_it_stale(
     requested = daemon.events("restart.requested")
     assert len(requested) == 2
     assert seen.started()[2].at < _wall(requested[1]), "not validated ahead"
+
+
+def _judged_at_the_end(daemon: Daemon, seen: Validations, gone: Path) -> None:
+    """No run ahead while the debounce (1.5 s) waits; `gone` is deleted within it; the
+    burst's own check, at its end, finds it missing."""
+    holds_for(lambda: len(seen.started()) == 1, duration_s=0.8, what="no validation ahead")
+    gone.unlink()
+    failed = daemon.wait_event("validation.failed", timeout_s=60)
+    assert gone.name in failed["message"], failed
+    assert not daemon.events("child.started", epoch=1)
+
+
+def test_no_check_ahead_for_a_named_file_whose_events_are_ignored(
+    envoy_family: EnvoyFamily, validations: tuple[Path, Validations]
+) -> None:
+    """`--ignore 'body.*'`: the named file is in the tree, but its events are dropped."""
+    envoy, seen = validations
+    body = envoy_family.root / "body.txt"
+    body.write_text("from the file")
+    daemon = _serving(envoy_family, envoy, seen, "--debounce", "1.5", "--ignore", "body.*")
+    envoy_family.write_raw(_naming(envoy_family, body))
+    _judged_at_the_end(daemon, seen, body)
+
+
+def test_no_check_ahead_under_a_config_yaml_overlay(
+    envoy_family: EnvoyFamily,
+    validations: tuple[Path, Validations],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """The start script gives Envoy `--config-yaml`, whose named files are not looked at:
+    here a listener answering from a file outside the watch."""
+    envoy, seen = validations
+    body = tmp_path_factory.mktemp("overlay") / "body.txt"
+    body.write_text("from the overlay")
+    listener = yaml.safe_load(envoy_family.render("x"))["static_resources"]["listeners"][0]
+    listener["name"] = "overlay"
+    listener["address"]["socket_address"]["port_value"] = free_port()
+    route = listener["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]
+    route["virtual_hosts"][0]["routes"][0]["direct_response"]["body"] = {"filename": str(body)}
+    overlay = json.dumps({"static_resources": {"listeners": [listener]}})
+    script = envoy_family.script.read_text()
+    envoy_family.script.write_text(
+        script.replace("--log-level info", f"--log-level info --config-yaml {shlex.quote(overlay)}")
+    )
+    daemon = _serving(envoy_family, envoy, seen, "--debounce", "1.5")
+    envoy_family.write_config("v1")
+    _judged_at_the_end(daemon, seen, body)

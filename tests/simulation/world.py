@@ -518,6 +518,9 @@ class SimContent:
     def is_excluded(self, path: Path) -> bool:
         return False
 
+    def is_noise(self, path: Path) -> bool:
+        return False
+
     def exclude_paths(self, paths: Iterable[Path]) -> None:
         return None
 
