@@ -258,6 +258,11 @@ class Simulation:
         raise InvariantBroken(f"the loop spins at t={self.now:.3f}: events never stop")
 
     # -- what the world does ------------------------------------------------------------
+    def write_named(self, ok: bool) -> None:
+        """The file every config names, changed (an event, as for the config)."""
+        self.world.named_ok = ok
+        self.content.written()
+
     def write(self, good: bool = True, healthy: bool = True) -> Content:
         content = Content(self.next_version, good, healthy=healthy)
         self.next_version += 1
@@ -402,6 +407,8 @@ class Simulation:
         world.model.unresponsive(False)
         world.model.unwedge_all()
         world.binary_ok = True
+        if not world.named_ok:
+            self.write_named(True)
         self.gate.hangs = False
         self.gate.duration_s = 0.04
         self.facts.admin_blind = False

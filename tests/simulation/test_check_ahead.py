@@ -55,3 +55,20 @@ def test_a_bad_write_in_the_debounce_is_what_the_gate_judges(sim: Simulation) ->
     sim.advance(2.0)
     assert sim.gate.ahead_started == 2
     assert [s.epoch for s in sim.world.spawned] == [0]
+
+
+def test_the_named_file_going_bad_after_the_check_ahead_passed_is_judged(
+    sim: Simulation,
+) -> None:
+    """The config's check ahead passes; then the file it names goes bad, an event within
+    the debounce. Taking the pass would start an Envoy that cannot load (the harness's
+    invariant 5 says so at the spawn); the burst's verdict is about the bad file."""
+    sim.write(good=True)
+    sim.advance(0.1)  # its check ahead (0.04 s) passed
+    sim.write_named(False)
+    sim.advance(2.0)
+    assert [s.epoch for s in sim.world.spawned] == [0]
+    sim.write_named(True)
+    sim.advance(2.0)
+    serving = sim.world.model.serving()
+    assert serving is not None and serving.epoch == 1

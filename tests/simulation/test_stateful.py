@@ -91,6 +91,10 @@ class DaemonInAWorld(RuleBasedStateMachine):
         self.history.append(self.s.write(good, healthy))
 
     @precondition(running)
+    @rule(ok=st.sampled_from([True, True, False]))
+    def write_named(self, ok: bool) -> None:
+        self.s.write_named(ok)
+
     @rule(back=st.integers(min_value=1, max_value=4))
     def revert(self, back: int) -> None:
         self.s.revert_to(self.history[max(0, len(self.history) - 1 - back)])

@@ -8,6 +8,7 @@ the real one: only the world is simulated, so everything it decides is real code
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,9 @@ from envoy_autoreload.watch.changes import Listed, SettledBurst
 from tests.simulation.model import Content, EnvoyModel, Proc, ProcState
 
 CONFIG_PATH = Path("/sim/etc/envoy/envoy.yaml")
+# A file every config names (a certificate, a `direct_response` body): Envoy reads it at
+# start and at validation, so what a verdict says depends on it too (check_ahead.py).
+NAMED_PATH = Path("/sim/etc/envoy/body.txt")
 HOT_RESTART_VERSION = "11.104"
 
 
@@ -233,6 +237,7 @@ class _Validation:
     binary_ok: bool
     hot_restart_version: str
     done_at: float | None  # None: hangs until killed at its deadline
+    named_ok: bool = True  # the named file as the validation read it
     killed: bool = False
     read_at: float | None = None  # when it reads the files (None: it already did)
 
@@ -299,6 +304,7 @@ class SimGate:
         world = self._world
         done = None if self.hangs else world.reactor.now() + self.duration_s
         run = _Validation(world.content_at(config), world.binary_ok, world.binary_hrv, done)
+        run.named_ok = world.named_ok
         if self.read_after_s > 0 and config is None:  # a snapshot never changes
             run.read_at = world.reactor.now() + self.read_after_s
         return run
@@ -324,6 +330,7 @@ class SimGate:
         running = self._running
         if running is not None and running.read_at is not None and running.read_at <= now:
             running.content = self._world.disk  # what the verdict will be about
+            running.named_ok = self._world.named_ok
             running.read_at = None
         if running is not None and running.done_at is not None and running.done_at <= now:
             running.done_at = -1.0  # finished: SIGCHLD
@@ -357,7 +364,7 @@ class SimGate:
         return None  # the modelled config names no file Envoy writes or reads
 
     def read_facts_now(self, config: Path) -> BootstrapFacts | None:
-        return BootstrapFacts(config, None, None, References(frozenset(), ()))
+        return BootstrapFacts(config, None, None, References(frozenset({NAMED_PATH}), ()))
 
     def _verdict(self, run: _Validation) -> PreflightOutcome:
         binary = BinaryInfo(Path("/sim/envoy"), (1, 1, 1, 1), "x/1.40.0/x", run.hot_restart_version)
@@ -367,6 +374,8 @@ class SimGate:
             return _outcome(Verdict.FAILED, "validation failed: Invalid path", binary)
         if not run.content.good:
             return _outcome(Verdict.FAILED, "validation failed: bad config", binary)
+        if not run.named_ok:
+            return _outcome(Verdict.FAILED, f"validation failed: {NAMED_PATH} is bad", binary)
         self.passed.add(run.content.digest)
         return _outcome(Verdict.PASSED, "", binary)
 
@@ -399,7 +408,7 @@ class SimContent:
 
     @property
     def roots(self) -> tuple[WatchRoot, ...]:
-        return (WatchRoot(CONFIG_PATH),)
+        return (WatchRoot(CONFIG_PATH), WatchRoot(NAMED_PATH))
 
     @property
     def active(self) -> bool:
@@ -505,7 +514,8 @@ class SimContent:
         content = self._world.disk
         if content is None:
             return Snapshot({}, "missing", frozenset(), missing=(str(CONFIG_PATH),))
-        files = {str(CONFIG_PATH): content.digest}
+        named = "ok" if self._world.named_ok else "bad"
+        files = {str(CONFIG_PATH): content.digest, str(NAMED_PATH): named}
         return Snapshot(files, digest_of_files(files), frozenset())
 
     def rescan(self) -> Snapshot:
@@ -539,6 +549,7 @@ class SimWorld:
     disk: Content | None = field(default_factory=lambda: Content(0))
     binary_ok: bool = True
     binary_hrv: str = HOT_RESTART_VERSION
+    named_ok: bool = True  # NAMED_PATH: a bad one fails validation and Envoy's start
     reactor: SimReactor = field(default_factory=SimReactor)
     spawned: list[Spawned] = field(default_factory=list)
     stopping: Callable[[], bool] = lambda: False
@@ -572,6 +583,8 @@ class SimWorld:
         serving = model.serving()
         alive = tuple(p.epoch for p in model.alive())
         content = self.content_at(snapshot)
+        if content is not None and not self.named_ok:
+            content = dataclasses.replace(content, good=False)  # it cannot load
         proc = model.spawn(epoch, content, self.binary_hrv)
         self.spawned.append(
             Spawned(
