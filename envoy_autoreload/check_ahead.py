@@ -43,7 +43,7 @@ from envoy_autoreload.digest import Snapshot
 from envoy_autoreload.gatekeeper import Gatekeeper
 from envoy_autoreload.planner import Planner
 from envoy_autoreload.ports import Content, EnvoyFacts
-from envoy_autoreload.references import References
+from envoy_autoreload.references import WATCHED_BY_ENVOY, References
 from envoy_autoreload.roster import Generation, Roster
 from envoy_autoreload.watching import Watching
 
@@ -70,6 +70,7 @@ class CheckAhead:
         # (changes noted, serving PID, content digest) when the run ahead started.
         self._started_for: tuple[int, int, str] | None = None
         self._launches = 0  # in the burst under way
+        self._refused: str | None = None  # a content digest not run ahead: not tried again
 
     def after_event(self, stopping: bool) -> None:
         """After each event and what it led to: drop a run that is stale, and start one
@@ -107,7 +108,7 @@ class CheckAhead:
         self._tried_at = self._changes_seen()
         if serving.snapshot is None or content.digest == serving.snapshot.digest:
             return  # this content serves already: the burst restarts nothing
-        if self._launches >= MAX_PER_BURST:
+        if self._launches >= MAX_PER_BURST or content.digest == self._refused:
             return
         flags = self._family.config_flags(serving)
         if "--config-yaml" in flags:
@@ -120,6 +121,8 @@ class CheckAhead:
 
         if self._keeper.check_ahead(flags, safe):
             self._started_for = (self._tried_at, serving.pid, content.digest)
+        else:
+            self._refused = content.digest  # not again for these files (the binary among them)
 
     def _still_current(self, serving: Generation | None) -> bool:
         started = self._started_for
@@ -154,10 +157,13 @@ class CheckAhead:
 
 def named_files_seen(changes: Content, content: Snapshot, references: References | None) -> bool:
     """Whether a change to any file the config names is an event: each one was walked
-    and hashed under the name Envoy opens (it is in `content`), and no event naming it
-    is dropped (noise, excluded). And each file it makes Envoy write inside a watched
-    tree is excluded already, so that `--mode validate` creating it is no change."""
-    if references is None:
+    and hashed under the name Envoy opens (it is in `content`), no event naming it is
+    dropped (noise, excluded), and it has no other name a writer could use (a hard
+    link: inotify tells only the directory written through). Each file it makes Envoy
+    write inside a watched tree is excluded already, so that `--mode validate` creating
+    it is no change. None that Envoy watches itself (SDS `watched_directory`, path-based
+    xDS): their events are dropped, yet validation may read them."""
+    if references is None or any(why == WATCHED_BY_ENVOY for _, why in references.excluded):
         return False  # unreadable: Envoy's validation says why, at the burst's end
     roots = [root.path for root in changes.roots]
 
@@ -170,6 +176,7 @@ def named_files_seen(changes: Content, content: Snapshot, references: References
             and under_a_root(path)
             and not changes.is_noise(path)
             and not changes.is_excluded(path)
+            and changes.has_one_name(path)
         )
 
     return all(map(seen, references.reads)) and all(

@@ -41,14 +41,15 @@ def paths_envoy_writes(config: Mapping[str, object], base: Path) -> frozenset[Pa
     """Absolute paths of the files this bootstrap's access loggers write.
 
     `base` is the directory a relative path is taken from: Envoy's working directory,
-    which is the start script's. The paths are normalised but not resolved: the
-    watcher resolves symlinks itself, at each scan.
+    which is the start script's. The paths are normalised but not resolved (the
+    watcher resolves symlinks itself, at each scan), but for a `..` after a symlink
+    (`path_envoy_opens`).
     """
     found: set[Path] = set()
     for raw in _logged_paths(config):
         if raw.startswith(("/dev/", "/proc/")):
             continue  # /dev/stdout, /dev/stderr, /proc/self/fd/1: no file in any tree
-        found.add(Path(os.path.abspath(base / raw)))
+        found.add(path_envoy_opens(base, raw))
     return frozenset(found)
 
 
@@ -100,6 +101,19 @@ def _file_logger_path(node: Mapping[str, object]) -> str | None:
         return None
     path = typed.get("path")
     return path if isinstance(path, str) and path else None
+
+
+def path_envoy_opens(base: Path, raw: str) -> Path:
+    """The file Envoy opens for `raw`, named as a walk of the tree names it. `abspath`
+    drops `..` as text, which is wrong after a symlink (`tls/../ca.pem`, `tls` a link,
+    is `ca.pem` beside the link's target): the part up to the last `..` is resolved as
+    the kernel does, the rest is kept as written, so that a symlink there (kubelet's
+    `key -> ..data/key`) is still followed at each scan, not frozen at today's target."""
+    parts = Path(raw).parts
+    if ".." not in parts:
+        return Path(os.path.abspath(base / raw))
+    last = len(parts) - parts[::-1].index("..")
+    return Path(os.path.realpath(base.joinpath(*parts[:last]))).joinpath(*parts[last:])
 
 
 def _type_name(type_url: object) -> str:

@@ -119,6 +119,7 @@ class Launcher:
             binary=binary,
             config=config,
             awaiting_reference=awaiting_reference,
+            retries_failed=self._lineage.failed(config),
         )
         fd = gen.process.stderr_fd()
         if fd is not None:

@@ -81,7 +81,8 @@ class Probation:
             self._lineage.record(config, Outcome.GOOD, epoch=gen.epoch)
             return
         self._watch = _Watch(gen)
-        self._lineage.record(config, Outcome.PROBATION, epoch=gen.epoch)
+        if not self._failed_already(gen):
+            self._lineage.record(config, Outcome.PROBATION, epoch=gen.epoch)
         log_event(
             logger,
             logging.INFO,
@@ -191,12 +192,19 @@ class Probation:
             self._lineage.record(config, Outcome.FAILED, epoch=gen.epoch, detail=f"{check}: {saw}")
         self._hooks.failed_probation(gen, check, saw)
 
+    def _failed_already(self, gen: Generation) -> bool:
+        """Its bytes failed probation while it was starting (a SIGHUP restarted the very
+        config on probation, and that one failed): the failure stands, and its own
+        window, cut short by the rollback, proves nothing. One started when they had
+        failed already (`reload --force`) tries them again on purpose."""
+        return self._lineage.failed(gen.config) and not gen.retries_failed
+
     def _end(self, why: str) -> None:
         watch = self._watch
         if watch is None:
             return
         self._watch = None
-        if why == "superseded":
+        if why == "superseded" and not self._lineage.failed(watch.gen.config):
             self._lineage.record(watch.gen.config, Outcome.SUPERSEDED, epoch=watch.gen.epoch)
         log_event(
             logger,

@@ -20,13 +20,12 @@ a symlink, is `ca.pem` beside the link's target, not beside the link.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from envoy_autoreload.envoy_outputs import paths_envoy_writes
+from envoy_autoreload.envoy_outputs import path_envoy_opens, paths_envoy_writes
 
 WATCHED_BY_ENVOY: Final = "Envoy watches it itself and reloads it without a restart"
 WRITTEN_BY_ENVOY: Final = "Envoy writes it (an access log): it would restart Envoy at each request"
@@ -46,21 +45,13 @@ def files_envoy_reads(document: Mapping[str, object], base: Path) -> References:
     for raw, watched in _filenames(document, watched=False):
         if raw.startswith(("/dev/", "/proc/")):
             continue
-        (itself if watched else reads).add(_absolute(base, raw))
+        (itself if watched else reads).add(path_envoy_opens(base, raw))
     for raw in _xds_paths(document):
-        itself.add(_absolute(base, raw))
+        itself.add(path_envoy_opens(base, raw))
     written = paths_envoy_writes(document, base)
     excluded = [(p, WRITTEN_BY_ENVOY) for p in sorted(written)]
     excluded += [(p, WATCHED_BY_ENVOY) for p in sorted(itself - written)]
     return References(frozenset(reads - written - itself), tuple(excluded))
-
-
-def _absolute(base: Path, raw: str) -> Path:
-    """The file Envoy opens for `raw`: `abspath` drops `..` as text, which is right only
-    where no symlink comes before it (then the real path is taken)."""
-    if ".." in Path(raw).parts:
-        return Path(os.path.realpath(base / raw))
-    return Path(os.path.abspath(base / raw))
 
 
 def _filenames(node: object, *, watched: bool) -> Iterator[tuple[str, bool]]:

@@ -52,6 +52,7 @@ class Generation:
     binary: BinaryInfo | None = None
     covers_seq: int = 0  # restart requests this generation answers (0: none)
     config: ConfigGeneration | None = None  # the snapshot it started (generations on)
+    retries_failed: bool = False  # its bytes had failed probation when it started
 
     @property
     def pid(self) -> int:
@@ -137,6 +138,7 @@ class Roster:
         binary: BinaryInfo | None,
         config: ConfigGeneration | None = None,
         awaiting_reference: bool = False,
+        retries_failed: bool = False,
     ) -> Generation:
         """Start the script at `epoch`; raises OSError when it cannot be executed."""
         if self.starting() is not None:
@@ -152,6 +154,7 @@ class Roster:
             covers_seq=covers_seq,
             config=config,
             awaiting_reference=awaiting_reference,
+            retries_failed=retries_failed,
         )
         self._generations.append(gen)
         if snapshot is not None:

@@ -359,6 +359,13 @@ class ChangeDetector:
         """Whether `exclude_paths` was given this file (as given or resolved)."""
         return os.path.abspath(path) in self._scanner.excluded
 
+    def has_one_name(self, path: Path) -> bool:
+        """No hard link elsewhere: inotify tells only the directory written through."""
+        try:
+            return os.stat(path).st_nlink == 1
+        except OSError:
+            return False
+
     def is_noise(self, path: Path) -> bool:
         """Whether events naming this file are dropped (an editor's or `--ignore` name),
         even where it is hashed (a file given as a root itself)."""

@@ -5,6 +5,7 @@ so the rule is checked against what the watcher really reports."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,9 +14,12 @@ import pytest
 
 from envoy_autoreload.check_ahead import named_files_seen
 from envoy_autoreload.digest import WatchRoot
+from envoy_autoreload.envoy_outputs import path_envoy_opens, paths_envoy_writes
 from envoy_autoreload.references import files_envoy_reads
 from envoy_autoreload.watch.changes import ChangeDetector
 from tests.helpers import wait_until
+
+FILE_LOG = "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog"
 
 
 @pytest.fixture
@@ -141,3 +145,55 @@ def test_a_file_behind_a_link_the_walk_does_not_follow_may_not(
     (root.parent / "body.txt").write_text("v0")
     allowed, _ = verdict(detectors, [root], f"{root}/up/body.txt", root.parent / "body.txt")
     assert not allowed
+
+
+def test_dotdot_is_resolved_up_to_itself_only(tmp_path: Path) -> None:
+    """kubelet's layout: `certs/tls.crt -> ..data/tls.crt`, `..data -> ..2026_01`. The
+    name Envoy opens for `../certs/tls.crt` from `conf/` is `certs/tls.crt`, whose
+    link is followed at each scan: not today's `..2026_01/tls.crt`, gone at the next
+    rotation. After a symlink, `..` is the link target's parent."""
+    conf, certs, outside = tmp_path / "conf", tmp_path / "certs", tmp_path / "outside"
+    conf.mkdir()
+    (certs / "..2026_01").mkdir(parents=True)
+    (certs / "..2026_01" / "tls.crt").write_text("v1")
+    (certs / "..data").symlink_to("..2026_01")
+    (certs / "tls.crt").symlink_to("..data/tls.crt")
+    assert path_envoy_opens(conf, "../certs/tls.crt") == certs / "tls.crt"
+    (outside / "site").mkdir(parents=True)
+    (conf / "tls").symlink_to(outside / "site")
+    assert path_envoy_opens(conf, "tls/../body.txt") == outside / "body.txt"
+    assert path_envoy_opens(conf, "tls/ca.pem") == conf / "tls" / "ca.pem"
+    log = {"access_log": [{"typed_config": {"@type": FILE_LOG, "path": "tls/../access.log"}}]}
+    assert paths_envoy_writes({"admin": log}, conf) == {outside / "access.log"}
+
+
+def test_a_hard_linked_file_may_not(
+    detectors: list[ChangeDetector], tree: tuple[Path, Path]
+) -> None:
+    """A writer through the other name changes it without an event in the tree."""
+    root, outside = tree
+    (outside / "ca.pem").write_text("v0")
+    os.link(outside / "ca.pem", root / "ca.pem")
+    allowed, _ = verdict(detectors, [root], f"{root}/ca.pem", outside / "ca.pem")
+    assert not allowed
+
+
+def test_a_config_with_files_envoy_watches_itself_may_not(
+    detectors: list[ChangeDetector], tree: tuple[Path, Path]
+) -> None:
+    """An SDS secret under a `watched_directory` (outside the tree here): nothing
+    watches it for us, and validation may read it."""
+    root, outside = tree
+    (outside / "cert.pem").write_text("v0")
+    detector = ChangeDetector(
+        [WatchRoot(root)], watcher_kind="inotify", ignore_globs=(), quiet_s=0.1, max_wait_s=1.0
+    )
+    detectors.append(detector)
+    detector.start(degraded_ok=False)
+    secret = {
+        "watched_directory": {"path": str(outside)},
+        "certificate_chain": {"filename": f"{outside}/cert.pem"},
+    }
+    references = files_envoy_reads({"secret": secret}, Path.cwd())
+    assert references.excluded, "the secret's file is Envoy's to reload"
+    assert not named_files_seen(detector, detector.current(), references)

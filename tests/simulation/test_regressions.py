@@ -331,3 +331,53 @@ def test_invariant_9_requests_that_join_a_validated_plan_raise_nothing(
     state.signal_daemon(count=1, signum=signal.SIGHUP)
     state.safe()
     state.teardown()
+
+
+def test_invariant_7_a_failure_stands_when_a_restart_of_the_same_bytes_is_superseded(
+    state: DaemonInAWorld,
+) -> None:
+    """Found by the stateful simulation itself (2026-12-02, not planted): probation.py
+    recorded PROBATION, then SUPERSEDED, for a generation whose bytes had failed
+    probation while it was starting, over their FAILED.
+
+    An unhealthy v1 starts as epoch 1; a SIGHUP (the convergence step's) restarts the
+    same v1 as epoch 2 while epoch 1 is on probation. Epoch 1 fails, the rollback to v0
+    supersedes epoch 2, and v1 read as merely superseded: v0 served while the files
+    held v1, which was not known to have failed (invariant 7 at teardown)."""
+    state.start(
+        max_drain_wait_s=2.0,
+        start_timeout_s=5.0,
+        parent_shutdown_s=1.0,
+        debounce_s=0.05,
+        watch=True,
+        on_incompatible_binary="refuse",
+        build_s=0.0,
+    )
+    state.wait(seconds=11.0)
+    state.write(good=True, healthy=False)
+    state.wait(seconds=0.04)
+    state.teardown()
+
+
+def test_invariant_7_a_forced_reload_requested_before_the_failure_does_not_undo_it(
+    state: DaemonInAWorld,
+) -> None:
+    """Found by the stateful simulation (2026-12-02) right after the fix above, which
+    let any `--force` reload record over a failure: a forced reload of v2, asked for
+    while v2 was still on its way in, ran after v2 failed and was superseded by the
+    rollback; only a start made once the bytes had failed is a retry on purpose."""
+    state.start(
+        max_drain_wait_s=2.0,
+        start_timeout_s=5.0,
+        parent_shutdown_s=1.0,
+        debounce_s=0.05,
+        watch=True,
+        on_incompatible_binary="refuse",
+        build_s=0.0,
+    )
+    state.wait(seconds=11.0)
+    state.write(good=False, healthy=True)
+    state.write(good=True, healthy=False)
+    state.wait(seconds=0.04)
+    state.control_reload(force=True)
+    state.teardown()

@@ -531,6 +531,9 @@ class SimContent:
     def is_noise(self, path: Path) -> bool:
         return False
 
+    def has_one_name(self, path: Path) -> bool:
+        return True
+
     def exclude_paths(self, paths: Iterable[Path]) -> None:
         return None
 
