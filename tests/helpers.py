@@ -245,6 +245,22 @@ def port_held() -> Iterator[int]:
         blocker.close()
 
 
+def write_executable(path: Path, text: str) -> Path:
+    """A script the tests run as a fake `envoy` or start script."""
+    path.write_text(text)
+    path.chmod(0o755)
+    return path
+
+
+def exited(pid: int) -> bool:
+    """Gone, or a zombie: exited, not reaped yet (`pid_alive` is True for a zombie)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rpartition(")")[2].split()[0] == "Z"
+
+
 def pid_alive(pid: int) -> bool:
     """Whether a process (or a zombie not reaped yet) holds `pid`."""
     try:

@@ -21,7 +21,7 @@ from envoy_autoreload.gate import CommandGate
 from envoy_autoreload.loop import DeadlineReached, FdReady, Reactor, SignalReceived
 from envoy_autoreload.settings import Settings
 from envoy_autoreload.validation import BinaryInfo, PreflightOutcome, Verdict
-from tests.helpers import pid_alive, wait_until
+from tests.helpers import exited, pid_alive, wait_until, write_executable
 
 DEADLINE = "command-deadline"
 FAKE_ENVOY = """\
@@ -47,10 +47,7 @@ def reactor() -> Iterator[Reactor]:
 
 @pytest.fixture
 def envoy(tmp_path: Path) -> Path:
-    path = tmp_path / "envoy"
-    path.write_text(FAKE_ENVOY.format(calls=tmp_path / "calls"))
-    path.chmod(0o755)
-    return path
+    return write_executable(tmp_path / "envoy", FAKE_ENVOY.format(calls=tmp_path / "calls"))
 
 
 @pytest.fixture
@@ -59,15 +56,6 @@ def gate(tmp_path: Path, reactor: Reactor, envoy: Path) -> Iterator[CommandGate]
     made = CommandGate(settings, reactor, DEADLINE)
     yield made
     made.abandon()
-
-
-def ended(pid: int) -> bool:
-    """Gone, or a zombie: exited, not reaped yet."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    return stat.rpartition(")")[2].split()[0] == "Z"
 
 
 def known(envoy: Path) -> BinaryInfo:
@@ -155,7 +143,7 @@ def test_a_check_done_before_begin_is_the_verdict_at_once(
     assert gate.check_ahead(known(envoy), snapshot)
     wait_until(lambda: len(calls(envoy)) == 1, timeout_s=30, what="the validation ahead")
     pid = calls(envoy)[0][0]
-    wait_until(lambda: ended(pid), timeout_s=30, what="the validation to end")
+    wait_until(lambda: exited(pid), timeout_s=30, what="the validation to end")
     pump(reactor, gate)  # its SIGCHLD, as the loop would have handled it
     ended_at = time.monotonic()
     wait_until(lambda: time.monotonic() - ended_at >= 1.0, timeout_s=5, what="a second on")
@@ -178,7 +166,7 @@ def test_another_config_is_validated_afresh_and_the_one_ahead_killed(
     outcome = until_verdict(reactor, gate, gate.begin(known(envoy), fresh))
     assert outcome.verdict is Verdict.PASSED, outcome
     assert [path for _, path in calls(envoy)] == [str(stale), str(fresh)]
-    assert ended(stale_pid), "the validation of the other config still runs"
+    assert exited(stale_pid), "the validation of the other config still runs"
     wait_until(reaped(reactor, gate), timeout_s=30, what="the killed validation reaped")
 
 
@@ -212,7 +200,7 @@ def test_dropped_and_abandoned_checks_are_killed_and_reaped(
     first = calls(envoy)[0][0]
     gate.drop_ahead()
     assert not gate.ahead
-    wait_until(lambda: ended(first), timeout_s=5, what="the dropped check killed")
+    wait_until(lambda: exited(first), timeout_s=5, what="the dropped check killed")
     wait_until(reaped(reactor, gate), timeout_s=30, what="the dropped check reaped")
 
     assert gate.check_ahead(known(envoy), config(tmp_path, "slow2.yaml", "slow: true"))

@@ -344,16 +344,7 @@ def test_invariant_7_a_failure_stands_when_a_restart_of_the_same_bytes_is_supers
     same v1 as epoch 2 while epoch 1 is on probation. Epoch 1 fails, the rollback to v0
     supersedes epoch 2, and v1 read as merely superseded: v0 served while the files
     held v1, which was not known to have failed (invariant 7 at teardown)."""
-    state.start(
-        max_drain_wait_s=2.0,
-        start_timeout_s=5.0,
-        parent_shutdown_s=1.0,
-        debounce_s=0.05,
-        watch=True,
-        on_incompatible_binary="refuse",
-        build_s=0.0,
-    )
-    state.wait(seconds=11.0)
+    _serving_a_good_config(state)
     state.write(good=True, healthy=False)
     state.wait(seconds=0.04)
     state.teardown()
@@ -366,6 +357,16 @@ def test_invariant_7_a_forced_reload_requested_before_the_failure_does_not_undo_
     let any `--force` reload record over a failure: a forced reload of v2, asked for
     while v2 was still on its way in, ran after v2 failed and was superseded by the
     rollback; only a start made once the bytes had failed is a retry on purpose."""
+    _serving_a_good_config(state)
+    state.write(good=False, healthy=True)
+    state.write(good=True, healthy=False)
+    state.wait(seconds=0.04)
+    state.control_reload(force=True)
+    state.teardown()
+
+
+def _serving_a_good_config(state: DaemonInAWorld) -> None:
+    """Watching, with a 10 s health window passed: epoch 0's config is the last good."""
     state.start(
         max_drain_wait_s=2.0,
         start_timeout_s=5.0,
@@ -376,8 +377,3 @@ def test_invariant_7_a_forced_reload_requested_before_the_failure_does_not_undo_
         build_s=0.0,
     )
     state.wait(seconds=11.0)
-    state.write(good=False, healthy=True)
-    state.write(good=True, healthy=False)
-    state.wait(seconds=0.04)
-    state.control_reload(force=True)
-    state.teardown()

@@ -23,7 +23,7 @@ from envoy_autoreload.validation import (
     commands_ahead,
     run_preflight_now,
 )
-from tests.helpers import pid_alive, wait_until
+from tests.helpers import exited, pid_alive, wait_until, write_executable
 
 FAKE_ENVOY = """\
 #!/bin/sh
@@ -41,25 +41,13 @@ exit 1
 
 @pytest.fixture
 def envoy(tmp_path: Path) -> Path:
-    path = tmp_path / "envoy"
-    path.write_text(FAKE_ENVOY.format(calls=tmp_path / "calls"))
-    path.chmod(0o755)
-    return path
+    return write_executable(tmp_path / "envoy", FAKE_ENVOY.format(calls=tmp_path / "calls"))
 
 
 def _calls(envoy: Path) -> list[tuple[int, str]]:
     log = envoy.parent / "calls"
     lines = log.read_text().splitlines() if log.exists() else []
     return [(int(pid), args) for pid, _, args in (line.partition(" ") for line in lines)]
-
-
-def _exited(pid: int) -> bool:
-    """Gone, or a zombie: exited, not reaped yet."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    return stat.rpartition(")")[2].split()[0] == "Z"
 
 
 def _preflight(envoy: Path, config: Path) -> Preflight:
@@ -74,7 +62,7 @@ def test_the_same_check_is_taken_not_run_twice(envoy: Path, tmp_path: Path) -> N
     with commands_ahead(ahead):
         wait_until(lambda: len(_calls(envoy)) == 2, timeout_s=30, what="both commands ran")
         pids = [pid for pid, _ in _calls(envoy)]
-        wait_until(lambda: all(map(_exited, pids)), timeout_s=30, what="both commands done")
+        wait_until(lambda: all(map(exited, pids)), timeout_s=30, what="both commands done")
         outcome = run_preflight_now(_preflight(envoy, config))
         took_s = time.monotonic() - ahead.started_at
     assert outcome.verdict is Verdict.PASSED, outcome
