@@ -146,13 +146,16 @@ class Rollbacks:
         previous, lineage.serving = lineage.serving, gen.config
         self._telemetry.serving_config(gen.config.sha256 if gen.config else None)
         lineage.prune([gen.config, lineage.last_good()])
-        pending, self._pending = self._pending, None
-        finished = pending is not None and gen.config == pending.good
-        if not finished:
+        pending = self._pending
+        if pending is not None and gen.config not in (pending.good, pending.bad):
+            self._moot(pending, gen)
+            pending = None
+        if pending is None or gen.config != pending.good:
             if gen.config != previous:
                 lineage.rolled_back_from = None  # /status: a newer config serves now
             return
-        assert pending is not None and gen.config is not None
+        self._pending = None
+        assert gen.config is not None
         lineage.rolled_back_from = pending.bad
         log_event(
             logger,
@@ -163,6 +166,27 @@ class Rollbacks:
             pid=gen.pid,
             config=pending.good.short,
             from_config=_short(pending.bad),
+        )
+
+
+    def _moot(self, pending: _Pending, gen: Generation) -> None:
+        """A newer push went LIVE before the rollback from `pending.bad` started (it was
+        starting when that config failed): the bad config serves no more, and rolling
+        back now would replace the operator's newest validated config with an older one.
+        The failure stands in the history; the newer one gets its own probation."""
+        self._pending = None
+        plan = self._planner.plan
+        if isinstance(plan, StartNext) and plan.rollback:
+            self._planner.replan(None, "rollback_moot")
+        log_event(
+            logger,
+            logging.INFO,
+            "rollback.skipped",
+            f"epoch {gen.epoch} serves {_short(gen.config)}, pushed after "
+            f"{_short(pending.bad)} failed: no rollback to {pending.good.short}",
+            epoch=gen.epoch,
+            pid=gen.pid,
+            config=_short(gen.config),
         )
 
 

@@ -164,7 +164,8 @@ PLAN_EDGES: Final[dict[tuple[PlanKind, PlanKind], frozenset[str]]] = {
     # Carried out; the content changed since it was validated (never start unvalidated
     # content); a newer check of it failed; retries were used up; the serving epoch died
     # (the batch is requeued); the queued requests turned out to change nothing
-    # (REVIEW-core finding 9); its files went missing.
+    # (REVIEW-core finding 9); its files went missing; a rollback whose bad config no
+    # longer serves (a newer push went LIVE before it started).
     (_S, _N): frozenset(
         {
             "started",
@@ -174,6 +175,7 @@ PLAN_EDGES: Final[dict[tuple[PlanKind, PlanKind], frozenset[str]]] = {
             "serving_died",
             "reverted",
             "went_missing",
+            "rollback_moot",
         }
     ),
     # The serving epoch died while its parent still drains: respawn from the parent.

@@ -377,3 +377,22 @@ def _serving_a_good_config(state: DaemonInAWorld) -> None:
         build_s=0.0,
     )
     state.wait(seconds=11.0)
+
+
+def test_invariant_7_a_rollback_does_not_replace_a_newer_push_that_went_live_first(
+    state: DaemonInAWorld,
+) -> None:
+    """Found by the stateful simulation in CI (2026-12-02, not planted; it predates
+    check ahead): rollbacks.py started the rollback from a failed config even after a
+    newer push, starting when that config failed, had gone LIVE.
+
+    An unhealthy v2 serves as epoch 1; the files go back to v1 and a SIGHUP starts v1
+    as epoch 2. Epoch 1 fails probation while epoch 2 starts; epoch 2 goes LIVE, and
+    then the rollback to v0 replaced it: v0 served while the files held the healthy,
+    validated v1 (invariant 7 at teardown)."""
+    _serving_a_good_config(state)
+    state.write(good=True, healthy=True)
+    state.write(good=True, healthy=False)
+    state.wait(seconds=0.1)
+    state.revert(back=1)
+    state.teardown()
