@@ -168,7 +168,6 @@ class Rollbacks:
             from_config=_short(pending.bad),
         )
 
-
     def _moot(self, pending: _Pending, gen: Generation) -> None:
         """A newer push went LIVE before the rollback from `pending.bad` started (it was
         starting when that config failed): the bad config serves no more, and rolling
