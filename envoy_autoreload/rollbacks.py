@@ -150,11 +150,15 @@ class Rollbacks:
         if pending is not None and gen.config not in (pending.good, pending.bad):
             self._moot(pending, gen)
             pending = None
+        elif pending is not None and gen.config == pending.bad and not self._planned():
+            self._pending = pending = None  # started again on purpose, or recovered
         if pending is None or gen.config != pending.good:
             if gen.config != previous:
                 lineage.rolled_back_from = None  # /status: a newer config serves now
             return
         self._pending = None
+        if self._planned():
+            self._planner.replan(None, "rollback_moot")  # done by what went LIVE now
         assert gen.config is not None
         lineage.rolled_back_from = pending.bad
         log_event(
@@ -168,14 +172,30 @@ class Rollbacks:
             from_config=_short(pending.bad),
         )
 
+    def resume(self, serving: Generation) -> None:
+        """A rollback from a failed probation that got no plan (another plan held the
+        next start, and it was carried out or dropped) while the failed config still
+        serves: planned now. Called when nothing else is planned or starting."""
+        pending = self._pending
+        if pending is None or pending.check == "manual" or serving.config != pending.bad:
+            return
+        self._planner.replan(
+            StartNext(ROLLBACK_REASON, 0, None, pending.good, rollback=True), "rollback"
+        )
+        self._planner.drain_wait_over = True
+        self._reactor.set_timeout(Timer.ADVANCE, 0)
+
+    def _planned(self) -> bool:
+        plan = self._planner.plan
+        return isinstance(plan, StartNext) and plan.rollback
+
     def _moot(self, pending: _Pending, gen: Generation) -> None:
         """A newer push went LIVE before the rollback from `pending.bad` started (it was
         starting when that config failed): the bad config serves no more, and rolling
         back now would replace the operator's newest validated config with an older one.
         The failure stands in the history; the newer one gets its own probation."""
         self._pending = None
-        plan = self._planner.plan
-        if isinstance(plan, StartNext) and plan.rollback:
+        if self._planned():
             self._planner.replan(None, "rollback_moot")
         log_event(
             logger,

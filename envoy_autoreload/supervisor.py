@@ -446,6 +446,8 @@ class Supervisor:
             and not self._intake.take_requests(serving)
         ):
             return
+        if self._planner.plan is None and not queued:
+            self._rollbacks.resume(serving)
         plan = self._planner.plan
         if not isinstance(plan, StartNext):
             self._reactor.cancel(Timer.DRAIN_WAIT)

@@ -396,3 +396,32 @@ def test_invariant_7_a_rollback_does_not_replace_a_newer_push_that_went_live_fir
     state.wait(seconds=0.1)
     state.revert(back=1)
     state.teardown()
+
+
+def test_a_rollback_left_without_a_plan_is_carried_out_later(state: DaemonInAWorld) -> None:
+    """helper-30 (2026-12-02, not planted; it predates this round): an unhealthy v1 on
+    probation, a newer v2 that cannot start (a port conflict). v1 fails; its rollback
+    gets no plan, since v2's holds the next start, and v2's retries run out. The
+    failed v1 then served for good, even once the port was free."""
+    _serving_a_good_config(state)
+    failed = state.s.write(good=True, healthy=False)
+    state.wait(seconds=0.35)
+    state.port_conflict(on=True)
+    state.s.write(good=True, healthy=True)
+    state.wait(seconds=130.0)
+    state.port_conflict(on=False)
+    state.wait(seconds=130.0)
+    serving = state.s.world.model.serving()
+    assert serving is not None and serving.content != failed, "the failed config serves"
+
+
+def test_a_rollback_finished_by_a_revert_is_not_started_again(state: DaemonInAWorld) -> None:
+    """helper-30: the files go back to v0 while v1 is on probation; v1 fails while the
+    revert's epoch starts, and that epoch going LIVE finishes the rollback. Its plan
+    was kept, and v0 was started a second time."""
+    _serving_a_good_config(state)
+    state.write(good=True, healthy=False)
+    state.wait(seconds=0.3)
+    state.revert(back=1)
+    state.wait(seconds=6.0)
+    assert [s.epoch for s in state.s.world.spawned] == [0, 1, 2]
