@@ -40,6 +40,8 @@ from typing import Final
 
 from envoy_autoreload.envoy_process import EnvoyProcess, executable_of
 from envoy_autoreload.logs import write_stderr
+from envoy_autoreload.standby import Standby, environment_survives, make_standby
+from envoy_autoreload.standby import reap as standby_reap
 
 SNAPSHOT_VARIABLE: Final = "ENVOY_AUTORELOAD_SNAPSHOT"
 STDERR_TAIL_LINES: Final = 12
@@ -475,6 +477,10 @@ class ScriptSpawner:
     the ~1 ms between the vfork and `setpriv`'s request leaves that script, and the
     Envoy it starts, orphaned. Without `setpriv`, and off Linux, every spawn takes the
     exact way.
+
+    Cheapest of all is a standby (standby.py): made the exact way at a quiet moment
+    (`prepare`, once a generation is LIVE), for the same proven file, it turns the next
+    spawn into one write. The same file rule holds when it is used.
     """
 
     def __init__(self, start_script: Path, script_args: tuple[str, ...]) -> None:
@@ -483,20 +489,101 @@ class ScriptSpawner:
         self._setpriv: str | None = None
         self._setpriv_looked_for = False
         self._proven: tuple[int, ...] | None = None  # the file last exec'd the exact way
+        self._standby: Standby | None = None
+        self._dropped: list[subprocess.Popen[bytes]] = []  # standbys let go, not reaped yet
+        self._env_survives: bool | None = None  # through the standby's shell (standby.py)
 
     def reap_strays(self, ours: set[int]) -> None:
-        reap_strays(ours)
+        self._dropped = [p for p in self._dropped if p.poll() is None]
+        standby = [self._standby.process] if self._standby is not None else []
+        reap_strays(ours | {p.pid for p in [*self._dropped, *standby]})
+
+    def _argv(self) -> tuple[str, ...]:
+        return (str(self._start_script), *self._script_args)
+
+    @staticmethod
+    def _environment() -> dict[str, str]:
+        """Ours, less a snapshot an outer supervisor gave us (it is not ours)."""
+        env = dict(os.environ)
+        env.pop(SNAPSHOT_VARIABLE, None)
+        return env
+
+    def prepare(self) -> None:
+        """At a quiet moment: a standby for the next spawn (standby.py), if the script is
+        the file last exec'd the exact way and our environment survives the shell.
+        Never raises: without one, the next spawn takes the usual way."""
+        identity = _file_identity(self._start_script)
+        if self._standby_is_for(identity):
+            return
+        self._drop_standby()
+        if identity is None or identity != self._proven or not sys.platform.startswith("linux"):
+            return
+        env = self._environment()
+        if self._env_survives is None:
+            self._env_survives = environment_survives(env, SNAPSHOT_VARIABLE)
+        if not self._env_survives:
+            return
+        try:
+            self._standby = make_standby(
+                self._argv(), env, identity, SNAPSHOT_VARIABLE, _dies_with_the_daemon()
+            )
+        except OSError:
+            self._standby = None
+
+    @property
+    def standby_pid(self) -> int | None:
+        """The PID the next spawn will have if it takes the standby (None: none is ready)."""
+        return self._standby.process.pid if self._standby is not None else None
+
+    def _standby_is_for(self, identity: tuple[int, ...] | None) -> bool:
+        standby = self._standby
+        return (
+            standby is not None
+            and standby.process.poll() is None
+            and standby.identity == identity
+            and standby.argv == self._argv()
+        )
+
+    def release(self) -> None:
+        """Before a re-exec and on the way out: no standby left behind, all reaped."""
+        self._drop_standby()
+        for process in self._dropped:
+            standby_reap(process)
+        self._dropped = []
+
+    def _drop_standby(self) -> None:
+        standby, self._standby = self._standby, None
+        if standby is not None:
+            standby.drop()
+            self._dropped.append(standby.process)
+
+    def _from_standby(
+        self, identity: tuple[int, ...] | None, epoch: int, snapshot: Path | None
+    ) -> ScriptChild | None:
+        """The spawn by the standby, when it is for this very file and still there."""
+        standby, self._standby = self._standby, None
+        if standby is None:
+            return None
+        current = identity is not None and identity == self._proven == standby.identity
+        path = str(snapshot) if snapshot is not None else None
+        if current and standby.argv == self._argv() and standby.fire(epoch, path):
+            return ScriptChild(standby.process, standby.stderr_fd)
+        standby.drop()
+        self._dropped.append(standby.process)
+        return None
 
     def spawn(self, epoch: int, snapshot: Path | None = None) -> ScriptChild:
         """Exec the start script directly with RESTART_EPOCH and the config snapshot it is
         to start (ENVOY_AUTORELOAD_SNAPSHOT, never set in our own environment); raises
         OSError if exec fails."""
-        env = {**os.environ, "RESTART_EPOCH": str(epoch)}
-        env.pop(SNAPSHOT_VARIABLE, None)  # one an outer supervisor gave us is not ours
+        identity = _file_identity(self._start_script)
+        ready = self._from_standby(identity, epoch, snapshot)
+        if ready is not None:
+            return ready
+        env = {**self._environment(), "RESTART_EPOCH": str(epoch)}
         if snapshot is not None:
             env[SNAPSHOT_VARIABLE] = str(snapshot)
-        argv = [str(self._start_script), *self._script_args]
-        identity = _file_identity(self._start_script)
+        argv = list(self._argv())
         setpriv = self._setpriv
         if setpriv is not None and identity is not None and identity == self._proven:
             return _popen([setpriv, "--pdeathsig", "TERM", "--", *argv], env, None)

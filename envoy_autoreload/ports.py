@@ -76,6 +76,11 @@ class Processes(Protocol):
     def spawn(self, epoch: int, snapshot: Path | None = None) -> ChildProcess: ...
     def adopt(self, pid: int, stderr_fd: int | None) -> ChildProcess: ...
     def reap_strays(self, ours: set[int]) -> None: ...
+    def prepare(self) -> None:
+        """At a quiet moment: make the next spawn cheap (real: a standby process)."""
+
+    def release(self) -> None:
+        """Before a re-exec and on the way out: undo `prepare`, nothing left running."""
 
 
 class EnvoyFacts(Protocol):

@@ -128,6 +128,8 @@ class Reexec:
         # Nothing runs for the gate (`quiet`), but a check started ahead of a burst may
         # (check_ahead.py): killed and reaped, the new image checks the burst afresh.
         self._parts.gatekeeper.gate.abandon()
+        # A standby (standby.py) would outlive the exec as a child nobody knows: gone.
+        self._parts.roster.processes().release()
         self._passed = False
         self.exec_now(handover, [*stderr, *self._inherited.values(), *clients])
 

@@ -224,6 +224,7 @@ class Supervisor:
                     return code
         finally:
             self._gatekeeper.gate.abandon()
+            self._processes.release()
             self._shutdown.kill_leftovers()
 
     def begin(self, started: Callback = _nothing) -> None:

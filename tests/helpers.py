@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Final, TypeVar
 
+from envoy_autoreload.standby import NAME as STANDBY_NAME
+
 T = TypeVar("T")
 
 
@@ -250,6 +252,26 @@ def write_executable(path: Path, text: str) -> Path:
     path.write_text(text)
     path.chmod(0o755)
     return path
+
+
+def daemon_children(pid: int) -> list[int]:
+    """The daemon's child processes, less its standby (standby.py): the next spawn,
+    made ahead, which is not Envoy nor a check."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            found.extend(int(c) for c in (task / "children").read_text().split())
+        except OSError:
+            continue
+    return [child for child in found if not _is_standby(child)]
+
+
+def _is_standby(pid: int) -> bool:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return len(argv) > 3 and argv[3] == STANDBY_NAME.encode()
 
 
 def exited(pid: int) -> bool:

@@ -9,7 +9,7 @@ from pathlib import Path
 from tests.daemon import one_error_line, run_cli
 from tests.envoy.breakages import unknown_cluster
 from tests.envoy.conftest import ENVOY_BIN, EnvoyFamily
-from tests.helpers import wait_until
+from tests.helpers import daemon_children, wait_until
 
 
 def _fake_envoy(path: Path, body: str) -> Path:
@@ -33,8 +33,7 @@ def test_a_validator_that_hangs_times_out_cleanly(envoy_family: EnvoyFamily) -> 
     failed = daemon.wait_event("validation.failed")
     assert "timed out after 1 s" in failed["message"]
     assert envoy_family.body() == "v0"
-    children = Path(f"/proc/{daemon.pid}/task/{daemon.pid}/children").read_text().split()
-    assert children == [str(serving["pid"])], "the hung validator was killed and reaped"
+    assert daemon_children(daemon.pid) == [serving["pid"]], "the hung validator was reaped"
     marker.unlink()
     daemon.signal(signal.SIGHUP)
     daemon.wait_event("child.serving", epoch=1)
@@ -134,9 +133,7 @@ def test_sigterm_while_validating_stops_in_order(envoy_family: EnvoyFamily) -> N
     marker.touch()
     daemon.signal(signal.SIGHUP)
     wait_until(
-        lambda: (
-            len(Path(f"/proc/{daemon.pid}/task/{daemon.pid}/children").read_text().split()) == 2
-        ),
+        lambda: len(daemon_children(daemon.pid)) == 2,
         timeout_s=10,
         what="the validator running beside Envoy",
     )

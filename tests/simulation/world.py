@@ -175,6 +175,12 @@ class SimProcesses:
     def reap_strays(self, ours: set[int]) -> None:
         return None
 
+    def prepare(self) -> None:
+        return None
+
+    def release(self) -> None:
+        return None
+
 
 class SimFacts:
     """`EnvoyFacts` answered from the model: LIVE over a fresh admin connection means
