@@ -46,6 +46,38 @@ def fetch_server_info(
     return _server_info_from(body)
 
 
+def fetch_live_state(
+    address: AdminAddress, timeout_s: float = PROBE_TIMEOUT_S
+) -> ServerInfo | None:
+    """The LIVE probe's question: `/ready` first, and `/server_info` only when it says
+    LIVE, both on one new connection (one process answers both; §9, §15).
+
+    Why: `/server_info` is 124 KB here and costs the Envoy that answers it 1.6 ms of its
+    main thread, `/ready` 0.08 ms (measured, issue 16). A starting Envoy answers on the
+    thread it loads its config on, so each probe that found it not LIVE yet held its
+    start back by that much. Not LIVE (503) is answered with `/ready`'s state alone;
+    any other answer (an Envoy without `/ready`) still asks `/server_info`.
+    """
+    conn = http.client.HTTPConnection(address.host, address.port, timeout=timeout_s)
+    try:
+        conn.request("GET", "/ready")
+        response = conn.getresponse()
+        ready = response.read()
+        if response.status == 503:
+            state = ready.decode(errors="replace").strip()
+            return ServerInfo(state or "NOT_READY", None, None, None, None)
+        conn.request("GET", "/server_info", headers={"Connection": "close"})
+        response = conn.getresponse()
+        if response.status != 200:
+            return None
+        body = json.loads(response.read())
+    except (OSError, http.client.HTTPException, ValueError):
+        return None
+    finally:
+        conn.close()
+    return _server_info_from(body)
+
+
 def _server_info_from(body: object) -> ServerInfo | None:
     if not isinstance(body, dict):
         return None

@@ -24,7 +24,7 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Final
 
-from envoy_autoreload.admin import ServerInfo, fetch_server_info
+from envoy_autoreload.admin import ServerInfo, fetch_live_state
 from envoy_autoreload.envoy_config import AdminAddress
 from envoy_autoreload.loop import signals_blocked
 
@@ -43,7 +43,7 @@ class _Request:
 class ServerInfoAsker:
     """`/server_info` for the LIVE probe, off the loop (see the module's notes)."""
 
-    def __init__(self, fetch: Fetch = fetch_server_info, wait_s: float = WAIT_S) -> None:
+    def __init__(self, fetch: Fetch = fetch_live_state, wait_s: float = WAIT_S) -> None:
         self._fetch = fetch
         self._wait_s = wait_s
         self._lock = threading.Lock()

@@ -135,6 +135,28 @@ def test_a_check_runs_ahead_and_is_the_verdict(
     assert envoy_family.body() == "v1"
 
 
+def test_without_validation_the_snapshot_is_still_written_ahead(
+    envoy_family: EnvoyFamily, validations: tuple[Path, Validations]
+) -> None:
+    """`--no-validate`: nothing runs ahead, but the snapshot the start pins is written
+    while the debounce (0.3 s) waits, not on the way from the burst to the spawn."""
+    envoy, seen = validations
+    daemon = envoy_family.start(
+        *envoy_family.watched("--envoy", str(envoy), "--health-window", "0", "--no-validate")
+    )
+    daemon.wait_event("child.serving", epoch=0)
+    daemon.wait_event("watch.started")
+    envoy_family.write_config("v1")
+    started = daemon.wait_event("child.started", epoch=1, timeout_s=60)
+    requested = daemon.wait_event("restart.requested")
+    state = envoy_family.root.parent / f"{envoy_family.root.name}.daemon0.state"
+    (snapshot,) = (state / "generations").glob(f"{started['config']}*.yaml")
+    assert snapshot.stat().st_mtime < _wall(requested) - 0.15, "written after the burst was due"
+    assert seen.started() == [], "nothing was validated"
+    daemon.wait_event("child.serving", epoch=1, timeout_s=60)
+    assert envoy_family.body() == "v1"
+
+
 def test_no_check_ahead_for_a_named_file_not_watched_yet(
     envoy_family: EnvoyFamily,
     validations: tuple[Path, Validations],

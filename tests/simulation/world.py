@@ -192,6 +192,7 @@ class SimFacts:
         self.hot_restart_version: str | None = None
         self.envoy_version: str | None = None
         self.admin_blind = False  # admin is not where we look (REVIEW-core finding 3)
+        self.asked: list[tuple[int, float]] = []  # (epoch, when) of every LIVE probe
 
     def _proc(self, gen: Generation) -> Proc:
         return self._world.model.by_pid(gen.pid)
@@ -201,6 +202,7 @@ class SimFacts:
 
     def is_live(self, gen: Generation) -> bool:
         proc = self._proc(gen)
+        self.asked.append((gen.epoch, self._world.reactor.now()))
         if self.admin_blind:
             return False
         if proc.state is ProcState.LIVE and proc.epoch == gen.epoch:
