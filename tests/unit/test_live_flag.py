@@ -18,6 +18,7 @@ from envoy_autoreload.admin import ServerInfo
 from envoy_autoreload.envoy_config import AdminAddress
 from envoy_autoreload.family import FLAG_TRUSTED_S, EnvoyFamily
 from envoy_autoreload.hot_restart_shm import shm_path
+from envoy_autoreload.launcher import FLAG_PROBE_S, FLAG_WATCH_S, next_probe_s
 from envoy_autoreload.roster import Generation
 from envoy_autoreload.settings import Settings
 from tests.helpers import allocate_base_id
@@ -97,3 +98,16 @@ def test_epoch_0_and_an_unreadable_segment_ask_admin(segment: Path) -> None:
     segment.unlink()
     family.is_live(cast("Generation", FakeGen()))
     assert asker.asked == [ADMIN, ADMIN]
+
+
+def test_a_start_whose_envoy_holds_the_flag_is_probed_densely_for_a_while() -> None:
+    """While its Envoy holds the flag a probe is a read of shared memory; the flag clears
+    as it goes LIVE, so probing every few ms then sees LIVE within a few ms. Before the
+    flag was seen, and past `FLAG_WATCH_S`, probes back off as before."""
+    gen = FakeGen()
+    start = cast(Generation, gen)
+    assert next_probe_s(start, 0.04) == pytest.approx(0.01)
+    assert next_probe_s(start, 0.2) == pytest.approx(0.05)
+    gen.saw_initializing = True
+    assert next_probe_s(start, 0.04) == FLAG_PROBE_S
+    assert next_probe_s(start, FLAG_WATCH_S + 0.1) == pytest.approx(0.1)
