@@ -34,16 +34,11 @@ def fetch_server_info(
     """`/server_info` over a new connection; None when nothing answers sensibly."""
     conn = http.client.HTTPConnection(address.host, address.port, timeout=timeout_s)
     try:
-        conn.request("GET", "/server_info", headers={"Connection": "close"})
-        response = conn.getresponse()
-        if response.status != 200:
-            return None
-        body = json.loads(response.read())
+        return _ask_server_info(conn)
     except (OSError, http.client.HTTPException, ValueError):
         return None
     finally:
         conn.close()
-    return _server_info_from(body)
 
 
 def fetch_live_state(
@@ -66,16 +61,20 @@ def fetch_live_state(
         if response.status == 503:
             state = ready.decode(errors="replace").strip()
             return ServerInfo(state or "NOT_READY", None, None, None, None)
-        conn.request("GET", "/server_info", headers={"Connection": "close"})
-        response = conn.getresponse()
-        if response.status != 200:
-            return None
-        body = json.loads(response.read())
+        return _ask_server_info(conn)
     except (OSError, http.client.HTTPException, ValueError):
         return None
     finally:
         conn.close()
-    return _server_info_from(body)
+
+
+def _ask_server_info(conn: http.client.HTTPConnection) -> ServerInfo | None:
+    """`/server_info` on `conn`, the last request on it; raises what the socket does."""
+    conn.request("GET", "/server_info", headers={"Connection": "close"})
+    response = conn.getresponse()
+    if response.status != 200:
+        return None
+    return _server_info_from(json.loads(response.read()))
 
 
 def _server_info_from(body: object) -> ServerInfo | None:

@@ -254,16 +254,21 @@ def write_executable(path: Path, text: str) -> Path:
     return path
 
 
-def daemon_children(pid: int) -> list[int]:
-    """The daemon's child processes, less its standby (standby.py): the next spawn,
-    made ahead, which is not Envoy nor a check."""
+def children_of(pid: int) -> list[int]:
+    """The child processes of `pid`, from every thread's list in /proc."""
     found: list[int] = []
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
             found.extend(int(c) for c in (task / "children").read_text().split())
         except OSError:
             continue
-    return [child for child in found if not _is_standby(child)]
+    return found
+
+
+def daemon_children(pid: int) -> list[int]:
+    """The daemon's child processes, less its standby (standby.py): the next spawn,
+    made ahead, which is not Envoy nor a check."""
+    return [child for child in children_of(pid) if not _is_standby(child)]
 
 
 def _is_standby(pid: int) -> bool:

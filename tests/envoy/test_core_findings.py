@@ -17,7 +17,7 @@ import pytest
 from tests.daemon import start_daemon
 from tests.envoy.conftest import EnvoyFamily
 from tests.envoy.probe import ServingProbe
-from tests.helpers import holds_for, wait_until
+from tests.helpers import children_of, holds_for, wait_until
 
 # Runs the real daemon with one handler made to raise once: the probe of epoch 1.
 INJECT_ONE_FAULT = """
@@ -116,19 +116,9 @@ def _can_unshare_pid() -> bool:
     return probe.returncode == 0
 
 
-def _children(pid: int) -> list[int]:
-    found: list[int] = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            found.extend(int(c) for c in (task / "children").read_text().split())
-        except OSError:
-            continue
-    return found
-
-
 def _zombies_of(pid: int) -> list[int]:
     zombies = []
-    for child in _children(pid):
+    for child in children_of(pid):
         try:
             stat = Path(f"/proc/{child}/stat").read_text()
         except OSError:
@@ -149,7 +139,7 @@ def test_finding_14_as_pid_1_the_daemon_reaps_orphans(envoy_family: EnvoyFamily)
     )
     daemon.wait_event("child.serving", epoch=0)
     ours = wait_until(
-        lambda: _children(daemon.pid) or None, timeout_s=10, what="the daemon under unshare"
+        lambda: children_of(daemon.pid) or None, timeout_s=10, what="the daemon under unshare"
     )
     inner = ours[0]
     try:
