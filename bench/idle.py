@@ -140,8 +140,10 @@ def idle_daemon(subject: str, seconds: float, envoy: Path, *options: str) -> Idl
         serving = family.wait_event("child.serving", timeout_s=START_TIMEOUT_S, epoch=0)
         family.wait_body("idle-v0")
         assert family.log is not None
-        if family.log.since(0, "health.probation"):
-            # Probation checks every 0.5 s for --health-window: measure after it.
+        generations = family.log.since(0, "generations.on")
+        if generations and generations[0].get("health_window_s"):
+            # Probation checks every 0.5 s for --health-window: measure after it. (Not
+            # "health.probation" seen by now: it may be logged a moment after LIVE.)
             family.wait_event("health.passed", timeout_s=START_TIMEOUT_S)
         time.sleep(SETTLE_S)
         process = family.process

@@ -237,8 +237,6 @@ class Launcher:
                 gen,
             )
         self._check_snapshot_started(gen)
-        # The next restart's spawn made ahead, now that nothing is starting (standby.py).
-        self._roster.processes().prepare()
         if gen.marks.owes_sigusr1:
             # Replayed: a log rotation during the restart would otherwise leave the new
             # epoch writing to the rotated file (REVIEW-core finding 14).

@@ -511,6 +511,9 @@ class Supervisor:
             )
         else:
             self._batches.served_without_batch(self.status_text(), gen.covers_seq, reply)
+        # Last, once the reload is answered and systemd told: the next restart's spawn
+        # made ahead (standby.py; a fork, and the first time a survey of the shell).
+        self._processes.prepare()
 
     def _on_start_deadline(self) -> None:
         gen = self._roster.starting()

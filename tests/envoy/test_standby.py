@@ -1,0 +1,66 @@
+"""The spawn made ahead (`standby.py`, issue 16) against the real Envoy: once an epoch
+is LIVE the daemon holds a standby shell, the next restart's Envoy runs in that very
+process, and a standby never outlives its image of the daemon (re-exec, SIGTERM)."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+from envoy_autoreload.standby import NAME
+from tests.daemon import Daemon
+from tests.envoy.conftest import EnvoyFamily
+from tests.helpers import children_of, exited, wait_until
+
+
+def _standbys(daemon: Daemon) -> list[int]:
+    found = []
+    for pid in children_of(daemon.pid):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if len(argv) > 3 and argv[3] == NAME.encode():
+            found.append(pid)
+    return found
+
+
+def _one_standby(daemon: Daemon, besides: int | None = None) -> int:
+    def ready() -> int | None:
+        found = [pid for pid in _standbys(daemon) if pid != besides]
+        return found[0] if len(found) == 1 else None
+
+    return wait_until(ready, timeout_s=30, what="one standby beside the serving Envoy")
+
+
+def _environ(pid: int) -> dict[bytes, bytes]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    return dict(entry.split(b"=", 1) for entry in raw.split(b"\0") if entry)
+
+
+def test_the_next_epoch_runs_in_the_standby_and_none_outlives_its_image(
+    envoy_family: EnvoyFamily,
+) -> None:
+    daemon = envoy_family.start(*envoy_family.watched())
+    daemon.wait_event("child.serving", epoch=0)
+    standby = _one_standby(daemon)
+
+    envoy_family.write_config("v1")
+    serving = daemon.wait_event("child.serving", epoch=1)
+    assert serving["pid"] == standby, "epoch 1 was spawned another way"
+    assert _environ(standby)[b"RESTART_EPOCH"] == b"1"
+    assert envoy_family.body() == "v1"
+    following = _one_standby(daemon, besides=standby)
+
+    daemon.signal(signal.SIGUSR2)
+    daemon.wait_event("daemon.adopted")
+    wait_until(lambda: exited(following), timeout_s=10, what="the old image's standby gone")
+    assert _standbys(daemon) == [], "a standby of the old image was left"
+
+    envoy_family.write_config("v2")
+    daemon.wait_event("child.serving", epoch=2)
+    assert envoy_family.body() == "v2"
+    last = _one_standby(daemon)
+    daemon.signal(signal.SIGTERM)
+    assert daemon.wait_exit() == 0
+    assert exited(last)
