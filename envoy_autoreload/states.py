@@ -212,6 +212,7 @@ class Timer(enum.Enum):
     SELF_TEST_DEADLINE = "self_test_deadline"  # the new image's self-test before a re-exec
     CONTROL_IDLE = "control_idle"  # control clients that never sent a request are dropped
     ADVANCE = "advance"  # a decision made without an event: carried out from the loop
+    STANDBY = "standby"  # the next spawn made ahead, in the turn after a LIVE (standby.py)
 
 
 class SupervisorState(enum.Enum):

@@ -407,6 +407,9 @@ class Supervisor:
                 self._reexec.on_deadline()
             case Timer.CONTROL_IDLE:
                 self._desk.drop_idle()
+            case Timer.STANDBY:
+                if not self._shutdown.stopping:
+                    self._processes.prepare()
             case _:
                 assert_never(timer)
 
@@ -511,9 +514,9 @@ class Supervisor:
             )
         else:
             self._batches.served_without_batch(self.status_text(), gen.covers_seq, reply)
-        # Last, once the reload is answered and systemd told: the next restart's spawn
-        # made ahead (standby.py; a fork, and the first time a survey of the shell).
-        self._processes.prepare()
+        # The next restart's spawn made ahead (standby.py: a fork, the first time a
+        # survey of the shell), in a turn of its own: once the LIVE is published.
+        self._reactor.set_timeout(Timer.STANDBY, 0)
 
     def _on_start_deadline(self) -> None:
         gen = self._roster.starting()
