@@ -527,7 +527,7 @@ class ScriptSpawner:
             self._standby = make_standby(
                 self._argv(), env, identity, SNAPSHOT_VARIABLE, _dies_with_the_daemon()
             )
-        except OSError:
+        except (OSError, subprocess.SubprocessError):  # no fork, or the child's request failed
             self._standby = None
 
     @property

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from envoy_autoreload import child as child_module
 from envoy_autoreload.child import SNAPSHOT_VARIABLE, ScriptChild, ScriptSpawner
 from tests.helpers import exited, wait_until
 
@@ -205,3 +206,19 @@ def test_a_standby_dies_with_the_daemon(tmp_path: Path) -> None:
         daemon.wait(10)
         if daemon.stdout is not None:
             daemon.stdout.close()
+
+
+def test_a_standby_that_cannot_be_made_leaves_the_usual_spawn(
+    sleeper: Path, children: list[ScriptChild], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spawner = ScriptSpawner(sleeper, ("30",))
+    children.append(spawner.spawn(0))
+
+    def fails(*_args: object) -> None:
+        raise subprocess.SubprocessError("Exception occurred in preexec_fn.")
+
+    monkeypatch.setattr(child_module, "make_standby", fails)
+    spawner.prepare()  # does not raise
+    assert spawner.standby_pid is None
+    children.append(child := spawner.spawn(1))
+    wait_until(_execs(child.pid, sleeper), timeout_s=10, what="the script exec'd")
