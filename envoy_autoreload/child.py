@@ -491,12 +491,15 @@ class ScriptSpawner:
         self._proven: tuple[int, ...] | None = None  # the file last exec'd the exact way
         self._standby: Standby | None = None
         self._dropped: list[subprocess.Popen[bytes]] = []  # standbys let go, not reaped yet
-        self._env_survives: bool | None = None  # through the standby's shell (standby.py)
+        self._env_survives: bool | None = None  # through the standby's shell; None: not known
 
     def reap_strays(self, ours: set[int]) -> None:
+        if self._standby is not None and self._standby.process.poll() is not None:
+            self._drop_standby()  # it died by itself: reaped now, or as PID 1 it would
+            # stop `reap_strays` at its zombie, ours, and strays would pile up behind it
         self._dropped = [p for p in self._dropped if p.poll() is None]
-        standby = [self._standby.process] if self._standby is not None else []
-        reap_strays(ours | {p.pid for p in [*self._dropped, *standby]})
+        waiting = [self._standby.process] if self._standby is not None else []
+        reap_strays(ours | {p.pid for p in [*self._dropped, *waiting]})
 
     def _argv(self) -> tuple[str, ...]:
         return (str(self._start_script), *self._script_args)

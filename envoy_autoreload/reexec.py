@@ -120,6 +120,9 @@ class Reexec:
         handover = self.export()
         clients = [conn.fileno() for conn in self._clients]
         handover = dataclasses.replace(handover, waiting_clients=clients, inherited=self._inherited)
+        # A standby (standby.py) would outlive the exec as a child nobody knows: gone,
+        # before the pipes are emptied (its reaping may wait a moment).
+        self._parts.roster.processes().release()
         for gen in self._parts.roster.alive():
             # Envoy blocks writing to a full pipe: empty each before the blind window
             # (docs/FACTS-reexec.md R4).
@@ -128,8 +131,6 @@ class Reexec:
         # Nothing runs for the gate (`quiet`), but a check started ahead of a burst may
         # (check_ahead.py): killed and reaped, the new image checks the burst afresh.
         self._parts.gatekeeper.gate.abandon()
-        # A standby (standby.py) would outlive the exec as a child nobody knows: gone.
-        self._parts.roster.processes().release()
         self._passed = False
         self.exec_now(handover, [*stderr, *self._inherited.values(), *clients])
 

@@ -63,7 +63,7 @@ def shell_program(snapshot_variable: str, env: dict[str, str]) -> str:
             f"export {EPOCH_VARIABLE} {snapshot_variable}\n",
             f'[ -n "${snapshot_variable}" ] || unset {snapshot_variable}\n',
             *restore,
-            'exec "$@" </dev/null\n',
+            'exec "$@" <>/dev/null\n',  # read-write, as subprocess.DEVNULL
         ]
     )
 
@@ -72,9 +72,10 @@ def _entries(env: dict[str, str]) -> list[bytes]:
     return sorted(os.fsencode(k) + b"=" + os.fsencode(v) for k, v in env.items())
 
 
-def environment_survives(env: dict[str, str], snapshot_variable: str) -> bool:
+def environment_survives(env: dict[str, str], snapshot_variable: str) -> bool | None:
     """Whether a program exec'd through the standby's shell sees exactly `env` plus the
-    epoch (`cat /proc/self/environ`, exec'd that way). False where it cannot be told."""
+    epoch (`cat /proc/self/environ`, exec'd that way). False where it cannot be done;
+    None where this attempt could not tell (no fork now, a timeout): ask again later."""
     cat = next((p for p in CAT_PATHS if os.access(p, os.X_OK)), None)
     if cat is None or not os.access(SHELL, os.X_OK):
         return False
@@ -88,7 +89,7 @@ def environment_survives(env: dict[str, str], snapshot_variable: str) -> bool:
             check=False,
         )
     except (OSError, subprocess.SubprocessError):
-        return False
+        return None
     seen = sorted(entry for entry in done.stdout.split(b"\0") if entry)
     return done.returncode == 0 and seen == _entries({**env, EPOCH_VARIABLE: "0"})
 
@@ -109,7 +110,8 @@ class Standby:
         fd = self.command_fd
         if fd is None or self.process.poll() is not None or "\n" in (snapshot or ""):
             return False
-        line = f"{epoch}\n{snapshot or ''}\n".encode(errors="surrogateescape")
+        # The path as Popen's env= would pass it: fsencode, the locale's encoding.
+        line = b"%d\n%s\n" % (epoch, os.fsencode(snapshot) if snapshot else b"")
         try:
             # One write under PIPE_BUF into an empty pipe: all of it, at once.
             written = os.write(fd, line)
@@ -120,10 +122,13 @@ class Standby:
         return written == len(line)
 
     def drop(self) -> None:
-        """Let it go: EOF on its stdin, and it exits; the caller reaps it."""
+        """Let it go: EOF on its stdin, and it exits; the caller reaps it. Once only:
+        the stderr fd's number may be another file's afterwards."""
         self._close_command()
-        with contextlib.suppress(OSError):
-            os.close(self.stderr_fd)
+        fd, self.stderr_fd = self.stderr_fd, -1
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def _close_command(self) -> None:
         fd, self.command_fd = self.command_fd, None
@@ -143,7 +148,12 @@ def make_standby(
     close-on-exec; the shell gets only the command pipe's read end (fd 0) and the
     stderr pipe's write end (fd 2)."""
     command_read, command_write = os.pipe()
-    stderr_read, stderr_write = os.pipe()
+    try:
+        stderr_read, stderr_write = os.pipe()
+    except OSError:
+        os.close(command_read)
+        os.close(command_write)
+        raise
     try:
         process = subprocess.Popen(
             [SHELL, "-c", shell_program(snapshot_variable, env), NAME, *argv],

@@ -83,6 +83,7 @@ def test_a_standby_spawn_is_the_direct_spawn(
     assert _environ(fast.pid) == expected
     assert Path(f"/proc/{fast.pid}/cmdline").read_bytes() == os.fsencode(sleeper) + b"\x0030\x00"
     assert os.readlink(f"/proc/{fast.pid}/fd/0") == "/dev/null"
+    assert _fd_flags(fast.pid, 0) == _fd_flags(direct.pid, 0), "stdin opened another way"
     assert os.getpgid(fast.pid) == fast.pid
 
 
@@ -144,12 +145,22 @@ def test_a_stale_or_dead_standby_is_not_used_and_is_reaped(
     else:
         os.kill(standby, signal.SIGKILL)
         wait_until(lambda: exited(standby), timeout_s=10, what="the standby killed")
+        spawner.reap_strays(set())  # on SIGCHLD: a standby that died is reaped at once
+        assert spawner.standby_pid is None and _state(standby) is None
     children.append(child := spawner.spawn(1))
     assert child.pid != standby
     wait_until(_execs(child.pid, sleeper), timeout_s=10, what="the script exec'd")
     assert _environ(child.pid)[b"RESTART_EPOCH"] == b"1"
     spawner.release()
     assert _state(standby) is None, "reaped, not left a zombie"
+
+
+def _fd_flags(pid: int, fd: int) -> str:
+    """The open flags of `fd` in `pid` (octal, from fdinfo)."""
+    for line in Path(f"/proc/{pid}/fdinfo/{fd}").read_text().splitlines():
+        if line.startswith("flags:"):
+            return line.split()[1]
+    raise AssertionError(f"no flags for fd {fd} of {pid}")
 
 
 def _state(pid: int) -> str | None:
