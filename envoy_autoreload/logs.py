@@ -19,18 +19,22 @@ takes the level Envoy printed (`[critical]` is CRITICAL), so a consumer can filt
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime
 import json
 import logging
+import logging.handlers
 import re
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Final, Literal
 
 from envoy_autoreload.relay import RelayStream, StderrRelay
 
 _relay: StderrRelay | None = None
+_turn_buffer: TurnBuffer | None = None
 EXIT_FLUSH_S: Final = 2.0
+MAX_TURN_RECORDS: Final = 256  # a turn that logs more writes them in chunks
 
 LogFormat = Literal["human", "json"]
 
@@ -168,23 +172,59 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(obj, separators=(",", ":"))
 
 
+class TurnBuffer(logging.handlers.MemoryHandler):
+    """Holds the records of one loop turn and hands them to `target` when it ends
+    (`batched_output`); outside a turn, each at once. A record keeps the time it was
+    logged at; only its formatting and writing wait.
+
+    Why: on the way from a burst's deadline to the spawn the loop logs two or three
+    lines, and after an idle second each costs 0.4-0.9 ms to format on these
+    machines (cold caches: 60 us warm), a third of that path (issue 16). Formatted
+    after the turn's spawn, they cost the restart nothing."""
+
+    def __init__(self, target: logging.Handler) -> None:
+        super().__init__(MAX_TURN_RECORDS, logging.CRITICAL + 1, target)
+        self.holding = False
+
+    def shouldFlush(self, record: logging.LogRecord) -> bool:
+        return not self.holding or len(self.buffer) >= self.capacity
+
+
 def configure_logging(log_format: LogFormat, level: str) -> None:
     """Route every `envoy_autoreload` logger to stderr in the chosen format; `level`
     applies to the daemon's own events, not to Envoy's lines (ENVOY_LOGGER)."""
-    global _relay  # configured once per process, by the CLI; nothing at import time
+    global _relay, _turn_buffer  # configured once per process, by the CLI
     if _relay is None and hasattr(sys.stderr, "buffer"):
         _relay = StderrRelay(sys.stderr.buffer)
         atexit.register(_relay.flush, EXIT_FLUSH_S)
     stream = RelayStream(_relay) if _relay is not None else sys.stderr
     handler: logging.Handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter() if log_format == "json" else HumanFormatter())
+    _turn_buffer = TurnBuffer(handler)
     root = logging.getLogger("envoy_autoreload")
-    root.handlers[:] = [handler]
+    root.handlers[:] = [_turn_buffer]
     root.setLevel(level.upper())
     root.propagate = False
     envoy = logging.getLogger(ENVOY_LOGGER)
     envoy.setLevel(logging.DEBUG)  # records still reach `handler` through propagation
     envoy.filters[:] = [_EnvoyLineLevel()]
+
+
+@contextlib.contextmanager
+def batched_output() -> Iterator[None]:
+    """Around one loop turn: what it logs is formatted and written once the turn ends
+    (`TurnBuffer`), and the relay's writer woken once (`relay.py`)."""
+    buffer = _turn_buffer
+    with _relay.batched() if _relay is not None else contextlib.nullcontext():
+        if buffer is None:
+            yield
+            return
+        buffer.holding = True
+        try:
+            yield
+        finally:
+            buffer.holding = False
+            buffer.flush()
 
 
 def flush_logs(timeout_s: float = EXIT_FLUSH_S) -> None:

@@ -61,7 +61,7 @@ from envoy_autoreload.intake import Intake
 from envoy_autoreload.launcher import Launcher
 from envoy_autoreload.limits import binding_limit
 from envoy_autoreload.lineage import Lineage, open_lineage
-from envoy_autoreload.logs import log_event
+from envoy_autoreload.logs import batched_output, log_event
 from envoy_autoreload.loop import DeadlineReached, Event, FdReady, SignalReceived
 from envoy_autoreload.loop import Reactor as RealReactor
 from envoy_autoreload.planner import Planner
@@ -219,7 +219,9 @@ class Supervisor:
             else:
                 self.begin(started)
             while True:
-                code = self.handle(self._reactor.poll())
+                events = self._reactor.poll()
+                with batched_output():
+                    code = self.handle(events)
                 if code is not None:
                     return code
         finally:

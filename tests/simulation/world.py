@@ -302,7 +302,13 @@ class SimGate:
         world = self._world
         ahead, self._ahead = self._ahead, None
         if ahead is not None and ahead[:3] == (config, world.binary_ok, world.binary_hrv):
-            self._running = ahead[3]
+            run = ahead[3]
+            done = run.done_at is not None and 0 <= run.done_at <= world.reactor.now()
+            if done and run.read_at is None:
+                # Finished before the burst was due (its exit reaped then): the verdict
+                # now, as `Gate._next_step` takes a finished run ahead.
+                return self._verdict(run)
+            self._running = run
         else:
             self._running = self._validation(config)
         world.reactor.set_timeout(Timer.COMMAND_DEADLINE, self._timeout_s)

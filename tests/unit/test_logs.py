@@ -4,8 +4,19 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
-from envoy_autoreload.logs import HumanFormatter, JsonFormatter, log_event
+import pytest
+
+from envoy_autoreload import logs
+from envoy_autoreload.logs import (
+    HumanFormatter,
+    JsonFormatter,
+    TurnBuffer,
+    batched_output,
+    flush_logs,
+    log_event,
+)
 
 
 def _record(caplog_records: list[logging.LogRecord]) -> logging.LogRecord:
@@ -59,3 +70,38 @@ def test_json_line_is_one_object_with_output_field() -> None:
     assert obj["epoch"] == 2 and obj["pid"] == 41234
     assert obj["output"] == "line one\nline two\n"
     assert obj["ts"].endswith("Z")
+
+
+def test_a_turns_lines_are_written_when_it_ends_with_the_time_they_were_logged(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Formatting waits for the end of the loop's turn (a restart's spawn comes first,
+    issue 16); the line keeps its own time and order, and a flush mid-turn (a re-exec)
+    writes everything."""
+    capture = _Capture()
+    buffer = TurnBuffer(capture)
+    root = logging.getLogger("envoy_autoreload")
+    monkeypatch.setattr(root, "handlers", [buffer])
+    monkeypatch.setattr(root, "propagate", False)
+    monkeypatch.setattr(logs, "_turn_buffer", buffer)
+    monkeypatch.setattr(logs, "_relay", None)
+    logger = logging.getLogger("envoy_autoreload.test_turn")
+    logger.setLevel(logging.INFO)
+    log_event(logger, logging.INFO, "outside.turn")
+    assert [_event(r) for r in capture.records] == ["outside.turn"]
+    with batched_output():
+        log_event(logger, logging.INFO, "first")
+        log_event(logger, logging.INFO, "second")
+        logged_by = time.time()
+        assert len(capture.records) == 1, "written before the turn ended"
+    assert [_event(r) for r in capture.records[1:]] == ["first", "second"]
+    assert all(r.created <= logged_by for r in capture.records[1:])
+    with batched_output():
+        log_event(logger, logging.INFO, "before.exec")
+        flush_logs(timeout_s=1.0)
+        assert [_event(r) for r in capture.records[3:]] == ["before.exec"]
+    assert len(capture.records) == 4, "written twice"
+
+
+def _event(record: logging.LogRecord) -> object:
+    return getattr(record, "autoreload_event", None)
