@@ -34,6 +34,7 @@ runs otherwise is exactly what it ran before.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
@@ -100,6 +101,26 @@ class CheckAhead:
         ):
             self._keeper.gate.drop_ahead()
 
+    def ready_for(
+        self, serving: Generation, content: Snapshot, now: float, flags: Sequence[str]
+    ) -> bool:
+        """Whether the burst due `now` is the one staged (and run ahead) for `content`:
+        nothing noted since, the same serving PID, every change applied, the same
+        digest; never with `--config-yaml`, whose overlay nobody looked at."""
+        changes, started = self._changes, self._started_for
+        if changes is None or started is None or "--config-yaml" in flags:
+            return False
+        due, applied = changes.deadline(), changes.applied
+        return (
+            self._may_run(serving)
+            and self._still_current(serving)
+            and started[2] == content.digest
+            and applied is not None
+            and applied.digest == content.digest
+            and due is not None
+            and due <= now
+        )
+
     def _start(self, serving: Generation) -> None:
         changes = self._changes
         content = changes.applied if changes is not None else None
@@ -119,9 +140,12 @@ class CheckAhead:
             changes = self._changes
             return changes is not None and named_files_seen(changes, content, facts.references)
 
-        if self._keeper.check_ahead(flags, safe):
+        started = self._keeper.check_ahead(flags, safe)
+        if started or self._keeper.staged_for_start:
+            # Run ahead, or (nothing to validate) only staged: either way ready for its
+            # burst while nothing changes (`ready_for`, `ready_start.py`).
             self._started_for = (self._tried_at, serving.pid, content.digest)
-        else:
+        if not started:
             self._refused = content.digest  # not again for these files (the binary among them)
 
     def _still_current(self, serving: Generation | None) -> bool:

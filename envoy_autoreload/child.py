@@ -492,6 +492,9 @@ class ScriptSpawner:
         self._standby: Standby | None = None
         self._dropped: list[subprocess.Popen[bytes]] = []  # standbys let go, not reaped yet
         self._env_survives: bool | None = None  # through the standby's shell; None: not known
+        # (epoch, snapshot, child) fired ahead (`ready_start.py`), until `spawn` takes it.
+        self._fired: tuple[int, Path | None, ScriptChild] | None = None
+        self._discarded: int | None = None  # a fired child killed, not yet reported
 
     def reap_strays(self, ours: set[int]) -> None:
         if self._standby is not None and self._standby.process.poll() is not None:
@@ -549,6 +552,8 @@ class ScriptSpawner:
 
     def release(self) -> None:
         """Before a re-exec and on the way out: no standby left behind, all reaped."""
+        if self._fired is not None:
+            self._discard(self._fired[2])
         self._drop_standby()
         for process in self._dropped:
             standby_reap(process)
@@ -575,10 +580,46 @@ class ScriptSpawner:
         self._dropped.append(standby.process)
         return None
 
+    def fire_ahead(self, epoch: int, snapshot: Path | None) -> bool:
+        """Only by the standby: one write. Anything slower is not worth starting before
+        the decision (`ready_start.py`)."""
+        if self._fired is not None:
+            return False
+        child = self._from_standby(_file_identity(self._start_script), epoch, snapshot)
+        if child is None:
+            return False
+        self._fired = (epoch, snapshot, child)
+        return True
+
+    def started_ahead(self, epoch: int) -> bool:
+        return self._fired is not None and self._fired[0] == epoch
+
+    def discard_fired(self) -> int | None:
+        if self._fired is not None:
+            self._discard(self._fired[2])
+        pid, self._discarded = self._discarded, None
+        return pid
+
+    def _discard(self, child: ScriptChild) -> None:
+        """Killed with its group within the turn that fired it, long before it could
+        reach its parent (Envoy's start takes ~50 ms, ENVOY_FACTS §2); a flag it set
+        anyway is cleared before the next start (§3). Reaped on SIGCHLD."""
+        self._fired = None
+        child.kill()
+        child.close_stderr()
+        self._dropped.append(child.process)
+        self._discarded = child.pid
+
     def spawn(self, epoch: int, snapshot: Path | None = None) -> ScriptChild:
         """Exec the start script directly with RESTART_EPOCH and the config snapshot it is
         to start (ENVOY_AUTORELOAD_SNAPSHOT, never set in our own environment); raises
-        OSError if exec fails."""
+        OSError if exec fails. The child fired ahead, if it is exactly this start."""
+        fired = self._fired
+        if fired is not None and fired[:2] == (epoch, snapshot):
+            self._fired = None
+            return fired[2]
+        if fired is not None:
+            self._discard(fired[2])  # not the start decided
         identity = _file_identity(self._start_script)
         ready = self._from_standby(identity, epoch, snapshot)
         if ready is not None:

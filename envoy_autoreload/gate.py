@@ -116,6 +116,35 @@ class CommandGate:
         self._arm_deadline()
         return True
 
+    def verdict_ready(
+        self, known_binary: BinaryInfo | None, config: Path | None, flags: Sequence[str] = ()
+    ) -> bool:
+        """Whether `begin` with these arguments would pass at once: nothing to run (a
+        known binary, validation off), or only the validation run ahead, exactly it,
+        finished and passed; and its config's facts known. A dry run of `begin` on a
+        preflight of its own: nothing here changes."""
+        if self.busy:
+            return False
+        preflight = self._new_preflight(known_binary, config, flags)
+        argvs = preflight.remaining_argvs()
+        if preflight.binary_changed or len(argvs) > 1:  # (a missing binary: refused below)
+            return False
+        if argvs:
+            ahead = self._ahead
+            result = ahead.result() if ahead is not None and ahead.argv == tuple(argvs[0]) else None
+            if result is None:
+                return False
+            preflight.feed(result)
+        elif preflight.next_argv() is not None:
+            return False
+        facts_of = self._config_of(config)
+        outcome = preflight.outcome
+        return (
+            outcome is not None
+            and outcome.ok
+            and (facts_of is None or self.bootstrap.lookup(facts_of) is not None)
+        )
+
     def read_facts_now(self, config: Path) -> BootstrapFacts | None:
         """A small config's facts (parsed now, and kept for `begin`); None for a big one:
         its parse, in a child, is started only by a check that will surely be used."""

@@ -185,6 +185,24 @@ class Gatekeeper:
             return False
         return self.gate.check_ahead(self.binary, config.path, flags)
 
+    @property
+    def staged_for_start(self) -> bool:
+        """A config staged with nothing to validate (validation off): its burst's
+        `begin` has nothing to run either, unless the binary changed."""
+        gate = self.gate
+        return gate.enabled and not self._settings.validate and self._lineage.staged is not None
+
+    def ready_to_start(self, flags: Sequence[str]) -> ConfigGeneration | None:
+        """The staged config, when `begin` for the same bytes would pass at once: the
+        validation run ahead on exactly them passed, or nothing has to run. None for
+        bytes that failed probation (`begin` refuses them) and for a big config."""
+        config = self._lineage.staged
+        if config is None or not self.gate.enabled or self._lineage.failed(config):
+            return None
+        if self._config_is_big():
+            return None
+        return config if self.gate.verdict_ready(self.binary, config.path, flags) else None
+
     def _config_is_big(self) -> bool:
         config = self._settings.config
         try:

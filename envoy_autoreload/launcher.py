@@ -127,8 +127,9 @@ class Launcher:
         awaiting_reference: bool = False,
     ) -> Generation:
         """Start the script at `epoch`; raises OSError when it cannot be executed."""
-        if parent is not None:
+        if parent is not None and not self._roster.processes().started_ahead(epoch):
             # No child of ours is starting, so a set flag can only be a dead child's.
+            # (One fired ahead is ours, starting: the flag was restored before it.)
             self._family.restore_flag(parent, epoch)
         gen = self._roster.spawn(
             epoch,

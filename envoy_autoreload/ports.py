@@ -82,6 +82,18 @@ class Processes(Protocol):
     def release(self) -> None:
         """Before a re-exec and on the way out: undo `prepare`, nothing left running."""
 
+    def fire_ahead(self, epoch: int, snapshot: Path | None) -> bool:
+        """Start the script at `epoch` now, if that is one cheap step (real: the
+        standby); the next `spawn` with the same arguments takes it. False: nothing
+        started (`ready_start.py`)."""
+
+    def started_ahead(self, epoch: int) -> bool:
+        """A child fired ahead for `epoch` waits to be taken by `spawn`."""
+
+    def discard_fired(self) -> int | None:
+        """A child fired ahead that no `spawn` took, or took with other arguments, is
+        killed: its PID, once; None when there was none."""
+
 
 class EnvoyFacts(Protocol):
     """What Envoy says about itself: LIVE over admin, the hot-restart flag in shared
@@ -124,6 +136,11 @@ class Gate(Protocol):
     ) -> bool: ...
     @property
     def ahead(self) -> bool: ...
+    def verdict_ready(
+        self, known_binary: BinaryInfo | None, config: Path | None, flags: Sequence[str] = ()
+    ) -> bool:
+        """Whether `begin` with these arguments would pass at once (`ready_start.py`)."""
+
     def drop_ahead(self) -> None: ...
     def read_facts_now(self, config: Path) -> BootstrapFacts | None: ...
     def on_output(self, key: Hashable) -> None: ...

@@ -143,6 +143,7 @@ class Roster:
         """Start the script at `epoch`; raises OSError when it cannot be executed."""
         if self.starting() is not None:
             raise IllegalMove("never two starting generations (upstream #550)")
+        ahead = self._processes.started_ahead(epoch)
         process = self._processes.spawn(epoch, config.path if config is not None else None)
         gen = Generation(
             epoch=epoch,
@@ -167,6 +168,7 @@ class Roster:
             pid=gen.pid,
             reason=reason,
             config=config.short if config is not None else None,
+            ahead=ahead or None,  # fired at the burst's deadline (`ready_start.py`)
         )
         return gen
 

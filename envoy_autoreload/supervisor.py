@@ -67,6 +67,7 @@ from envoy_autoreload.loop import Reactor as RealReactor
 from envoy_autoreload.planner import Planner
 from envoy_autoreload.ports import Content, EnvoyFacts, Gate, Health, Processes, Reactor
 from envoy_autoreload.probation import Probation
+from envoy_autoreload.ready_start import ReadyStart
 from envoy_autoreload.recovery import Recovery
 from envoy_autoreload.reexec import Reexec
 from envoy_autoreload.rollbacks import Rollbacks
@@ -204,6 +205,17 @@ class Supervisor:
             self,
             self._check_ahead,
         )
+        self._ready_start = ReadyStart(
+            settings,
+            reactor,
+            roster,
+            self._gatekeeper,
+            self._check_ahead,
+            self._triggers,
+            family,
+            self._processes,
+            self,
+        )
         self._control_requests = ControlRequests(
             self._desk, self._batches, self, self._rollbacks, self._gatekeeper.gate, self._reexec
         )
@@ -269,6 +281,7 @@ class Supervisor:
         for event in events:
             self._containment.run(self._dispatch, event, starting_up=starting_up)
             self._containment.run(self._advance, event, starting_up=starting_up)
+            self._containment.run(self._settle_ahead, event, starting_up=starting_up)
             self._containment.run(self._look_ahead, event, starting_up=starting_up)
             code = self._shutdown.exit_code
             if code is not None:
@@ -311,6 +324,10 @@ class Supervisor:
     @property
     def batches(self) -> Batches:
         return self._batches
+
+    @property
+    def triggers(self) -> Triggers:
+        return self._triggers
 
     @property
     def internal_errors(self) -> list[BaseException]:
@@ -402,6 +419,7 @@ class Supervisor:
             case Timer.PROBATION_END:
                 self._probation.passed()
             case Timer.DEBOUNCE:
+                self._ready_start.fire(self._shutdown.stopping or self._reexec.wanted is not None)
                 self._intake.on_burst_due()
             case Timer.COMMAND_DEADLINE:
                 self._gatekeeper.gate.on_deadline()
@@ -414,6 +432,9 @@ class Supervisor:
                     self._processes.prepare()
             case _:
                 assert_never(timer)
+
+    def _settle_ahead(self, _event: Event | None) -> None:
+        self._ready_start.settle()  # the event that fired a start ahead took it
 
     def _look_ahead(self, _event: Event | None) -> None:
         self._check_ahead.after_event(self._shutdown.stopping or self._reexec.wanted is not None)

@@ -48,6 +48,8 @@ def test_the_next_epoch_runs_in_the_standby_and_none_outlives_its_image(
     envoy_family.write_config("v1")
     serving = daemon.wait_event("child.serving", epoch=1)
     assert serving["pid"] == standby, "epoch 1 was spawned another way"
+    # Its check ahead passed within the debounce: fired at the deadline (ready_start.py).
+    assert daemon.wait_event("child.started", epoch=1).get("ahead") is True
     assert _environ(standby)[b"RESTART_EPOCH"] == b"1"
     assert envoy_family.body() == "v1"
     following = _one_standby(daemon, besides=standby)

@@ -64,14 +64,16 @@ def big_config(path: Path) -> Path:
 
 
 def fake_envoy(tmp_path: Path, validate_rc: int) -> Path:
-    """Answers as Envoy 1.40 and validates at once, with `validate_rc`."""
+    """Answers as Envoy 1.40 and validates in 0.1 s, with `validate_rc`: never so fast
+    that the verdict is in before `begin` returns (a loaded 2-core box ran all three
+    commands to their end within `begin` once)."""
     envoy = tmp_path / "envoy"
     envoy.write_text(
         "#!/bin/sh\n"
         'case "$1" in\n'
         "  --version) echo 'envoy  version: 0/1.40.0/Clean/RELEASE/BoringSSL' ;;\n"
         "  --hot-restart-version) printf 11.104 >&2 ;;\n"
-        f"  --mode) [ {validate_rc} = 0 ] || echo 'error initializing configuration' >&2"
+        f"  --mode) sleep 0.1; [ {validate_rc} = 0 ] || echo 'error initializing configuration' >&2"
         f"; exit {validate_rc} ;;\n"
         "esac\n"
     )

@@ -233,3 +233,49 @@ def test_a_standby_that_cannot_be_made_leaves_the_usual_spawn(
     assert spawner.standby_pid is None
     children.append(child := spawner.spawn(1))
     wait_until(_execs(child.pid, sleeper), timeout_s=10, what="the script exec'd")
+
+
+def test_a_start_fired_ahead_is_the_one_spawn_takes(
+    sleeper: Path, children: list[ScriptChild]
+) -> None:
+    """`ready_start.py`: fired into the standby at the burst's deadline; the spawn that
+    follows for the same epoch and snapshot is that process, nothing else starts."""
+    spawner = ScriptSpawner(sleeper, ("30",))
+    children.append(spawner.spawn(0))
+    spawner.prepare()
+    standby = spawner.standby_pid
+    snapshot = Path("/tmp/snapshot.yaml")
+    assert spawner.fire_ahead(1, snapshot)
+    assert spawner.started_ahead(1) and not spawner.started_ahead(2)
+    assert not spawner.fire_ahead(1, snapshot), "one at a time"
+    wait_until(_execs(standby or -1, sleeper), timeout_s=10, what="the script exec'd")
+    taken = spawner.spawn(1, snapshot)
+    children.append(taken)
+    assert taken.pid == standby
+    assert spawner.discard_fired() is None and not spawner.started_ahead(1)
+    assert _environ(taken.pid)[b"RESTART_EPOCH"] == b"1"
+
+
+@pytest.mark.parametrize("then", ["other_epoch", "not_taken", "release"])
+def test_a_start_fired_ahead_and_not_decided_is_killed_and_reported(
+    sleeper: Path, children: list[ScriptChild], then: str
+) -> None:
+    spawner = ScriptSpawner(sleeper, ("30",))
+    children.append(spawner.spawn(0))
+    spawner.prepare()
+    standby = spawner.standby_pid
+    assert standby is not None and spawner.fire_ahead(1, Path("/tmp/a.yaml"))
+    if then == "other_epoch":
+        other = spawner.spawn(2, Path("/tmp/a.yaml"))
+        children.append(other)
+        assert other.pid != standby
+    elif then == "release":
+        spawner.release()
+    assert spawner.discard_fired() == standby
+
+    def reaped() -> bool:
+        spawner.reap_strays(set())  # as on each SIGCHLD
+        return _state(standby) is None
+
+    wait_until(reaped, timeout_s=10, what="the fired child killed and reaped")
+    assert spawner.discard_fired() is None, "reported once"

@@ -334,6 +334,10 @@ class Simulation:
         if model.flag_cleared_under_initializer:
             raise InvariantBroken("the INITIALIZING flag was cleared under a starting child")
         self._check_spawns()  # 4, 5
+        if self.world.discarded_ahead:
+            raise InvariantBroken(
+                f"a start fired ahead was not the start decided: {self.world.discarded_ahead}"
+            )
         self._check_requests()  # 6
 
     def _check_no_internal_error(self) -> None:

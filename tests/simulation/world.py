@@ -162,11 +162,43 @@ class Spawned:
 
 
 class SimProcesses:
+    """Every start may be fired ahead (there is always a standby here), so the
+    simulation takes `ready_start.py`'s way wherever its condition holds."""
+
     def __init__(self, world: SimWorld) -> None:
         self._world = world
+        self._fired: tuple[int, Path | None, SimChild] | None = None
+        self._discarded: int | None = None
 
     def spawn(self, epoch: int, snapshot: Path | None = None) -> SimChild:
+        fired, self._fired = self._fired, None
+        if fired is not None and fired[:2] == (epoch, snapshot):
+            return fired[2]
+        if fired is not None:
+            self._discard(fired[2])
         return self._world.spawn(epoch, snapshot)
+
+    def fire_ahead(self, epoch: int, snapshot: Path | None) -> bool:
+        if self._fired is not None:
+            return False
+        self._fired = (epoch, snapshot, self._world.spawn(epoch, snapshot))
+        self._world.fired_ahead += 1
+        return True
+
+    def started_ahead(self, epoch: int) -> bool:
+        return self._fired is not None and self._fired[0] == epoch
+
+    def discard_fired(self) -> int | None:
+        if self._fired is not None:
+            self._discard(self._fired[2])
+            self._fired = None
+        pid, self._discarded = self._discarded, None
+        return pid
+
+    def _discard(self, child: SimChild) -> None:
+        child.kill()
+        self._discarded = child.pid
+        self._world.discarded_ahead.append(child.pid)
 
     def adopt(self, pid: int, stderr_fd: int | None) -> SimChild:
         """A re-exec: the same model process, a fresh handle on it."""
@@ -179,7 +211,9 @@ class SimProcesses:
         return None
 
     def release(self) -> None:
-        return None
+        if self._fired is not None:
+            self._discard(self._fired[2])
+            self._fired = None
 
 
 class SimFacts:
@@ -337,6 +371,21 @@ class SimGate:
     def ahead(self) -> bool:
         return self._ahead is not None
 
+    def verdict_ready(
+        self, known_binary: BinaryInfo | None, config: Path | None, flags: Sequence[str] = ()
+    ) -> bool:
+        """As `CommandGate.verdict_ready`: the run ahead on exactly these arguments is
+        done and passed, and the binary is the one known (no check of it to run)."""
+        world, ahead = self._world, self._ahead
+        if self._running is not None or ahead is None:
+            return False
+        if known_binary is None or known_binary.hot_restart_version != world.binary_hrv:
+            return False
+        run = ahead[3]
+        done = run.done_at is not None and 0 <= run.done_at <= world.reactor.now()
+        same = ahead[:3] == (config, world.binary_ok, world.binary_hrv)
+        return same and done and run.read_at is None and self._verdict(run, record=False).ok
+
     def drop_ahead(self) -> None:
         self._ahead = None  # killed: nothing of it is ever reported
 
@@ -380,7 +429,7 @@ class SimGate:
     def read_facts_now(self, config: Path) -> BootstrapFacts | None:
         return BootstrapFacts(config, None, None, References(frozenset({NAMED_PATH}), ()))
 
-    def _verdict(self, run: _Validation) -> PreflightOutcome:
+    def _verdict(self, run: _Validation, record: bool = True) -> PreflightOutcome:
         binary = BinaryInfo(Path("/sim/envoy"), (1, 1, 1, 1), "x/1.40.0/x", run.hot_restart_version)
         if not run.binary_ok:
             return _outcome(Verdict.BINARY_REFUSED, "binary refused: not Envoy", None)
@@ -390,7 +439,8 @@ class SimGate:
             return _outcome(Verdict.FAILED, "validation failed: bad config", binary)
         if not run.named_ok:
             return _outcome(Verdict.FAILED, f"validation failed: {NAMED_PATH} is bad", binary)
-        self.passed.add(run.content.digest)
+        if record:
+            self.passed.add(run.content.digest)
         return _outcome(Verdict.PASSED, "", binary)
 
 
@@ -577,6 +627,8 @@ class SimWorld:
         self.model.on_exit = lambda proc: self.reactor.pending_signals.add(signal.SIGCHLD)
         self.gate_validated: set[str | None] = set()
         self.by_bytes: dict[bytes, Content] = {}
+        self.fired_ahead = 0  # starts fired at a burst's deadline (`ready_start.py`)
+        self.discarded_ahead: list[int] = []  # ... that were not the start decided
 
     def config_bytes(self) -> bytes:
         """What the daemon reads from --config: the disk's content, as bytes that map
