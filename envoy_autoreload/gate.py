@@ -135,8 +135,8 @@ class CommandGate:
             if result is None:
                 return False
             preflight.feed(result)
-        elif preflight.next_argv() is not None:
-            return False
+        if preflight.next_argv() is not None:
+            return False  # more to run (or the outcome is in: then None)
         facts_of = self._config_of(config)
         outcome = preflight.outcome
         return (

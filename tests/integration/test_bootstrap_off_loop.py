@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from envoy_autoreload.bootstrap_facts import INLINE_MAX_BYTES, BootstrapReader
+from envoy_autoreload.envoy_binary import BinaryInfo, binary_identity
 from envoy_autoreload.envoy_config import AdminAddress
 from envoy_autoreload.family import EnvoyFamily
 from envoy_autoreload.gate import CommandGate
@@ -300,3 +301,40 @@ def test_a_parse_that_hangs_is_killed_at_its_deadline(
     assert facts is not None and facts.admin is None and facts.references is None
     assert facts.error == f"cannot parse Envoy config {fifo}: gave up after 0.5 s"
     assert not reactor.has_deadline(DEADLINE)
+
+
+@pytest.mark.parametrize("validate_rc", [0, 1])
+def test_a_verdict_is_ready_only_once_the_run_ahead_on_exactly_it_passed(
+    tmp_path: Path, reactor: Reactor, gates: list[CommandGate], validate_rc: int
+) -> None:
+    """`verdict_ready` (ready_start.py): `begin` with the same arguments would pass at
+    once. Not while the run ahead still runs, not for other bytes, not when it failed;
+    and asking changes nothing: `begin` then takes that very run."""
+    config = tmp_path / "envoy.yaml"
+    config.write_text(HEADER)
+    other = tmp_path / "other.yaml"
+    other.write_text(HEADER)
+    gate = gate_for(tmp_path, reactor, config, validate_rc, gates)
+    envoy = tmp_path / "envoy"
+    identity = binary_identity(envoy)
+    assert identity is not None
+    binary = BinaryInfo(envoy, identity, "0/1.40.0/Clean/RELEASE/BoringSSL", "11.104")  # known
+    assert gate.read_facts_now(config) is not None  # as `Gatekeeper.check_ahead` does
+    assert not gate.verdict_ready(binary, config), "nothing ran ahead"
+    assert gate.check_ahead(binary, config)
+    (validation,) = gate.child_pids()
+    assert not gate.verdict_ready(binary, config), "the run ahead is still running"
+    wait_until(lambda: _ended(validation), timeout_s=30, what="the validation's exit")
+    assert gate.verdict_ready(binary, config) is (validate_rc == 0)
+    assert not gate.verdict_ready(binary, other), "a run about other bytes"
+    assert not gate.verdict_ready(None, config), "a binary to check first"
+    outcome = gate.begin(binary, config)
+    assert outcome is not None and outcome.ok is (validate_rc == 0), "taken at once"
+
+
+def _ended(pid: int) -> bool:
+    """Exited (a zombie until reaped, as `verdict_ready`'s poll does) or gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
