@@ -575,6 +575,11 @@ class ScriptSpawner:
         current = identity is not None and identity == self._proven == standby.identity
         path = str(snapshot) if snapshot is not None else None
         if current and standby.argv == self._argv() and standby.fire(epoch, path):
+            # A pipe's reader is woken on the writer's CPU (a sync wakeup: the writer is
+            # expected to sleep), and the rest of our turn is bookkeeping: the script
+            # goes first. Measured (perf exec events, 2 cores): the script ran 2.5 ms
+            # after the burst's deadline, not 3.2 (issue 16).
+            os.sched_yield()
             return ScriptChild(standby.process, standby.stderr_fd)
         standby.drop()
         self._dropped.append(standby.process)
