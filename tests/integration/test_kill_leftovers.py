@@ -21,6 +21,9 @@ class _Script:
         process = subprocess.Popen(["sh", "-c", "sleep 60; true"], process_group=0)
         return ScriptChild(process, None)
 
+    def started_ahead(self, epoch: int) -> bool:
+        return False  # nothing is fired ahead here (ready_start.py)
+
 
 class _Reactor:
     def now(self) -> float:
