@@ -82,11 +82,12 @@ class ReadyStart:
         serving = self._roster.serving()
         if serving is None or not self._quiet(serving):
             return None
-        content = self._hooks.current()  # events still unread are read first
-        if content is None or not self._judged_a_change(content, serving):
-            return None
         flags = self._family.config_flags(serving)
-        if not self._check_ahead.ready_for(serving, content, self._reactor.now(), flags):
+        if self._check_ahead.ready_for(serving, self._reactor.now(), flags) is None:
+            return None
+        self._hooks.current()  # events still unread are read (and noted) first
+        content = self._check_ahead.ready_for(serving, self._reactor.now(), flags)
+        if content is None or not self._judged_a_change(content, serving):
             return None
         config = self._keeper.ready_to_start(flags)
         if config is None:
