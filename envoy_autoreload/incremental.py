@@ -152,10 +152,12 @@ class Incremental:
         self._now_ns = time.time_ns()
 
     def apply(self, paths: Iterable[str]) -> tuple[list[RootScan], set[int]]:
-        """Patched scans, and the indexes of the roots to rescan instead."""
+        """Patched scans, and the indexes of the roots to rescan instead. `paths` come
+        parents before their children (`watch/pending.py`), and are read lazily: an
+        iterator that stops on a deadline ends the slice."""
         rescan: set[int] = set()
         roots = range(len(self._scanner.roots))
-        for raw in sorted(paths):  # parents before their children
+        for raw in paths:
             parent, _sep, name = raw.rpartition("/")
             claimed = False
             for index in roots:

@@ -39,12 +39,12 @@ from envoy_autoreload.watch import Watcher, WatcherKind, open_watcher
 from envoy_autoreload.watch.build import BackgroundHash
 from envoy_autoreload.watch.filters import NoiseFilter
 from envoy_autoreload.watch.inotify import OVERFLOW
+from envoy_autoreload.watch.pending import PendingPaths
 
 logger = logging.getLogger(__name__)
 
-# Named paths are applied in slices of loop time (a file read and hashed each, ~20 us).
+# Named paths are applied in slices of loop time (a file read and hashed each, 20-100 us).
 APPLY_SLICE_S: Final = 0.01
-APPLY_CHUNK: Final = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +101,7 @@ class ChangeDetector:
         self._stale = False  # exclusions or roots changed: the next look walks afresh
         self._excluded: set[str] = set()
         self._warned: set[str] = set()
-        self._unapplied: set[str] = set()  # paths events named since the last apply
+        self._unapplied = PendingPaths()  # paths events named since the last apply
         self._build: BackgroundHash | None = None
         self._touched: set[str] = set()  # paths events named while the build ran
         self.listed = Listed()
@@ -314,7 +314,7 @@ class ChangeDetector:
         self._take(time.monotonic(), {str(path)})
 
     def _take(self, now: float, changed: set[str]) -> None:
-        self._unapplied |= changed
+        self._unapplied.add(changed)
         if self._build is not None:
             self._touched |= changed
         self._debouncer.add(now, changed)
@@ -394,24 +394,22 @@ class ChangeDetector:
         assert self.snapshot is not None
         if not self._unapplied:
             return self.snapshot
-        paths, self._unapplied = self._unapplied, set()
-        return self._apply(paths)
+        return self._apply(self._unapplied.take_all())
 
     def _apply_some(self) -> bool:
         """Apply named paths for at most `APPLY_SLICE_S` of loop time, parents first;
         True when none is left (or the settle walks instead). A 10,000-file burst is
         read while it is written, in slices, not in one stall after the quiet window
-        (issue 16)."""
+        (issue 16). The time is checked at every path (`PendingPaths.pop_until`), and
+        the snapshot is made once per slice: its cost grows with the tree."""
         if not self._incremental():
             return True  # the settle walks instead
-        deadline = time.monotonic() + APPLY_SLICE_S
-        while self._unapplied and time.monotonic() < deadline:
-            chunk = sorted(self._unapplied)[:APPLY_CHUNK]
-            self._unapplied.difference_update(chunk)
-            self._apply(chunk)
+        if self._unapplied:
+            self._apply(self._unapplied.pop_until(time.monotonic() + APPLY_SLICE_S))
         return not self._unapplied
 
     def _apply(self, paths: Iterable[str]) -> Snapshot:
+        """Apply these paths (parents first), consumed one at a time."""
         assert self._watcher is not None
         patched, rescan = Incremental(self._scanner, self._watcher.watch_directory).apply(paths)
         self._scanner.keep(patched)
