@@ -61,7 +61,8 @@ class EnvoyFamily:
         # Where configs are parsed off the loop: the gate's (gatekeeper.py hands it over).
         # Without one (a family used on its own) a config is parsed where it is asked.
         self.bootstrap: BootstrapReader | None = None
-        self._asker = ServerInfoAsker()  # /server_info off the loop (live_probe.py)
+        # /server_info off the loop (live_probe.py); the loop watches it for answers.
+        self.live_answers = ServerInfoAsker()
         self.base_id: int | None = settings.base_id
         self.hot_restart_version: str | None = None
         self.envoy_version: str | None = None
@@ -251,7 +252,7 @@ class EnvoyFamily:
         if admin is not None:
             # An Envoy still loading a big config keeps the request waiting: asked on a
             # thread, and not LIVE yet until it answers (live_probe.py).
-            _answered, info = self._asker.ask((id(gen), gen.pid, gen.epoch), admin)
+            _answered, info = self.live_answers.ask((id(gen), gen.pid, gen.epoch), admin)
             if info is None or info.state != "LIVE" or info.restart_epoch != gen.epoch:
                 return False
             self.hot_restart_version = info.hot_restart_version or self.hot_restart_version

@@ -5,11 +5,13 @@ A starting Envoy accepts connections on its admin port while its main thread sti
 loads the config, and answers only once it is loaded: a 5 MB config kept a request
 waiting about a second, and `admin.fetch_server_info` blocks up to its 0.5 s timeout.
 Made on the loop, each probe then stalled it for 350 ms (measured, issue 16). Here the
-request runs on a thread of its own and the probe waits for the answer at most `WAIT_S`:
-admin on loopback answers in about a millisecond, so an Envoy that is up is seen at
-once, as before. Past that the probe says "not LIVE yet"; the next one (10-100 ms later,
-launcher.py) takes the answer if it came meanwhile, or waits again. An answer is taken
-once: each later probe asks again over a fresh connection (ENVOY_FACTS §9).
+request runs on a thread of its own and the probe does not wait for it: it says "not
+LIVE yet", and the answer rings a pipe the loop watches (`fileno`), which probes again
+at once (supervisor.py). It used to wait up to 20 ms in the hope of an answer within the
+turn; on a 2-vCPU VM with Envoy loading a 5 MB config on both cores, that wait held the
+loop 60 ms (issue 16, goal 5). Without the pipe (a family used on its own) the next probe
+(10-100 ms later, launcher.py) takes the answer. An answer is taken once: each later
+probe asks again over a fresh connection (ENVOY_FACTS §9).
 
 One request at a time. A thread per request, not a resident one: probes happen only
 while an epoch starts, and an idle daemon keeps no thread and no wakeup. The thread only
@@ -19,6 +21,8 @@ blocked (`loop.signals_blocked`).
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
@@ -28,7 +32,7 @@ from envoy_autoreload.admin import ServerInfo, fetch_live_state
 from envoy_autoreload.envoy_config import AdminAddress
 from envoy_autoreload.loop import signals_blocked
 
-WAIT_S: Final = 0.02  # the most one probe holds the loop for an answer
+WAIT_S: Final = 0.0  # the most one probe holds the loop for an answer: the pipe rings
 
 Fetch = Callable[[AdminAddress], ServerInfo | None]
 
@@ -48,6 +52,26 @@ class ServerInfoAsker:
         self._wait_s = wait_s
         self._lock = threading.Lock()
         self._request: _Request | None = None
+        self._bell: tuple[int, int] | None = None  # (read, write) once the loop watches
+
+    def fileno(self) -> int:
+        """A pipe that is readable once an answer came: the loop's cue to probe again."""
+        if self._bell is None:
+            self._bell = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        return self._bell[0]
+
+    def drain(self) -> None:
+        """Empty the pipe: its rings were taken."""
+        if self._bell is not None:
+            with contextlib.suppress(BlockingIOError):
+                while os.read(self._bell[0], 512):
+                    pass
+
+    def close(self) -> None:
+        with self._lock:
+            bell, self._bell = self._bell, None
+        for fd in bell or ():
+            os.close(fd)
 
     def ask(self, key: Hashable, address: AdminAddress) -> tuple[bool, ServerInfo | None]:
         """(answered, what it said) for the generation `key` names, asked at `address`.
@@ -77,4 +101,8 @@ class ServerInfoAsker:
         try:
             request.info = self._fetch(address)
         finally:
-            request.done.set()
+            with self._lock:  # not into a descriptor `close` freed for another file
+                request.done.set()
+                if self._bell is not None:
+                    with contextlib.suppress(BlockingIOError):  # full: rung already
+                        os.write(self._bell[1], b"\0")

@@ -61,6 +61,7 @@ from envoy_autoreload.intake import Intake
 from envoy_autoreload.launcher import Launcher
 from envoy_autoreload.limits import binding_limit
 from envoy_autoreload.lineage import Lineage, open_lineage
+from envoy_autoreload.live_probe import ServerInfoAsker
 from envoy_autoreload.logs import batched_output, log_event
 from envoy_autoreload.loop import DeadlineReached, Event, FdReady, SignalReceived
 from envoy_autoreload.loop import Reactor as RealReactor
@@ -113,6 +114,7 @@ class Supervisor:
         gate: Gate | None = None,
         lineage: Lineage | None = None,
         health: Health | None = None,
+        live_answers: ServerInfoAsker | None = None,
         status_fd: int | None = None,
         execs: bool = True,
     ) -> None:
@@ -128,6 +130,7 @@ class Supervisor:
         self._planner = Planner()
         self._lineage = lineage = lineage or Lineage(None, bytes)
         self._health = health
+        self._live_answers = live_answers
         self._watching = (
             Watching(settings, reactor, changes, telemetry, roster) if changes else None
         )
@@ -271,7 +274,7 @@ class Supervisor:
     def _open_readers(self, *, background: bool = False, pin: str | None = None) -> None:
         if self._watching is not None:
             self._watching.start(background=background, pin=pin)
-        for reader in (self._control, self._health):
+        for reader in (self._control, self._health, self._live_answers):
             if reader is not None:
                 self._reactor.add_reader(reader.fileno(), reader)
 
@@ -378,6 +381,10 @@ class Supervisor:
             self._probation.on_observation()
         elif self._reexec.owns(key):
             self._reexec.on_output(key)
+        elif self._live_answers is not None and key is self._live_answers:
+            self._live_answers.drain()
+            if self._reactor.has_deadline(Timer.PROBE):  # a start waits for LIVE: ask now
+                self._reactor.set_timeout(Timer.PROBE, 0)
 
     def _on_signal(self, signum: signal.Signals) -> None:
         match signum:
@@ -625,6 +632,7 @@ def run(
             lineage = open_lineage(settings)
             stack.callback(lineage.close)
         family = EnvoyFamily(settings)
+        stack.callback(family.live_answers.close)
         health = None
         if lineage.enabled and settings.health_window_s > 0:
             health = HealthProber(settings.health_urls, family.admin_address)
@@ -640,6 +648,7 @@ def run(
             family=family,
             lineage=lineage,
             health=health,
+            live_answers=family.live_answers,
             status_fd=status_fd,
         )
 

@@ -66,7 +66,7 @@ def family_for(segment: Path) -> tuple[EnvoyFamily, FakeAsker]:
     settings = Settings(start_script=Path("/nonexistent"), base_id=base_id, admin_address=ADMIN)
     family = EnvoyFamily(settings)
     asker = FakeAsker()
-    family._asker = asker  # type: ignore[assignment]
+    family.live_answers = asker  # type: ignore[assignment]
     return family, asker
 
 

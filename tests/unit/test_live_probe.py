@@ -4,6 +4,7 @@ probe; each answer is taken once; the thread has our signals blocked."""
 
 from __future__ import annotations
 
+import select
 import signal
 import threading
 import time
@@ -25,7 +26,18 @@ def answered(asker: ServerInfoAsker, key: str) -> tuple[bool, ServerInfo | None]
         result = asker.ask(key, ADMIN)
         return result if result[0] else None
 
-    return wait_until(probe, timeout_s=10, what=f"{key}'s answer")
+    result = wait_until(probe, timeout_s=10, what=f"{key}'s answer")
+    requests_end()
+    return result
+
+
+def requests_end() -> None:
+    """A request's thread ends just after its answer is out: wait for that."""
+    wait_until(
+        lambda: not any(t.name == "envoy-autoreload-live-probe" for t in threading.enumerate()),
+        timeout_s=10,
+        what="the request's thread to end",
+    )
 
 
 class FakeAdmin:
@@ -52,6 +64,29 @@ def test_a_quick_answer_is_taken_at_once_and_only_once() -> None:
     assert asker.ask("gen1", ADMIN) == (True, LIVE)
     assert admin.requests == 2, "each probe asks afresh"
     assert set(SIGNAL_PRIORITY) <= admin.blocked, "our signals stay with the main thread"
+    requests_end()
+
+
+def test_the_probe_never_waits_and_the_answer_rings_the_loop() -> None:
+    """Issue 16, goal 5: a 20 ms wait for the answer held a loaded loop 60 ms. The
+    probe returns at once; the answer makes the pipe the loop watches readable."""
+    admin = FakeAdmin(slow=True)
+    asker = ServerInfoAsker(admin)
+    bell = asker.fileno()
+    try:
+        began = time.monotonic()
+        assert asker.ask("gen1", ADMIN) == (False, None)
+        assert time.monotonic() - began < 0.5, "no wait for the answer"
+        assert select.select([bell], [], [], 0)[0] == [], "no answer, no ring"
+        admin.release.set()
+        readable, _, _ = select.select([bell], [], [], 10)
+        assert readable == [bell], "the answer rings"
+        asker.drain()
+        assert select.select([bell], [], [], 0)[0] == [], "the ring was taken"
+        assert asker.ask("gen1", ADMIN) == (True, LIVE)
+        requests_end()
+    finally:
+        asker.close()
 
 
 def test_a_slow_answer_holds_the_loop_only_for_the_wait() -> None:
