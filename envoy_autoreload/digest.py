@@ -73,6 +73,7 @@ MAX_SYMLINK_HOPS: Final = 40
 RACY_WINDOW_S: Final = 2.0
 # 64 MiB: hashed in ~0.15 s; a config, a certificate or a Lua script is far smaller.
 MAX_HASHED_BYTES: Final = 64 * 1024 * 1024
+_READ_CHUNK: Final = 64 * 1024  # below malloc's mmap threshold: no mmap per read
 # Entries (files and directories) walked behind one symlinked directory: a certificate
 # archive or a shared include directory fits; `/usr` does not.
 MAX_LINKED_ENTRIES: Final = 10_000
@@ -223,8 +224,7 @@ class FileHashing:
         if content is not None:
             return make_entry(st, content, trusted=trusted)
         try:
-            with open(path, "rb") as handle:
-                content = hashlib.file_digest(handle, "sha256").digest()
+            content = sha256_of(path)
         except FileNotFoundError:
             return None
         except OSError as err:
@@ -232,6 +232,21 @@ class FileHashing:
             return None
         self.files_read += 1
         return make_entry(st, content, trusted=trusted)
+
+
+def sha256_of(path: str) -> bytes:
+    """The file's SHA-256, read through a small buffer: `hashlib.file_digest` allocates
+    256 KiB per call, two thirds of the time to hash a config-sized file on a slow VM
+    (29 against 9 us; issue 16, a 10,000-file burst). O_NONBLOCK: a file swapped for a
+    FIFO since its stat fails to read instead of blocking the loop."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        sha = hashlib.sha256()
+        while chunk := os.read(fd, _READ_CHUNK):
+            sha.update(chunk)
+        return sha.digest()
+    finally:
+        os.close(fd)
 
 
 def hash_listing(

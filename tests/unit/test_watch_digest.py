@@ -7,6 +7,7 @@ inside the code under test.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import time
@@ -22,6 +23,7 @@ from envoy_autoreload.digest import (
     Snapshot,
     WatchRoot,
     can_cache_hash,
+    sha256_of,
 )
 from envoy_autoreload.watch.filters import NoiseFilter
 from tests.helpers import wait_until
@@ -205,3 +207,19 @@ def test_excluded_paths_are_left_out_of_the_digest(tmp_path: Path) -> None:
     assert list(first.files) == [f"{conf}/envoy.yaml"]
     log.write_text("GET /\nGET /again\n")
     assert scanner.scan().digest == first.digest
+
+
+@pytest.mark.parametrize("size", [0, 1, 65_535, 65_536, 65_537, 200_000])
+def test_a_file_hashes_to_the_sha256_of_its_bytes_at_any_size(tmp_path: Path, size: int) -> None:
+    """Read through a 64 KiB buffer (digest.sha256_of): every chunk counts, once."""
+    data = bytes(range(256)) * (size // 256 + 1)
+    path = tmp_path / "f"
+    path.write_bytes(data[:size])
+    assert sha256_of(str(path)) == hashlib.sha256(data[:size]).digest()
+
+
+def test_a_fifo_where_a_file_was_is_not_waited_on(tmp_path: Path) -> None:
+    """A FIFO swapped in after the stat: opening it must not block the loop."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    assert sha256_of(str(fifo)) == hashlib.sha256(b"").digest()
