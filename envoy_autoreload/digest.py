@@ -309,11 +309,16 @@ class ContentScanner:
     def keep(self, scans: Iterable[RootScan]) -> Snapshot:
         """Remember these scans (a root's newest replaces its older one) and return the
         snapshot of every root as last scanned."""
+        return self.snapshot(self.remember(scans))
+
+    def remember(self, scans: Iterable[RootScan]) -> int:
+        """`keep` without making the snapshot (for a caller that makes it next); how
+        many files these scans read."""
         files_read = 0
         for scan in scans:
             self._scans[scan.root] = scan
             files_read += scan.files_read
-        return self.snapshot(files_read)
+        return files_read
 
     def snapshot(self, files_read: int = 0) -> Snapshot:
         for root in self.roots:

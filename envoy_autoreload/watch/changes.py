@@ -412,7 +412,7 @@ class ChangeDetector:
         """Apply these paths (parents first), consumed one at a time."""
         assert self._watcher is not None
         patched, rescan = Incremental(self._scanner, self._watcher.watch_directory).apply(paths)
-        self._scanner.keep(patched)
+        self._scanner.remember(patched)  # one snapshot per slice: `_keep` makes it
         if rescan:
             roots = [self._scanner.roots[i] for i in sorted(rescan)]
             return self._keep(self._scan_roots(roots))
