@@ -13,7 +13,12 @@ soon as an unvalidated one.
 A run ahead is only ever a verdict about the files as they are at the burst's end:
 - every change noted after it started (an event, or one noted without: `suspect`)
   makes it stale, and a stale run is killed at once; the next events start another,
-  at most `MAX_PER_BURST` times per burst, so a storm costs a few validations;
+  at most `MAX_PER_BURST` times per burst, so a storm costs a few validations. The
+  first starts at once (an editor's save: its verdict is in before the debounce ends);
+  a later one only once the files rested `AHEAD_QUIET_S`. Started at once, the runs of
+  a storm went stale within milliseconds and the cap was spent before the storm ended:
+  its final content was validated only once the burst was due, ~130 ms more to serve
+  (`bench/storm.py`, issue 16 goal 3);
 - the content handed to `begin` must still have the digest it started on (a change
   a walk found rather than an event, `before_begin`);
 - it starts only where events name every change (inotify, no overflow, nothing left
@@ -43,12 +48,14 @@ from envoy_autoreload.bootstrap_facts import BootstrapFacts
 from envoy_autoreload.digest import Snapshot
 from envoy_autoreload.gatekeeper import Gatekeeper
 from envoy_autoreload.planner import Planner
-from envoy_autoreload.ports import Content, EnvoyFacts
+from envoy_autoreload.ports import Content, EnvoyFacts, Reactor
 from envoy_autoreload.references import WATCHED_BY_ENVOY, References
 from envoy_autoreload.roster import Generation, Roster
+from envoy_autoreload.states import Timer
 from envoy_autoreload.watching import Watching
 
 MAX_PER_BURST: Final = 3  # an editor's save is two or three reads of events
+AHEAD_QUIET_S: Final = 0.05  # rest before a second run ahead (or third) of one burst
 
 
 class CheckAhead:
@@ -60,8 +67,10 @@ class CheckAhead:
         planner: Planner,
         batches: Batches,
         family: EnvoyFacts,
+        reactor: Reactor,
     ) -> None:
         self._keeper = gatekeeper
+        self._reactor = reactor
         self._changes = watching.changes if watching is not None else None
         self._roster = roster
         self._planner = planner
@@ -72,6 +81,8 @@ class CheckAhead:
         self._started_for: tuple[int, int, str] | None = None
         self._launches = 0  # in the burst under way
         self._refused: str | None = None  # a content digest not run ahead: not tried again
+        self._seen = self._tried_at  # changes noted at the last event
+        self._changed_at = 0.0  # when they were noticed
 
     def after_event(self, stopping: bool) -> None:
         """After each event and what it led to: drop a run that is stale, and start one
@@ -80,12 +91,27 @@ class CheckAhead:
         wanted = not stopping and serving is not None and self._may_run(serving)
         if not self._burst_pending():
             self._launches = 0
+        seen = self._changes_seen()
+        if seen != self._seen:
+            self._seen, self._changed_at = seen, self._reactor.now()
         gate = self._keeper.gate
         if gate.ahead and (not wanted or not self._still_current(serving)):
             gate.drop_ahead()
-        fresh = self._changes_seen() != self._tried_at
-        if wanted and fresh and serving is not None and not gate.ahead:
+        fresh = seen != self._tried_at
+        if wanted and fresh and serving is not None and not gate.ahead and self._rested():
             self._start(serving)
+
+    def _rested(self) -> bool:
+        """The burst's first run starts at once; a later one once the files rested
+        `AHEAD_QUIET_S` (the module's notes). Until then `Timer.CHECK_AHEAD` brings
+        the loop back, and this is asked again."""
+        if self._launches == 0:
+            return True
+        at = self._changed_at + AHEAD_QUIET_S
+        if self._reactor.now() >= at:
+            return True
+        self._reactor.set_deadline(Timer.CHECK_AHEAD, at)
+        return False
 
     def before_begin(self, content: Snapshot | None) -> None:
         """Right before the gate's `begin` for `content`: a run ahead that is not about

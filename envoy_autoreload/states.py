@@ -213,6 +213,7 @@ class Timer(enum.Enum):
     CONTROL_IDLE = "control_idle"  # control clients that never sent a request are dropped
     ADVANCE = "advance"  # a decision made without an event: carried out from the loop
     STANDBY = "standby"  # the next spawn made ahead, in the turn after a LIVE (standby.py)
+    CHECK_AHEAD = "check_ahead"  # the files rested: a run ahead may start (check_ahead.py)
 
 
 class SupervisorState(enum.Enum):

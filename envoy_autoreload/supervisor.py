@@ -192,7 +192,7 @@ class Supervisor:
         )
         self._launcher.exec_failed = self._exits.exec_failed
         self._check_ahead = CheckAhead(
-            self._gatekeeper, self._watching, roster, self._planner, self._batches, family
+            self._gatekeeper, self._watching, roster, self._planner, self._batches, family, reactor
         )
         self._intake = Intake(
             settings,
@@ -411,6 +411,8 @@ class Supervisor:
                 self._on_start_deadline()
             case Timer.RETRY | Timer.ADVANCE | Timer.HUNG_DRAIN:
                 pass  # _advance() runs after every event
+            case Timer.CHECK_AHEAD:
+                pass  # _look_ahead() runs after every event
             case Timer.DRAIN_WAIT:
                 self._intake.on_drain_wait_over()
             case Timer.ORPHAN_KILL:
