@@ -128,6 +128,9 @@ def test_no_standby_where_the_shell_would_change_the_environment(
     spawner.prepare()
     assert spawner.standby_pid is None
     children.append(child := spawner.spawn(1))
+    # /proc/PID/environ is what the last execve got: before the script's, it is the
+    # forked daemon's own, which never had the variable (a race on a loaded box).
+    wait_until(_execs(child.pid, sleeper), timeout_s=10, what="the script exec'd")
     assert _environ(child.pid)[b"NOT-AN-IDENTIFIER"] == b"1"
 
 
