@@ -115,28 +115,32 @@ class Recovery:
         self._cold_attempt_seq = self._batches.request_seq
         self._planner.replan(None, "started")
         self._reactor.cancel(Timer.RETRY)
+        reason = self._still_validated(cold)
         if self._lineage.enabled:
-            # A snapshot, never the files: the validated one this start carries, else
-            # the last good one (REVIEW-core finding 8a).
+            # A snapshot, never the config file: the validated one this start carries,
+            # else the last good one (REVIEW-core finding 8a).
             config = cold.config or self._lineage.recovery_target()
-            return StartOrder(0, cold.reason, covers_seq=cold.covers_seq, config=config)
-        return StartOrder(0, self._still_validated(cold), covers_seq=cold.covers_seq)
+            return StartOrder(0, reason, covers_seq=cold.covers_seq, config=config)
+        return StartOrder(0, reason, covers_seq=cold.covers_seq)
 
     def _still_validated(self, cold: ColdStart) -> str:
         """The start's reason; "recovery" when the files changed since the batch it
-        carries was validated: what starts now is what is on disk, as in any recovery
-        (REVIEW-core finding 8a, closed by the issue "Generations")."""
+        carries was validated: what starts now is, in part, what is on disk, as in any
+        recovery (REVIEW-core finding 8a). With generations the config is the validated
+        snapshot, but the files it names (certificates, Lua, ...) are read where they
+        are, as they are now."""
         if cold.content is None:
             return cold.reason
         current = self._current()
         if current is None or current.digest == cold.content.digest:
             return cold.reason
+        what = "the validated config, with the files it names" if cold.config else "what is"
         log_event(
             logger,
             logging.WARNING,
             "restart.unvalidated",
-            "the files changed while the family stopped; epoch 0 starts what is on disk, "
-            "which was not validated",
+            f"the files changed while the family stopped; epoch 0 starts {what} on disk "
+            "now, which was not validated together",
             reason=cold.reason,
         )
         return "recovery"

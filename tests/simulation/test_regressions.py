@@ -425,3 +425,29 @@ def test_a_rollback_finished_by_a_revert_is_not_started_again(state: DaemonInAWo
     state.revert(back=1)
     state.wait(seconds=6.0)
     assert [s.epoch for s in state.s.world.spawned] == [0, 1, 2]
+
+
+def test_invariant_5_a_named_file_broken_during_a_full_restart_is_not_called_validated(
+    state: DaemonInAWorld,
+) -> None:
+    """Found by the stateful simulation on 3bd7494 (2026-12-03, not planted). A binary
+    that cannot hot restart passes the gate, so the family is stopped for epoch 0 on
+    it, with the validated config snapshot. A file the config names breaks meanwhile:
+    with generations on, epoch 0 started it under the validated request's name, as if
+    the gate had passed it, where generations off call such a start what it is."""
+    state.start(
+        max_drain_wait_s=0.0,
+        start_timeout_s=5.0,
+        parent_shutdown_s=1.0,
+        debounce_s=0.05,
+        watch=True,
+        on_incompatible_binary="restart",
+        build_s=0.0,
+    )
+    state.wait(seconds=0.1)
+    state.swap_binary(hot_restart_version="12.0", ok=True)
+    state.signal_daemon(count=1, signum=signal.SIGHUP)
+    state.write_named(ok=False)
+    state.wait(seconds=0.04)
+    state.safe()
+    state.teardown()
