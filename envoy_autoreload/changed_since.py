@@ -29,9 +29,13 @@ from, and a burst that restarts it.
 
 What it costs: a spurious restart for something written just before the spawn (within
 the margin below), or for a file Envoy itself creates in a watched directory before
-the walk reaches it. It never loses a change, as long as file times come from this
-machine's clock: on a network filesystem the server stamps them, and a server clock
-behind ours by more than the margin can hide a change.
+the walk reaches it. Those its command line names (`--admin-address-path`, which each
+epoch 0 writes as it starts) are the exception: their directories are listed with the
+mark, and one whose entries are the same after the walk, less Envoy's own files, is
+no change (a file changed in place there moved its own ctime; an access log the config
+names was created by the validation, before the mark). It never loses a change, as
+long as file times come from this machine's clock: on a network filesystem the server
+stamps them, and a server clock behind ours by more than the margin can hide a change.
 
 The margins: file times come from the kernel's coarse clock, up to one tick (1-10 ms)
 behind the time a process reads, so the spawn's instant is moved back by at least two
@@ -41,7 +45,9 @@ ticks. A time in whole seconds is taken to come from a filesystem that keeps no 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import stat
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -62,20 +68,64 @@ def _coarse_tick_s() -> float:
 COARSE_CLOCK_S: Final = max(0.01, 2 * _coarse_tick_s())
 WHOLE_SECONDS_S: Final = 2.0
 
+Identity = tuple[int, int]
+
+
+def path_identity(path: Path) -> Identity | None:
+    """(device, inode) of what `path` resolves to; None when it does not (yet)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+DirNames = frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class SpawnMark:
+    """Taken just before epoch 0's spawn, in this order: what each root resolved to,
+    the entries of each directory Envoy's command line makes it write a file in
+    (`--admin-address-path`: creating it moves the directory's ctime, and Envoy starts
+    before the walk, the more so when it is spawned before the daemon has loaded,
+    `head_start.py`), then the wall clock. The mark travels to the watcher."""
+
+    roots: Mapping[Path, Identity | None]
+    wall_ns: int
+    listings: Mapping[str, DirNames] = field(default_factory=dict)
+
+
+def mark_spawn(roots: Iterable[Path], written: Iterable[Path] = ()) -> SpawnMark:
+    identities = {root: path_identity(root) for root in roots}
+    listings = {}
+    for directory in {os.path.realpath(path.parent) for path in written}:
+        with contextlib.suppress(OSError):
+            listings[directory] = frozenset(os.listdir(directory))
+    return SpawnMark(identities, time.time_ns(), listings)
+
 
 @dataclass(slots=True)
 class ChangedSince:
     """Real paths whose ctime is at or after `instant_ns` (the wall clock, as file times
-    are), less the margin their timestamps' granularity needs."""
+    are), less the margin their timestamps' granularity needs. A directory listed at
+    the spawn (`SpawnMark.listings`) whose entries are the same now, but for `excluded`
+    ones (files Envoy writes), is not: Envoy creating one of them moved its ctime, and
+    a file changed in place there moved its own."""
 
     instant_ns: int
     paths: set[str] = field(default_factory=set)
+    listings: Mapping[str, DirNames] = field(default_factory=dict)
+    excluded: frozenset[str] = frozenset()
 
     def note(self, path: str, st: os.stat_result) -> None:
+        if self._after(st):
+            self.paths.add(path)
+
+    def _after(self, st: os.stat_result) -> bool:
         ctime = st.st_ctime_ns
         margin = WHOLE_SECONDS_S if ctime % _NS == 0 else COARSE_CLOCK_S
-        if ctime >= self.instant_ns - int(margin * _NS):
-            self.paths.add(path)
+        return ctime >= self.instant_ns - int(margin * _NS)
 
     def note_watched(self, path: str, *, follow: bool) -> None:
         """A directory (`follow`) or a hop (as it is, `lstat`), right after its watch."""
@@ -83,7 +133,25 @@ class ChangedSince:
             st = os.stat(path) if follow else os.lstat(path)
         except OSError:
             return  # gone: what resolves now was walked, and the root reads as missing
-        self.note(path, st)
+        if not self._after(st):
+            return
+        if stat.S_ISDIR(st.st_mode) and self._only_envoy_wrote(path):
+            return  # a root's own directory is a hop too, and gets here unfollowed
+        self.paths.add(path)
+
+    def _only_envoy_wrote(self, directory: str) -> bool:
+        real = os.path.realpath(directory)
+        before = self.listings.get(real)
+        if before is None:
+            return False
+        try:
+            now = os.listdir(real)
+        except OSError:
+            return False
+        return self._kept(real, now) == self._kept(real, before)
+
+    def _kept(self, directory: str, names: Iterable[str]) -> set[str]:
+        return {name for name in names if os.path.join(directory, name) not in self.excluded}
 
     def note_hop(self, directory: Path, name: str) -> None:
         """A resolution hop right after its name watch, as it is: a link replaced is a

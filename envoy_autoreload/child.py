@@ -53,6 +53,7 @@ MAX_PARTIAL_LINE: Final = 64 * 1024
 # exit; a positive "exit status 255" rather than an invented signal.
 LOST_EXIT_STATUS: Final = 255
 WAIT_STEP_S: Final = 0.05  # longest sleep between polls when no pidfd can be waited on
+FIRST_DISCARD_WAIT_S: Final = 1.0  # an epoch 0 SIGKILLed before another is spawned
 
 
 def _close_quietly(fd: int) -> None:
@@ -197,6 +198,11 @@ class ScriptChild(_Child):
     def __init__(self, process: subprocess.Popen[bytes], stderr_fd: int | None) -> None:
         super().__init__(stderr_fd)
         self.process = process
+        self._spawned_at = time.monotonic()  # the real reactor's clock
+
+    @property
+    def spawned_at(self) -> float | None:
+        return self._spawned_at
 
     @property
     def pid(self) -> int:
@@ -271,6 +277,10 @@ class AdoptedChild(_Child):
         if self._still_ours():
             pidfd = _open_pidfd(pid)
             self._pidfd = _OwnedFd(pidfd) if pidfd is not None else None
+
+    @property
+    def spawned_at(self) -> float | None:
+        return None  # by the previous image; the handover carries the generation's time
 
     @property
     def pid(self) -> int:
@@ -367,6 +377,10 @@ def _dies_with_the_daemon() -> Callable[[], None] | None:
     SIGKILLed daemon and start (or keep) an Envoy nobody supervises, holding the ports.
     The request survives exec. Checking the parent afterwards closes the race with a
     daemon that died before the request was made. Linux only; elsewhere, nothing.
+
+    The child also starts with no signal blocked: epoch 0 may be spawned while the
+    daemon holds its own signals back for the loop (`head_start.py`), and a mask
+    survives exec too; an Envoy that never received SIGTERM could not be stopped.
     """
     if not sys.platform.startswith("linux"):
         return None
@@ -374,6 +388,7 @@ def _dies_with_the_daemon() -> Callable[[], None] | None:
     daemon_pid = os.getpid()
 
     def request() -> None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, ())
         prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
         if os.getppid() != daemon_pid:
             os._exit(1)
@@ -596,6 +611,18 @@ class ScriptSpawner:
         self._fired = (epoch, snapshot, child)
         return True
 
+    def fire_first(self, snapshot: Path | None) -> bool:
+        """Epoch 0 at start-up, once its config validated and before the rest of the
+        daemon is imported (`head_start.py`, issue 16: 0.06-0.1 s that Envoy no longer
+        waits for); the supervisor's `spawn(0, snapshot)` takes it. False: the script
+        could not be executed, and that spawn says why."""
+        assert self._fired is None
+        try:
+            self._fired = (0, snapshot, self.spawn(0, snapshot))
+        except OSError:
+            return False
+        return True
+
     def started_ahead(self, epoch: int) -> bool:
         return self._fired is not None and self._fired[0] == epoch
 
@@ -608,10 +635,15 @@ class ScriptSpawner:
     def _discard(self, child: ScriptChild) -> None:
         """Killed with its group within the turn that fired it, long before it could
         reach its parent (Envoy's start takes ~50 ms, ENVOY_FACTS §2); a flag it set
-        anyway is cleared before the next start (§3). Reaped on SIGCHLD."""
+        anyway is cleared before the next start (§3). Reaped on SIGCHLD. An epoch 0 has
+        no parent but holds the family's sockets until it is gone: the epoch 0 started
+        instead could not bind them (§0), so it is waited for (SIGKILL: milliseconds)."""
+        epoch = self._fired[0] if self._fired is not None else None
         self._fired = None
         child.kill()
         child.close_stderr()
+        if epoch == 0:
+            child.wait(FIRST_DISCARD_WAIT_S)
         self._dropped.append(child.process)
         self._discarded = child.pid
 

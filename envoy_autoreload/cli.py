@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, NoReturn
@@ -34,12 +34,12 @@ from envoy_autoreload.settings import (
     default_state_dir,
 )
 
-# The rest of the daemon is imported once Envoy validates epoch 0's config
-# (`head_start.py`): about 0.06 s that used to come before it (issue 16).
+# The rest of the daemon is imported once epoch 0 is spawned (`head_start.py`): about
+# 0.1 s that Envoy used to wait for (issue 16).
 if TYPE_CHECKING:
     from envoy_autoreload.control import ControlServer
     from envoy_autoreload.envoy_config import AdminAddress
-    from envoy_autoreload.lineage import Lineage
+    from envoy_autoreload.head_start import HeadStart
     from envoy_autoreload.watch import WatcherKind
     from envoy_autoreload.watch.changes import ChangeDetector
 
@@ -450,11 +450,14 @@ def cli(
         start_script=str(start_script),
     )  # once the start-up checks passed: a refusal is one line, not a start and a stop
     if handover is not None:  # a re-exec adopts the family: there is no check to start
-        sys.exit(int(_serve(settings, address, control, handover, started)))
+        listening = _listen(control, address, handover.inherited)
+        sys.exit(int(_serve(settings, address, listening, handover, started)))
     from envoy_autoreload.head_start import head_start
 
-    with head_start(settings) as lineage:
-        sys.exit(int(_serve(settings, address, control, handover, started, lineage)))
+    with head_start(settings) as head:
+        listening = _listen(control, address, {})  # in use: refused before Envoy runs
+        head.spawn_epoch_0(settings)
+        sys.exit(int(_serve(settings, address, listening, handover, started, head)))
 
 
 def _import_the_daemon() -> None:
@@ -581,21 +584,49 @@ class _OpenControl:
         return self.path or default_control_socket()
 
 
+@dataclass(frozen=True, slots=True)
+class _Listening:
+    """The daemon's own sockets, bound before epoch 0 is spawned (or handed over)."""
+
+    control: ControlServer | None
+    status_fd: int | None  # bound and listening, for the status server
+
+
+def _listen(
+    control_wanted: _OpenControl, address: tuple[str, int] | None, inherited: Mapping[str, int]
+) -> _Listening:
+    """The status address and the control socket (the previous image's, after a
+    re-exec): one taken is one line, before any Envoy starts."""
+    try:
+        status_fd = inherited.get("status")
+        if address is not None and status_fd is None:
+            from envoy_autoreload.status_address import listen_status
+
+            status_fd = listen_status(address).detach()
+        control = None
+        if not control_wanted.disabled:
+            control = _open_control(control_wanted.path, inherited.get("control"))
+    except AutoreloadError as err:
+        _exit_with(err)
+    return _Listening(control, status_fd)
+
+
 def _serve(
     settings: Settings,
     address: tuple[str, int] | None,
-    control_wanted: _OpenControl,
+    listening: _Listening,
     handover: Handover | None,
     started: Callable[[], None],
-    lineage: Lineage | None = None,
+    head: HeadStart | None = None,
 ) -> ExitCode:
-    """Run the supervisor with its status server and control socket around it (the
-    previous image's, after a re-exec)."""
+    """Run the supervisor with its status server and control socket around it."""
     from envoy_autoreload.supervisor import run
     from envoy_autoreload.telemetry import Telemetry
 
-    inherited = handover.inherited if handover is not None else {}
     with contextlib.ExitStack() as stack:
+        control = listening.control
+        if control is not None:
+            stack.callback(control.close)
         try:
             changes = _change_detector(settings)
             telemetry = Telemetry()
@@ -603,24 +634,20 @@ def _serve(
             if address is not None:
                 from envoy_autoreload.status_server import StatusServer
 
-                server = StatusServer(address, telemetry, inherited.get("status"))
+                server = StatusServer(address, telemetry, listening.status_fd)
                 server.start()
                 stack.callback(server.close)
-            control = None
-            if not control_wanted.disabled:
-                control = _open_control(control_wanted.path, inherited.get("control"))
-            if control is not None:
-                stack.callback(control.close)
-            status_fd = server.fileno() if server is not None else None
             return run(
                 settings,
                 changes,
                 telemetry=telemetry,
                 control=control,
-                status_fd=status_fd,
+                status_fd=server.fileno() if server is not None else None,
                 handover=handover,
                 started=started,
-                lineage=lineage,
+                lineage=head.lineage if head is not None else None,
+                processes=head.spawner if head is not None else None,
+                early=head.early if head is not None else None,
             )
         except AutoreloadError as err:
             _exit_with(err)

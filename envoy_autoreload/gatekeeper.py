@@ -14,7 +14,7 @@ import logging
 import os
 import re
 from collections.abc import Callable, Sequence
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from envoy_autoreload.batches import Batches
 from envoy_autoreload.bootstrap_facts import INLINE_MAX_BYTES, BootstrapFacts
@@ -30,6 +30,9 @@ from envoy_autoreload.ports import EnvoyFacts, Gate
 from envoy_autoreload.roster import Generation
 from envoy_autoreload.settings import Settings
 from envoy_autoreload.validation import PreflightOutcome, Verdict, at_start_up
+
+if TYPE_CHECKING:
+    from envoy_autoreload.head_start import EarlyEpoch0
 
 logger = logging.getLogger(__name__)
 _FAILED: Final = "validation failed: "
@@ -62,12 +65,13 @@ class Gatekeeper:
         self.seq = 0
         self.content: Snapshot | None = None  # pinned before validating
 
-    def check_before_first_start(self) -> None:
+    def check_before_first_start(self, early: EarlyEpoch0 | None = None) -> None:
         """Start-up: refuse to start Envoy on a binary that is not Envoy or a config that
         does not validate (blocking is fine: the loop is not running yet). A refusal is
         the one `envoy-autoreload: error:` line cli.py prints; Envoy's output is logged
-        as its detail in JSON only, never as human lines."""
-        self.config = self._first_config()
+        as its detail in JSON only, never as human lines. `early`: epoch 0 was spawned
+        already, on the snapshot the check passed (`head_start.py`)."""
+        self.config = self._first_config(early)
         if not self.gate.enabled:
             return
         checked = self.config.path if self.config is not None else None
@@ -122,10 +126,11 @@ class Gatekeeper:
         carries its reason in one line."""
         return detail if self._settings.log_format == "json" else None
 
-    def _first_config(self) -> ConfigGeneration | None:
-        """What epoch 0 starts: the config as it is now, unless these very bytes failed
-        probation before (history outlives the daemon) and a good one is kept."""
-        pinned = self._lineage.pin()
+    def _first_config(self, early: EarlyEpoch0 | None) -> ConfigGeneration | None:
+        """What epoch 0 starts: the config as it is now (or as it was pinned for the
+        epoch 0 spawned early), unless these very bytes failed probation before (history
+        outlives the daemon) and a good one is kept."""
+        pinned = early.config if early is not None else self._lineage.pin()
         self.first_pin = pinned.sha256 if pinned is not None else None
         good = self._lineage.last_good()
         if not self._lineage.failed(pinned) or good is None or pinned is None:

@@ -15,7 +15,7 @@ Envoy behaviour).
 from __future__ import annotations
 
 import signal
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -56,6 +56,10 @@ class ChildProcess(Protocol):
     def returncode(self) -> int | None: ...
     @property
     def stderr_tail(self) -> Sequence[str]: ...
+    @property
+    def spawned_at(self) -> float | None:
+        """The reactor's clock when it was spawned; None when not known (adopted)."""
+
     def poll(self) -> int | None: ...
     def send_signal(self, signum: signal.Signals) -> None: ...
     def signal_envoy(self, signum: signal.Signals, envoy: EnvoyProcess | None) -> None: ...
@@ -178,7 +182,12 @@ class Content(Hashable, Protocol):
     @property
     def listed(self) -> Listed: ...
     def plan(self) -> Snapshot: ...
-    def remember_roots(self) -> None: ...
+    def root_paths(self) -> list[Path]: ...
+    def remember_roots(
+        self,
+        identities: Mapping[Path, tuple[int, int] | None],
+        listings: Mapping[str, frozenset[str]],
+    ) -> None: ...
     def start(
         self,
         *,

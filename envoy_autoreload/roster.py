@@ -145,11 +145,12 @@ class Roster:
             raise IllegalMove("never two starting generations (upstream #550)")
         ahead = self._processes.started_ahead(epoch)
         process = self._processes.spawn(epoch, config.path if config is not None else None)
+        spawned_at = process.spawned_at if ahead else None  # epoch 0 at start-up: 0.1 s ago
         gen = Generation(
             epoch=epoch,
             process=process,
             reason=reason,
-            started_at=self._reactor.now(),
+            started_at=spawned_at if spawned_at is not None else self._reactor.now(),
             snapshot=snapshot,
             binary=binary,
             covers_seq=covers_seq,

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import socket
-import socketserver
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -26,53 +25,39 @@ from typing import Final
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from envoy_autoreload.errors import UsageError
 from envoy_autoreload.logs import log_event
 from envoy_autoreload.loop import signals_blocked
+from envoy_autoreload.status_address import MAX_CONNECTIONS, listen_status
 from envoy_autoreload.telemetry import Telemetry
 
 JSON_TYPE: Final = "application/json"
 HANDLER_TIMEOUT_S: Final = 5.0
-MAX_CONNECTIONS: Final = 32
 
 logger = logging.getLogger(__name__)
 
 
 class _BoundedHTTPServer(ThreadingHTTPServer):
-    """A thread per connection, at most MAX_CONNECTIONS of them; IPv6 when the host is."""
+    """A thread per connection, at most MAX_CONNECTIONS of them, on a socket already
+    bound and listening: the previous image's (re-exec in place: scrapers see no gap),
+    or the one start-up bound before Envoy started (`status_address.listen_status`)."""
 
     daemon_threads = True
-    # socketserver's default backlog of 5 makes the kernel drop SYNs in a burst: scrapers
-    # and probes then wait for a retransmit (1 s, 3 s, ...) although a slot is free.
-    request_queue_size = 2 * MAX_CONNECTIONS
 
     def __init__(
         self,
-        address: tuple[str, int],
+        listening: socket.socket,
         handler: type[BaseHTTPRequestHandler],
         max_connections: int,
-        inherited_fd: int | None = None,
     ) -> None:
-        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        self.address_family = listening.family
         self._slots = threading.BoundedSemaphore(max_connections)
-        super().__init__(address, handler, bind_and_activate=inherited_fd is None)
-        if inherited_fd is not None:
-            # The previous image's listener (re-exec in place): already bound and
-            # listening, so scrapers see no gap.
-            self.socket.close()
-            self.socket = socket.socket(fileno=inherited_fd)
-            self.socket.set_inheritable(False)
-            self.server_address = self.socket.getsockname()
-            host, port = self.server_address[:2]
-            self.server_name, self.server_port = str(host), int(port)
-
-    def server_bind(self) -> None:
-        """Bind without HTTPServer's `getfqdn()`: a reverse DNS lookup at start-up can
-        hang for seconds, and the name is used for nothing here."""
-        socketserver.TCPServer.server_bind(self)
-        host, port = self.server_address[:2]
-        self.server_name = str(host)
-        self.server_port = int(port)
+        host, port = listening.getsockname()[:2]
+        super().__init__((host, port), handler, bind_and_activate=False)
+        self.socket.close()
+        self.socket = listening
+        self.socket.set_inheritable(False)
+        self.server_address = (host, port)
+        self.server_name, self.server_port = str(host), int(port)
 
     def process_request(
         self, request: socket.socket | tuple[bytes, socket.socket], client_address: object
@@ -112,14 +97,14 @@ class _BoundedHTTPServer(ThreadingHTTPServer):
 
 class StatusServer:
     def __init__(
-        self, address: tuple[str, int], telemetry: Telemetry, inherited_fd: int | None = None
+        self, address: tuple[str, int], telemetry: Telemetry, listening_fd: int | None = None
     ) -> None:
-        handler = _handler_for(telemetry)
-        try:
-            self._server = _BoundedHTTPServer(address, handler, MAX_CONNECTIONS, inherited_fd)
-        except (OSError, OverflowError) as err:
-            reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err)
-            raise UsageError(f"cannot serve status on {_show(address)}: {reason}") from err
+        """`listening_fd`: bound already (see `_BoundedHTTPServer`); else `address` is."""
+        if listening_fd is not None:
+            listening = socket.socket(fileno=listening_fd)
+        else:
+            listening = listen_status(address)
+        self._server = _BoundedHTTPServer(listening, _handler_for(telemetry), MAX_CONNECTIONS)
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="status-http", daemon=True
         )
@@ -139,11 +124,6 @@ class StatusServer:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
-
-
-def _show(address: tuple[str, int]) -> str:
-    host, port = address
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _handler_for(telemetry: Telemetry) -> type[BaseHTTPRequestHandler]:

@@ -56,6 +56,7 @@ from envoy_autoreload.family import EnvoyFamily
 from envoy_autoreload.gate import CommandGate
 from envoy_autoreload.gatekeeper import Gatekeeper
 from envoy_autoreload.handover import Handover
+from envoy_autoreload.head_start import EarlyEpoch0
 from envoy_autoreload.health import HealthProber
 from envoy_autoreload.intake import Intake
 from envoy_autoreload.launcher import Launcher
@@ -224,7 +225,12 @@ class Supervisor:
         )
 
     # -- public ---------------------------------------------------------------
-    def run(self, handover: Handover | None = None, started: Callback = _nothing) -> ExitCode:
+    def run(
+        self,
+        handover: Handover | None = None,
+        started: Callback = _nothing,
+        early: EarlyEpoch0 | None = None,
+    ) -> ExitCode:
         """Start epoch 0 (or adopt the family a previous image handed over) and
         supervise until stopped; `started` once the start-up checks passed."""
         try:
@@ -232,7 +238,7 @@ class Supervisor:
                 started()
                 self.begin_adopted(handover)
             else:
-                self.begin(started)
+                self.begin(started, early)
             while True:
                 events = self._reactor.poll()
                 with batched_output():
@@ -244,19 +250,20 @@ class Supervisor:
             self._processes.release()
             self._shutdown.kill_leftovers()
 
-    def begin(self, started: Callback = _nothing) -> None:
+    def begin(self, started: Callback = _nothing, early: EarlyEpoch0 | None = None) -> None:
         """Start-up: the start-up check, epoch 0, then the walk of the watched trees.
 
-        Envoy first (issue 16): epoch 0 does not wait for a 100,000-file walk. A change
+        Envoy first (issue 16): epoch 0 does not wait for a 100,000-file walk, nor, when
+        `head_start.py` spawned it (`early`), for this daemon's imports. A change
         made between its spawn and the watch on its directory is found by its ctime
         (`changed_since.py`); the first restart waits for the files to be read. A walk
         that hits an inotify limit still fails start-up: `run()` stops epoch 0 on the
         way out."""
-        self._gatekeeper.check_before_first_start()
+        self._gatekeeper.check_before_first_start(early)
         started()
         watching = self._watching
         if watching is not None:
-            watching.before_first_spawn()
+            watching.before_first_spawn(early.mark if early is not None else None)
         self._launcher.start(0, "startup", first=True, config=self._gatekeeper.config)
         self._open_readers(background=True, pin=self._gatekeeper.first_pin)
         if watching is not None:
@@ -624,10 +631,13 @@ def run(
     handover: Handover | None = None,
     started: Callback = _nothing,
     lineage: Lineage | None = None,
+    processes: Processes | None = None,
+    early: EarlyEpoch0 | None = None,
 ) -> ExitCode:
     """Supervise until stopped; the reactor's signal handlers live exactly this long.
     `started` runs once the start-up checks passed (the CLI's `daemon.started`). A
-    `lineage` given is the caller's to close (`head_start.py` opened it to pin)."""
+    `lineage` given is the caller's to close (`head_start.py` opened it to pin), as
+    are `processes`, holding epoch 0 if it was spawned there (`early`)."""
     telemetry = telemetry or Telemetry()  # the loop's turns are timed into its metrics
     with RealReactor(on_busy=telemetry.loop_turned) as reactor, contextlib.ExitStack() as stack:
         if lineage is None:
@@ -652,6 +662,7 @@ def run(
             health=health,
             live_answers=family.live_answers,
             status_fd=status_fd,
+            processes=processes,
         )
 
         def announce() -> None:
@@ -660,4 +671,4 @@ def run(
             if handover is None:
                 log_traps(settings)
 
-        return supervisor.run(handover, announce)
+        return supervisor.run(handover, announce, early)

@@ -205,6 +205,21 @@ _SCRIPT_DIR: Final = "_envoy_autoreload_script_dir"
 _DIRNAME_OF_0: Final = re.compile(r'\$\(\s*dirname\s+(?:"\$\{?0\}?"|\$\{?0\}?)\s*\)')
 
 
+def command_line_outputs(script: Path) -> list[Path]:
+    """Files Envoy writes that its command line names (`--admin-address-path`,
+    `--base-id-path`, read from the start script's text): each epoch writes them as it
+    starts, so inside a watched tree they would restart it again and again."""
+    facts = read_script(script)
+    if facts is None:
+        return []
+    found = []
+    for flag in ("--admin-address-path", "--base-id-path"):
+        given, value = facts.flag(flag)
+        if given and value:
+            found.append(Path(os.path.abspath(value)))
+    return found
+
+
 def read_script(script: Path, environ: Mapping[str, str] | None = None) -> ScriptFacts | None:
     """The facts of the script's text, or None when it cannot be read."""
     try:

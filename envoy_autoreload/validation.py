@@ -24,7 +24,7 @@ import enum
 import os
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
@@ -296,6 +296,24 @@ def commands_ahead(preflight: Preflight | None) -> Iterator[None]:
 def drop_commands_ahead() -> None:
     while _AHEAD:
         _AHEAD.pop().close()
+    _DECIDED.clear()
+
+
+# The start-up check's verdict, when `head_start` waited for it to spawn epoch 0 before
+# the rest of the daemon is imported: the gate's start-up check of the same snapshot, on
+# the same binary file, with the same flags, takes it instead of checking again.
+_DECIDED: Final[dict[Hashable, PreflightOutcome]] = {}
+
+
+def _decision_key(preflight: Preflight) -> Hashable:
+    return preflight.identity, preflight.config, preflight.flags
+
+
+def decide_ahead(preflight: Preflight) -> PreflightOutcome:
+    """`run_preflight_now`, its verdict kept for the first one asked the same."""
+    outcome = run_preflight_now(preflight)
+    _DECIDED[_decision_key(preflight)] = outcome
+    return outcome
 
 
 def _take_ahead(preflight: Preflight, argvs: list[list[str]]) -> Running:
@@ -316,6 +334,10 @@ def run_preflight_now(preflight: Preflight) -> PreflightOutcome:
     `--version`, `--hot-restart-version` and the validation are independent commands,
     one after another 0.16 s of the time before epoch 0 serves (issue 16). Their
     results are taken in order, so the first failure is the verdict, as before."""
+    decided = _DECIDED.pop(_decision_key(preflight), None)
+    if decided is not None:
+        preflight.outcome = decided
+        return decided
     argvs = preflight.remaining_argvs()
     ahead = _take_ahead(preflight, argvs)
     for result in run_all_now(argvs, preflight.timeout_s, ahead):

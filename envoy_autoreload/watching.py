@@ -10,10 +10,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import time
 from pathlib import Path
 
 from envoy_autoreload.bootstrap_facts import BootstrapFacts, read_facts
+from envoy_autoreload.changed_since import SpawnMark, mark_spawn
 from envoy_autoreload.digest import Snapshot
 from envoy_autoreload.logs import log_event
 from envoy_autoreload.ports import Content, Reactor
@@ -22,7 +22,7 @@ from envoy_autoreload.roster import Roster
 from envoy_autoreload.settings import Settings
 from envoy_autoreload.states import Timer
 from envoy_autoreload.telemetry import Telemetry
-from envoy_autoreload.traps import read_script
+from envoy_autoreload.traps import command_line_outputs
 from envoy_autoreload.watch.changes import SettledBurst
 
 logger = logging.getLogger(__name__)
@@ -45,13 +45,19 @@ class Watching:
         self._referenced_said = False
         self._spawned_ns: int | None = None  # epoch 0 was spawned before the walk
 
-    def before_first_spawn(self) -> None:
-        """Epoch 0 is about to start before anything is watched (issue 16: Envoy does not
-        wait for a 100,000-file walk): what it starts from comes once the files are read,
-        and what changes from now on must count (`changed_since.py`)."""
-        self._spawned_ns = time.time_ns()
+    def before_first_spawn(self, mark: SpawnMark | None = None) -> None:
+        """Epoch 0 starts before anything is watched (issue 16: Envoy does not wait for a
+        100,000-file walk): what it starts from comes once the files are read, and what
+        changed since `mark` (taken now unless the spawn came earlier, `head_start.py`)
+        must count (`changed_since.py`)."""
+        changes = self.changes
+        if mark is None:
+            mark = mark_spawn(
+                changes.root_paths(), command_line_outputs(self._settings.start_script)
+            )
+        self._spawned_ns = mark.wall_ns
         self._roster.reference_pending = True
-        self.changes.remember_roots()
+        changes.remember_roots(mark.roots, mark.listings)
 
     def start(self, *, background: bool = False, pin: str | None = None) -> None:
         """Walk and watch every root; hash the files now, or (`background`, the first
@@ -60,7 +66,7 @@ class Watching:
         start-up check snapshotted it, which predates the watch on its directory."""
         changes = self.changes
         self.exclude_envoy_outputs()  # before the first snapshot, or it holds the log
-        changes.exclude_paths(self._command_line_outputs())
+        changes.exclude_paths(command_line_outputs(self._settings.start_script))
         snapshot = changes.start(
             degraded_ok=self._settings.watch_degraded,
             background=background,
@@ -139,20 +145,6 @@ class Watching:
         self.changes.exclude_paths(p for p, _why in references.excluded)
         if self._settings.watch_referenced:
             self._follow_references(references)
-
-    def _command_line_outputs(self) -> list[Path]:
-        """Files Envoy writes that its command line names (`--admin-address-path`,
-        `--base-id-path`, read from the start script's text): each epoch writes them as
-        it starts, so inside a watched tree they would restart it again and again."""
-        facts = read_script(self._settings.start_script)
-        if facts is None:
-            return []
-        found = []
-        for flag in ("--admin-address-path", "--base-id-path"):
-            given, value = facts.flag(flag)
-            if given and value:
-                found.append(Path(os.path.abspath(value)))
-        return found
 
     def _follow_references(self, references: References) -> None:
         changed = self.changes.watch_referenced(references.reads)

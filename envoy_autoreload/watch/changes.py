@@ -15,12 +15,12 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from envoy_autoreload.changed_since import ChangedSince
+from envoy_autoreload.changed_since import ChangedSince, DirNames, Identity, path_identity
 from envoy_autoreload.content import RootScan
 from envoy_autoreload.debounce import Debouncer
 from envoy_autoreload.digest import (
@@ -105,7 +105,8 @@ class ChangeDetector:
         self._build: BackgroundHash | None = None
         self._touched: set[str] = set()  # paths events named while the build ran
         self.listed = Listed()
-        self._identities: dict[WatchRoot, tuple[int, int] | None] = {}  # at the spawn
+        self._identities: dict[WatchRoot, Identity | None] = {}  # at the spawn
+        self._listings: Mapping[str, DirNames] = {}  # at the spawn, too
 
     @property
     def roots(self) -> tuple[WatchRoot, ...]:
@@ -174,17 +175,24 @@ class ChangeDetector:
         file by the real directory they listed, the user by the path they typed."""
         return frozenset(self._excluded | {os.path.realpath(p) for p in self._excluded})
 
-    def remember_roots(self) -> None:
-        """Just before epoch 0's spawn, which comes before the walk: what each root
-        resolves to, for `start` to compare (`changed_since.py`)."""
-        self._identities = {root: _identity(root.path) for root in self._scanner.roots}
+    def root_paths(self) -> list[Path]:
+        return [root.path for root in self._scanner.roots]
+
+    def remember_roots(
+        self, identities: Mapping[Path, Identity | None], listings: Mapping[str, DirNames]
+    ) -> None:
+        """What each root resolved to, and the directories Envoy writes a file in held,
+        just before epoch 0's spawn, which comes before the walk, for `start` to compare
+        (`changed_since.mark_spawn`)."""
+        self._identities = {root: identities.get(root.path) for root in self._scanner.roots}
+        self._listings = listings
 
     def _swapped_roots(self) -> set[str]:
         """Roots that resolve to another file or directory than at the spawn: swapped
         before the walk watched them (`mv app.new app` above `--watch app/conf` moves
         only the ctime of `app`, which every entry made in it moves too)."""
         identities, self._identities = self._identities, {}
-        return {str(r.path) for r, before in identities.items() if _identity(r.path) != before}
+        return {str(r.path) for r, before in identities.items() if path_identity(r.path) != before}
 
     def _open_and_walk(self, changed: ChangedSince | None = None) -> _Walked:
         try:
@@ -210,7 +218,7 @@ class ChangeDetector:
         Hitting an inotify limit raises `WatchLimitError` (start-up failure) unless
         `degraded_ok`: then whatever could be watched is, and the rest is named.
         """
-        since = ChangedSince(changed_since_ns) if changed_since_ns is not None else None
+        since = self._changed_since(changed_since_ns)
         walked = self._open_and_walk(since if background else None)
         if walked.watcher is None:
             assert walked.error is not None
@@ -236,13 +244,19 @@ class ChangeDetector:
             return None
         return self._keep([hash_listing(lst, c) for lst, c in zip(listings, caches, strict=True)])
 
+    def _changed_since(self, instant_ns: int | None) -> ChangedSince | None:
+        if instant_ns is None:
+            return None
+        return ChangedSince(instant_ns, listings=self._listings, excluded=self._scanner.excluded)
+
     def _unwatched_reference(self, changed_since_ns: int | None) -> Snapshot:
         """Nothing is watched: the files are read now, and what changed since epoch 0's
         spawn (`changed_since_ns`) is UNKNOWN in what this returns, the reference, so a
         SIGHUP or a `reload` restarts for it; `snapshot` holds the files as they are."""
         if changed_since_ns is None:
             return self.plan()
-        since = ChangedSince(changed_since_ns)
+        since = self._changed_since(changed_since_ns)
+        assert since is not None
         scans = self._scanner.scan_roots(changed=since)
         for scan in scans:
             since.note_scanned(scan.directories, scan.name_watches)
@@ -543,12 +557,3 @@ class ChangeDetector:
         if self._watcher is not None:
             self._watcher.close()
             self._watcher = None
-
-
-def _identity(path: Path) -> tuple[int, int] | None:
-    """(device, inode) of what `path` resolves to; None when it does not (yet)."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino

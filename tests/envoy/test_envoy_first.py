@@ -184,3 +184,24 @@ def test_epoch_0s_check_runs_once(envoy_family: EnvoyFamily) -> None:
     _serves(envoy_family, "v0")
     commands = [line for line in calls.read_text().splitlines() if "--restart-epoch" not in line]
     assert sorted(line.split()[0] for line in commands) == ["--mode", "--version"], commands
+
+
+def test_a_sigterm_while_the_daemon_loads_stops_epoch_0_the_usual_way(
+    envoy_family: EnvoyFamily,
+) -> None:
+    """Epoch 0 is spawned once its config validated, before the daemon has loaded the
+    rest of itself (head_start.py). Its start script here sends SIGTERM to the daemon
+    first: the signal waits for the loop (neither lost nor the end of a daemon that
+    would leave Envoy behind), which stops Envoy as always, and the shared memory with
+    it."""
+    wrapper = envoy_family.root.parent / f"{envoy_family.root.name}-terminating.sh"
+    wrapper.write_text(f'#!/bin/sh\nkill -TERM "$PPID"\nexec {envoy_family.script} "$@"\n')
+    wrapper.chmod(0o755)
+    daemon = envoy_family.start_script(wrapper, *envoy_family.watched())
+    assert daemon.wait_exit() == 0
+    started = daemon.wait_event("child.started", epoch=0)
+    stopping = daemon.wait_event("shutdown.started")
+    assert started["line"] < stopping["line"], "the spawn came after the signal"
+    daemon.wait_event("shutdown.finished", exit_code=0)
+    assert not envoy_family.our_processes()
+    assert not envoy_family.shm.exists()

@@ -20,6 +20,7 @@ import pytest
 
 from tests.daemon import one_error_line, run_cli
 from tests.envoy.conftest import EnvoyFamily
+from tests.helpers import free_port
 
 # The daemon's own human lines ("23:10:08.320 ERROR restart.failed ..."); Envoy's pass
 # through as they are, and an event's detail follows as "  | " lines.
@@ -123,4 +124,25 @@ def test_epoch_0_that_cannot_bind_at_start_up_says_so_once(envoy_family: EnvoyFa
     assert failed[0].endswith(f"epoch 0 failed to start: {bind_error}"), failed
     assert failed[0].count(bind_error) == 1, failed
     assert "failures within" not in result.stderr and "crash_budget" not in result.stderr
+    assert not envoy_family.our_processes()
+
+
+def test_a_status_address_in_use_refuses_start_up_before_any_envoy_runs(
+    envoy_family: EnvoyFamily, tmp_path: Path
+) -> None:
+    """Epoch 0 is spawned as soon as its config validated, before the daemon has
+    loaded (head_start.py): what can still refuse start-up is bound before that, or an
+    Envoy would start, take the listeners for a moment and be stopped again."""
+    port, ran = free_port(), tmp_path / "ran"
+    wrapper = tmp_path / "start.sh"
+    wrapper.write_text(f'#!/bin/sh\necho "$$" >> {ran}\nexec {envoy_family.script} "$@"\n')
+    wrapper.chmod(0o755)
+    with _held(port):
+        args = ["--status-address", f"127.0.0.1:{port}", "--no-control-socket"]
+        result = run_cli([*args, *envoy_family.watched(), str(wrapper)])
+    assert result.returncode == 2, result.stderr
+    assert one_error_line(result.stderr) == (
+        f"envoy-autoreload: error: cannot serve status on 127.0.0.1:{port}: Address already in use"
+    )
+    assert not ran.exists(), "Envoy was started before the refusal"
     assert not envoy_family.our_processes()

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from envoy_autoreload.status_server import MAX_CONNECTIONS, StatusServer
+from envoy_autoreload.status_address import MAX_CONNECTIONS
+from envoy_autoreload.status_server import StatusServer
 from envoy_autoreload.telemetry import Telemetry
 from tests.daemon import one_error_line, run_cli, start_daemon
 from tests.helpers import free_port, wait_until

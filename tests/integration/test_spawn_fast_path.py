@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from envoy_autoreload import child as child_module
-from envoy_autoreload.child import ScriptSpawner
+from envoy_autoreload.child import ScriptChild, ScriptSpawner
+from tests.helpers import pid_alive, wait_until
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PDEATHSIG")
 
@@ -97,3 +98,44 @@ def test_a_script_broken_after_a_spawn_is_still_an_oserror(tmp_path: Path, mista
             script.write_text("#!/nonexistent/interpreter\n")
     with pytest.raises(OSError):
         spawner.spawn(1)
+
+
+SLEEPER = """#!/bin/sh
+echo "$$ $ENVOY_AUTORELOAD_SNAPSHOT" >> {starts}
+exec sleep 60
+"""
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_an_epoch_0_spawned_at_start_up_is_taken_for_its_snapshot_only(tmp_path: Path) -> None:
+    """`fire_first` (head_start.py): the supervisor's epoch 0 takes it for the same
+    snapshot. For another (a config saved between the two pins) it is killed, and gone
+    before the other epoch 0 is spawned: two at once cannot both bind the family's
+    sockets (ENVOY_FACTS §0)."""
+    starts = tmp_path / "starts"
+    script = tmp_path / "start.sh"
+    script.write_text(SLEEPER.format(starts=starts))
+    script.chmod(0o755)
+    spawner = ScriptSpawner(script, ())
+    children: list[ScriptChild] = []
+    try:
+        assert spawner.fire_first(tmp_path / "a.yaml")
+        first = spawner.spawn(0, tmp_path / "a.yaml")
+        children.append(first)
+        assert spawner.discard_fired() is None, "the same start was killed"
+        assert spawner.fire_first(tmp_path / "a.yaml")
+        wait_until(lambda: len(_lines(starts)) == 2, timeout_s=30, what="the script ran")
+        fired_pid = int(_lines(starts)[1].split()[0])
+        other = spawner.spawn(0, tmp_path / "b.yaml")
+        children.append(other)
+        assert not pid_alive(fired_pid), "the epoch 0 fired ahead was not gone yet"
+        assert spawner.discard_fired() == fired_pid
+    finally:
+        for child in children:
+            child.kill()
+            child.wait(10)
+            child.close_stderr()
+        spawner.release()

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from envoy_autoreload import digest
-from envoy_autoreload.changed_since import COARSE_CLOCK_S, ChangedSince
+from envoy_autoreload.changed_since import COARSE_CLOCK_S, ChangedSince, mark_spawn
 from envoy_autoreload.content import RootScan, Snapshot, digest_of_files
 from envoy_autoreload.digest import ContentScanner, Listing, WatchRoot, hash_listing
 from envoy_autoreload.errors import WatchLimitError
@@ -289,8 +289,9 @@ def test_a_directory_above_a_root_swapped_between_the_spawn_and_the_walk_is_a_ch
     _older_than_the_margin(tmp_path)
     root = tmp_path / "app" / "conf"
     detector = _detector(root)
-    detector.remember_roots()  # as the daemon does just before the spawn
-    spawned_ns = time.time_ns()
+    mark = mark_spawn(detector.root_paths())  # as the daemon does just before the spawn
+    detector.remember_roots(mark.roots, mark.listings)
+    spawned_ns = mark.wall_ns
     os.rename(tmp_path / "app", tmp_path / "app.old")
     os.rename(tmp_path / "app.new", tmp_path / "app")
     try:
@@ -495,3 +496,31 @@ def test_a_burst_is_applied_in_slices_that_stop_on_time(
         assert dict(detector.applied.files) == dict(fresh.files)
     finally:
         detector.close()
+
+
+def test_a_directory_envoy_only_wrote_its_own_file_in_is_no_change(tmp_path: Path) -> None:
+    """`--admin-address-path` in a watched directory: epoch 0 creates the file before the
+    walk reaches the directory (the more so when it was spawned before the daemon had
+    loaded, head_start.py), which moves the directory's ctime. Its entries as they were
+    just before the spawn tell that from a deletion made in the same window."""
+    written = tmp_path / "admin-address.txt"
+    (tmp_path / "envoy.yaml").write_text("a\n")
+    (tmp_path / "old.yaml").write_text("b\n")
+    _older_than_the_margin(tmp_path)
+    mark = mark_spawn([tmp_path], [written])
+    written.write_text("127.0.0.1:9901\n")  # what Envoy does as it starts
+
+    def noted() -> set[str]:
+        since = ChangedSince(
+            mark.wall_ns, listings=mark.listings, excluded=frozenset({str(written)})
+        )
+        since.note_watched(str(tmp_path), follow=True)
+        since.note_hop(tmp_path.parent, tmp_path.name)  # a root is a hop of its parent
+        return since.paths
+
+    assert noted() == set()
+    unlisted = ChangedSince(mark.wall_ns, excluded=frozenset({str(written)}))
+    unlisted.note_watched(str(tmp_path), follow=True)
+    assert unlisted.paths == {str(tmp_path)}, "without the listing it reads as a change"
+    (tmp_path / "old.yaml").unlink()
+    assert noted() == {str(tmp_path)}, "a deletion behind Envoy's own file was hidden"

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import signal
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,6 +104,7 @@ class SimChild:
         self._world = world
         self.proc = proc
         self._reaped: int | None = None
+        self.spawned_at: float | None = world.reactor.now()
 
     @property
     def pid(self) -> int:
@@ -516,8 +517,15 @@ class SimContent:
         self.snapshot = self.current()
         return self.snapshot
 
-    def remember_roots(self) -> None:
-        """The real one notes what each root resolves to, for the walk to compare."""
+    def root_paths(self) -> list[Path]:
+        return []
+
+    def remember_roots(
+        self,
+        identities: Mapping[Path, tuple[int, int] | None],
+        listings: Mapping[str, frozenset[str]],
+    ) -> None:
+        """The real one notes what each root resolved to, for the walk to compare."""
 
     def start_building(self) -> None:
         """The real one starts its hashing thread here, after epoch 0's spawn."""

@@ -10,6 +10,7 @@ not killed is plain to see.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -17,10 +18,13 @@ from pathlib import Path
 
 import pytest
 
+from envoy_autoreload.head_start import head_start
+from envoy_autoreload.settings import Settings
 from envoy_autoreload.validation import (
     Preflight,
     Verdict,
     commands_ahead,
+    first_check,
     run_preflight_now,
 )
 from tests.helpers import exited, pid_alive, wait_until, write_executable
@@ -32,6 +36,9 @@ case "$1" in
   --version) echo "envoy  version: 0123abcd/1.40.0/Clean/RELEASE/BoringSSL"; exit 0 ;;
   --mode)
     if grep -q slow "$4"; then sleep 60; fi
+    if grep -q broken "$4"; then
+      echo "error initializing configuration '$4': broken" >&2; exit 1
+    fi
     sleep 0.2  # a check that takes a while: its duration is seen
     echo "configuration '$4' OK"; exit 0 ;;
 esac
@@ -171,3 +178,73 @@ def test_a_signal_the_daemon_was_started_with_ignored_stays_ignored(
 ) -> None:
     """`cmd &` from a script starts it with SIGINT ignored: the check is not killed."""
     assert _run_signalled(tmp_path, "SIGINT", ignore_sigint=True) == "0 ignored went on"
+
+
+START_SCRIPT = """\
+#!/bin/sh
+blocked=$(sed -n 's/^SigBlk:[[:space:]]*//p' /proc/$$/status)
+echo "$$ $RESTART_EPOCH $ENVOY_AUTORELOAD_SNAPSHOT $blocked" >> {starts}
+exec sleep 60
+"""
+
+
+def _family(envoy: Path, config_text: str = "static_resources: {}\n") -> Settings:
+    root = envoy.parent
+    (root / "envoy.yaml").write_text(config_text)
+    script = write_executable(root / "start.sh", START_SCRIPT.format(starts=root / "starts"))
+    return Settings(
+        start_script=script, config=root / "envoy.yaml", envoy=envoy, state_dir=root / "state"
+    )
+
+
+def _starts(envoy: Path) -> list[list[str]]:
+    log = envoy.parent / "starts"
+    return [line.split() for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def _blocked() -> set[int]:
+    return set(signal.pthread_sigmask(signal.SIG_BLOCK, []))
+
+
+def test_epoch_0_starts_its_validated_snapshot_before_the_daemon_loads(envoy: Path) -> None:
+    """Once the check passed, epoch 0 is spawned at once, with the very snapshot that
+    was validated; the signals the loop handles wait for it (pending, not lost) but not
+    in Envoy, and an epoch 0 that no supervisor took is killed on the way out."""
+    settings = _family(envoy)
+    with head_start(settings) as head:
+        head.spawn_epoch_0(settings)
+        assert head.pinned is not None and head.spawner is not None
+        (validation,) = [pid for pid, args in _calls(envoy) if args.startswith("--mode")]
+        assert exited(validation), "spawned before the validation ended"
+        wait_until(lambda: _starts(envoy), timeout_s=30, what="the start script ran")
+        ((pid, epoch, snapshot, blocked),) = _starts(envoy)
+        assert (epoch, snapshot) == ("0", str(head.pinned.path))
+        assert int(blocked, 16) == 0, "Envoy would start with the daemon's signals blocked"
+        assert head.spawner.started_ahead(0) and head.early is not None
+        assert head.early.config == head.pinned
+        assert signal.SIGTERM in _blocked() and signal.SIGCHLD in _blocked()
+    assert signal.SIGTERM not in _blocked()
+    assert not pid_alive(int(pid)), "an epoch 0 nobody took outlived the start-up"
+
+
+def test_the_gate_takes_the_verdict_once_instead_of_checking_again(envoy: Path) -> None:
+    settings = _family(envoy)
+    with head_start(settings) as head:
+        head.spawn_epoch_0(settings)
+        assert head.pinned is not None
+        calls = len(_calls(envoy))
+        outcome = run_preflight_now(first_check(settings, head.pinned.path))
+        assert outcome.verdict is Verdict.PASSED and len(_calls(envoy)) == calls
+        again = run_preflight_now(first_check(settings, head.pinned.path))
+        assert again.verdict is Verdict.PASSED and len(_calls(envoy)) == calls + 1
+
+
+def test_a_config_that_fails_its_check_starts_nothing_ahead(envoy: Path) -> None:
+    """The gatekeeper says why, or starts the last good generation instead."""
+    settings = _family(envoy, "# broken\nstatic_resources: {}\n")
+    with head_start(settings) as head:
+        head.spawn_epoch_0(settings)
+        assert head.spawner is None and head.early is None and not _starts(envoy)
+        assert signal.SIGTERM not in _blocked() and head.pinned is not None
+        outcome = run_preflight_now(first_check(settings, head.pinned.path))
+        assert outcome.verdict is Verdict.FAILED, outcome
