@@ -464,7 +464,9 @@ class BenchFamily:
             str(self.script),
         ]
 
-    def start(self, *options: str) -> DaemonLog:
+    def start(self, *options: str, tree: Path = REPO) -> DaemonLog:
+        """`tree`: the checkout whose package runs (`-m` puts the working directory
+        first on sys.path): another commit's worktree, for an interleaved A/B."""
         log_path = self.tmp / "daemon.log"
         with open(log_path, "wb") as log:
             self.process = subprocess.Popen(
@@ -472,7 +474,7 @@ class BenchFamily:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
-                cwd=REPO,
+                cwd=tree,
                 start_new_session=True,
             )
         self.log = DaemonLog(log_path)
