@@ -169,7 +169,7 @@ class Roster:
             pid=gen.pid,
             reason=reason,
             config=config.short if config is not None else None,
-            ahead=ahead,  # fired at the burst's deadline (`ready_start.py`)
+            ahead=ahead,  # fired at the burst's deadline (`ready_start.py`), or head_start.py
         )
         return gen
 
