@@ -38,7 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
-from envoy_autoreload.envoy_process import EnvoyProcess, executable_of
+from envoy_autoreload.envoy_process import EnvoyProcess, executable_of, live_group_members
 from envoy_autoreload.logs import write_stderr
 from envoy_autoreload.standby import Standby, environment_survives, make_standby
 from envoy_autoreload.standby import reap as standby_reap
@@ -54,6 +54,7 @@ MAX_PARTIAL_LINE: Final = 64 * 1024
 LOST_EXIT_STATUS: Final = 255
 WAIT_STEP_S: Final = 0.05  # longest sleep between polls when no pidfd can be waited on
 FIRST_DISCARD_WAIT_S: Final = 1.0  # an epoch 0 SIGKILLed before another is spawned
+GROUP_POLL_S: Final = 0.01  # how often a group on its way out is looked at
 
 
 def _close_quietly(fd: int) -> None:
@@ -111,6 +112,25 @@ class _Child(abc.ABC):
             # (REVIEW-core finding 4).
             return
         self.send_signal(signum)
+
+    @abc.abstractmethod
+    def kill(self, signum: signal.Signals = signal.SIGKILL) -> None: ...
+
+    @abc.abstractmethod
+    def wait(self, timeout_s: float) -> None: ...
+
+    def finish_group(self, grace_s: float) -> None:
+        """After a SIGTERM to the group, on the way out: wait up to `grace_s` for all of
+        it to go, SIGKILL what is left (a helper the start script left in the background
+        that ignores SIGTERM would otherwise outlive the daemon), then reap the leader.
+        Reaped last on purpose: until then its PID, the group's id, cannot become
+        another group's, so the SIGKILL reaches only this one."""
+        deadline = time.monotonic() + grace_s
+        while live_group_members(self.pid) and time.monotonic() < deadline:
+            time.sleep(GROUP_POLL_S)
+        if live_group_members(self.pid):
+            self.kill()
+        self.wait(grace_s)
 
     def stderr_fd(self) -> int | None:
         return self._stderr.fd if self._stderr is not None else None

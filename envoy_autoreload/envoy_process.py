@@ -164,6 +164,22 @@ def is_shell(exe: str) -> bool:
     return os.path.basename(exe) in SHELLS
 
 
+def live_group_members(pgid: int) -> list[int]:
+    """PIDs in process group `pgid` that have not exited (a zombie has: it only waits to
+    be reaped)."""
+    members: list[int] = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = Path(entry.path, "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(entry.name))
+    return members
+
+
 def _children_of(pid: int) -> list[int]:
     children: list[int] = []
     try:

@@ -189,8 +189,9 @@ class Shutdown:
         raised (the walk after epoch 0's spawn hit an inotify limit: issue 16), or a
         shutdown's SIGKILL wait ran out. No child outlives the daemon. SIGTERM first:
         at start-up nothing drains yet, and Envoy exits at once (ENVOY_FACTS §2);
-        SIGKILL to the group after `KILL_REAP_WAIT_S`. Never reached from an event
-        handler (they are contained)."""
+        SIGKILL after `KILL_REAP_WAIT_S` to what is left of the group, a helper ignoring
+        SIGTERM too (the leader is reaped last, so the group's id is still its own).
+        Never reached from an event handler (they are contained)."""
         alive = [gen for gen in self._roster.alive() if gen.process.returncode is None]
         if not alive:
             return
@@ -207,9 +208,7 @@ class Shutdown:
             self._family.observe(gen)  # its base id, when Envoy runs already
             gen.process.kill(signal.SIGTERM)  # the group: an Envoy under a shell too
         for gen in alive:
-            gen.process.wait(KILL_REAP_WAIT_S)
-            gen.process.kill()  # only if the leader is still there
-            gen.process.wait(KILL_REAP_WAIT_S)
+            gen.process.finish_group(KILL_REAP_WAIT_S)  # SIGKILL for what ignored TERM
             gen.process.close_stderr()
         if all(gen.process.returncode is not None for gen in alive):
             self._family.remove_shared_memory()

@@ -4,10 +4,15 @@ script that did not `exec` included, and the shared memory is removed."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
+from envoy_autoreload import shutdown as shutdown_module
 from envoy_autoreload.child import ScriptChild
 from envoy_autoreload.roster import Generation, Roster
 from envoy_autoreload.shutdown import Shutdown
@@ -17,8 +22,11 @@ from tests.helpers import wait_until
 class _Script:
     """A start script that did not exec: the shell leads the group, "Envoy" under it."""
 
+    def __init__(self, command: str = "sleep 60; true") -> None:
+        self._command = command
+
     def spawn(self, epoch: int, snapshot: Path | None = None) -> ScriptChild:
-        process = subprocess.Popen(["sh", "-c", "sleep 60; true"], process_group=0)
+        process = subprocess.Popen(["sh", "-c", self._command], process_group=0)
         return ScriptChild(process, None)
 
     def started_ahead(self, epoch: int) -> bool:
@@ -70,5 +78,27 @@ def test_a_failed_start_up_stops_the_whole_group_and_removes_the_shared_memory()
         assert family.observed == [0], "its base id is looked for before it is stopped"
         assert family.removed
     finally:
+        gen.process.kill()
+        gen.process.wait(5)
+
+
+def test_a_helper_that_ignores_sigterm_is_killed_with_the_group(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The script left a helper in the background that ignores SIGTERM: once the
+    shell is gone it still runs in the group, and gets SIGKILL after the wait."""
+    monkeypatch.setattr(shutdown_module, "KILL_REAP_WAIT_S", 0.5)
+    script = _Script("(trap '' TERM; sleep 60) & sleep 60; true")
+    roster = Roster(script, _Reactor())  # type: ignore[arg-type]
+    gen = roster.spawn(0, "startup", covers_seq=0, snapshot=None, binary=None)
+    try:
+        wait_until(lambda: len(_live_members(gen.pid)) >= 3, timeout_s=10, what="all started")
+        shutdown = Shutdown(_Reactor(), roster, _Family(), 1.0, None)  # type: ignore[arg-type]
+        shutdown.kill_leftovers()
+        assert gen.process.returncode is not None
+        wait_until(lambda: not _live_members(gen.pid), timeout_s=10, what="the helper gone")
+    finally:
+        for pid in _live_members(gen.pid):  # ours: the group this test started
+            os.kill(pid, signal.SIGKILL)
         gen.process.kill()
         gen.process.wait(5)

@@ -136,6 +136,10 @@ class SimChild:
     def wait(self, timeout_s: float) -> None:
         return None
 
+    def finish_group(self, grace_s: float) -> None:
+        """The model has no groups: a process that outlived its SIGTERM is KILLed."""
+        self.kill()
+
     def stderr_fd(self) -> int | None:
         return None
 
