@@ -30,6 +30,7 @@ from envoy_autoreload.logs import log_event
 from envoy_autoreload.planner import Planner
 from envoy_autoreload.ports import EnvoyFacts, Reactor
 from envoy_autoreload.recovery import Recovery
+from envoy_autoreload.rollbacks import MANUAL_REASON, ROLLBACK_REASON
 from envoy_autoreload.roster import Generation, Roster
 from envoy_autoreload.settings import Settings
 from envoy_autoreload.states import (
@@ -333,7 +334,7 @@ class ExitPolicy:
             self._roster.mark_stopping(starting, PARENT_DIED)
             self._launcher.ended()  # its deadline must not rename why it is gone
             starting.process.kill()
-            self._batches.requeue(starting.reason)
+            self._requeue_start(starting)
         parents = self._roster.draining()
         if parents and not gen.marks.doomed and parents[-1].epoch == gen.epoch - 1:
             # Measured: the dead epoch's parent refuses new connections and nobody tells
@@ -358,6 +359,23 @@ class ExitPolicy:
             self._planner.replan(None, "serving_died")
         elif plan is not None:
             raise IllegalMove(f"a recovery plan while an epoch served: {plan}")
+
+    def _requeue_start(self, gen: Generation) -> None:
+        """The requests a start killed with its parent covered go back in the queue,
+        but a rollback is no request for the files: an operator's is answered as
+        failed, as when it had not started yet (`_drop_rollback`)."""
+        if gen.reason not in (ROLLBACK_REASON, MANUAL_REASON):
+            self._batches.requeue(gen.reason)
+            return
+        if gen.covers_seq:
+            self._batches.finish(
+                "start_failed",
+                gen.reason,
+                seq=gen.covers_seq,
+                error=f"the serving Envoy died while the rollback's epoch {gen.epoch} "
+                "started from it; recovery starts the last good config",
+                status=self._hooks.status_text(),
+            )
 
     def _drop_rollback(self, plan: StartNext) -> None:
         """Recovery starts the last good generation anyway; an operator's rollback to

@@ -217,3 +217,28 @@ def test_a_generation_replaced_on_probation_is_superseded_not_good(
     assert sim.outcome(second) is Outcome.PROBATION
     sim.advance(WINDOW_S)
     assert sim.outcome(second) is Outcome.GOOD
+
+
+def test_an_operators_rollback_killed_mid_start_is_answered_as_failed(
+    sims: list[Simulation],
+) -> None:
+    """The serving Envoy dies while the rollback's epoch starts from it: that epoch can
+    never serve (its parent is gone, §5) and is stopped. It used to be requeued as an
+    ordinary request, which then passed the gate for the files and was answered as a
+    success although nothing was rolled back."""
+    sim = settled(sims)
+    first = serving_content(sim)
+    assert first is not None
+    sim.write(good=True)
+    sim.advance(WINDOW_S + 1.0)
+    sha = hashlib.sha256(repr(first).encode()).hexdigest()
+    client = sim.control(f"rollback {sha[:8]}\n".encode())
+    for _ in range(100):
+        if any(p.state is ProcState.INITIALIZING for p in sim.world.model.alive()):
+            break
+        sim.advance(0.005)
+    assert sim.kill_proc(ProcState.LIVE), "the rollback's parent was not found serving"
+    sim.advance(10.0)
+    answer = client.read()
+    assert answer and b'"ok": true' not in answer, answer
+    assert b"rollback" in answer, answer
