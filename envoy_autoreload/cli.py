@@ -21,9 +21,8 @@ from typing import TYPE_CHECKING, Literal, NoReturn
 
 import click
 
-from envoy_autoreload import __version__
+from envoy_autoreload import HANDOVER_FD_VARIABLE, __version__
 from envoy_autoreload.errors import AutoreloadError, ExitCode, StartScriptError
-from envoy_autoreload.handover import Handover, HandoverError, read_inherited
 from envoy_autoreload.logs import LogFormat, configure_logging, flush_logs, log_event
 from envoy_autoreload.settings import (
     DEFAULT_ENVOY,
@@ -39,6 +38,7 @@ from envoy_autoreload.settings import (
 if TYPE_CHECKING:
     from envoy_autoreload.control import ControlServer
     from envoy_autoreload.envoy_config import AdminAddress
+    from envoy_autoreload.handover import Handover
     from envoy_autoreload.head_start import HeadStart
     from envoy_autoreload.watch import WatcherKind
     from envoy_autoreload.watch.changes import ChangeDetector
@@ -480,6 +480,10 @@ def _exit_with(err: AutoreloadError) -> NoReturn:
 
 def _inherited_handover(control: _OpenControl, status: tuple[str, int] | None) -> Handover | None:
     """What the previous image handed over, if this is a re-exec (reexec.py)."""
+    if HANDOVER_FD_VARIABLE not in os.environ:
+        return None  # a plain start: handover.py is not even imported
+    from envoy_autoreload.handover import HandoverError, read_inherited
+
     try:
         return read_inherited(os.environ)
     except HandoverError as err:

@@ -39,7 +39,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from envoy_autoreload.loop import signals_blocked
+from envoy_autoreload.signal_mask import signals_blocked
 
 _HISTORY = "history.json"
 _LOCK = "lock"

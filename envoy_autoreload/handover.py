@@ -20,9 +20,8 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
-from envoy_autoreload import __version__
+from envoy_autoreload import HANDOVER_FD_VARIABLE, __version__
 
-HANDOVER_FD_VARIABLE: Final = "ENVOY_AUTORELOAD_HANDOVER_FD"
 FORMAT_VERSION: Final = 1
 MAX_BYTES: Final = 64 * 1024 * 1024
 

@@ -84,7 +84,7 @@ class HeadStart:
         # neither (head_start itself imports little, so that the check starts at once).
         from envoy_autoreload.changed_since import mark_spawn
         from envoy_autoreload.child import ScriptSpawner
-        from envoy_autoreload.loop import SIGNAL_PRIORITY
+        from envoy_autoreload.signal_mask import SIGNAL_PRIORITY
         from envoy_autoreload.traps import command_line_outputs
 
         roots = [root.path for root in settings.watch_roots()]

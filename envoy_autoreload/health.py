@@ -35,7 +35,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 from envoy_autoreload.admin import fetch_server_info
 from envoy_autoreload.envoy_config import AdminAddress
-from envoy_autoreload.loop import signals_blocked
+from envoy_autoreload.signal_mask import signals_blocked
 
 if TYPE_CHECKING:
     from envoy_autoreload.roster import Generation

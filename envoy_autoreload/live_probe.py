@@ -16,7 +16,7 @@ probe asks again over a fresh connection (ENVOY_FACTS §9).
 One request at a time. A thread per request, not a resident one: probes happen only
 while an epoch starts, and an idle daemon keeps no thread and no wakeup. The thread only
 does socket I/O; it never spawns a process (§11), and it starts with our signals
-blocked (`loop.signals_blocked`).
+blocked (`signal_mask.signals_blocked`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Final
 
 from envoy_autoreload.admin import ServerInfo, fetch_live_state
 from envoy_autoreload.envoy_config import AdminAddress
-from envoy_autoreload.loop import signals_blocked
+from envoy_autoreload.signal_mask import signals_blocked
 
 WAIT_S: Final = 0.0  # the most one probe holds the loop for an answer: the pipe rings
 

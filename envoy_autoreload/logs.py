@@ -23,18 +23,20 @@ import contextlib
 import datetime
 import json
 import logging
-import logging.handlers
 import re
 import sys
 from collections.abc import Iterator, Mapping
-from typing import Final, Literal
+from typing import TYPE_CHECKING, Final, Literal
 
 from envoy_autoreload.relay import RelayStream, StderrRelay
 
+if TYPE_CHECKING:
+    from envoy_autoreload.turn_buffer import TurnBuffer
+
 _relay: StderrRelay | None = None
-_turn_buffer: TurnBuffer | None = None
+_handler: logging.Handler | None = None  # formats and writes, behind the turn buffer
+_turn_buffer: TurnBuffer | None = None  # from the loop's first turn on
 EXIT_FLUSH_S: Final = 2.0
-MAX_TURN_RECORDS: Final = 256  # a turn that logs more writes them in chunks
 
 LogFormat = Literal["human", "json"]
 
@@ -172,37 +174,19 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(obj, separators=(",", ":"))
 
 
-class TurnBuffer(logging.handlers.MemoryHandler):
-    """Holds the records of one loop turn and hands them to `target` when it ends
-    (`batched_output`); outside a turn, each at once. A record keeps the time it was
-    logged at; only its formatting and writing wait.
-
-    Why: on the way from a burst's deadline to the spawn the loop logs two or three
-    lines, and after an idle second each costs 0.4-0.9 ms to format on these
-    machines (cold caches: 60 us warm), a third of that path (issue 16). Formatted
-    after the turn's spawn, they cost the restart nothing."""
-
-    def __init__(self, target: logging.Handler) -> None:
-        super().__init__(MAX_TURN_RECORDS, logging.CRITICAL + 1, target)
-        self.holding = False
-
-    def shouldFlush(self, record: logging.LogRecord) -> bool:
-        return not self.holding or len(self.buffer) >= self.capacity
-
-
 def configure_logging(log_format: LogFormat, level: str) -> None:
     """Route every `envoy_autoreload` logger to stderr in the chosen format; `level`
     applies to the daemon's own events, not to Envoy's lines (ENVOY_LOGGER)."""
-    global _relay, _turn_buffer  # configured once per process, by the CLI
+    global _relay, _handler, _turn_buffer  # configured once per process, by the CLI
     if _relay is None and hasattr(sys.stderr, "buffer"):
         _relay = StderrRelay(sys.stderr.buffer)
         atexit.register(_relay.flush, EXIT_FLUSH_S)
     stream = RelayStream(_relay) if _relay is not None else sys.stderr
     handler: logging.Handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter() if log_format == "json" else HumanFormatter())
-    _turn_buffer = TurnBuffer(handler)
+    _handler, _turn_buffer = handler, None
     root = logging.getLogger("envoy_autoreload")
-    root.handlers[:] = [_turn_buffer]
+    root.handlers[:] = [handler]
     root.setLevel(level.upper())
     root.propagate = False
     envoy = logging.getLogger(ENVOY_LOGGER)
@@ -214,7 +198,7 @@ def configure_logging(log_format: LogFormat, level: str) -> None:
 def batched_output() -> Iterator[None]:
     """Around one loop turn: what it logs is formatted and written once the turn ends
     (`TurnBuffer`), and the relay's writer woken once (`relay.py`)."""
-    buffer = _turn_buffer
+    buffer = _turn_buffer if _turn_buffer is not None else _hold_turns()
     with _relay.batched() if _relay is not None else contextlib.nullcontext():
         if buffer is None:
             yield
@@ -225,6 +209,20 @@ def batched_output() -> Iterator[None]:
         finally:
             buffer.holding = False
             buffer.flush()
+
+
+def _hold_turns() -> TurnBuffer | None:
+    """The turn buffer, put in front of the handler at the loop's first turn: at
+    `configure_logging` it would import `logging.handlers` before the start-up check
+    has started (turn_buffer.py). Until then each line is written at once."""
+    global _turn_buffer
+    if _handler is None:
+        return None  # logging is not configured (a test, a library use)
+    from envoy_autoreload.turn_buffer import TurnBuffer
+
+    _turn_buffer = TurnBuffer(_handler)
+    logging.getLogger("envoy_autoreload").handlers[:] = [_turn_buffer]
+    return _turn_buffer
 
 
 def flush_logs(timeout_s: float = EXIT_FLUSH_S) -> None:

@@ -30,34 +30,11 @@ import selectors
 import signal
 import socket
 import time
-from collections.abc import Callable, Hashable, Iterable, Iterator
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from types import FrameType
-from typing import Final
 
-# Handled in this order when several arrive together: stopping wins over everything,
-# reaping comes before a restart so the restart sees who is still alive.
-SIGNAL_PRIORITY: Final[tuple[signal.Signals, ...]] = (
-    signal.SIGTERM,
-    signal.SIGINT,
-    signal.SIGCHLD,
-    signal.SIGHUP,
-    signal.SIGUSR1,
-    signal.SIGUSR2,
-)
-
-
-@contextlib.contextmanager
-def signals_blocked() -> Iterator[None]:
-    """Around starting a thread: it inherits a mask that blocks our signals, so only the
-    main thread ever receives them. Otherwise, once the main thread blocks them for a
-    re-exec (reexec.py), a helper thread would still take one in, and Python would hand
-    it to this image's handler, to be lost with the image."""
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNAL_PRIORITY)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+from envoy_autoreload.signal_mask import SIGNAL_PRIORITY
 
 
 @dataclass(frozen=True, slots=True)

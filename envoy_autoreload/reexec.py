@@ -27,14 +27,15 @@ import sys
 from collections.abc import Hashable
 from typing import Final
 
+from envoy_autoreload import HANDOVER_FD_VARIABLE
 from envoy_autoreload.adoption import CoreParts, export_state
 from envoy_autoreload.command import CommandResult, RunningCommand
 from envoy_autoreload.control import ControlConnection, ControlReply
-from envoy_autoreload.handover import HANDOVER_FD_VARIABLE, Handover, write_memfd
+from envoy_autoreload.handover import Handover, write_memfd
 from envoy_autoreload.logs import flush_logs, log_event
-from envoy_autoreload.loop import SIGNAL_PRIORITY
 from envoy_autoreload.notify import Notifier
 from envoy_autoreload.planner import Planner
+from envoy_autoreload.signal_mask import SIGNAL_PRIORITY
 from envoy_autoreload.states import GenerationState, Timer
 from envoy_autoreload.telemetry import brief_error
 

@@ -23,7 +23,7 @@ import threading
 from collections.abc import Iterator
 from typing import BinaryIO, Final
 
-from envoy_autoreload.loop import signals_blocked
+from envoy_autoreload.signal_mask import signals_blocked
 
 MAX_PENDING_BYTES: Final = 4 * 1024 * 1024
 

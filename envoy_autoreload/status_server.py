@@ -26,7 +26,7 @@ from typing import Final
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from envoy_autoreload.logs import log_event
-from envoy_autoreload.loop import signals_blocked
+from envoy_autoreload.signal_mask import signals_blocked
 from envoy_autoreload.status_address import MAX_CONNECTIONS, listen_status
 from envoy_autoreload.telemetry import Telemetry
 

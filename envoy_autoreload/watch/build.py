@@ -15,7 +15,7 @@ a lost change.
 The thread reads files and builds its own objects; it touches no state of the loop's.
 It rings a pipe whose read end the loop watches (the health prober's pattern), and is
 joined by the loop once the pipe is readable. It is started with the daemon's signals
-blocked, so only the main thread ever takes one (loop.signals_blocked).
+blocked, so only the main thread ever takes one (signal_mask.signals_blocked).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import time
 from envoy_autoreload.changed_since import ChangedSince
 from envoy_autoreload.content import RootScan
 from envoy_autoreload.digest import Listing, hash_listing
-from envoy_autoreload.loop import signals_blocked
+from envoy_autoreload.signal_mask import signals_blocked
 
 
 class BackgroundHash:

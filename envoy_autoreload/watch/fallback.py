@@ -27,7 +27,7 @@ from watchdog.observers import Observer
 from watchdog.observers.api import BaseObserver, ObservedWatch
 
 from envoy_autoreload.limits import watch_limit_message
-from envoy_autoreload.loop import signals_blocked
+from envoy_autoreload.signal_mask import signals_blocked
 from envoy_autoreload.watch import directories_under
 from envoy_autoreload.watch.filters import NoiseFilter
 

@@ -21,9 +21,10 @@ from envoy_autoreload.digest import Snapshot, WatchRoot
 from envoy_autoreload.envoy_binary import BinaryInfo
 from envoy_autoreload.envoy_process import EnvoyProcess
 from envoy_autoreload.health import HealthObservation, UrlResult
-from envoy_autoreload.loop import SIGNAL_PRIORITY, DeadlineReached, Event, FdReady, SignalReceived
+from envoy_autoreload.loop import DeadlineReached, Event, FdReady, SignalReceived
 from envoy_autoreload.references import References
 from envoy_autoreload.roster import Generation
+from envoy_autoreload.signal_mask import SIGNAL_PRIORITY
 from envoy_autoreload.states import Timer
 from envoy_autoreload.validation import PreflightOutcome, Verdict
 from envoy_autoreload.watch.changes import Listed, SettledBurst

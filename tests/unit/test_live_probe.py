@@ -12,7 +12,7 @@ import time
 from envoy_autoreload.admin import ServerInfo
 from envoy_autoreload.envoy_config import AdminAddress
 from envoy_autoreload.live_probe import ServerInfoAsker
-from envoy_autoreload.loop import SIGNAL_PRIORITY
+from envoy_autoreload.signal_mask import SIGNAL_PRIORITY
 from tests.helpers import wait_until
 
 ADMIN = AdminAddress("127.0.0.1", 9901)

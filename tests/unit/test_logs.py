@@ -12,11 +12,11 @@ from envoy_autoreload import logs
 from envoy_autoreload.logs import (
     HumanFormatter,
     JsonFormatter,
-    TurnBuffer,
     batched_output,
     flush_logs,
     log_event,
 )
+from envoy_autoreload.turn_buffer import TurnBuffer
 
 
 def _record(caplog_records: list[logging.LogRecord]) -> logging.LogRecord:
@@ -105,3 +105,27 @@ def test_a_turns_lines_are_written_when_it_ends_with_the_time_they_were_logged(
 
 def _event(record: logging.LogRecord) -> object:
     return getattr(record, "autoreload_event", None)
+
+
+def test_the_loops_first_turn_puts_the_turn_buffer_in_front_of_the_handler(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Before the loop runs, each line is written at once through the handler itself
+    (the buffer's module is not imported before the start-up check, issue 16); from
+    the first turn on, a turn's lines wait for its end."""
+    capture = _Capture()
+    root = logging.getLogger("envoy_autoreload")
+    monkeypatch.setattr(root, "handlers", [capture])
+    monkeypatch.setattr(root, "propagate", False)
+    monkeypatch.setattr(logs, "_handler", capture)
+    monkeypatch.setattr(logs, "_turn_buffer", None)
+    monkeypatch.setattr(logs, "_relay", None)
+    logger = logging.getLogger("envoy_autoreload.test_first_turn")
+    logger.setLevel(logging.INFO)
+    log_event(logger, logging.INFO, "at.start.up")
+    assert [_event(r) for r in capture.records] == ["at.start.up"]
+    with batched_output():
+        log_event(logger, logging.INFO, "in.the.first.turn")
+        assert len(capture.records) == 1, "written before the turn ended"
+    assert [_event(r) for r in capture.records] == ["at.start.up", "in.the.first.turn"]
+    assert [type(h) for h in root.handlers] == [TurnBuffer]
