@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 from typing import Final
 
-from envoy_autoreload.envoy_config import AdminAddress
+from envoy_autoreload.addresses import AdminAddress
 
 PROBE_TIMEOUT_S: Final = 0.5
 

@@ -42,9 +42,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
+from envoy_autoreload.addresses import AdminAddress
 from envoy_autoreload.command import CommandResult, RunningCommand
 from envoy_autoreload.envoy_config import (
-    AdminAddress,
     admin_address_in,
     parse_bootstrap,
     unreadable,

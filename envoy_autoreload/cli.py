@@ -36,8 +36,8 @@ from envoy_autoreload.settings import (
 # The rest of the daemon is imported once epoch 0 is spawned (`head_start.py`): about
 # 0.1 s that Envoy used to wait for (issue 16).
 if TYPE_CHECKING:
+    from envoy_autoreload.addresses import AdminAddress
     from envoy_autoreload.control import ControlServer
-    from envoy_autoreload.envoy_config import AdminAddress
     from envoy_autoreload.handover import Handover
     from envoy_autoreload.head_start import HeadStart
     from envoy_autoreload.watch import WatcherKind
@@ -78,7 +78,7 @@ def _admin_address(
 ) -> AdminAddress | None:
     if value is None:
         return None
-    from envoy_autoreload.envoy_config import parse_admin_address
+    from envoy_autoreload.addresses import parse_admin_address
 
     try:
         return parse_admin_address(value)
@@ -538,7 +538,7 @@ def _status_address(value: str | None, allow_remote: bool) -> tuple[str, int] | 
     if value is None:
         return None
     try:
-        from envoy_autoreload.status_address import parse_status_address
+        from envoy_autoreload.addresses import parse_status_address
 
         return parse_status_address(value, allow_remote=allow_remote)
     except AutoreloadError as err:

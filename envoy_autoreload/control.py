@@ -30,11 +30,13 @@ import time
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from envoy_autoreload.errors import UsageError
 from envoy_autoreload.logs import log_event
-from envoy_autoreload.ports import Reactor
+
+if TYPE_CHECKING:  # the loop and its reactor: not imported before epoch 0 (cli.py)
+    from envoy_autoreload.ports import Reactor
 
 MAX_REQUEST_BYTES: Final = 4096
 IDLE_TIMEOUT_S: Final = 5.0

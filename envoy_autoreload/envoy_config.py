@@ -1,7 +1,8 @@
 """Reading the few facts the supervisor needs out of an Envoy bootstrap (YAML or JSON).
 
 Only `admin.address.socket_address` is read here: it is where we ask "is epoch N LIVE?"
-(`bootstrap_facts.py` adds the files the config makes Envoy read and write). Validation
+(`bootstrap_facts.py` adds the files the config makes Envoy read and write; the
+address itself is `addresses.py`'s). Validation
 of the whole config is Envoy's job (`--mode validate`), never ours.
 
 The file is parsed from bytes, never decoded with the locale first: Envoy's yaml-cpp
@@ -18,49 +19,17 @@ and at start-up, before the loop.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
 import yaml
 
-from envoy_autoreload.errors import ConfigError, UsageError
+from envoy_autoreload.addresses import WILDCARDS, AdminAddress, ascii_port
+from envoy_autoreload.errors import ConfigError
 
-_WILDCARDS: Final = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}
 _LOADER: Final[type[yaml.SafeLoader] | type[yaml.CSafeLoader]] = (
     yaml.CSafeLoader if yaml.__with_libyaml__ else yaml.SafeLoader
 )
-MAX_PORT: Final = 65535
-
-
-@dataclass(frozen=True, slots=True)
-class AdminAddress:
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-def parse_admin_address(text: str) -> AdminAddress:
-    """`HOST:PORT` or `[V6]:PORT` as given to --admin-address or in --admin-address-path."""
-    text = text.strip()
-    host, sep, port = text.rpartition(":")
-    number = ascii_port(port)
-    if not sep or number is None:
-        raise UsageError(f"admin address {text!r} is not HOST:PORT (PORT: 1-{MAX_PORT})")
-    host = host.strip("[]")
-    return AdminAddress(_WILDCARDS.get(host, host), number)
-
-
-def ascii_port(text: str) -> int | None:
-    """A TCP port 1-65535 written in ASCII digits, else None. `str.isdigit()` also
-    accepts `²` and Arabic-Indic digits, which `int()` then refuses or reads as a number
-    nobody meant; a port beyond 65535 makes `socket.bind` raise OverflowError."""
-    if not text or not text.isascii() or not text.isdigit():
-        return None
-    number = int(text)
-    return number if 0 < number <= MAX_PORT else None
 
 
 def load_bootstrap(path: Path) -> object:
@@ -107,7 +76,7 @@ def admin_address_in(document: object) -> AdminAddress | None:
     number = ascii_port(str(port))
     if number is None:
         return None
-    return AdminAddress(_WILDCARDS.get(str(host), str(host)), number)
+    return AdminAddress(WILDCARDS.get(str(host), str(host)), number)
 
 
 def _dig(document: object, *keys: str) -> object:

@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 from typing import Final
 
+from envoy_autoreload.addresses import AdminAddress, parse_admin_address
 from envoy_autoreload.bootstrap_facts import BootstrapFacts, BootstrapReader, read_facts
-from envoy_autoreload.envoy_config import AdminAddress, parse_admin_address
 from envoy_autoreload.envoy_process import executable_of, find_envoy
 from envoy_autoreload.errors import AutoreloadError
 from envoy_autoreload.hot_restart_shm import (

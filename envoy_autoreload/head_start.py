@@ -87,7 +87,7 @@ class HeadStart:
         from envoy_autoreload.signal_mask import SIGNAL_PRIORITY
         from envoy_autoreload.traps import command_line_outputs
 
-        roots = [root.path for root in settings.watch_roots()]
+        roots = settings.watch_paths()
         written = command_line_outputs(settings.start_script)
         spawner = ScriptSpawner(settings.start_script, settings.script_args)
         if not decide_ahead(preflight).ok:

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 from urllib.parse import quote, urlsplit, urlunsplit
 
+from envoy_autoreload.addresses import AdminAddress
 from envoy_autoreload.admin import fetch_server_info
-from envoy_autoreload.envoy_config import AdminAddress
 from envoy_autoreload.signal_mask import signals_blocked
 
 if TYPE_CHECKING:

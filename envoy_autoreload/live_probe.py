@@ -28,8 +28,8 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Final
 
+from envoy_autoreload.addresses import AdminAddress
 from envoy_autoreload.admin import ServerInfo, fetch_live_state
-from envoy_autoreload.envoy_config import AdminAddress
 from envoy_autoreload.signal_mask import signals_blocked
 
 WAIT_S: Final = 0.0  # the most one probe holds the loop for an answer: the pipe rings

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Final, Literal
 from envoy_autoreload.errors import StartScriptError, UsageError
 
 if TYPE_CHECKING:  # imported where used: the start-up check starts before them (issue 16)
+    from envoy_autoreload.addresses import AdminAddress
     from envoy_autoreload.digest import WatchRoot
-    from envoy_autoreload.envoy_config import AdminAddress
     from envoy_autoreload.watch import WatcherKind
 
 DEFAULT_ENVOY: Final = "envoy"
@@ -67,15 +67,19 @@ class Settings:
             return []
         from envoy_autoreload.digest import WatchRoot
 
-        roots = [WatchRoot(path) for path in self.watch]
+        return [WatchRoot(path) for path in self.watch_paths()]
+
+    def watch_paths(self) -> list[Path]:
+        """The watch roots' paths, each once, without importing the digest (20 ms here):
+        epoch 0's spawn mark needs them before the rest of the daemon is imported."""
+        if not self.watch:
+            return []
+        paths = list(self.watch)
         if self.config is not None:
-            roots.append(WatchRoot(self.config))
+            paths.append(self.config)
         if self.watch_binary and self.envoy is not None:
-            roots.append(WatchRoot(self.envoy))
-        unique: dict[Path, WatchRoot] = {}
-        for root in roots:
-            unique.setdefault(root.path, root)
-        return list(unique.values())
+            paths.append(self.envoy)
+        return list(dict.fromkeys(paths))
 
 
 def resolve_envoy(value: str) -> Path | None:

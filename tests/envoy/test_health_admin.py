@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
-from envoy_autoreload.envoy_config import AdminAddress
+from envoy_autoreload.addresses import AdminAddress
 from envoy_autoreload.health import LISTENER_FAILURES_PATH, HealthProber, UrlResult
 from tests.envoy.conftest import ENVOY_BIN, EnvoyFamily
 from tests.helpers import http_get, wait_until

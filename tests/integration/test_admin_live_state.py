@@ -11,8 +11,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from envoy_autoreload.addresses import AdminAddress
 from envoy_autoreload.admin import fetch_live_state
-from envoy_autoreload.envoy_config import AdminAddress
 
 SERVER_INFO = {
     "state": "LIVE",

@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, cast
 import pytest
 import yaml
 
+from envoy_autoreload.addresses import AdminAddress
 from envoy_autoreload.bootstrap_facts import INLINE_MAX_BYTES, BootstrapReader
 from envoy_autoreload.envoy_binary import BinaryInfo, binary_identity
-from envoy_autoreload.envoy_config import AdminAddress
 from envoy_autoreload.family import EnvoyFamily
 from envoy_autoreload.gate import CommandGate
 from envoy_autoreload.loop import DeadlineReached, FdReady, Reactor, SignalReceived

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, cast
 
 import pytest
 
-from envoy_autoreload.envoy_config import AdminAddress
+from envoy_autoreload.addresses import AdminAddress
 from envoy_autoreload.health import (
     LISTENER_FAILURES_PATH,
     HealthObservation,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from envoy_autoreload.addresses import AdminAddress
 from envoy_autoreload.bootstrap_facts import (
     BootstrapFacts,
     from_json,
@@ -15,7 +16,6 @@ from envoy_autoreload.bootstrap_facts import (
     read_facts,
     to_json,
 )
-from envoy_autoreload.envoy_config import AdminAddress
 from envoy_autoreload.references import WRITTEN_BY_ENVOY
 
 CONFIG = """\

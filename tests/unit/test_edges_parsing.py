@@ -12,15 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from envoy_autoreload.envoy_config import (
-    AdminAddress,
-    admin_address_from_config,
-    parse_admin_address,
-)
+from envoy_autoreload.addresses import AdminAddress, parse_admin_address, parse_status_address
+from envoy_autoreload.envoy_config import admin_address_from_config
 from envoy_autoreload.envoy_process import looks_like_envoy
 from envoy_autoreload.errors import ConfigError, UsageError
 from envoy_autoreload.logs import configure_logging, log_event
-from envoy_autoreload.status_address import parse_status_address
 from envoy_autoreload.telemetry import Telemetry
 
 ADMIN = b"admin:\n  address:\n    socket_address: { address: 127.0.0.1, port_value: 9901 }\n"

@@ -14,8 +14,8 @@ from typing import cast
 
 import pytest
 
+from envoy_autoreload.addresses import AdminAddress
 from envoy_autoreload.admin import ServerInfo
-from envoy_autoreload.envoy_config import AdminAddress
 from envoy_autoreload.family import FLAG_TRUSTED_S, EnvoyFamily
 from envoy_autoreload.hot_restart_shm import shm_path
 from envoy_autoreload.launcher import FLAG_PROBE_S, FLAG_WATCH_S, next_probe_s

@@ -9,8 +9,8 @@ import signal
 import threading
 import time
 
+from envoy_autoreload.addresses import AdminAddress
 from envoy_autoreload.admin import ServerInfo
-from envoy_autoreload.envoy_config import AdminAddress
 from envoy_autoreload.live_probe import ServerInfoAsker
 from envoy_autoreload.signal_mask import SIGNAL_PRIORITY
 from tests.helpers import wait_until

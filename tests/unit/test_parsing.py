@@ -6,12 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from envoy_autoreload.addresses import AdminAddress, parse_admin_address
 from envoy_autoreload.command import describe_exit
-from envoy_autoreload.envoy_config import (
-    AdminAddress,
-    admin_address_from_config,
-    parse_admin_address,
-)
+from envoy_autoreload.envoy_config import admin_address_from_config
 from envoy_autoreload.envoy_process import parse_envoy_argv
 from envoy_autoreload.errors import ConfigError, UsageError
 from envoy_autoreload.states import ALLOWED_TRANSITIONS, GenerationState
