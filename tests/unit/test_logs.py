@@ -79,14 +79,7 @@ def test_a_turns_lines_are_written_when_it_ends_with_the_time_they_were_logged(
     issue 16); the line keeps its own time and order, and a flush mid-turn (a re-exec)
     writes everything."""
     capture = _Capture()
-    buffer = TurnBuffer(capture)
-    root = logging.getLogger("envoy_autoreload")
-    monkeypatch.setattr(root, "handlers", [buffer])
-    monkeypatch.setattr(root, "propagate", False)
-    monkeypatch.setattr(logs, "_turn_buffer", buffer)
-    monkeypatch.setattr(logs, "_relay", None)
-    logger = logging.getLogger("envoy_autoreload.test_turn")
-    logger.setLevel(logging.INFO)
+    logger = _logging_to(monkeypatch, capture, TurnBuffer(capture))
     log_event(logger, logging.INFO, "outside.turn")
     assert [_event(r) for r in capture.records] == ["outside.turn"]
     with batched_output():
@@ -103,6 +96,22 @@ def test_a_turns_lines_are_written_when_it_ends_with_the_time_they_were_logged(
     assert len(capture.records) == 4, "written twice"
 
 
+def _logging_to(
+    monkeypatch: pytest.MonkeyPatch, capture: _Capture, buffer: TurnBuffer | None
+) -> logging.Logger:
+    """The daemon's loggers as `configure_logging` leaves them, `capture` formatting and
+    writing, behind `buffer` (None: as before the loop's first turn)."""
+    root = logging.getLogger("envoy_autoreload")
+    monkeypatch.setattr(root, "handlers", [buffer or capture])
+    monkeypatch.setattr(root, "propagate", False)
+    monkeypatch.setattr(logs, "_handler", capture)
+    monkeypatch.setattr(logs, "_turn_buffer", buffer)
+    monkeypatch.setattr(logs, "_relay", None)
+    logger = logging.getLogger("envoy_autoreload.test_turns")
+    logger.setLevel(logging.INFO)
+    return logger
+
+
 def _event(record: logging.LogRecord) -> object:
     return getattr(record, "autoreload_event", None)
 
@@ -114,18 +123,11 @@ def test_the_loops_first_turn_puts_the_turn_buffer_in_front_of_the_handler(
     (the buffer's module is not imported before the start-up check, issue 16); from
     the first turn on, a turn's lines wait for its end."""
     capture = _Capture()
-    root = logging.getLogger("envoy_autoreload")
-    monkeypatch.setattr(root, "handlers", [capture])
-    monkeypatch.setattr(root, "propagate", False)
-    monkeypatch.setattr(logs, "_handler", capture)
-    monkeypatch.setattr(logs, "_turn_buffer", None)
-    monkeypatch.setattr(logs, "_relay", None)
-    logger = logging.getLogger("envoy_autoreload.test_first_turn")
-    logger.setLevel(logging.INFO)
+    logger = _logging_to(monkeypatch, capture, None)
     log_event(logger, logging.INFO, "at.start.up")
     assert [_event(r) for r in capture.records] == ["at.start.up"]
     with batched_output():
         log_event(logger, logging.INFO, "in.the.first.turn")
         assert len(capture.records) == 1, "written before the turn ended"
     assert [_event(r) for r in capture.records] == ["at.start.up", "in.the.first.turn"]
-    assert [type(h) for h in root.handlers] == [TurnBuffer]
+    assert [type(h) for h in logging.getLogger("envoy_autoreload").handlers] == [TurnBuffer]
