@@ -51,6 +51,8 @@ _MIN_PREFIX = 4
 _HEX = frozenset("0123456789abcdef")
 # Stamps never go backwards (see GenerationStore._now); this is the step.
 _TICK = 1e-6
+# `close` waits this long, at most, for snapshots' early write-backs still running.
+WRITE_BACK_WAIT_S = 5.0
 
 
 class Outcome(enum.Enum):
@@ -142,14 +144,14 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def _write_back_early(path: Path) -> None:
+def _write_back_early(path: Path) -> threading.Thread:
     """Start putting a snapshot's bytes on disk now, on a thread of its own.
 
     `sync` still makes them durable on the loop, in order with the history that names
     them. But by then (after the spawn, or when probation passes) this fsync has long
     finished, and that one finds nothing to write: a 5 MB config's fsync took 35-60 ms
     of loop time on a slow VM (issue 16, goal 5). The thread touches no state; an error
-    is left for `sync` to meet and report."""
+    is left for `sync` to meet and report. `GenerationStore.close` waits for it."""
 
     def write_back() -> None:
         with contextlib.suppress(OSError):
@@ -158,6 +160,7 @@ def _write_back_early(path: Path) -> None:
     thread = threading.Thread(target=write_back, name="snapshot-fsync", daemon=True)
     with signals_blocked():
         thread.start()
+    return thread
 
 
 def _is_stray_tmp(name: str) -> bool:
@@ -287,6 +290,7 @@ class GenerationStore:
         # Written but not yet fsynced (`sync()`): a restart's critical path spent four
         # fsyncs (~3 ms here) on a snapshot Envoy reads from the page cache anyway.
         self._unsynced: set[Path] = set()
+        self._write_backs: list[threading.Thread] = []  # `_write_back_early`'s, running
         self._history_unsaved = False
 
     @classmethod
@@ -407,7 +411,8 @@ class GenerationStore:
                 self.warnings.append(f"snapshot {path} did not hold its bytes; rewritten")
             _atomic_write(path, data, 0o444, durable=False)
             self._unsynced.add(path)
-            _write_back_early(path)
+            self._write_backs = [t for t in self._write_backs if t.is_alive()]
+            self._write_backs.append(_write_back_early(path))
         if record and sha not in self._entries:
             now = self._now()
             self._entries[sha] = HistoryEntry(sha, now, now, Outcome.VALIDATED, None, None)
@@ -511,8 +516,14 @@ class GenerationStore:
             raise first
 
     def close(self) -> None:
+        """Synced, the early write-backs waited for (a bounded wait: an fsync stuck on a
+        dead disk must not hold the daemon's exit), the lock released."""
         with contextlib.suppress(OSError):
             self.sync()
+        deadline = time.monotonic() + WRITE_BACK_WAIT_S
+        for thread in self._write_backs:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        self._write_backs = []
         fd, self._lock_fd = self._lock_fd, None
         if fd is not None:
             os.close(fd)  # closing the last descriptor releases the flock

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from envoy_autoreload import generations
 from envoy_autoreload.generations import (
     ConfigGeneration,
     GenerationStore,
@@ -376,3 +377,24 @@ def test_a_staged_snapshot_has_no_history_until_pinned_and_survives_prune(
     pinned = lineage.pin()
     assert pinned == staged
     assert store.outcome(staged.sha256) is Outcome.VALIDATED
+
+
+def test_close_waits_for_the_early_write_back(state: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A snapshot's fsync on its own thread (`_write_back_early`) still running when the
+    store closes: the daemon's exit (and a test's leak check) must not leave it behind."""
+    release = threading.Event()
+    real_fsync = generations._fsync_file
+
+    def slow_on_the_thread(path: Path) -> None:
+        if threading.current_thread().name == "snapshot-fsync":
+            release.wait(10)
+        real_fsync(path)
+
+    monkeypatch.setattr(generations, "_fsync_file", slow_on_the_thread)
+    timer = threading.Timer(0.2, release.set)
+    with GenerationStore.open(state, keep=3, suffix=".yaml") as store:
+        store.snapshot(CONFIG)
+        timer.start()
+    timer.join()
+    running = [t for t in threading.enumerate() if t.name == "snapshot-fsync"]
+    assert not running, "close() returned with the write-back still running"
