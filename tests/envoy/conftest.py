@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from tests.conformance_scenarios import SLOW_INIT_S
 from tests.daemon import Daemon, start_daemon
 from tests.helpers import allocate_base_id, free_port, http_get
 
@@ -276,3 +277,35 @@ def make_envoy_family(
 @pytest.fixture
 def envoy_family(make_envoy_family: MakeFamily) -> EnvoyFamily:
     return make_envoy_family()
+
+
+def slow_to_initialize(config: str, xds_port: int) -> str:
+    """`config` plus CDS from an xDS server on a port where nothing listens: Envoy stays
+    PRE_INITIALIZING until `initial_fetch_timeout` (ENVOY_FACTS §8, §15)."""
+    return config + (
+        "    - name: xds\n"
+        "      connect_timeout: 1s\n"
+        "      type: STATIC\n"
+        "      typed_extension_protocol_options:\n"
+        "        envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n"
+        '          "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3'
+        ".HttpProtocolOptions\n"
+        "          explicit_http_config: { http2_protocol_options: {} }\n"
+        "      load_assignment:\n"
+        "        cluster_name: xds\n"
+        "        endpoints:\n"
+        "          - lb_endpoints:\n"
+        "              - endpoint:\n"
+        "                  address:\n"
+        f"                    socket_address: {{ address: 127.0.0.1, port_value: {xds_port} }}\n"
+        "node: { id: conformance, cluster: conformance }\n"
+        "dynamic_resources:\n"
+        "  cds_config:\n"
+        "    resource_api_version: V3\n"
+        f"    initial_fetch_timeout: {SLOW_INIT_S:g}s\n"
+        "    api_config_source:\n"
+        "      api_type: GRPC\n"
+        "      transport_api_version: V3\n"
+        "      grpc_services:\n"
+        "        - envoy_grpc: { cluster_name: xds }\n"
+    )

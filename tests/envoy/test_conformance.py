@@ -23,7 +23,6 @@ import pytest
 
 from tests.conformance_scenarios import (
     SCENARIOS,
-    SLOW_INIT_S,
     Await,
     AwaitInitializing,
     Freeze,
@@ -44,42 +43,10 @@ from tests.conformance_scenarios import (
     counts,
 )
 from tests.daemon import Daemon
-from tests.envoy.conftest import EnvoyFamily
+from tests.envoy.conftest import EnvoyFamily, slow_to_initialize
 from tests.helpers import WaitTimeout, free_port, holds_for, port_held, wait_until
 
 SAMPLE_INTERVAL_S = 0.05
-
-
-def slow_to_initialize(config: str, xds_port: int) -> str:
-    """`config` plus CDS from an xDS server on a port where nothing listens: Envoy stays
-    PRE_INITIALIZING until `initial_fetch_timeout` (ENVOY_FACTS §8, §15)."""
-    return config + (
-        "    - name: xds\n"
-        "      connect_timeout: 1s\n"
-        "      type: STATIC\n"
-        "      typed_extension_protocol_options:\n"
-        "        envoy.extensions.upstreams.http.v3.HttpProtocolOptions:\n"
-        '          "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3'
-        ".HttpProtocolOptions\n"
-        "          explicit_http_config: { http2_protocol_options: {} }\n"
-        "      load_assignment:\n"
-        "        cluster_name: xds\n"
-        "        endpoints:\n"
-        "          - lb_endpoints:\n"
-        "              - endpoint:\n"
-        "                  address:\n"
-        f"                    socket_address: {{ address: 127.0.0.1, port_value: {xds_port} }}\n"
-        "node: { id: conformance, cluster: conformance }\n"
-        "dynamic_resources:\n"
-        "  cds_config:\n"
-        "    resource_api_version: V3\n"
-        f"    initial_fetch_timeout: {SLOW_INIT_S:g}s\n"
-        "    api_config_source:\n"
-        "      api_type: GRPC\n"
-        "      transport_api_version: V3\n"
-        "      grpc_services:\n"
-        "        - envoy_grpc: { cluster_name: xds }\n"
-    )
 
 
 class FamilySampler:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.daemon import assert_one_clear_line
-from tests.envoy.conftest import EnvoyFamily
+from tests.envoy.conftest import EnvoyFamily, slow_to_initialize
 from tests.envoy.probe import ServingProbe
 from tests.helpers import free_port, holds_for, wait_until
 
@@ -156,46 +156,12 @@ def test_a_flood_of_1000_sighups_and_1000_sigusr1s_is_a_few_restarts(
     assert daemon.events("signal.forwarded", signal="SIGUSR1")
 
 
-def _slow_to_initialize(config: str, xds_port: int) -> str:
-    """Envoy stays PRE_INITIALIZING while it waits for CDS from an xDS server that does
-    not answer (a closed port on 127.0.0.1), until initial_fetch_timeout."""
-    xds_cluster = f"""\
-    - name: xds
-      connect_timeout: 1s
-      type: STATIC
-      typed_extension_protocol_options:
-        envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-          "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-          explicit_http_config: {{ http2_protocol_options: {{}} }}
-      load_assignment:
-        cluster_name: xds
-        endpoints:
-          - lb_endpoints:
-              - endpoint:
-                  address:
-                    socket_address: {{ address: 127.0.0.1, port_value: {xds_port} }}
-"""
-    dynamic = """\
-node: { id: autoreload-test, cluster: autoreload-test }
-dynamic_resources:
-  cds_config:
-    resource_api_version: V3
-    initial_fetch_timeout: 30s
-    api_config_source:
-      api_type: GRPC
-      transport_api_version: V3
-      grpc_services:
-        - envoy_grpc: { cluster_name: xds }
-"""
-    return config + xds_cluster + dynamic
-
-
 def test_sigterm_while_a_restart_is_starting_stops_every_envoy_cleanly(
     envoy_family: EnvoyFamily,
 ) -> None:
     daemon = envoy_family.start("--config", str(envoy_family.config))
     serving = daemon.wait_event("child.serving", epoch=0)
-    envoy_family.write_raw(_slow_to_initialize(envoy_family.render("v1"), free_port()))
+    envoy_family.write_raw(slow_to_initialize(envoy_family.render("v1"), free_port()))
     daemon.signal(signal.SIGHUP)
     starting = daemon.wait_event("child.started", epoch=1)
 
