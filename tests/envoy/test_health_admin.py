@@ -1,5 +1,6 @@
 """The health prober against the real Envoy's admin: the epoch, LIVE, and the
-listener-failure counter as Envoy writes them (ENVOY_FACTS §15)."""
+listener-failure counter as Envoy writes them (ENVOY_FACTS §15), and a hot-restarted
+child that is still PRE_INITIALIZING."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 from envoy_autoreload.addresses import AdminAddress
-from envoy_autoreload.health import LISTENER_FAILURES_PATH, HealthProber, UrlResult
-from tests.envoy.conftest import ENVOY_BIN, EnvoyFamily
-from tests.helpers import http_get, wait_until
+from envoy_autoreload.health import ROUND_STATS_PATH, HealthObservation, HealthProber, UrlResult
+from tests.envoy.conftest import ENVOY_BIN, EnvoyFamily, slow_to_initialize
+from tests.helpers import free_port, http_get, wait_until
 
 if TYPE_CHECKING:
     from envoy_autoreload.roster import Generation
@@ -24,18 +25,31 @@ class FakeGen:
     pid: int
 
 
-def _start_envoy(family: EnvoyFamily, log: Path) -> subprocess.Popen[bytes]:
+def _start_envoy(
+    family: EnvoyFamily, log: Path, epoch: int = 0, config: Path | None = None
+) -> subprocess.Popen[bytes]:
     with log.open("wb") as out:
         return subprocess.Popen(
             [
                 str(ENVOY_BIN),
-                *("-c", str(family.config), "--restart-epoch", "0"),
+                *("-c", str(config or family.config), "--restart-epoch", str(epoch)),
                 *("--base-id", str(family.base_id), "--log-level", "warning"),
             ],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
         )
+
+
+def _stop(*envoys: subprocess.Popen[bytes]) -> None:
+    for envoy in envoys:
+        envoy.terminate()
+    for envoy in envoys:
+        try:
+            envoy.wait(10)
+        except subprocess.TimeoutExpired:
+            envoy.kill()
+            envoy.wait()
 
 
 def test_a_round_against_a_live_envoy(envoy_family: EnvoyFamily) -> None:
@@ -50,22 +64,18 @@ def test_a_round_against_a_live_envoy(envoy_family: EnvoyFamily) -> None:
             timeout_s=20,
             what="Envoy to be LIVE",
         )
-        filtered = http_get(envoy_family.admin_port, LISTENER_FAILURES_PATH)
-        assert filtered == (200, "listener_manager.listener_create_failure: 0\n"), (
-            "admin applies the (percent-encoded) filter and answers in the text format"
-        )
+        filtered = http_get(envoy_family.admin_port, ROUND_STATS_PATH)
+        assert filtered == (
+            200,
+            "listener_manager.listener_create_failure: 0\nserver.hot_restart_epoch: 0\n",
+        ), "admin applies the (percent-encoded) filter and answers in the text format"
         prober.begin_round(cast("Generation", FakeGen(0, envoy.pid)))
         readable, _, _ = select.select([prober], [], [], 10)
         assert readable, "no observation within 10 s"
         observation = prober.take()
     finally:
         prober.close()
-        envoy.terminate()
-        try:
-            envoy.wait(10)
-        except subprocess.TimeoutExpired:
-            envoy.kill()
-            envoy.wait()
+        _stop(envoy)
         envoy_family.shm.unlink(missing_ok=True)
     assert observation is not None
     assert (observation.admin_state, observation.admin_epoch) == ("LIVE", 0)
@@ -73,3 +83,40 @@ def test_a_round_against_a_live_envoy(envoy_family: EnvoyFamily) -> None:
     assert observation.urls == (
         UrlResult(f"http://127.0.0.1:{envoy_family.listener_port}/", True, "HTTP 200"),
     )
+
+
+def test_a_round_while_the_new_epoch_is_still_pre_initializing(
+    envoy_family: EnvoyFamily,
+) -> None:
+    """Fresh connections reach the child ~60 ms after it starts (§15), and its stats say
+    `server.state: 0` (LIVE) while `/ready` says PRE_INITIALIZING: the round must say
+    what `/ready` says, and the child's own epoch."""
+    envoy_family.write_config("v0")
+    parent = _start_envoy(envoy_family, envoy_family.root / "envoy-0.log")
+    slow = envoy_family.root / "slow.yaml"
+    slow.write_text(slow_to_initialize(envoy_family.render("v1"), free_port()))
+    children: list[subprocess.Popen[bytes]] = []
+    prober = HealthProber((), lambda _gen: AdminAddress("127.0.0.1", envoy_family.admin_port))
+    try:
+        wait_until(
+            lambda: http_get(envoy_family.admin_port, "/ready") == (200, "LIVE\n"),
+            timeout_s=20,
+            what="epoch 0 to be LIVE",
+        )
+        children.append(_start_envoy(envoy_family, envoy_family.root / "envoy-1.log", 1, slow))
+        wait_until(
+            lambda: http_get(envoy_family.admin_port, "/ready") == (503, "PRE_INITIALIZING\n"),
+            timeout_s=20,
+            what="admin to be answered by the initializing epoch 1",
+        )
+        prober.begin_round(cast("Generation", FakeGen(1, children[0].pid)))
+        readable, _, _ = select.select([prober], [], [], 10)
+        assert readable, "no observation within 10 s"
+        observation = prober.take()
+        still_initializing = http_get(envoy_family.admin_port, "/ready")
+    finally:
+        prober.close()
+        _stop(*children, parent)
+        envoy_family.shm.unlink(missing_ok=True)
+    assert still_initializing == (503, "PRE_INITIALIZING\n"), "too slow to judge: it went LIVE"
+    assert observation == HealthObservation(1, children[0].pid, "PRE_INITIALIZING", 1, 0, ())

@@ -19,7 +19,7 @@ import pytest
 
 from envoy_autoreload.addresses import AdminAddress
 from envoy_autoreload.health import (
-    LISTENER_FAILURES_PATH,
+    ROUND_STATS_PATH,
     HealthObservation,
     HealthProber,
     UrlResult,
@@ -57,6 +57,7 @@ class FakeServer:
 
     routes: dict[str, Route] = field(default_factory=dict)
     hits: Counter[str] = field(default_factory=Counter)
+    clients: set[int] = field(default_factory=set)  # client ports: one per connection
     release: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
@@ -87,8 +88,11 @@ class _Server(ThreadingHTTPServer):
 
 def _handler_for(fake: FakeServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, as Envoy's admin
+
         def do_GET(self) -> None:
             fake.hits[self.path] += 1
+            fake.clients.add(self.client_address[1])
             route = fake.routes.get(self.path, Route(404, b"no route\n"))
             if route.hang:
                 fake.release.wait(30)
@@ -236,36 +240,71 @@ def test_close_before_any_round() -> None:
 # -- admin ------------------------------------------------------------------------------
 
 
-def _admin_routes(server: FakeServer, info: object, stats: str) -> AdminAddress:
-    server.routes["/server_info"] = Route(200, json.dumps(info).encode())
-    server.routes[LISTENER_FAILURES_PATH] = Route(200, stats.encode())
+def _admin_routes(
+    server: FakeServer, ready: tuple[int, str], stats: str, info: object = None
+) -> AdminAddress:
+    server.routes["/ready"] = Route(ready[0], ready[1].encode())
+    server.routes[ROUND_STATS_PATH] = Route(200, stats.encode())
+    if info is not None:
+        server.routes["/server_info"] = Route(200, json.dumps(info).encode())
     return AdminAddress("127.0.0.1", server.port)
 
 
-def test_admin_state_epoch_and_listener_failures(server: FakeServer) -> None:
-    info = {"state": "LIVE", "command_line_options": {"restart_epoch": 2}}
-    admin = _admin_routes(server, info, "listener_manager.listener_create_failure: 3\n")
+def test_admin_state_epoch_and_listener_failures_over_one_connection(
+    server: FakeServer,
+) -> None:
+    stats = "listener_manager.listener_create_failure: 3\nserver.hot_restart_epoch: 2\n"
+    admin = _admin_routes(server, (200, "LIVE\n"), stats)
     with prober((), admin) as p:
         p.begin_round(gen(2))
         observation = next_observation(p)
     assert observation == HealthObservation(2, 4242, "LIVE", 2, 3, ())
-    assert server.hits == {"/server_info": 1, LISTENER_FAILURES_PATH: 1}
+    assert server.hits == {"/ready": 1, ROUND_STATS_PATH: 1}, "no 124 KB /server_info"
+    assert len(server.clients) == 1, "one process must answer both (ENVOY_FACTS §9)"
 
 
-def test_unreadable_stats_and_a_silent_admin_are_none(
-    server: FakeServer, refused_port: int
+def test_a_starting_envoy_is_its_ready_state_whatever_its_state_gauge_says(
+    server: FakeServer,
 ) -> None:
+    """`server.state` read 0 (LIVE) in a child still PRE_INITIALIZING: not asked."""
+    stats = "server.hot_restart_epoch: 1\nserver.state: 0\n"
+    admin = _admin_routes(server, (503, "PRE_INITIALIZING\n"), stats)
+    with prober((), admin) as p:
+        p.begin_round(gen(1))
+        observation = next_observation(p)
+    assert (observation.admin_state, observation.admin_epoch) == ("PRE_INITIALIZING", 1)
+
+
+def test_without_the_epoch_gauge_server_info_says_it(server: FakeServer) -> None:
+    """A stats matcher that drops `server.*` (or an admin without `/ready`): the round
+    asks `/server_info` as before rather than report no epoch."""
     info = {"state": "DRAINING", "command_line_options": {"restart_epoch": 1}}
-    admin = _admin_routes(server, info, "some.other.stat: 7\n")
+    admin = _admin_routes(server, (503, "DRAINING"), "some.other.stat: 7\n", info)
     with prober((), admin) as p:
         p.begin_round(gen(1))
         observation = next_observation(p)
     assert (observation.admin_state, observation.admin_epoch) == ("DRAINING", 1)
     assert observation.listener_create_failures is None
+    assert server.hits["/server_info"] == 1
+    del server.routes["/ready"]
+    server.routes[ROUND_STATS_PATH] = Route(200, b"server.hot_restart_epoch: 1\n")
+    with prober((), admin) as p:
+        p.begin_round(gen(1))
+        assert next_observation(p).admin_state == "DRAINING"
+    assert server.hits["/server_info"] == 2
+
+
+def test_a_silent_admin_is_none_and_asked_once(refused_port: int, server: FakeServer) -> None:
     with prober((), AdminAddress("127.0.0.1", refused_port)) as p:
         p.begin_round(gen(1))
         observation = next_observation(p)
     assert observation == HealthObservation(1, 4242, None, None, None, ())
+    server.routes["/ready"] = Route(hang=True)
+    with prober((), AdminAddress("127.0.0.1", server.port)) as p:
+        p.begin_round(gen(1))
+        observation = next_observation(p)
+    assert observation == HealthObservation(1, 4242, None, None, None, ())
+    assert server.hits == {"/ready": 1}, "a hung admin is waited for once a round, not twice"
 
 
 def test_no_admin_address_leaves_admin_fields_none(server: FakeServer) -> None:
