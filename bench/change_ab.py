@@ -14,6 +14,11 @@ serves its body, minus the 50 ms `--debounce` both daemons run with (as in
 `scale.py`), then waits for the previous epoch to exit. Both daemons start with
 `--log-level debug` and the first change waits for `watch.digested` (every file read).
 
+The daemon's own CPU time (utime + stime of its process, every thread; not its
+children's) is read before the first change and after the last: per change it says
+whether the daemon does more work for a bigger tree, which served times on a machine
+this noisy cannot settle to a few milliseconds.
+
 Prints the medians and writes bench/results/change_ab.json (every sample).
 """
 
@@ -32,6 +37,7 @@ from _common import (
     BenchFamily,
     Json,
     build_tree,
+    cpu_seconds,
     environment,
     pick_base_id,
     stop_on_sigterm,
@@ -54,6 +60,11 @@ def change_once(family: BenchFamily, epoch: int) -> float:
     served = family.wait_body(body, timeout_s=TIMEOUT_S)
     family.wait_event("child.exited", mark=mark, timeout_s=TIMEOUT_S, epoch=epoch - 1)
     return (served - renamed - DEBOUNCE_S) * 1000
+
+
+def daemon_pid(family: BenchFamily) -> int:
+    assert family.process is not None
+    return family.process.pid
 
 
 def started(family: BenchFamily, files: int) -> BenchFamily:
@@ -82,23 +93,36 @@ def main() -> int:
         for files, family in sizes.items():
             started(family, files)
         samples: dict[int, list[float]] = {files: [] for files in sizes}
+        cpu = {files: cpu_seconds(daemon_pid(family)) for files, family in sizes.items()}
         for epoch in range(1, args.changes + 1):
             order = list(sizes.items()) if epoch % 2 else list(reversed(sizes.items()))
             for files, family in order:
                 samples[files].append(change_once(family, epoch))
+        cpu_ms = {
+            files: (cpu_seconds(daemon_pid(family)) - cpu[files]) * 1000 / args.changes
+            for files, family in sizes.items()
+        }
     finally:
         for family in sizes.values():
             family.close()
     medians = {files: statistics.median(values) for files, values in samples.items()}
     for files, median in medians.items():
-        print(f"{files:>7,} files: one change served in {median:.1f} ms (median of {args.changes})")
+        print(
+            f"{files:>7,} files: one change served in {median:.1f} ms (median of "
+            f"{args.changes}); the daemon's CPU {cpu_ms[files]:.1f} ms per change"
+        )
     print(f"difference of medians: {medians[args.files] - medians[SMALL_FILES]:+.1f} ms")
     result: dict[str, Json] = {
         "bench": "change_ab",
         "changes": args.changes,
         "environment": env,
         "sizes": [
-            {"files": n, "change_ms": [round(v, 2) for v in values], "median_ms": medians[n]}
+            {
+                "files": n,
+                "change_ms": [round(v, 2) for v in values],
+                "median_ms": medians[n],
+                "daemon_cpu_ms_per_change": round(cpu_ms[n], 2),
+            }
             for n, values in samples.items()
         ],
     }
