@@ -220,7 +220,19 @@ class Probation:
 
 
 def _judge(watch: _Watch, seen: HealthObservation) -> tuple[str, str] | None:
-    """The failed check and what it saw, or None while all is well (or not yet sure)."""
+    """The failed check and what it saw, or None while all is well (or not yet sure).
+
+    Admin answered by a newer epoch speaks of that one: from ~60 ms after its spawn a
+    starting epoch answers admin, PRE_INITIALIZING for as long as it loads, with its own
+    counters (ENVOY_FACTS §15). The generation on probation still serves the listener
+    until then, so only its URLs are judged: a slow next start (a config waiting for
+    xDS) used to fail it after three rounds, and record its good bytes as FAILED."""
+    newer_answers = seen.admin_epoch is not None and seen.admin_epoch > watch.gen.epoch
+    verdict = None if newer_answers else _judge_admin(watch, seen) or _judge_listener(watch, seen)
+    return verdict or _judge_urls(watch, seen)
+
+
+def _judge_admin(watch: _Watch, seen: HealthObservation) -> tuple[str, str] | None:
     if seen.admin_state == "LIVE" and seen.admin_epoch in (None, watch.gen.epoch):
         watch.admin_seen_live = True
         watch.admin_misses = 0
@@ -231,6 +243,10 @@ def _judge(watch: _Watch, seen: HealthObservation) -> tuple[str, str] | None:
         if watch.admin_misses >= HEALTH_MISSES:
             state = seen.admin_state or "no answer"
             return "admin", f"admin reports {state} (epoch {seen.admin_epoch}), not LIVE"
+    return None
+
+
+def _judge_listener(watch: _Watch, seen: HealthObservation) -> tuple[str, str] | None:
     failures = seen.listener_create_failures
     if failures is not None:
         if watch.listener_baseline is None:
@@ -240,6 +256,10 @@ def _judge(watch: _Watch, seen: HealthObservation) -> tuple[str, str] | None:
                 f"listener_manager.listener_create_failure rose from "
                 f"{watch.listener_baseline} to {failures}"
             )
+    return None
+
+
+def _judge_urls(watch: _Watch, seen: HealthObservation) -> tuple[str, str] | None:
     for result in seen.urls:
         misses = 0 if result.ok else watch.url_misses.get(result.url, 0) + 1
         watch.url_misses[result.url] = misses

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from tests.daemon import Daemon
-from tests.envoy.conftest import ENVOY_BIN, EnvoyFamily
-from tests.helpers import pid_alive, wait_until
+from tests.envoy.conftest import ENVOY_BIN, EnvoyFamily, slow_to_initialize
+from tests.helpers import free_port, http_get, pid_alive, wait_until
 
 CTL = Path(sys.executable).parent / "envoy-autoreloadctl"
 WINDOW_S = "3"  # --health-window: short, so each probation is over quickly
@@ -345,3 +345,26 @@ def test_validation_runs_with_the_serving_envoys_config_flags(envoy_family: Envo
     daemon.wait_event("child.serving", epoch=1)
     _serves(envoy_family, "v1")
     assert not daemon.events("validation.failed")
+
+
+def test_a_slow_next_start_does_not_fail_the_generation_on_probation(
+    envoy_family: EnvoyFamily,
+) -> None:
+    """Epoch 1 waits for CDS from an xDS server that never answers: from ~60 ms after its
+    start it answers admin, 503 PRE_INITIALIZING at epoch 1 (ENVOY_FACTS §15), while
+    epoch 0, on probation, still serves. That is no failure of epoch 0's config: before,
+    three such rounds (1.5 s) failed it."""
+    daemon = envoy_family.start(*envoy_family.watched("--health-window", "4"))
+    daemon.wait_event("health.probation", epoch=0)
+    envoy_family.write_raw(slow_to_initialize(envoy_family.render("v1"), free_port()))
+    daemon.wait_event("child.started", epoch=1)
+    wait_until(
+        lambda: http_get(envoy_family.admin_port, "/ready") == (503, "PRE_INITIALIZING\n"),
+        timeout_s=20,
+        what="admin answered by the initializing epoch 1",
+    )
+    passed = daemon.wait_event("health.passed", epoch=0, timeout_s=30)
+    assert not daemon.events("health.failed"), daemon.events("health.failed")
+    assert envoy_family.body() == "v0", "epoch 0 no longer serves"
+    assert daemon.events("child.serving", epoch=1) == [], "epoch 1 was not slow enough"
+    assert passed["line"] > daemon.wait_event("child.started", epoch=1)["line"]

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 LIVE_AFTER_S: Final = 0.05  # §2: LIVE ~50 ms after the process starts
+ADMIN_TAKEOVER_S: Final = 0.06  # §15: a new epoch answers admin ~60 ms after it starts
 FAIL_AFTER_S: Final = 0.05  # §3: a bad config or a refused hot restart exits 1 in ~50 ms
 PORT_FAIL_AFTER_S: Final = 0.07  # §3: a port held by another process
 ABORT_NO_PARENT_S: Final = 10.1  # §4, §5: ten 1 s retries, then SIGABRT
@@ -148,6 +149,18 @@ class EnvoyModel:
     def serving(self) -> Proc | None:
         live = [p for p in self.procs if p.state is ProcState.LIVE]
         return max(live, key=lambda p: p.started_at) if live else None
+
+    def admin_answerer(self) -> Proc | None:
+        """Who answers a fresh connection to the family's admin port: the newest epoch,
+        from ~60 ms after its start even while it initializes (§15); a hung one never
+        got that far (§7)."""
+        answering = [
+            p
+            for p in self.procs
+            if p.state in (ProcState.LIVE, ProcState.DRAINING)
+            or (p.state is ProcState.INITIALIZING and self.now - p.started_at >= ADMIN_TAKEOVER_S)
+        ]
+        return max(answering, key=lambda p: p.started_at) if answering else None
 
     def by_pid(self, pid: int) -> Proc:
         return next(p for p in self.procs if p.pid == pid)

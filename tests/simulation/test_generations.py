@@ -242,3 +242,25 @@ def test_an_operators_rollback_killed_mid_start_is_answered_as_failed(
     answer = client.read()
     assert answer and b'"ok": true' not in answer, answer
     assert b"rollback" in answer, answer
+
+
+def test_a_slow_next_start_does_not_fail_the_generation_on_probation(
+    sims: list[Simulation],
+) -> None:
+    """From ~60 ms after its start, the next epoch answers admin, PRE_INITIALIZING at its
+    own epoch, for as long as it loads (§15): that says nothing of the generation still
+    on probation, which used to fail on it (3 rounds: 1.5 s) and be recorded FAILED."""
+    sim = settled(sims)
+    on_probation = sim.write(good=True)
+    sim.advance(1.0)
+    assert serving_content(sim) == on_probation
+    slow = Content(sim.next_version, init_s=4.0)  # waits for CDS (§8, §15)
+    sim.next_version += 1
+    sim.revert_to(slow)
+    sim.advance(3.5)  # its start waited for epoch 0 to exit (parent-shutdown 3 s)
+    assert sim.supervisor.roster.starting() is not None, "the slow epoch is not loading"
+    sim.advance(2.0)  # the slow epoch answers admin for 2 s: four rounds
+    assert sim.outcome(on_probation) is not Outcome.FAILED
+    sim.advance(3.0)
+    assert serving_content(sim) == slow, "the slow push is not what serves"
+    assert sim.outcome(on_probation) is not Outcome.FAILED

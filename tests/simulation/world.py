@@ -685,9 +685,18 @@ class SimWorld:
         self.model.send_signal(proc, signum, stopping=self.stopping(), planned=self.planned_stop)
 
 
+_ADMIN_STATES = {
+    ProcState.LIVE: "LIVE",
+    ProcState.DRAINING: "DRAINING",
+    ProcState.INITIALIZING: "PRE_INITIALIZING",
+}
+
+
 class SimHealth:
-    """Probation's checks answered from the model at once: admin reports the process's
-    state at its epoch; one URL answers 2xx when its content is healthy."""
+    """Probation's checks answered from the model at once: admin is answered by the
+    process that answers a fresh connection (the newest epoch, even while it starts,
+    §15) with its state and epoch; one URL answers 2xx when the generation's content is
+    healthy."""
 
     URL = "http://127.0.0.1:10000/healthz"
 
@@ -700,15 +709,18 @@ class SimHealth:
         return -7  # never polled: `begin_round` marks the key ready itself
 
     def begin_round(self, gen: Generation) -> None:
-        proc = self._world.model.by_pid(gen.pid)
+        model = self._world.model
+        model.now = self._world.reactor.now()
+        proc = model.by_pid(gen.pid)
         self.rounds += 1
         healthy = proc.content is not None and proc.content.healthy
-        state = {ProcState.LIVE: "LIVE", ProcState.DRAINING: "DRAINING"}.get(proc.state)
+        admin = model.admin_answerer()
+        state = _ADMIN_STATES.get(admin.state) if admin is not None else None
         self._pending = HealthObservation(
             epoch=gen.epoch,
             pid=gen.pid,
             admin_state=state,
-            admin_epoch=proc.epoch if state else None,
+            admin_epoch=admin.epoch if admin is not None and state else None,
             listener_create_failures=0 if state else None,
             urls=(UrlResult(self.URL, healthy, "HTTP 200" if healthy else "HTTP 503"),),
         )

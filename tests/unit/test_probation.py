@@ -58,11 +58,26 @@ def test_admin_counts_only_once_it_answered_live() -> None:
     assert verdict is not None and verdict[0] == "admin" and "DRAINING" in verdict[1]
 
 
-def test_admin_at_another_epoch_is_not_this_generation_live() -> None:
+def test_admin_at_an_older_epoch_is_not_this_generation_live() -> None:
     w = watch()
     assert _judge(w, seen()) is None
-    results = [_judge(w, seen(epoch=4)) for _ in range(HEALTH_MISSES)]
+    results = [_judge(w, seen(epoch=2)) for _ in range(HEALTH_MISSES)]
     assert results[-1] is not None and results[-1][0] == "admin"
+
+
+def test_a_newer_epoch_answering_admin_is_no_verdict_on_this_one() -> None:
+    """The next epoch, still loading, answers admin (ENVOY_FACTS §15) with its own
+    state and counters: neither counts for or against the generation on probation;
+    its URLs (the listener is still its own) do."""
+    w = watch()
+    assert _judge(w, seen(failures=0)) is None
+    for _ in range(HEALTH_MISSES * 2):
+        assert _judge(w, seen(state="PRE_INITIALIZING", epoch=4, failures=5)) is None
+    assert w.listener_baseline == 0, "the newer epoch's counter is not this one's"
+    for _ in range(HEALTH_MISSES - 1):
+        assert _judge(w, seen(state="PRE_INITIALIZING", epoch=4, url_ok=False)) is None
+    verdict = _judge(w, seen(state="PRE_INITIALIZING", epoch=4, url_ok=False))
+    assert verdict is not None and verdict[0] == "url"
 
 
 def test_a_listener_failure_after_live_fails_at_once() -> None:
