@@ -624,6 +624,7 @@ def _serve(
     head: HeadStart | None = None,
 ) -> ExitCode:
     """Run the supervisor with its status server and control socket around it."""
+    from envoy_autoreload import heap
     from envoy_autoreload.supervisor import run
     from envoy_autoreload.telemetry import Telemetry
 
@@ -632,6 +633,7 @@ def _serve(
         if control is not None:
             stack.callback(control.close)
         try:
+            heap.enable()
             changes = _change_detector(settings)
             telemetry = Telemetry()
             server = None

@@ -12,6 +12,7 @@ import logging
 import os
 from pathlib import Path
 
+from envoy_autoreload import heap
 from envoy_autoreload.bootstrap_facts import BootstrapFacts, read_facts
 from envoy_autoreload.changed_since import SpawnMark, mark_spawn
 from envoy_autoreload.digest import Snapshot
@@ -75,6 +76,8 @@ class Watching:
         self._spawned_ns = None
         if snapshot is not None and self._roster.reference_pending:
             self._roster.attach_reference(snapshot)  # read at once: watching nothing
+        if snapshot is not None:
+            heap.settle()  # the files are read: what stays, stays (heap.py)
         self._suspect_a_change_since(pin)
         if changes.active:
             self._reactor.add_reader(changes.fileno(), changes)
@@ -182,6 +185,7 @@ class Watching:
             self._reactor.remove_reader(build)
         self._roster.attach_reference(reference)
         self._reactor.set_timeout(Timer.ADVANCE, 0)
+        heap.settle()  # the first hashing is done: what stays, stays (heap.py)
 
     @property
     def building(self) -> bool:

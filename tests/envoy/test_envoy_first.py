@@ -46,6 +46,9 @@ def test_envoy_serves_before_the_files_are_read_and_a_sighup_waits_for_them(
     started = daemon.wait_event("child.started", epoch=1, timeout_s=60)
     assert served["line"] < requested["line"] < digested["line"] < started["line"]
     assert digested["files"] >= 3, digested  # the sparse file, the config, the script
+    settled = daemon.wait_event("heap.settled", timeout_s=60)
+    assert settled["frozen"] > 10_000, settled  # the modules alone are tens of thousands
+    assert settled["line"] > served["line"], "frozen before the files were read"
     _serves(envoy_family, "v0")
 
 
