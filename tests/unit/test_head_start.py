@@ -144,6 +144,14 @@ print("went on")
 """
 
 
+def _default_ending_signals() -> None:
+    """In the child, before sh: TERM, INT and HUP as a service manager starts a daemon,
+    whatever the test run inherited (under `nohup`, HUP comes ignored, and a signal
+    ignored from the start is ignored by design; sh cannot undo that with `trap`)."""
+    for number in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(number, signal.SIG_DFL)
+
+
 def _run_signalled(tmp_path: Path, name: str, *, ignore_sigint: bool = False) -> str:
     """Run SIGNALLED (with SIGINT ignored from the start, as `cmd &` in a script has
     it: `trap "" INT` before the exec); its exit code and output, as one line."""
@@ -155,6 +163,7 @@ def _run_signalled(tmp_path: Path, name: str, *, ignore_sigint: bool = False) ->
         timeout=60,
         capture_output=True,
         text=True,
+        preexec_fn=_default_ending_signals,
     )
     return f"{done.returncode} {' '.join(done.stdout.split())} {done.stderr.strip()}".strip()
 
