@@ -25,6 +25,10 @@ SERVER_INFO = {
 class FakeAdmin(ThreadingHTTPServer):
     """Answers `/ready` with `ready` (status, body); records (client port, path)."""
 
+    # server_close() joins the handler threads: a keep-alive handler still reading the
+    # client's EOF would otherwise outlive the test (a CI run caught it in teardown).
+    daemon_threads = False
+
     def __init__(self, ready: tuple[int, str]) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
         self.ready = ready
@@ -37,6 +41,7 @@ class FakeAdmin(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as Envoy's admin
+    timeout = 10  # a client that never closes cannot hold the teardown's join forever
 
     def do_GET(self) -> None:
         server = self.server
