@@ -413,10 +413,11 @@ class BenchFamily:
         self.use_envoy(self.envoy)
 
     def use_envoy(self, envoy: Path) -> None:
-        """Start the family's next daemon with `envoy` (its `--envoy` and the script's)."""
-        self.envoy = envoy
+        """Start the family's next daemon with `envoy` (its `--envoy` and the script's).
+        Made absolute: upstream's restarter runs the script from another directory."""
+        self.envoy = envoy.absolute()
         self.script.write_text(
-            START_SCRIPT.format(envoy=envoy, config=self.config, base_id=self.base_id)
+            START_SCRIPT.format(envoy=self.envoy, config=self.config, base_id=self.base_id)
         )
         self.script.chmod(0o755)
 

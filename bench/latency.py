@@ -33,6 +33,11 @@ once and their changes alternating (the order rotates each round), `--changes` e
   validates nothing;
 - upstream: the new config renamed in, then SIGHUP to the restarter; SIGHUP to served.
 
+Each daemon's ratio of medians to upstream's is printed with a 95% bootstrap interval
+(the rounds resampled as pairs) and the median of the rounds' own ratios: the daemon's
+lead to the script's exec (1-2 ms, `exec_split.py`) is smaller than the spread of
+Envoy's own start, so whether a run's ratio is above or below 1.0 needs that interval.
+
 Every daemon here gets its own `--state-dir` and `--control-socket` in its temp
 directory (generations on, as shipped, without sharing /var/lib or /run between them).
 
@@ -46,7 +51,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import random
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -83,6 +90,7 @@ STEP_TIMEOUT_S: Final = 30.0
 UPSTREAM: Final = REPO / "bench" / "upstream" / "hot-restarter.py"
 SIDE_DEBOUNCE_S: Final = 0.05  # what the side-by-side daemons are told to wait
 DEFAULT_DEBOUNCE_S: Final = 0.3  # the daemon's own default (settings.py)
+BOOTSTRAP: Final = 2000  # resamples for the side-by-side ratio's interval
 
 
 @dataclass(frozen=True, slots=True)
@@ -423,6 +431,32 @@ def ratio(contenders: list[Contender], name: str) -> float | None:
     return None if upstream is None or daemon is None else daemon / upstream
 
 
+def paired(contenders: list[Contender], name: str) -> dict[str, float] | None:
+    """The same comparison round by round: the median of each round's daemon/upstream
+    ratio, and a 95% bootstrap interval of the ratio of medians (rounds resampled as
+    pairs, a fixed seed). Envoy's own start varies by more than the daemon's margin
+    (about 2 ms of ~50-100), so one ratio of medians falls either side of 1.0 from run
+    to run; the interval says whether a run's verdict is more than that noise."""
+    by_name = {c.name: c.reactions for c in contenders}
+    daemon, upstream = by_name.get(name), by_name.get("upstream hot-restarter.py")
+    if not daemon or not upstream or len(daemon) != len(upstream):
+        return None
+    pairs = list(zip(daemon, upstream, strict=True))
+    draw = random.Random(16)
+    resampled = sorted(
+        _ratio_of_medians([draw.choice(pairs) for _ in pairs]) for _ in range(BOOTSTRAP)
+    )
+    return {
+        "median_of_round_ratios": statistics.median(d / u for d, u in pairs),
+        "ratio_of_medians_ci95_low": resampled[int(0.025 * BOOTSTRAP)],
+        "ratio_of_medians_ci95_high": resampled[int(0.975 * BOOTSTRAP) - 1],
+    }
+
+
+def _ratio_of_medians(pairs: list[tuple[float, float]]) -> float:
+    return statistics.median(d for d, _ in pairs) / statistics.median(u for _, u in pairs)
+
+
 # -- output ------------------------------------------------------------------------------
 def phase_tables(runs: list[Run]) -> tuple[list[list[str]], list[list[str]]]:
     rows: list[list[str]] = []
@@ -462,8 +496,19 @@ def print_side_by_side(contenders: list[Contender], changes: int) -> dict[str, J
     ):
         value = ratio(contenders, name)
         result[key] = value
-        if value is not None:
-            print(f"ratio of medians, {name} / upstream: {value:.2f}")
+        if value is None:
+            continue
+        print(f"ratio of medians, {name} / upstream: {value:.3f}", end="")
+        by_round = paired(contenders, name)
+        result[f"{key}_paired"] = dict(by_round) if by_round else None
+        if by_round:
+            print(
+                f" (95% interval {by_round['ratio_of_medians_ci95_low']:.3f}"
+                f"-{by_round['ratio_of_medians_ci95_high']:.3f};"
+                f" median of round ratios {by_round['median_of_round_ratios']:.3f})",
+                end="",
+            )
+        print()
     return result
 
 
