@@ -143,10 +143,18 @@ class Lineage:
             self._warn_write(f"cannot write history: {err.strerror or err}")
 
     def started(self, config: ConfigGeneration | None, epoch: int) -> None:
-        """After the spawn: the snapshot it names is made durable now, off the path
-        from a change to its start (`GenerationStore.sync`)."""
+        """After the spawn. Nothing is written here: four fsyncs (the snapshot, its
+        directory, the history and its directory) right after the spawn shared the two
+        cores with the Envoy starting, which then served ~1 ms later (bench/README.md,
+        issue 16 goal 4). The start's outcome (`record`: LIVE, probation, a failure)
+        makes the snapshot durable and then the history that names it; `sync` covers a
+        LIVE that records nothing, and closing the store a stop in between."""
         if config is not None:
             self.last_started = config
+
+    def sync(self) -> None:
+        """What `pin` wrote, made durable (`GenerationStore.sync`): a no-op once a
+        record after the start did it."""
         store = self._store
         if store is None:
             return

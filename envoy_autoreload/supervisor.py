@@ -537,6 +537,7 @@ class Supervisor:
         self._launcher.went_live(gen)
         self._rollbacks.on_live(gen)
         self._probation.on_live(gen)
+        self._lineage.sync()  # durable once LIVE, not while Envoy starts (lineage.py)
         self._ever_served = True
         self._triggers.abandoned_digest = None
         self._planner.hot_failures = 0

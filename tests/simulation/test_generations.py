@@ -264,3 +264,24 @@ def test_a_slow_next_start_does_not_fail_the_generation_on_probation(
     sim.advance(3.0)
     assert serving_content(sim) == slow, "the slow push is not what serves"
     assert sim.outcome(on_probation) is not Outcome.FAILED
+
+
+def test_a_start_reaches_the_disk_once_live_not_while_envoy_starts(
+    sims: list[Simulation],
+) -> None:
+    """Issue 16, goal 4: four fsyncs right after the spawn shared the two cores with the
+    starting Envoy. The history names a config once its start resolved (here LIVE, on
+    probation), and only after its snapshot's bytes are on disk."""
+    sim = settled(sims)
+    history = sim.store.state_dir / "history.json"  # type: ignore[union-attr]
+    slow = Content(sim.next_version, init_s=1.0)
+    sim.next_version += 1
+    sim.revert_to(slow)
+    sha = hashlib.sha256(repr(slow).encode()).hexdigest()
+    sim.advance(1.0)
+    assert sim.supervisor.roster.starting() is not None, "the push is not starting"
+    assert sha not in history.read_text(), "written while its Envoy starts"
+    sim.advance(1.5)
+    assert serving_content(sim) == slow
+    assert sha in history.read_text(), "LIVE, and still not in the history on disk"
+    assert sim.outcome(slow) is Outcome.PROBATION

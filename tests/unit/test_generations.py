@@ -60,8 +60,9 @@ def test_snapshot_is_read_only_and_byte_for_byte(store: GenerationStore) -> None
 
 def test_a_snapshot_is_recorded_once_synced_and_at_close(state: Path) -> None:
     """Pinning writes the snapshot without waiting for the disk (a restart's critical
-    path); the start that follows syncs it, and so does closing the store: either way a
-    later daemon's history names it, and never before its bytes were synced."""
+    path); the start's outcome syncs it (LIVE: `Lineage.sync`), and so does closing the
+    store: either way a later daemon's history names it, and never before its bytes
+    were synced."""
     with GenerationStore.open(state, keep=3, suffix=".yaml") as store:
         first = store.snapshot(CONFIG)
         assert not (state / "history.json").exists(), "nothing written before the start"
