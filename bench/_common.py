@@ -28,6 +28,7 @@ import json
 import math
 import os
 import platform
+import random
 import shutil
 import signal
 import socket
@@ -279,6 +280,32 @@ def summary(samples: Sequence[float]) -> dict[str, float]:
         "min": min(samples),
         "max": max(samples),
     }
+
+
+BOOTSTRAP: Final = 2000  # resamples for a paired ratio's interval
+
+
+def paired_ratio(numer: Sequence[float], denom: Sequence[float]) -> dict[str, float]:
+    """Two subjects measured by turns, sample i of each in round i: the ratio of their
+    medians, the median of the rounds' own ratios, and a 95% bootstrap interval of the
+    ratio of medians (the rounds resampled as pairs, a fixed seed). One ratio of medians
+    moves by a few percent from run to run on this machine; the interval says whether a
+    run's verdict is more than that."""
+    pairs = list(zip(numer, denom, strict=True))
+    draw = random.Random(16)
+    resampled = sorted(
+        _ratio_of_medians([draw.choice(pairs) for _ in pairs]) for _ in range(BOOTSTRAP)
+    )
+    return {
+        "ratio_of_medians": _ratio_of_medians(pairs),
+        "median_of_round_ratios": statistics.median(n / d for n, d in pairs),
+        "ci95_low": resampled[int(0.025 * BOOTSTRAP)],
+        "ci95_high": resampled[int(0.975 * BOOTSTRAP) - 1],
+    }
+
+
+def _ratio_of_medians(pairs: list[tuple[float, float]]) -> float:
+    return statistics.median(n for n, _ in pairs) / statistics.median(d for _, d in pairs)
 
 
 def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

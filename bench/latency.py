@@ -51,9 +51,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import random
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -73,6 +71,7 @@ from _common import (
     environment,
     format_table,
     number,
+    paired_ratio,
     parse_ts,
     shm_path,
     stop_on_sigterm,
@@ -90,7 +89,6 @@ STEP_TIMEOUT_S: Final = 30.0
 UPSTREAM: Final = REPO / "bench" / "upstream" / "hot-restarter.py"
 SIDE_DEBOUNCE_S: Final = 0.05  # what the side-by-side daemons are told to wait
 DEFAULT_DEBOUNCE_S: Final = 0.3  # the daemon's own default (settings.py)
-BOOTSTRAP: Final = 2000  # resamples for the side-by-side ratio's interval
 
 
 @dataclass(frozen=True, slots=True)
@@ -432,29 +430,14 @@ def ratio(contenders: list[Contender], name: str) -> float | None:
 
 
 def paired(contenders: list[Contender], name: str) -> dict[str, float] | None:
-    """The same comparison round by round: the median of each round's daemon/upstream
-    ratio, and a 95% bootstrap interval of the ratio of medians (rounds resampled as
-    pairs, a fixed seed). Envoy's own start varies by more than the daemon's margin
-    (about 2 ms of ~50-100), so one ratio of medians falls either side of 1.0 from run
-    to run; the interval says whether a run's verdict is more than that noise."""
+    """The same comparison round by round (`paired_ratio`): Envoy's own start varies by
+    more than the daemon's margin (about 2 ms of ~50-100), so one ratio of medians
+    falls either side of 1.0 from run to run."""
     by_name = {c.name: c.reactions for c in contenders}
     daemon, upstream = by_name.get(name), by_name.get("upstream hot-restarter.py")
     if not daemon or not upstream or len(daemon) != len(upstream):
         return None
-    pairs = list(zip(daemon, upstream, strict=True))
-    draw = random.Random(16)
-    resampled = sorted(
-        _ratio_of_medians([draw.choice(pairs) for _ in pairs]) for _ in range(BOOTSTRAP)
-    )
-    return {
-        "median_of_round_ratios": statistics.median(d / u for d, u in pairs),
-        "ratio_of_medians_ci95_low": resampled[int(0.025 * BOOTSTRAP)],
-        "ratio_of_medians_ci95_high": resampled[int(0.975 * BOOTSTRAP) - 1],
-    }
-
-
-def _ratio_of_medians(pairs: list[tuple[float, float]]) -> float:
-    return statistics.median(d for d, _ in pairs) / statistics.median(u for _, u in pairs)
+    return paired_ratio(daemon, upstream)
 
 
 # -- output ------------------------------------------------------------------------------
@@ -503,8 +486,8 @@ def print_side_by_side(contenders: list[Contender], changes: int) -> dict[str, J
         result[f"{key}_paired"] = dict(by_round) if by_round else None
         if by_round:
             print(
-                f" (95% interval {by_round['ratio_of_medians_ci95_low']:.3f}"
-                f"-{by_round['ratio_of_medians_ci95_high']:.3f};"
+                f" (95% interval {by_round['ci95_low']:.3f}"
+                f"-{by_round['ci95_high']:.3f};"
                 f" median of round ratios {by_round['median_of_round_ratios']:.3f})",
                 end="",
             )
