@@ -37,6 +37,8 @@ Each daemon's ratio of medians to upstream's is printed with a 95% bootstrap int
 (the rounds resampled as pairs) and the median of the rounds' own ratios: the daemon's
 lead to the script's exec (1-2 ms, `exec_split.py`) is smaller than the spread of
 Envoy's own start, so whether a run's ratio is above or below 1.0 needs that interval.
+It does not cover what differs between two families as such: two identical daemons
+side by side (`restart_ab.py --before` this checkout) came out up to 3% apart.
 
 Every daemon here gets its own `--state-dir` and `--control-socket` in its temp
 directory (generations on, as shipped, without sharing /var/lib or /run between them).

@@ -14,6 +14,12 @@ The figure is rename to served minus the `--debounce` each daemon was told to wa
 
 Prints the medians and the ratio this/before with its 95% interval (`paired_ratio`);
 writes bench/results/restart_ab.json (every sample, both commits, the environment).
+
+The interval covers the spread from round to round, not a difference between the two
+families themselves (ports, base id, where their Envoys run): A/A runs, `--before`
+this same checkout, gave 0.997 (0.977-1.013) and 1.032 (0.994-1.055) here
+(`--results restart_aa`), and 0.977 (0.967-0.999) with an earlier script. A difference
+of 3% or less is not shown by one run.
 """
 
 from __future__ import annotations
@@ -131,6 +137,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=40, help="changes of each, by turns")
     parser.add_argument("--envoy", type=Path, default=ENVOY_BIN, help="the Envoy binary")
     parser.add_argument("--debounce", type=float, default=0.05, help="both daemons' --debounce")
+    parser.add_argument(
+        "--results", default="restart_ab", help="bench/results/NAME.json (default restart_ab)"
+    )
     parser.add_argument("options", nargs="*", help="more daemon options, after --")
     args = parser.parse_args()
     stop_on_sigterm()
@@ -159,7 +168,7 @@ def main() -> int:
         "this_over_before": dict(verdict),
         "environment": env,
     }
-    print(f"wrote {write_results('restart_ab', payload)}")
+    print(f"wrote {write_results(args.results, payload)}")
     return 0
 
 
