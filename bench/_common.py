@@ -291,16 +291,32 @@ def paired_ratio(numer: Sequence[float], denom: Sequence[float]) -> dict[str, fl
     ratio of medians (the rounds resampled as pairs, a fixed seed). One ratio of medians
     moves by a few percent from run to run on this machine; the interval says whether a
     run's verdict is more than that."""
-    pairs = list(zip(numer, denom, strict=True))
+    return sessions_ratio([(numer, denom)])
+
+
+def sessions_ratio(
+    sessions: Sequence[tuple[Sequence[float], Sequence[float]]],
+) -> dict[str, float]:
+    """`paired_ratio` over several sessions, each with families of its own: the rounds
+    pooled, and the interval a two-level bootstrap (the sessions resampled, then the
+    rounds within each). Two identical daemons side by side differed by up to 3% in one
+    session, more than resampling its rounds covers (`restart_ab.py`'s A/A runs): a
+    family's own luck. Across sessions it is in the interval, as it is in the data."""
+    groups = [list(zip(numer, denom, strict=True)) for numer, denom in sessions]
+    pairs = [pair for group in groups for pair in group]
     draw = random.Random(16)
-    resampled = sorted(
-        _ratio_of_medians([draw.choice(pairs) for _ in pairs]) for _ in range(BOOTSTRAP)
-    )
+
+    def resample() -> list[tuple[float, float]]:
+        chosen = groups if len(groups) == 1 else [draw.choice(groups) for _ in groups]
+        return [draw.choice(group) for group in chosen for _ in group]
+
+    resampled = sorted(_ratio_of_medians(resample()) for _ in range(BOOTSTRAP))
     return {
         "ratio_of_medians": _ratio_of_medians(pairs),
         "median_of_round_ratios": statistics.median(n / d for n, d in pairs),
         "ci95_low": resampled[int(0.025 * BOOTSTRAP)],
         "ci95_high": resampled[int(0.975 * BOOTSTRAP) - 1],
+        "sessions": float(len(groups)),
     }
 
 

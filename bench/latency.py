@@ -43,7 +43,13 @@ side by side (`restart_ab.py --before` this checkout) came out up to 3% apart.
 Every daemon here gets its own `--state-dir` and `--control-socket` in its temp
 directory (generations on, as shipped, without sharing /var/lib or /run between them).
 
+With `--sessions N` the side-by-side run is done N times, each on fresh families (new
+daemons, Envoys, base ids and ports; the base ids handed out shifted by one each time),
+and the interval resamples the sessions as well as their rounds (`sessions_ratio`):
+what one family's luck adds is then in it.
+
     .venv/bin/python bench/latency.py [--changes 20] [--runs all|default|side-by-side]
+        [--sessions 1] [--subjects shipped validating novalidate upstream]
 
 Prints tables and writes bench/results/latency.json (raw samples + environment).
 """
@@ -73,8 +79,8 @@ from _common import (
     environment,
     format_table,
     number,
-    paired_ratio,
     parse_ts,
+    sessions_ratio,
     shm_path,
     stop_on_sigterm,
     summary,
@@ -383,8 +389,14 @@ def change_contender(contender: Contender, index: int) -> None:
     contender.reactions.append(sample.total - contender.debounce_s)
 
 
-def make_contenders(envoy: Path, no_validate: bool) -> list[Contender]:
-    """The subjects, each with its own family (base id, ports, temp directory)."""
+SUBJECTS: Final = ("shipped", "validating", "novalidate", "upstream")
+
+
+def make_contenders(
+    envoy: Path, no_validate: bool, subjects: tuple[str, ...] = SUBJECTS, rotate: int = 0
+) -> list[Contender]:
+    """The subjects (by tag), each with its own family (base id, ports, temp directory);
+    `rotate` shifts which subject gets which of the base ids picked."""
     fast = ("--debounce", str(SIDE_DEBOUNCE_S))
     wanted: list[tuple[str, str, tuple[str, ...] | None]] = [
         ("daemon as shipped", "shipped", ()),
@@ -393,8 +405,13 @@ def make_contenders(envoy: Path, no_validate: bool) -> list[Contender]:
     ]
     if no_validate:
         wanted.insert(2, ("daemon --no-validate", "novalidate", (*fast, "--no-validate")))
+    wanted = [w for w in wanted if w[1] in subjects]
+    base_ids = pick_base_ids(len(wanted))
+    shift = rotate % len(base_ids)
     contenders: list[Contender] = []
-    for base_id, (name, tag, options) in zip(pick_base_ids(len(wanted)), wanted, strict=True):
+    for base_id, (name, tag, options) in zip(
+        base_ids[shift:] + base_ids[:shift], wanted, strict=True
+    ):
         family = BenchFamily(base_id, envoy=envoy)
         debounce_s = DEFAULT_DEBOUNCE_S if options == () else SIDE_DEBOUNCE_S
         if options is not None:
@@ -403,24 +420,68 @@ def make_contenders(envoy: Path, no_validate: bool) -> list[Contender]:
     return contenders
 
 
-def side_by_side(changes: int, envoy: Path, no_validate: bool) -> list[Contender]:
-    """All contenders up at once, their changes alternating, the order rotating each
-    round (no subject always follows the same one). Always cleans up."""
-    contenders: list[Contender] = []
-    try:
-        contenders = make_contenders(envoy, no_validate)
-        for contender in contenders:
-            start_contender(contender)
-        for index in range(1, changes + 1):
-            shift = index % len(contenders)
-            for contender in contenders[shift:] + contenders[:shift]:
-                change_contender(contender, index)
-            figures = ", ".join(f"{c.tag} {c.reactions[-1] * 1000:6.1f}" for c in contenders)
-            print(f"  [side by side] round {index:>3}/{changes}: {figures} ms", flush=True)
-        return contenders
-    finally:
-        for contender in contenders:
-            contender.family.close()
+@dataclass(frozen=True, slots=True)
+class SideBySide:
+    """What the side-by-side run measured: each session's contenders (fresh families,
+    daemons and Envoys per session), and all of a subject's rounds pooled."""
+
+    sessions: list[list[Contender]]
+
+    @property
+    def pooled(self) -> list[Contender]:
+        first = self.sessions[0]
+        return [
+            dataclasses.replace(
+                contender,
+                reactions=[r for s in self.sessions for r in s[i].reactions],
+                samples=[x for s in self.sessions for x in s[i].samples],
+            )
+            for i, contender in enumerate(first)
+        ]
+
+    def per_session(self, name: str) -> list[tuple[list[float], list[float]]]:
+        """(the daemon's, upstream's) rounds of each session where both ran."""
+        pairs = []
+        for session in self.sessions:
+            by_name = {c.name: c.reactions for c in session}
+            daemon, upstream = by_name.get(name), by_name.get("upstream hot-restarter.py")
+            if daemon and upstream and len(daemon) == len(upstream):
+                pairs.append((daemon, upstream))
+        return pairs
+
+
+def side_by_side(
+    changes: int,
+    envoy: Path,
+    no_validate: bool,
+    sessions: int = 1,
+    subjects: tuple[str, ...] = SUBJECTS,
+) -> SideBySide:
+    """`sessions` times: all contenders up at once on fresh families, their changes
+    alternating, the order rotating each round (no subject always follows the same
+    one). Each session hands the base ids out shifted by one. Always cleans up."""
+    done: list[list[Contender]] = []
+    for session in range(sessions):
+        contenders: list[Contender] = []
+        try:
+            contenders = make_contenders(envoy, no_validate, subjects, rotate=session)
+            for contender in contenders:
+                start_contender(contender)
+            for index in range(1, changes + 1):
+                shift = index % len(contenders)
+                for contender in contenders[shift:] + contenders[:shift]:
+                    change_contender(contender, index)
+                figures = ", ".join(f"{c.tag} {c.reactions[-1] * 1000:6.1f}" for c in contenders)
+                print(
+                    f"  [side by side, session {session + 1}/{sessions}]"
+                    f" round {index:>3}/{changes}: {figures} ms",
+                    flush=True,
+                )
+            done.append(contenders)
+        finally:
+            for contender in contenders:
+                contender.family.close()
+    return SideBySide(done)
 
 
 def ratio(contenders: list[Contender], name: str) -> float | None:
@@ -431,15 +492,12 @@ def ratio(contenders: list[Contender], name: str) -> float | None:
     return None if upstream is None or daemon is None else daemon / upstream
 
 
-def paired(contenders: list[Contender], name: str) -> dict[str, float] | None:
-    """The same comparison round by round (`paired_ratio`): Envoy's own start varies by
-    more than the daemon's margin (about 2 ms of ~50-100), so one ratio of medians
+def paired(side: SideBySide, name: str) -> dict[str, float] | None:
+    """The same comparison round by round (`sessions_ratio`): Envoy's own start varies
+    by more than the daemon's margin (about 2 ms of ~50-100), so one ratio of medians
     falls either side of 1.0 from run to run."""
-    by_name = {c.name: c.reactions for c in contenders}
-    daemon, upstream = by_name.get(name), by_name.get("upstream hot-restarter.py")
-    if not daemon or not upstream or len(daemon) != len(upstream):
-        return None
-    return paired_ratio(daemon, upstream)
+    per_session = side.per_session(name)
+    return sessions_ratio(per_session) if per_session else None
 
 
 # -- output ------------------------------------------------------------------------------
@@ -460,7 +518,8 @@ def phase_tables(runs: list[Run]) -> tuple[list[list[str]], list[list[str]]]:
     return rows, detail_rows
 
 
-def print_side_by_side(contenders: list[Contender], changes: int) -> dict[str, Json]:
+def print_side_by_side(side: SideBySide, changes: int) -> dict[str, Json]:
+    contenders = side.pooled
     header = ["subject", "measures", "median", "p95", "min", "max"]
     rows = [
         [
@@ -470,10 +529,15 @@ def print_side_by_side(contenders: list[Contender], changes: int) -> dict[str, J
         ]
         for c in contenders
     ]
+    sessions = len(side.sessions)
     print()
-    print(f"Side by side, alternating ({changes} changes each), ms")
+    print(
+        f"Side by side, alternating ({changes} changes each"
+        + (f", in each of {sessions} sessions of fresh families" if sessions > 1 else "")
+        + "), ms"
+    )
     print(format_table(header, rows))
-    result: dict[str, Json] = {}
+    result: dict[str, Json] = {"sessions": sessions}
     for name, key in (
         ("daemon --no-validate", "ratio_no_validate"),
         ("daemon validating", "ratio_validating"),
@@ -484,7 +548,7 @@ def print_side_by_side(contenders: list[Contender], changes: int) -> dict[str, J
         if value is None:
             continue
         print(f"ratio of medians, {name} / upstream: {value:.3f}", end="")
-        by_round = paired(contenders, name)
+        by_round = paired(side, name)
         result[f"{key}_paired"] = dict(by_round) if by_round else None
         if by_round:
             print(
@@ -494,6 +558,10 @@ def print_side_by_side(contenders: list[Contender], changes: int) -> dict[str, J
                 end="",
             )
         print()
+        if sessions > 1:
+            each = [ratio(session, name) for session in side.sessions]
+            result[f"{key}_by_session"] = [*each]
+            print("  by session: " + ", ".join("-" if r is None else f"{r:.3f}" for r in each))
     return result
 
 
@@ -507,10 +575,23 @@ def main() -> int:
         default="all",
         help="the default-debounce run, the side-by-side run against upstream, or both",
     )
+    parser.add_argument(
+        "--sessions",
+        type=int,
+        default=1,
+        help="side by side: this many sessions, each on fresh families (default 1)",
+    )
+    parser.add_argument(
+        "--subjects",
+        nargs="+",
+        choices=SUBJECTS,
+        default=list(SUBJECTS),
+        help="side by side: who runs (upstream always does)",
+    )
     args = parser.parse_args()
     stop_on_sigterm()
-    if args.changes < 1:
-        parser.error("--changes must be at least 1")
+    if args.changes < 1 or args.sessions < 1:
+        parser.error("--changes and --sessions must be at least 1")
 
     env = environment(args.envoy)
     no_validate = daemon_has_option("--no-validate")
@@ -518,16 +599,17 @@ def main() -> int:
     runs: list[Run] = []
     if args.runs in ("all", "default"):
         runs.append(run(args.changes, None, args.envoy))
-    contenders: list[Contender] = []
+    side: SideBySide | None = None
     if args.runs in ("all", "side-by-side"):
-        contenders = side_by_side(args.changes, args.envoy, no_validate)
-        runs += [c.run() for c in contenders if not c.is_upstream]
-    report(args.changes, env, runs, contenders)
+        subjects = tuple({*args.subjects, "upstream"})
+        side = side_by_side(args.changes, args.envoy, no_validate, args.sessions, subjects)
+        runs += [c.run() for c in side.pooled if not c.is_upstream]
+    report(args.changes, env, runs, side)
     return 0
 
 
 def report(
-    changes: int, env: dict[str, Json], runs: list[Run], contenders: list[Contender]
+    changes: int, env: dict[str, Json], runs: list[Run], side_run: SideBySide | None
 ) -> None:
     env["loadavg_at_end"] = [*os.getloadavg()]
     rows, detail_rows = phase_tables(runs)
@@ -542,9 +624,9 @@ def report(
     if extra:
         print(f"\nNOTE: {len(extra)} change(s) did not make exactly one request and one restart")
     side: dict[str, Json] = {}
-    if contenders:
-        side = print_side_by_side(contenders, changes)
-        side["contenders"] = [c.to_json() for c in contenders]
+    if side_run is not None:
+        side = print_side_by_side(side_run, changes)
+        side["contenders"] = [c.to_json() for c in side_run.pooled]
     print(f"\nload average at start {env['loadavg_at_start']}, at end {env['loadavg_at_end']}")
     path = write_results(
         "latency",
