@@ -36,7 +36,7 @@ import time
 import weakref
 from collections.abc import Callable
 from pathlib import Path
-from typing import Final
+from typing import Final, cast
 
 from envoy_autoreload.envoy_process import EnvoyProcess, executable_of, live_group_members
 from envoy_autoreload.logs import write_stderr
@@ -387,7 +387,6 @@ class AdoptedChild(_Child):
 
 
 PR_SET_PDEATHSIG: Final = 1
-YIELD_TO_SCRIPT_S: Final = 0.0002  # the loop's pause once the standby is fired
 
 
 def _dies_with_the_daemon() -> Callable[[], None] | None:
@@ -495,6 +494,61 @@ def _popen(argv: list[str], env: dict[str, str], preexec: Callable[[], None] | N
     return ScriptChild(process, read_end)
 
 
+class CpuHandoff:
+    """The CPU a fired standby was woken on, left to it for the rest of the turn.
+
+    A pipe's reader is woken on the writer's CPU (a sync wakeup: the writer is expected
+    to sleep), but the rest of the turn that fired it is ~1 ms of bookkeeping. With
+    `sched_yield` the script went first (2.5 ms after the burst's deadline, not 3.2)
+    and then shared the CPU with that bookkeeping: the PyPI launcher's 16 ms of Python
+    lost ~1 ms to us (perf sched_switch, 2 cores; issue 16). A short sleep instead let
+    the timer's wakeup put us back on the script's CPU whenever the other one was busy
+    (the script's exec 2.1 ms after the deadline instead of 1.1). So, while a start
+    fired ahead waits for those steps, the loop's thread moves itself off that CPU (its
+    own affinity: every other CPU it may use); `restore` when the steps take it or
+    drop it (`spawn`, `discard_fired` at the end of every event's steps, `release`) and
+    before any spawn of ours, which would inherit the narrower set. Nothing else
+    changes: the script, Envoy and our other threads keep theirs. One CPU only, or a
+    kernel that refuses: nothing is done."""
+
+    def __init__(self) -> None:
+        self._saved: set[int] | None = None
+        self._getcpu = _sched_getcpu()
+
+    def leave(self) -> None:
+        if self._saved is not None or self._getcpu is None:
+            return
+        try:
+            allowed = os.sched_getaffinity(0)
+            here = self._getcpu()
+            others = allowed - {here}
+            if here not in allowed or not others:
+                return
+            os.sched_setaffinity(0, others)
+        except OSError:
+            return
+        self._saved = allowed
+
+    def restore(self) -> None:
+        saved, self._saved = self._saved, None
+        if saved is not None:
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(0, saved)
+
+
+def _sched_getcpu() -> Callable[[], int] | None:
+    """glibc's `sched_getcpu` (the CPU this thread runs on); None off Linux."""
+    if not sys.platform.startswith("linux") or not hasattr(os, "sched_setaffinity"):
+        return None
+    try:
+        getcpu = ctypes.CDLL(None, use_errno=True).sched_getcpu
+    except (OSError, AttributeError):
+        return None
+    getcpu.restype = ctypes.c_int
+    getcpu.argtypes = []
+    return cast(Callable[[], int], getcpu)
+
+
 class ScriptSpawner:
     """Runs the start script; the real `Processes` of `ports.py`.
 
@@ -531,6 +585,7 @@ class ScriptSpawner:
         # (epoch, snapshot, child) fired ahead (`ready_start.py`), until `spawn` takes it.
         self._fired: tuple[int, Path | None, ScriptChild] | None = None
         self._discarded: int | None = None  # a fired child killed, not yet reported
+        self._cpu = CpuHandoff()
 
     def reap_strays(self, ours: set[int]) -> None:
         if self._standby is not None and self._standby.process.poll() is not None:
@@ -554,6 +609,7 @@ class ScriptSpawner:
         """At a quiet moment: a standby for the next spawn (standby.py), if the script is
         the file last exec'd the exact way and our environment survives the shell.
         Never raises: without one, the next spawn takes the usual way."""
+        self._cpu.restore()  # make_standby spawns
         identity = _file_identity(self._start_script)
         if self._standby_is_for(identity):
             return
@@ -588,6 +644,7 @@ class ScriptSpawner:
 
     def release(self) -> None:
         """Before a re-exec and on the way out: no standby left behind, all reaped."""
+        self._cpu.restore()
         if self._fired is not None:
             self._discard(self._fired[2])
         self._drop_standby()
@@ -611,15 +668,6 @@ class ScriptSpawner:
         current = identity is not None and identity == self._proven == standby.identity
         path = str(snapshot) if snapshot is not None else None
         if current and standby.argv == self._argv() and standby.fire(epoch, path):
-            # A pipe's reader is woken on the writer's CPU (a sync wakeup: the writer is
-            # expected to sleep), and the rest of our turn is bookkeeping: the script
-            # must go first, and keep that CPU. `sched_yield` let it go first (2.5 ms
-            # after the burst's deadline, not 3.2), but the turn then shared the CPU
-            # with it: the PyPI launcher's 16 ms of Python lost ~1 ms to us (perf
-            # sched_switch, 2 cores). A short sleep gives the CPU up, and the timer's
-            # wakeup (not a sync one) lands us on an idle CPU where there is one: the
-            # script's segment (its exec to the binary's) 17.5 -> 16.5 ms (issue 16).
-            time.sleep(YIELD_TO_SCRIPT_S)
             return ScriptChild(standby.process, standby.stderr_fd)
         standby.drop()
         self._dropped.append(standby.process)
@@ -633,6 +681,9 @@ class ScriptSpawner:
         child = self._from_standby(_file_identity(self._start_script), epoch, snapshot)
         if child is None:
             return False
+        # The steps that decide the start follow in this turn (`ready_start.py`): the
+        # script keeps the CPU it was woken on until they end (CpuHandoff).
+        self._cpu.leave()
         self._fired = (epoch, snapshot, child)
         return True
 
@@ -652,6 +703,7 @@ class ScriptSpawner:
         return self._fired is not None and self._fired[0] == epoch
 
     def discard_fired(self) -> int | None:
+        self._cpu.restore()  # the end of the steps that took (or did not take) it
         if self._fired is not None:
             self._discard(self._fired[2])
         pid, self._discarded = self._discarded, None
@@ -676,6 +728,7 @@ class ScriptSpawner:
         """Exec the start script directly with RESTART_EPOCH and the config snapshot it is
         to start (ENVOY_AUTORELOAD_SNAPSHOT, never set in our own environment); raises
         OSError if exec fails. The child fired ahead, if it is exactly this start."""
+        self._cpu.restore()  # no child of ours inherits the narrower set
         fired = self._fired
         if fired is not None and fired[:2] == (epoch, snapshot):
             self._fired = None
@@ -685,6 +738,9 @@ class ScriptSpawner:
         identity = _file_identity(self._start_script)
         ready = self._from_standby(identity, epoch, snapshot)
         if ready is not None:
+            # The script goes first: it was woken on our CPU (see CpuHandoff), and
+            # what is left of the turn after a spawn is short.
+            os.sched_yield()
             return ready
         env = {**self._environment(), "RESTART_EPOCH": str(epoch)}
         if snapshot is not None:

@@ -282,3 +282,55 @@ def test_a_start_fired_ahead_and_not_decided_is_killed_and_reported(
 
     wait_until(reaped, timeout_s=10, what="the fired child killed and reaped")
     assert spawner.discard_fired() is None, "reported once"
+
+
+def _thread_cpus() -> set[int]:
+    return os.sched_getaffinity(0)
+
+
+def _process_cpus(pid: int) -> set[int]:
+    return os.sched_getaffinity(pid)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to hand one over")
+def test_a_fired_standby_keeps_the_cpu_it_was_woken_on_until_the_steps_end(
+    sleeper: Path, children: list[ScriptChild]
+) -> None:
+    """The write wakes the script on our CPU; our thread moves off it until the turn's
+    steps end (`CpuHandoff`). The script, and any child we spawn, keep every CPU."""
+    everything = _thread_cpus()
+    spawner = ScriptSpawner(sleeper, ("30",))
+    try:
+        children.append(spawner.spawn(0))
+        spawner.prepare()
+        standby = spawner.standby_pid
+        assert standby is not None and spawner.fire_ahead(1, Path("/tmp/a.yaml"))
+        narrowed = _thread_cpus()
+        assert narrowed < everything, "still on every CPU after the fire"
+        assert _process_cpus(standby) == everything, "the script must keep every CPU"
+        other = spawner.spawn(2, Path("/tmp/b.yaml"))  # not the start fired: a direct spawn
+        children.append(other)
+        assert _thread_cpus() == everything, "a spawn inherits the narrower set"
+        assert _process_cpus(other.pid) == everything
+        assert spawner.discard_fired() == standby
+    finally:
+        spawner.release()
+        os.sched_setaffinity(0, everything)  # whatever happened, not the next test's
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to hand one over")
+def test_the_end_of_the_steps_gives_every_cpu_back(
+    sleeper: Path, children: list[ScriptChild]
+) -> None:
+    everything = _thread_cpus()
+    spawner = ScriptSpawner(sleeper, ("30",))
+    try:
+        children.append(spawner.spawn(0))
+        spawner.prepare()
+        assert spawner.fire_ahead(1, Path("/tmp/a.yaml"))
+        children.append(spawner.spawn(1, Path("/tmp/a.yaml")))  # taken: the steps' start
+        assert spawner.discard_fired() is None  # the end of the turn's steps
+        assert _thread_cpus() == everything
+    finally:
+        spawner.release()
+        os.sched_setaffinity(0, everything)
