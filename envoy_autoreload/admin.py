@@ -13,10 +13,21 @@ import http.client
 import json
 from dataclasses import dataclass
 from typing import Final
+from urllib.parse import quote
 
 from envoy_autoreload.addresses import AdminAddress
 
 PROBE_TIMEOUT_S: Final = 0.5
+EPOCH_STAT: Final = "server.hot_restart_epoch"  # a NeverImport gauge: the child's own
+
+
+def stats_path(*names: str) -> str:
+    """Admin's text `/stats`, filtered to exactly these names."""
+    pattern = "^(" + "|".join(name.replace(".", "\\.") for name in names) + ")$"
+    return "/stats?filter=" + quote(pattern, safe="")
+
+
+EPOCH_STATS_PATH: Final = stats_path(EPOCH_STAT)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,3 +103,13 @@ def _server_info_from(body: object) -> ServerInfo | None:
         hot_restart_version=hot_restart_version if isinstance(hot_restart_version, str) else None,
         hot_restart_initializing=initializing if isinstance(initializing, bool) else None,
     )
+
+
+def parse_counter(text: str, name: str) -> int | None:
+    """`name: N` from admin's text stats format, else None."""
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() == name:
+            value = value.strip()
+            return int(value) if value.isascii() and value.isdigit() else None
+    return None

@@ -33,23 +33,17 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import urlsplit, urlunsplit
 
 from envoy_autoreload.addresses import AdminAddress
-from envoy_autoreload.admin import fetch_server_info
+from envoy_autoreload.admin import EPOCH_STAT, fetch_server_info, parse_counter, stats_path
 from envoy_autoreload.signal_mask import signals_blocked
 
 if TYPE_CHECKING:
     from envoy_autoreload.roster import Generation
 
 LISTENER_FAILURES_STAT: Final = "listener_manager.listener_create_failure"
-EPOCH_STAT: Final = "server.hot_restart_epoch"  # a NeverImport gauge: the child's own
-ROUND_STATS_PATH: Final = "/stats?filter=" + quote(
-    "^("
-    + "|".join(name.replace(".", "\\.") for name in (EPOCH_STAT, LISTENER_FAILURES_STAT))
-    + ")$",
-    safe="",
-)
+ROUND_STATS_PATH: Final = stats_path(EPOCH_STAT, LISTENER_FAILURES_STAT)
 _CLOSE_GRACE_S: Final = 0.5  # close() waits at most timeout_s + this for the worker
 
 
@@ -166,16 +160,6 @@ def fetch_admin_facts(address: AdminAddress, timeout_s: float) -> AdminFacts:
         info = fetch_server_info(address, timeout_s)
         state, epoch = (info.state, info.restart_epoch) if info is not None else (None, None)
     return AdminFacts(state, epoch, failures)
-
-
-def parse_counter(text: str, name: str) -> int | None:
-    """`name: N` from admin's text stats format, else None."""
-    for line in text.splitlines():
-        key, sep, value = line.partition(":")
-        if sep and key.strip() == name:
-            value = value.strip()
-            return int(value) if value.isascii() and value.isdigit() else None
-    return None
 
 
 @dataclass(frozen=True, slots=True)

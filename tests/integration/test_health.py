@@ -18,12 +18,12 @@ from typing import TYPE_CHECKING, cast
 import pytest
 
 from envoy_autoreload.addresses import AdminAddress
+from envoy_autoreload.admin import parse_counter
 from envoy_autoreload.health import (
     ROUND_STATS_PATH,
     HealthObservation,
     HealthProber,
     UrlResult,
-    parse_counter,
     parse_health_url,
 )
 
