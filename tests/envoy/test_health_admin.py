@@ -1,6 +1,7 @@
-"""The health prober against the real Envoy's admin: the epoch, LIVE, and the
-listener-failure counter as Envoy writes them (ENVOY_FACTS §15), and a hot-restarted
-child that is still PRE_INITIALIZING."""
+"""Admin's questions against the real Envoy: the health prober's (the epoch, LIVE, and
+the listener-failure counter as Envoy writes them, ENVOY_FACTS §15) and the LIVE
+probe's (`/ready` and the epoch gauge, `/server_info` only for the versions), with a
+hot-restarted child that is still PRE_INITIALIZING."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 from envoy_autoreload.addresses import AdminAddress
+from envoy_autoreload.admin import ServerInfo, fetch_live_state
 from envoy_autoreload.health import ROUND_STATS_PATH, HealthObservation, HealthProber, UrlResult
 from tests.envoy.conftest import ENVOY_BIN, EnvoyFamily, slow_to_initialize
 from tests.helpers import free_port, http_get, wait_until
@@ -120,3 +122,42 @@ def test_a_round_while_the_new_epoch_is_still_pre_initializing(
         envoy_family.shm.unlink(missing_ok=True)
     assert still_initializing == (503, "PRE_INITIALIZING\n"), "too slow to judge: it went LIVE"
     assert observation == HealthObservation(1, children[0].pid, "PRE_INITIALIZING", 1, 0, ())
+
+
+def test_the_live_probe_learns_the_epoch_without_server_info(envoy_family: EnvoyFamily) -> None:
+    """The answering Envoy's own epoch from the gauge once `/ready` says LIVE, through a
+    hot restart, and the versions only when asked for (`/server_info`). (`/ready`'s 503
+    PRE_INITIALIZING of a loading child is the test above.)"""
+    admin = AdminAddress("127.0.0.1", envoy_family.admin_port)
+    envoy_family.write_config("v0")
+    envoys = [_start_envoy(envoy_family, envoy_family.root / "envoy-0.log")]
+    try:
+        live_0 = wait_until(
+            lambda: fetch_live_state(admin, versions=False),
+            timeout_s=20,
+            what="epoch 0 to answer",
+        )
+        with_versions = fetch_live_state(admin, versions=True)
+        envoy_family.write_config("v1")
+        envoys.append(_start_envoy(envoy_family, envoy_family.root / "envoy-1.log", 1))
+        live_1 = wait_until(
+            lambda: (
+                (info := fetch_live_state(admin, versions=False)) is not None
+                and info.restart_epoch == 1
+                and info
+            ),
+            timeout_s=20,
+            what="epoch 1 to answer admin",
+        )
+    finally:
+        _stop(*reversed(envoys))
+        envoy_family.shm.unlink(missing_ok=True)
+    assert live_0 == ServerInfo("LIVE", 0, None, None, None)
+    assert with_versions is not None
+    assert (with_versions.state, with_versions.restart_epoch) == ("LIVE", 0)
+    asked = subprocess.run(
+        [str(ENVOY_BIN), "--hot-restart-version"], capture_output=True, text=True, check=True
+    )
+    assert with_versions.hot_restart_version == (asked.stdout + asked.stderr).strip()
+    assert with_versions.version is not None and "/1.40" in with_versions.version
+    assert live_1 == ServerInfo("LIVE", 1, None, None, None)
