@@ -137,6 +137,7 @@ def to_json(facts: BootstrapFacts) -> str:
             "excluded": None
             if references is None
             else [[str(path), why] for path, why in references.excluded],
+            "relative": None if references is None else list(references.relative),
             "error": facts.error,
         }
     )
@@ -149,7 +150,8 @@ def from_json(text: str, path: Path) -> BootstrapFacts:
     references = None
     if reads is not None:
         excluded = tuple((Path(p), str(why)) for p, why in found["excluded"])
-        references = References(frozenset(Path(p) for p in reads), excluded)
+        relative = tuple(str(name) for name in found["relative"])
+        references = References(frozenset(Path(p) for p in reads), excluded, relative)
     return BootstrapFacts(
         path,
         None if identity is None else (identity[0], identity[1], identity[2], identity[3]),

@@ -21,7 +21,7 @@ from pathlib import Path
 from envoy_autoreload.envoy_config import admin_address_from_config, load_bootstrap
 from envoy_autoreload.errors import AutoreloadError, ConfigError
 from envoy_autoreload.limits import check_limits
-from envoy_autoreload.references import files_envoy_reads
+from envoy_autoreload.references import files_envoy_reads, relative_names_trap
 from envoy_autoreload.settings import Settings
 from envoy_autoreload.settings import check_config as settings_check_config
 from envoy_autoreload.settings import check_start_script as settings_check_start_script
@@ -299,6 +299,24 @@ def check_referenced(settings: Settings, changes: ChangeDetector | None) -> list
     return findings
 
 
+def check_relative_names(settings: Settings) -> list[Finding]:
+    """Relative file names in the config: validated and watched from the daemon's
+    working directory, read by Envoy from its own. --check cannot know Envoy's (a `cd`
+    in the start script moves it); the running daemon says so once it can (LIVE)."""
+    if settings.config is None:
+        return []
+    try:
+        document = load_bootstrap(settings.config)
+    except ConfigError:
+        return []  # the config line says what is wrong with it
+    if not isinstance(document, Mapping):
+        return []
+    names = files_envoy_reads(document, Path.cwd()).relative
+    if not names:
+        return []
+    return [Finding(Status.WARN, "config", relative_names_trap(names, Path.cwd(), None))]
+
+
 def check_watching(settings: Settings, changes: ChangeDetector | None) -> list[Finding]:
     if changes is None:
         return [Finding(Status.OK, "watch", "no --watch: restarts only on SIGHUP (drop-in mode)")]
@@ -342,6 +360,7 @@ def run_check(
     binary_findings, binary = check_binary(settings)
     findings += binary_findings
     findings += check_config(settings, binary)
+    findings += check_relative_names(settings)
     findings += check_state_dir(settings)
     findings += check_referenced(settings, changes)
     findings += check_watching(settings, changes)

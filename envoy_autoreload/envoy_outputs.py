@@ -46,14 +46,15 @@ def paths_envoy_writes(config: Mapping[str, object], base: Path) -> frozenset[Pa
     (`path_envoy_opens`).
     """
     found: set[Path] = set()
-    for raw in _logged_paths(config):
+    for raw in logged_paths(config):
         if raw.startswith(("/dev/", "/proc/")):
             continue  # /dev/stdout, /dev/stderr, /proc/self/fd/1: no file in any tree
         found.add(path_envoy_opens(base, raw))
     return frozenset(found)
 
 
-def _logged_paths(config: Mapping[str, object]) -> Iterator[str]:
+def logged_paths(config: Mapping[str, object]) -> Iterator[str]:
+    """The paths of its access logs as the config writes them (relative ones too)."""
     admin = config.get("admin")
     if isinstance(admin, Mapping):
         legacy = admin.get("access_log_path")

@@ -37,6 +37,7 @@ from envoy_autoreload.hot_restart_shm import (
 )
 from envoy_autoreload.live_probe import ServerInfoAsker
 from envoy_autoreload.logs import log_event
+from envoy_autoreload.references import relative_names_trap
 from envoy_autoreload.roster import Generation
 from envoy_autoreload.settings import Settings
 
@@ -173,6 +174,26 @@ class EnvoyFamily:
             # only a binary --envoy can be compared with /proc/PID/exe.
             found.append(f"--envoy is {envoy_bin} but the start script runs {envoy.exe}")
         return found
+
+    def relative_names_trap(self, gen: Generation) -> str | None:
+        """What to tell the operator when this Envoy runs in another working directory
+        than the daemon and its config names relative paths: the daemon validated and
+        watches them where Envoy does not read them. None when that is not so, or not
+        known (its config not parsed, no /proc)."""
+        envoy, config = gen.envoy, self.config_path(gen)
+        if envoy is None or envoy.cwd is None or config is None or self.bootstrap is None:
+            return None
+        daemon_cwd = Path.cwd()
+        if _real(Path(envoy.cwd)) == _real(daemon_cwd):
+            return None
+        facts = self.bootstrap.latest(config)
+        if facts is None:  # not parsed for its admin (--admin-address): now, or for the next
+            self.bootstrap.request(config)
+            facts = self.bootstrap.latest(config)
+        names = facts.references.relative if facts and facts.references else ()
+        if not names:
+            return None
+        return relative_names_trap(names, daemon_cwd, Path(envoy.cwd))
 
     def admin_address(self, gen: Generation) -> AdminAddress | None:
         """Where `gen`'s admin answers; None when it has none usable, or while its

@@ -14,10 +14,11 @@ import logging
 import os
 import re
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from envoy_autoreload.batches import Batches
-from envoy_autoreload.bootstrap_facts import INLINE_MAX_BYTES, BootstrapFacts
+from envoy_autoreload.bootstrap_facts import INLINE_MAX_BYTES, BootstrapFacts, read_facts
 from envoy_autoreload.digest import Snapshot
 from envoy_autoreload.envoy_binary import BinaryInfo
 from envoy_autoreload.errors import BinaryError, ValidationFailed
@@ -88,7 +89,7 @@ class Gatekeeper:
                 reason = _INITIALIZING_RE.sub("", outcome.message.removeprefix(_FAILED), count=1)
                 raise ValidationFailed(
                     f"the config {self._settings.config} does not validate, so Envoy is not "
-                    f"started: {reason}"
+                    f"started: {reason}{_relative_hint(checked, reason)}"
                 )
 
     def _log_refusal_for_json(self, outcome: PreflightOutcome) -> None:
@@ -317,6 +318,21 @@ class Gatekeeper:
             hot_restart_version=binary.hot_restart_version,
         )
         self.binary = binary
+
+
+def _relative_hint(config: Path | None, reason: str) -> str:
+    """When Envoy's reason names a relative path of the config: where it was looked
+    for. The start script may `cd` elsewhere, where Envoy itself would find it."""
+    if config is None:
+        return ""
+    references = read_facts(config, Path.cwd()).references
+    named = [name for name in (references.relative if references else ()) if name in reason]
+    if not named:
+        return ""
+    return (
+        f" ({', '.join(named[:3])}: relative, so looked for in the daemon's working "
+        f"directory, {Path.cwd()}; Envoy takes it from its own)"
+    )
 
 
 def _incompatibility(binary: BinaryInfo, running: str) -> str:

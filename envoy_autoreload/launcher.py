@@ -237,6 +237,9 @@ class Launcher:
                 f"{mismatch}: validation and LIVE checks may look at the wrong thing",
                 gen,
             )
+        trap = self._family.relative_names_trap(gen)
+        if trap is not None:
+            self._warn_once("config.relative_paths", trap, gen)
         self._check_snapshot_started(gen)
         if gen.marks.owes_sigusr1:
             # Replayed: a log rotation during the restart would otherwise leave the new

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from envoy_autoreload.envoy_outputs import path_envoy_opens, paths_envoy_writes
+from envoy_autoreload.envoy_outputs import logged_paths, path_envoy_opens, paths_envoy_writes
 
 WATCHED_BY_ENVOY: Final = "Envoy watches it itself and reloads it without a restart"
 WRITTEN_BY_ENVOY: Final = "Envoy writes it (an access log): it would restart Envoy at each request"
@@ -35,6 +35,9 @@ WRITTEN_BY_ENVOY: Final = "Envoy writes it (an access log): it would restart Env
 class References:
     reads: frozenset[Path]  # to watch: a change restarts Envoy
     excluded: tuple[tuple[Path, str], ...]  # named, not watched, and why
+    # The names of files in the config that are relative, as written: Envoy takes them
+    # from its own working directory, the daemon from its own (`relative_names_trap`).
+    relative: tuple[str, ...] = ()
 
 
 def files_envoy_reads(document: Mapping[str, object], base: Path) -> References:
@@ -42,16 +45,39 @@ def files_envoy_reads(document: Mapping[str, object], base: Path) -> References:
     `base` is Envoy's working directory, which relative paths are taken from."""
     reads: set[Path] = set()
     itself: set[Path] = set()
+    named: list[str] = []
     for raw, watched in _filenames(document, watched=False):
         if raw.startswith(("/dev/", "/proc/")):
             continue
         (itself if watched else reads).add(path_envoy_opens(base, raw))
+        named.append(raw)
     for raw in _xds_paths(document):
         itself.add(path_envoy_opens(base, raw))
+        named.append(raw)
     written = paths_envoy_writes(document, base)
     excluded = [(p, WRITTEN_BY_ENVOY) for p in sorted(written)]
     excluded += [(p, WATCHED_BY_ENVOY) for p in sorted(itself - written)]
-    return References(frozenset(reads - written - itself), tuple(excluded))
+    named += logged_paths(document)
+    relative = tuple(sorted({raw for raw in named if not Path(raw).is_absolute()}))
+    return References(frozenset(reads - written - itself), tuple(excluded), relative)
+
+
+def relative_names_trap(names: tuple[str, ...], daemon_cwd: Path, envoy_cwd: Path | None) -> str:
+    """What to tell an operator whose config names files relative to a working
+    directory: Envoy takes them from its own (the start script's; a `cd` there moves
+    it), the daemon's validation and watching from the daemon's. `envoy_cwd` None: not
+    known (no Envoy runs yet)."""
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    where = (
+        f"Envoy runs in {envoy_cwd}, the daemon, which validates and watches them, in {daemon_cwd}"
+        if envoy_cwd is not None
+        else f"the daemon validates and watches them from its own, {daemon_cwd}"
+    )
+    return (
+        f"the config names relative paths ({shown}), which Envoy takes from its working "
+        f"directory; {where}. Keep the two the same (systemd WorkingDirectory=, no `cd` "
+        "in the start script) or name them absolutely"
+    )
 
 
 def _filenames(node: object, *, watched: bool) -> Iterator[tuple[str, bool]]:

@@ -137,7 +137,8 @@ class Watching:
         before the loop runs."""
         config = snapshot or self._settings.config
         if facts is None and config is not None:
-            # Relative paths are Envoy's, and Envoy runs in our working directory.
+            # Relative paths are Envoy's, taken as from our working directory: its own is
+            # unknown before it runs (`config.relative_paths` says when they differ).
             facts = read_facts(config, Path.cwd())
         # Unreadable or no mapping: Envoy's own validation says what is wrong with it.
         references = facts.references if facts is not None else None

@@ -108,7 +108,9 @@ def assert_one_clear_line(event: Event, *needles: str) -> None:
         assert needle in message, (needle, message)
 
 
-def run_cli(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    args: list[str], env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     """One run of the command line to its end (start-up errors, --check, --help)."""
     return subprocess.run(
         [sys.executable, "-m", "envoy_autoreload", *args],
@@ -116,6 +118,7 @@ def run_cli(args: list[str], env: dict[str, str] | None = None) -> subprocess.Co
         text=True,
         timeout=60,
         env={**os.environ, **(env or {})},
+        cwd=cwd,
         check=False,
     )
 

@@ -212,11 +212,12 @@ class EnvoyFamily:
         *extra_args: str,
         env: dict[str, str] | None = None,
         prefix: tuple[str, ...] = (),
+        cwd: Path | None = None,
     ) -> Daemon:
         # Beside the family's directory, not in it: tests watch that directory, and a
         # log inside it would be a content change at every line.
         log = self.root.parent / f"{self.root.name}.daemon{len(self.daemons)}.log"
-        daemon = start_daemon([*extra_args, str(script)], log, env=env, prefix=prefix)
+        daemon = start_daemon([*extra_args, str(script)], log, env=env, prefix=prefix, cwd=cwd)
         self.daemons.append(daemon)
         return daemon
 

@@ -278,6 +278,9 @@ class SimFacts:
     def mismatches(self, gen: Generation) -> list[str]:
         return []
 
+    def relative_names_trap(self, gen: Generation) -> str | None:
+        return None
+
 
 @dataclass
 class _Validation:

@@ -80,6 +80,8 @@ def test_the_childs_answer_round_trips(tmp_path: Path) -> None:
     for path in (config, tmp_path / "gone.yaml"):
         facts = read_facts(path, tmp_path)
         assert from_json(to_json(facts), path) == facts
+    references = read_facts(config, tmp_path).references
+    assert references is not None and references.relative == ("logs/access.log",)
 
 
 def test_the_child_entry_prints_one_json_object(

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from envoy_autoreload.references import WATCHED_BY_ENVOY, WRITTEN_BY_ENVOY, files_envoy_reads
+from envoy_autoreload.references import (
+    WATCHED_BY_ENVOY,
+    WRITTEN_BY_ENVOY,
+    files_envoy_reads,
+    relative_names_trap,
+)
 
 FILE_LOG = "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog"
 
@@ -108,3 +113,27 @@ def test_start_time_inputs_are_watched_and_envoys_own_files_are_not() -> None:
 def test_a_config_naming_nothing_watches_nothing_more() -> None:
     refs = files_envoy_reads({"admin": {"address": {}}}, Path("/"))
     assert refs.reads == frozenset() and refs.excluded == ()
+
+
+def test_every_relative_name_is_kept_as_written() -> None:
+    """Read, written (an access log) or watched by Envoy itself (an xDS file): each is
+    taken from Envoy's working directory, which the daemon cannot see before it runs."""
+    config: dict[str, object] = {
+        "admin": {"access_log_path": "logs/admin.log"},
+        "node": {"metadata": {"body": {"filename": "/abs/ignored.txt"}}},
+        "x": [{"filename": "tls/a.crt"}, {"filename": "./ca.pem"}, {"filename": "/dev/null"}],
+        "dynamic_resources": {"lds_config": {"path": "lds.yaml"}},
+    }
+    refs = files_envoy_reads(config, Path("/run/envoy"))
+    assert refs.relative == ("./ca.pem", "lds.yaml", "logs/admin.log", "tls/a.crt")
+    assert files_envoy_reads(BOOTSTRAP, Path("/")).relative == ("ca.pem",)
+
+
+def test_the_trap_names_both_directories_once_envoy_runs() -> None:
+    names = ("a", "b", "c", "d")
+    before = relative_names_trap(names, Path("/srv"), None)
+    assert "(a, b, c and 1 more)" in before and "from its own, /srv" in before
+    running = relative_names_trap(names, Path("/srv"), Path("/etc/envoy"))
+    assert "Envoy runs in /etc/envoy, the daemon, which validates and watches them, in /srv" in (
+        running
+    )
