@@ -21,7 +21,7 @@ from pathlib import Path
 from envoy_autoreload.envoy_config import admin_address_from_config, load_bootstrap
 from envoy_autoreload.errors import AutoreloadError, ConfigError
 from envoy_autoreload.limits import check_limits
-from envoy_autoreload.references import files_envoy_reads, relative_names_trap
+from envoy_autoreload.references import References, files_envoy_reads, relative_names_trap
 from envoy_autoreload.settings import Settings
 from envoy_autoreload.settings import check_config as settings_check_config
 from envoy_autoreload.settings import check_start_script as settings_check_start_script
@@ -281,13 +281,9 @@ def check_referenced(settings: Settings, changes: ChangeDetector | None) -> list
     (references.py); the watch counts below include them."""
     if changes is None or settings.config is None or not settings.watch_referenced:
         return []
-    try:
-        document = load_bootstrap(settings.config)
-    except ConfigError:
-        return []  # the config line says what is wrong with it
-    if not isinstance(document, Mapping):
+    refs = _references_of(settings.config)
+    if refs is None:
         return []
-    refs = files_envoy_reads(document, Path.cwd())
     changes.watch_referenced(refs.reads)
     findings = [
         Finding(Status.OK, "referenced", f"{path}: watched too (Envoy reads it at start)")
@@ -303,18 +299,20 @@ def check_relative_names(settings: Settings) -> list[Finding]:
     """Relative file names in the config: validated and watched from the daemon's
     working directory, read by Envoy from its own. --check cannot know Envoy's (a `cd`
     in the start script moves it); the running daemon says so once it can (LIVE)."""
-    if settings.config is None:
+    refs = _references_of(settings.config) if settings.config is not None else None
+    if refs is None or not refs.relative:
         return []
+    return [Finding(Status.WARN, "config", relative_names_trap(refs.relative, Path.cwd(), None))]
+
+
+def _references_of(config: Path) -> References | None:
+    """The files `config` names, from here; None when it cannot be parsed (the config
+    line says what is wrong with it) or is no mapping."""
     try:
-        document = load_bootstrap(settings.config)
+        document = load_bootstrap(config)
     except ConfigError:
-        return []  # the config line says what is wrong with it
-    if not isinstance(document, Mapping):
-        return []
-    names = files_envoy_reads(document, Path.cwd()).relative
-    if not names:
-        return []
-    return [Finding(Status.WARN, "config", relative_names_trap(names, Path.cwd(), None))]
+        return None
+    return files_envoy_reads(document, Path.cwd()) if isinstance(document, Mapping) else None
 
 
 def check_watching(settings: Settings, changes: ChangeDetector | None) -> list[Finding]:
