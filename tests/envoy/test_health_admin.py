@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 from envoy_autoreload.addresses import AdminAddress
-from envoy_autoreload.admin import ServerInfo, fetch_live_state
+from envoy_autoreload.admin import EPOCH_STATS_PATH, ServerInfo, fetch_live_state
 from envoy_autoreload.health import ROUND_STATS_PATH, HealthObservation, HealthProber, UrlResult
 from tests.envoy.conftest import ENVOY_BIN, EnvoyFamily, slow_to_initialize
 from tests.helpers import free_port, http_get, wait_until
@@ -161,3 +161,27 @@ def test_the_live_probe_learns_the_epoch_without_server_info(envoy_family: Envoy
     assert with_versions.hot_restart_version == (asked.stdout + asked.stderr).strip()
     assert with_versions.version is not None and "/1.40" in with_versions.version
     assert live_1 == ServerInfo("LIVE", 1, None, None, None)
+
+
+REJECT_ALL_STATS = "stats_config:\n  stats_matcher:\n    reject_all: true\n"
+
+
+def test_without_the_epoch_gauge_the_live_probe_asks_server_info(
+    envoy_family: EnvoyFamily,
+) -> None:
+    """A config whose stats matcher rejects every stat has no `server.hot_restart_epoch`
+    in `/stats`: the LIVE probe then asks `/server_info`, and the restart goes LIVE
+    as usual (not through the start deadline, nor as a hand-over without admin)."""
+    envoy_family.write_raw(envoy_family.render("v0") + REJECT_ALL_STATS)
+    admin = AdminAddress("127.0.0.1", envoy_family.admin_port)
+    daemon = envoy_family.start(*envoy_family.watched("--health-window", "0"))
+    daemon.wait_event("child.serving", epoch=0, timeout_s=60)
+    assert http_get(envoy_family.admin_port, EPOCH_STATS_PATH) == (200, ""), "no gauge"
+    info = fetch_live_state(admin, versions=False)
+    assert info is not None and (info.state, info.restart_epoch) == ("LIVE", 0)
+    assert info.version is not None, "the answer is /server_info's"
+    envoy_family.write_raw(envoy_family.render("v1") + REJECT_ALL_STATS)
+    serving = daemon.wait_event("child.serving", epoch=1, timeout_s=60)
+    assert float(str(serving["startup_s"])) < 5, serving
+    assert not daemon.events("child.admin_unreachable")
+    wait_until(lambda: envoy_family.body() == "v1", timeout_s=30, what="v1 served")
