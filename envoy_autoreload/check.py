@@ -239,7 +239,7 @@ def check_config(settings: Settings, binary: BinaryInfo | None) -> list[Finding]
         findings.append(Finding(Status.WARN, "config", str(err)))
     if settings.admin_address is not None or admin is not None:
         where = settings.admin_address or admin
-        findings.append(Finding(Status.OK, "admin", f"LIVE is asked of {where}/ready"))
+        findings.append(Finding(Status.OK, "admin", f"LIVE is asked of {where}/server_info"))
     else:
         findings.append(
             Finding(Status.WARN, "admin", "no admin address: LIVE is judged by shared memory")

@@ -135,16 +135,6 @@ def executable_of(pid: int) -> str | None:
         return None
 
 
-def executable_identity(pid: int) -> tuple[int, int] | None:
-    """(device, inode) of the binary a PID runs: a binary replaced at the same path (an
-    upgrade by rename) is another one. None if it is gone or unreadable."""
-    try:
-        st = os.stat(f"/proc/{pid}/exe")
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino
-
-
 INTERPRETERS: Final = ("python", "perl", "ruby", "node", "env", "tini", "dumb-init")
 # What the kernel appends to /proc/PID/exe once the binary was replaced on disk: the
 # normal state of a serving Envoy during a binary upgrade.

@@ -24,7 +24,7 @@ from typing import Final
 
 from envoy_autoreload.addresses import AdminAddress, parse_admin_address
 from envoy_autoreload.bootstrap_facts import BootstrapFacts, BootstrapReader, read_facts
-from envoy_autoreload.envoy_process import executable_identity, executable_of, find_envoy
+from envoy_autoreload.envoy_process import executable_of, find_envoy
 from envoy_autoreload.errors import AutoreloadError
 from envoy_autoreload.hot_restart_shm import (
     INITIALIZING,
@@ -67,9 +67,6 @@ class EnvoyFamily:
         self.base_id: int | None = settings.base_id
         self.hot_restart_version: str | None = None
         self.envoy_version: str | None = None
-        # The binary those two were asked of: the LIVE probe asks them again only of
-        # another one (`is_live`).
-        self._versions_of: tuple[int, int] | None = None
 
     # -- discovery ------------------------------------------------------------
     def observe(self, gen: Generation) -> None:
@@ -276,16 +273,11 @@ class EnvoyFamily:
         if admin is not None:
             # An Envoy still loading a big config keeps the request waiting: asked on a
             # thread, and not LIVE yet until it answers (live_probe.py).
-            binary = executable_identity(gen.envoy.pid) if gen.envoy is not None else None
-            versions = binary is None or binary != self._versions_of
-            key = (id(gen), gen.pid, gen.epoch)
-            _answered, info = self.live_answers.ask(key, admin, versions=versions)
+            _answered, info = self.live_answers.ask((id(gen), gen.pid, gen.epoch), admin)
             if info is None or info.state != "LIVE" or info.restart_epoch != gen.epoch:
                 return False
-            if info.hot_restart_version is not None or info.version is not None:
-                self.hot_restart_version = info.hot_restart_version or self.hot_restart_version
-                self.envoy_version = info.version or self.envoy_version
-                self._versions_of = binary
+            self.hot_restart_version = info.hot_restart_version or self.hot_restart_version
+            self.envoy_version = info.version or self.envoy_version
             return True
         return self._shm_says_live(gen)
 

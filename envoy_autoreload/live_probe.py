@@ -1,9 +1,9 @@
-"""The LIVE probe's admin request (`admin.fetch_live_state`), made on a short-lived
-thread and waited for only briefly, so that an Envoy slow to answer never holds the event loop.
+"""The LIVE probe's `/server_info` request, made on a short-lived thread and waited for
+only briefly, so that an Envoy slow to answer never holds the event loop.
 
 A starting Envoy accepts connections on its admin port while its main thread still
 loads the config, and answers only once it is loaded: a 5 MB config kept a request
-waiting about a second, and the request blocks up to its 0.5 s timeout.
+waiting about a second, and `admin.fetch_server_info` blocks up to its 0.5 s timeout.
 Made on the loop, each probe then stalled it for 350 ms (measured, issue 16). Here the
 request runs on a thread of its own and the probe does not wait for it: it says "not
 LIVE yet", and the answer rings a pipe the loop watches (`fileno`), which probes again
@@ -24,9 +24,9 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
-from typing import Final, Protocol
+from typing import Final
 
 from envoy_autoreload.addresses import AdminAddress
 from envoy_autoreload.admin import ServerInfo, fetch_live_state
@@ -34,9 +34,7 @@ from envoy_autoreload.signal_mask import signals_blocked
 
 WAIT_S: Final = 0.0  # the most one probe holds the loop for an answer: the pipe rings
 
-
-class Fetch(Protocol):
-    def __call__(self, address: AdminAddress, *, versions: bool) -> ServerInfo | None: ...
+Fetch = Callable[[AdminAddress], ServerInfo | None]
 
 
 @dataclass
@@ -47,7 +45,7 @@ class _Request:
 
 
 class ServerInfoAsker:
-    """Admin's answer for the LIVE probe, off the loop (see the module's notes)."""
+    """`/server_info` for the LIVE probe, off the loop (see the module's notes)."""
 
     def __init__(self, fetch: Fetch = fetch_live_state, wait_s: float = WAIT_S) -> None:
         self._fetch = fetch
@@ -75,13 +73,9 @@ class ServerInfoAsker:
         for fd in bell or ():
             os.close(fd)
 
-    def ask(
-        self, key: Hashable, address: AdminAddress, *, versions: bool = True
-    ) -> tuple[bool, ServerInfo | None]:
-        """(answered, what it said) for the generation `key` names, asked at `address`,
-        with Envoy's versions when `versions` (`admin.fetch_live_state`). Not answered:
-        still asking (this one or another generation's request)."""
-        key = (key, versions)
+    def ask(self, key: Hashable, address: AdminAddress) -> tuple[bool, ServerInfo | None]:
+        """(answered, what it said) for the generation `key` names, asked at `address`.
+        Not answered: still asking (this one or another generation's request)."""
         with self._lock:
             request = self._request
             if request is not None and request.key != key and request.done.is_set():
@@ -90,7 +84,7 @@ class ServerInfoAsker:
                 request = self._request = _Request(key)
                 worker = threading.Thread(
                     target=self._run,
-                    args=(request, address, versions),
+                    args=(request, address),
                     name="envoy-autoreload-live-probe",
                     daemon=True,
                 )
@@ -103,9 +97,9 @@ class ServerInfoAsker:
                 self._request = None  # taken: the next probe asks afresh
         return True, request.info
 
-    def _run(self, request: _Request, address: AdminAddress, versions: bool) -> None:
+    def _run(self, request: _Request, address: AdminAddress) -> None:
         try:
-            request.info = self._fetch(address, versions=versions)
+            request.info = self._fetch(address)
         finally:
             with self._lock:  # not into a descriptor `close` freed for another file
                 request.done.set()

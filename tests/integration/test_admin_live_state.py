@@ -1,7 +1,6 @@
-"""The LIVE probe's admin question (`admin.fetch_live_state`, issue 16): `/ready` first
-and, when it says LIVE, the epoch gauge on the same fresh connection, so that one
-process answers both (§9, §15); `/server_info` (124 KB, 1.6 ms of the answering Envoy's
-main thread) only for the versions, without `/ready`, or without the gauge."""
+"""The LIVE probe's admin question (`admin.fetch_live_state`, issue 16): `/ready` first,
+and `/server_info` (124 KB, 1.6 ms of the answering Envoy's main thread) only when it
+says LIVE, on the same fresh connection, so that one process answers both (§9, §15)."""
 
 from __future__ import annotations
 
@@ -13,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from envoy_autoreload.addresses import AdminAddress
-from envoy_autoreload.admin import EPOCH_STATS_PATH, fetch_live_state
+from envoy_autoreload.admin import fetch_live_state
 
 SERVER_INFO = {
     "state": "LIVE",
@@ -30,12 +29,9 @@ class FakeAdmin(ThreadingHTTPServer):
     # client's EOF would otherwise outlive the test (a CI run caught it in teardown).
     daemon_threads = False
 
-    def __init__(
-        self, ready: tuple[int, str], stats: str = "server.hot_restart_epoch: 3\n"
-    ) -> None:
+    def __init__(self, ready: tuple[int, str]) -> None:
         super().__init__(("127.0.0.1", 0), _Handler)
         self.ready = ready
-        self.stats = stats
         self.seen: list[tuple[int, str]] = []
 
     @property
@@ -55,8 +51,6 @@ class _Handler(BaseHTTPRequestHandler):
             status, text = server.ready
         elif self.path == "/server_info":
             status, text = 200, json.dumps(SERVER_INFO)
-        elif self.path == EPOCH_STATS_PATH:
-            status, text = 200, server.stats
         else:
             status, text = 404, "not found"
         body = text.encode()
@@ -71,7 +65,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def admin(request: pytest.FixtureRequest) -> Iterator[FakeAdmin]:
-    server = FakeAdmin(*request.param)
+    server = FakeAdmin(request.param)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server
@@ -80,34 +74,16 @@ def admin(request: pytest.FixtureRequest) -> Iterator[FakeAdmin]:
     thread.join(10)
 
 
-@pytest.mark.parametrize("admin", [((503, "PRE_INITIALIZING\n"),)], indirect=True)
-@pytest.mark.parametrize("versions", [False, True])
-def test_not_live_yet_costs_only_ready(admin: FakeAdmin, versions: bool) -> None:
-    info = fetch_live_state(admin.address, versions=versions)
+@pytest.mark.parametrize("admin", [(503, "PRE_INITIALIZING\n")], indirect=True)
+def test_not_live_yet_costs_only_ready(admin: FakeAdmin) -> None:
+    info = fetch_live_state(admin.address)
     assert info is not None and info.state == "PRE_INITIALIZING" and info.restart_epoch is None
     assert [path for _port, path in admin.seen] == ["/ready"]
 
 
-@pytest.mark.parametrize("admin", [((200, "LIVE\n"),)], indirect=True)
-def test_live_asks_the_epoch_gauge_on_the_same_connection(admin: FakeAdmin) -> None:
-    info = fetch_live_state(admin.address, versions=False)
-    assert info is not None and (info.state, info.restart_epoch) == ("LIVE", 3)
-    assert info.version is None and info.hot_restart_version is None
-    assert [path for _port, path in admin.seen] == ["/ready", EPOCH_STATS_PATH]
-    ports = {port for port, _path in admin.seen}
-    assert len(ports) == 1, "one connection: the process that said LIVE is the one asked"
-
-
-@pytest.mark.parametrize("admin", [((200, "LIVE\n"), "")], indirect=True)
-def test_a_stats_matcher_without_the_gauge_falls_back_to_server_info(admin: FakeAdmin) -> None:
-    info = fetch_live_state(admin.address, versions=False)
-    assert info is not None and (info.state, info.restart_epoch) == ("LIVE", 3)
-    assert [path for _port, path in admin.seen] == ["/ready", EPOCH_STATS_PATH, "/server_info"]
-
-
-@pytest.mark.parametrize("admin", [((200, "LIVE\n"),), ((404, "no /ready here"),)], indirect=True)
-def test_versions_or_no_ready_ask_server_info_on_the_same_connection(admin: FakeAdmin) -> None:
-    info = fetch_live_state(admin.address, versions=True)
+@pytest.mark.parametrize("admin", [(200, "LIVE\n"), (404, "no /ready here")], indirect=True)
+def test_live_or_unknown_asks_server_info_on_the_same_connection(admin: FakeAdmin) -> None:
+    info = fetch_live_state(admin.address)
     assert info is not None and (info.state, info.restart_epoch) == ("LIVE", 3)
     assert info.hot_restart_version == "11.104"
     assert [path for _port, path in admin.seen] == ["/ready", "/server_info"]

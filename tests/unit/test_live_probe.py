@@ -48,12 +48,10 @@ class FakeAdmin:
         if not slow:
             self.release.set()
         self.requests = 0
-        self.versions: list[bool] = []
         self.blocked: set[int] = set()
 
-    def __call__(self, address: AdminAddress, *, versions: bool) -> ServerInfo | None:
+    def __call__(self, address: AdminAddress) -> ServerInfo | None:
         self.requests += 1
-        self.versions.append(versions)
         self.blocked = set(signal.pthread_sigmask(signal.SIG_BLOCK, []))
         assert self.release.wait(30)
         return LIVE
@@ -63,9 +61,8 @@ def test_a_quick_answer_is_taken_at_once_and_only_once() -> None:
     admin = FakeAdmin(slow=False)
     asker = ServerInfoAsker(admin, wait_s=10)
     assert asker.ask("gen1", ADMIN) == (True, LIVE)
-    assert asker.ask("gen1", ADMIN, versions=False) == (True, LIVE)
+    assert asker.ask("gen1", ADMIN) == (True, LIVE)
     assert admin.requests == 2, "each probe asks afresh"
-    assert admin.versions == [True, False], "the versions are asked only when wanted"
     assert set(SIGNAL_PRIORITY) <= admin.blocked, "our signals stay with the main thread"
     requests_end()
 
