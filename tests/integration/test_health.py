@@ -49,6 +49,7 @@ class Route:
     status: int = 200
     body: bytes = b"ok\n"
     hang: bool = False  # answer only once the server closes
+    delay_s: float = 0.0  # answer this late (an admin with many stats to walk)
 
 
 @dataclass
@@ -96,6 +97,7 @@ def _handler_for(fake: FakeServer) -> type[BaseHTTPRequestHandler]:
             route = fake.routes.get(self.path, Route(404, b"no route\n"))
             if route.hang:
                 fake.release.wait(30)
+            fake.release.wait(route.delay_s)
             with contextlib.suppress(OSError):
                 self.send_response(route.status)
                 self.send_header("Content-Length", str(len(route.body)))
@@ -261,6 +263,50 @@ def test_admin_state_epoch_and_listener_failures_over_one_connection(
     assert observation == HealthObservation(2, 4242, "LIVE", 2, 3, ())
     assert server.hits == {"/ready": 1, ROUND_STATS_PATH: 1}, "no 124 KB /server_info"
     assert len(server.clients) == 1, "one process must answer both (ENVOY_FACTS §9)"
+
+
+def test_a_counter_left_out_by_usedonly_is_zero(server: FakeServer) -> None:
+    """`usedonly` omits a counter never incremented; the epoch gauge beside it shows the
+    stats were read, so the counter is 0 (a baseline), not unknown."""
+    admin = _admin_routes(server, (200, "LIVE\n"), "server.hot_restart_epoch: 2\n")
+    with prober((), admin) as p:
+        p.begin_round(gen(2))
+        assert next_observation(p).listener_create_failures == 0
+    assert "usedonly" in ROUND_STATS_PATH
+
+
+def test_dear_stats_are_asked_at_most_a_twentieth_of_the_time(server: FakeServer) -> None:
+    """An admin that takes long over `/stats` (tens of thousands of clusters) is asked
+    for them again only after 19 times that; the rounds between read state and epoch
+    from `/server_info`. A cheap answer is asked every round, and a new generation at
+    once."""
+    stats = "listener_manager.listener_create_failure: 1\nserver.hot_restart_epoch: 2\n"
+    admin = _admin_routes(server, (200, "LIVE\n"), stats, _INFO_LIVE_2)
+    with prober((), admin) as p:
+        for _ in range(2):
+            p.begin_round(gen(2))
+            assert next_observation(p).listener_create_failures == 1
+            time.sleep(0.3)  # rounds are 0.5 s apart; a cheap answer rests far less
+        assert server.hits[ROUND_STATS_PATH] == 2 and server.hits["/server_info"] == 0
+        server.routes[ROUND_STATS_PATH].delay_s = 0.1
+        p.begin_round(gen(2))
+        assert next_observation(p).listener_create_failures == 1
+        p.begin_round(gen(2))
+        assert next_observation(p) == HealthObservation(2, 4242, "LIVE", 2, None, ())
+        assert server.hits[ROUND_STATS_PATH] == 3 and server.hits["/server_info"] == 1
+        p.begin_round(gen(2, pid=4343))
+        dear_at = time.monotonic()
+        assert next_observation(p).listener_create_failures == 1, "a new generation: asked"
+        deadline = time.monotonic() + 10
+        while server.hits[ROUND_STATS_PATH] < 5 and time.monotonic() < deadline:
+            p.begin_round(gen(2, pid=4343))
+            next_observation(p)
+            time.sleep(0.05)  # a poll's interval
+    assert server.hits[ROUND_STATS_PATH] == 5, "asked again once its rest is over"
+    assert time.monotonic() - dear_at >= 0.1 * 19
+
+
+_INFO_LIVE_2 = {"state": "LIVE", "command_line_options": {"restart_epoch": 2}}
 
 
 def test_a_starting_envoy_is_its_ready_state_whatever_its_state_gauge_says(
