@@ -126,8 +126,8 @@ CLUSTER: Final = """\
 """
 
 
-def big_config(family: BenchFamily, body: str, routes: int) -> str:
-    """A valid Envoy 1.40 bootstrap of `routes` direct-response routes and CLUSTERS
+def big_config(family: BenchFamily, body: str, routes: int, clusters: int = CLUSTERS) -> str:
+    """A valid Envoy 1.40 bootstrap of `routes` direct-response routes and `clusters`
     static clusters (each routed to): about 170 bytes a route."""
     parts = [
         HEADER.format(
@@ -137,9 +137,9 @@ def big_config(family: BenchFamily, body: str, routes: int) -> str:
         )
     ]
     parts += [ROUTE.format(i=i) for i in range(routes)]
-    parts += [CLUSTER_ROUTE.format(i=i) for i in range(CLUSTERS)]
+    parts += [CLUSTER_ROUTE.format(i=i) for i in range(clusters)]
     parts.append(LAST_ROUTE.format(body=body))
-    parts += [CLUSTER.format(i=i, port=10000 + i) for i in range(CLUSTERS)]
+    parts += [CLUSTER.format(i=i, port=10000 + i) for i in range(clusters)]
     return "".join(parts)
 
 
