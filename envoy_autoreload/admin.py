@@ -27,9 +27,6 @@ def stats_path(*names: str) -> str:
     return "/stats?filter=" + quote(pattern, safe="")
 
 
-EPOCH_STATS_PATH: Final = stats_path(EPOCH_STAT)
-
-
 @dataclass(frozen=True, slots=True)
 class ServerInfo:
     state: str
