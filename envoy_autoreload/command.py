@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import subprocess
 import time
@@ -139,6 +140,23 @@ class RunningCommand:
             stderr=stderr.decode(errors="replace"),
             duration_s=time.monotonic() - self.started_at,
         )
+
+    def finish_now(self) -> CommandResult:
+        """Blocking, before the loop runs (start-up): read its pipes until both end,
+        then reap it; killed at its deadline. Its pipes are read as it writes, so a
+        long answer cannot fill one and leave it waiting for the deadline."""
+        while self._open and (remaining := self.deadline - time.monotonic()) > 0:
+            ready, _, _ = select.select(sorted(self._open), [], [], remaining)
+            for fd in ready:
+                self.pump(fd)
+        try:
+            self._process.wait(max(0.0, self.deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.kill()
+            self._process.wait()
+        result = self.result()
+        assert result is not None  # reaped just now
+        return result
 
     def close(self) -> None:
         self._open.clear()

@@ -150,6 +150,11 @@ class CommandGate:
         its parse, in a child, is started only by a check that will surely be used."""
         return self.bootstrap.read_small(config)
 
+    def facts_before_loop(self, config: Path) -> BootstrapFacts:
+        """Blocking, before the loop runs: the config's facts, from the child the start-up
+        check began (`BootstrapReader.wait_for`)."""
+        return self.bootstrap.wait_for(config)
+
     @property
     def ahead(self) -> bool:
         """Whether a validation started ahead is there for `begin` to take."""

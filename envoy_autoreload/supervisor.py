@@ -279,8 +279,13 @@ class Supervisor:
         self._telemetry.serving_again(self.status_text())
 
     def _open_readers(self, *, background: bool = False, pin: str | None = None) -> None:
+        """The first config's facts come from the gate's reader, parsed in a child (at
+        start-up alongside the check) rather than in the daemon."""
         if self._watching is not None:
-            self._watching.start(background=background, pin=pin)
+            first = self._gatekeeper.config
+            path = first.path if first is not None else self._settings.config
+            facts = self._gatekeeper.gate.facts_before_loop(path) if path else None
+            self._watching.start(background=background, pin=pin, facts=facts)
         for reader in (self._control, self._health, self._live_answers):
             if reader is not None:
                 self._reactor.add_reader(reader.fileno(), reader)

@@ -60,13 +60,21 @@ class Watching:
         self._roster.reference_pending = True
         changes.remember_roots(mark.roots, mark.listings)
 
-    def start(self, *, background: bool = False, pin: str | None = None) -> None:
+    def start(
+        self,
+        *,
+        background: bool = False,
+        pin: str | None = None,
+        facts: BootstrapFacts | None = None,
+    ) -> None:
         """Walk and watch every root; hash the files now, or (`background`, the first
         start) on a worker thread once epoch 0 runs: Envoy does not wait for a big tree
         to be read (issue 16, watch/build.py). `pin`: the sha256 of --config as the
-        start-up check snapshotted it, which predates the watch on its directory."""
+        start-up check snapshotted it, which predates the watch on its directory.
+        `facts`: of the config epoch 0 runs (parsed here when not given)."""
         changes = self.changes
-        self.exclude_envoy_outputs()  # before the first snapshot, or it holds the log
+        # Before the first snapshot, or it holds the log.
+        self.exclude_envoy_outputs(facts.path if facts else None, facts)
         changes.exclude_paths(command_line_outputs(self._settings.start_script))
         snapshot = changes.start(
             degraded_ok=self._settings.watch_degraded,

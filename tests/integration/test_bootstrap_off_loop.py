@@ -338,3 +338,32 @@ def _ended(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return True
+
+
+@pytest.mark.usefixtures("no_parse_here")
+def test_before_the_loop_a_big_configs_facts_come_from_the_checks_child(
+    tmp_path: Path, reactor: Reactor, gates: list[CommandGate]
+) -> None:
+    """Start-up: `check_now` starts the parse beside the validation, and the facts the
+    watch needs before the loop runs are that child's, waited for, not a parse here."""
+    config = big_config(tmp_path / "envoy.yaml")
+    gate = gate_for(tmp_path, reactor, config, 0, gates)
+    gate.check_now(None)  # its verdict (this fake prints no "OK") is not the point
+    assert gate.bootstrap.pending(config), "the parse runs beside the check"
+    facts = gate.facts_before_loop(config)
+    assert facts.admin == AdminAddress("127.0.0.1", 19901)
+    assert facts.references is not None
+    assert [p for p, _ in facts.references.excluded] == [Path("/var/log/envoy/access.log")]
+    assert not gate.bootstrap.pending(config) and gate.child_pids() == set()
+    assert gate.facts_before_loop(config) is facts, "kept: not parsed twice"
+
+
+@pytest.mark.usefixtures("no_parse_here")
+def test_before_the_loop_a_config_nobody_parsed_yet_is_parsed_in_a_child(
+    tmp_path: Path, reactor: Reactor, gates: list[CommandGate]
+) -> None:
+    """--no-validate, or a re-exec's adoption: no check started a parse; one is started
+    and waited for, still not in the daemon."""
+    config = big_config(tmp_path / "envoy.yaml")
+    gate = gate_for(tmp_path, reactor, config, 0, gates)
+    assert gate.facts_before_loop(config).admin == AdminAddress("127.0.0.1", 19901)

@@ -438,6 +438,10 @@ class SimGate:
     def read_facts_now(self, config: Path) -> BootstrapFacts | None:
         return BootstrapFacts(config, None, None, References(frozenset({NAMED_PATH}), ()))
 
+    def facts_before_loop(self, config: Path) -> BootstrapFacts:
+        """What parsing /sim/... on the real disk gave before: nothing to follow."""
+        return BootstrapFacts(config, None, None, None, f"cannot read {config}")
+
     def _verdict(self, run: _Validation, record: bool = True) -> PreflightOutcome:
         binary = BinaryInfo(Path("/sim/envoy"), (1, 1, 1, 1), "x/1.40.0/x", run.hot_restart_version)
         if not run.binary_ok:
