@@ -17,6 +17,9 @@ generations are on, as in production):
   (`--routes` direct-response routes plus 500 static clusters, valid for Envoy 1.40) is
   saved over it, and then a second one with another body: two hot restarts, small→5 MB
   and 5 MB→5 MB. Each window runs from the save until the old parent exited.
+- `startup` (first, on a daemon of its own): the daemon starts on the big config; until
+  its loop runs (`watch.started`, the last event before it), until the body is served,
+  and the daemon's peak RSS (`VmHWM`).
 - `burst`: `--files` new files are written into the watched tree as fast as Python can,
   one config edit among them (as `storm.py` does); the window runs from the first write
   until the old parent exited.
@@ -50,6 +53,7 @@ from _common import (
     number,
     parse_ts,
     pick_base_id,
+    status_kb,
     stop_on_sigterm,
     write_results,
 )
@@ -307,6 +311,46 @@ def burst_scenario(envoy: Path, files: int) -> Window:
         family.close()
 
 
+@dataclass(frozen=True, slots=True)
+class Startup:
+    config_bytes: int
+    validation_s: float | None
+    start_to_loop_s: float
+    start_to_serving_logged_s: float
+    start_to_served_s: float
+    peak_rss_mib: float
+    rss_mib: float
+
+
+def startup_scenario(envoy: Path, routes: int) -> Startup:
+    """The daemon started on the big config: until its loop runs (`watch.started`, the
+    last event before it) and serves, and its peak RSS, which a parse of the config in
+    the daemon (before 9b38d9e) took to ~4 times the file's size."""
+    family = BenchFamily(pick_base_id(*BASE_IDS), envoy=envoy)
+    try:
+        text = big_config(family, "stall-start", routes)
+        family.write_config_text(text)
+        print(f"  start-up on {len(text.encode()) / 1e6:.1f} MB ...", flush=True)
+        began_wall, began = time.time(), time.monotonic()
+        family.start("--state-dir", str(family.tmp / "state"))
+        served_at = family.wait_body("stall-start", timeout_s=STEP_TIMEOUT_S)
+        watching = family.wait_event("watch.started", timeout_s=STEP_TIMEOUT_S)
+        serving = family.wait_event("child.serving", timeout_s=STEP_TIMEOUT_S, epoch=0)
+        validated = family.wait_event("validation.passed", timeout_s=STEP_TIMEOUT_S)
+        assert family.process is not None
+        return Startup(
+            config_bytes=len(text.encode()),
+            validation_s=number(validated, "duration_s"),
+            start_to_loop_s=parse_ts(watching) - began_wall,
+            start_to_serving_logged_s=parse_ts(serving) - began_wall,
+            start_to_served_s=served_at - began,
+            peak_rss_mib=status_kb(family.process.pid, "VmHWM") / 1024,
+            rss_mib=status_kb(family.process.pid, "VmRSS") / 1024,
+        )
+    finally:
+        family.close()
+
+
 def _served(w: Window) -> str:
     """The save (or the burst's last write) until the new body was served."""
     for key in ("saved_to_served_s", "last_write_to_served_s"):
@@ -328,6 +372,7 @@ def main() -> int:
 
     env = environment(args.envoy)
     began = time.monotonic()
+    startup = startup_scenario(args.envoy, args.routes)
     windows = [*restart_scenario(args.envoy, args.routes), burst_scenario(args.envoy, args.files)]
     rows = [
         [
@@ -346,6 +391,11 @@ def main() -> int:
     print("to the next select(): the longest an event that became ready meanwhile waited")
     header = ["window", "longest turn", "turns", "turns > 50 ms", "busy total", "to served s"]
     print(format_table([*header, "loadavg"], rows))
+    print(
+        f"\nStart-up on the big config: loop running after {startup.start_to_loop_s:.2f} s, "
+        f"serving after {startup.start_to_served_s:.2f} s, the daemon's peak RSS "
+        f"{startup.peak_rss_mib:.0f} MiB (now {startup.rss_mib:.0f})"
+    )
     path = write_results(
         "loopstall",
         {
@@ -355,6 +405,7 @@ def main() -> int:
             "seconds": time.monotonic() - began,
             "environment": env,
             "windows": [dataclasses.asdict(w) for w in windows],
+            "startup": dataclasses.asdict(startup),
         },
     )
     print(f"\nwrote {path}")

@@ -262,7 +262,7 @@ class Intake:
             # a big one in a child, never here (a 5 MB config takes seconds, issue 16).
             facts = keeper.gate.bootstrap_facts(config)
             if facts is not None:
-                self._watching.exclude_envoy_outputs(config, facts)
+                self._watching.exclude_envoy_outputs(facts)
         # A request that passed the gate is a new chance: no backoff, no old failures.
         planner.hot_failures = 0
         self._reactor.cancel(Timer.RETRY)

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from envoy_autoreload import heap
-from envoy_autoreload.bootstrap_facts import BootstrapFacts, read_facts
+from envoy_autoreload.bootstrap_facts import BootstrapFacts
 from envoy_autoreload.changed_since import SpawnMark, mark_spawn
 from envoy_autoreload.digest import Snapshot
 from envoy_autoreload.logs import log_event
@@ -71,10 +71,10 @@ class Watching:
         start) on a worker thread once epoch 0 runs: Envoy does not wait for a big tree
         to be read (issue 16, watch/build.py). `pin`: the sha256 of --config as the
         start-up check snapshotted it, which predates the watch on its directory.
-        `facts`: of the config epoch 0 runs (parsed here when not given)."""
+        `facts`: of the config epoch 0 runs (`Gate.facts_before_loop`)."""
         changes = self.changes
         # Before the first snapshot, or it holds the log.
-        self.exclude_envoy_outputs(facts.path if facts else None, facts)
+        self.exclude_envoy_outputs(facts)
         changes.exclude_paths(command_line_outputs(self._settings.start_script))
         snapshot = changes.start(
             degraded_ok=self._settings.watch_degraded,
@@ -129,9 +129,7 @@ class Watching:
         if now != pin:
             self.changes.suspect(Path(os.path.realpath(config)))
 
-    def exclude_envoy_outputs(
-        self, snapshot: Path | None = None, facts: BootstrapFacts | None = None
-    ) -> None:
+    def exclude_envoy_outputs(self, facts: BootstrapFacts | None) -> None:
         """Follow the config that will run (its snapshot, when there is one): files
         Envoy writes (access logs) inside a watched tree are no config: each `envoy
         --mode validate` reopens them and every request grows them, so leaving them in
@@ -139,15 +137,11 @@ class Watching:
         a draining epoch still writes the old config's log. Files it makes Envoy read at
         start (certificates, Lua) are watched like `--watch` paths (`references.py`).
 
-        In the loop, `facts` is what the gate read as it began validating the config
-        (`bootstrap_facts.py`: a big one in a child, as a 5 MB config takes seconds to
-        parse, issue 16). Without them it is parsed here: only start-up does that,
-        before the loop runs."""
-        config = snapshot or self._settings.config
-        if facts is None and config is not None:
-            # Relative paths are Envoy's, taken as from our working directory: its own is
-            # unknown before it runs (`config.relative_paths` says when they differ).
-            facts = read_facts(config, Path.cwd())
+        `facts` are what the gate read as it began validating the config, never parsed
+        here (`bootstrap_facts.py`: a big one in a child, as a 5 MB config takes seconds
+        to parse, issue 16). Relative paths in them are Envoy's, taken as from our
+        working directory: its own is unknown before it runs (`config.relative_paths`
+        says when they differ)."""
         # Unreadable or no mapping: Envoy's own validation says what is wrong with it.
         references = facts.references if facts is not None else None
         if references is None:
