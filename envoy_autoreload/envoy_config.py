@@ -26,6 +26,7 @@ import yaml
 
 from envoy_autoreload.addresses import WILDCARDS, AdminAddress, ascii_port
 from envoy_autoreload.errors import ConfigError
+from envoy_autoreload.plain_yaml import NotPlain, load_plain
 
 _LOADER: Final[type[yaml.SafeLoader] | type[yaml.CSafeLoader]] = (
     yaml.CSafeLoader if yaml.__with_libyaml__ else yaml.SafeLoader
@@ -47,7 +48,13 @@ def unreadable(path: Path, err: OSError) -> ConfigError:
 
 
 def parse_bootstrap(data: bytes, path: Path) -> object:
-    """`data`, read from `path`, parsed. Raises ConfigError, and only that."""
+    """`data`, read from `path`, parsed. Raises ConfigError, and only that. Built from
+    libyaml's events where it is plain data (`plain_yaml.py`, 4-8 times faster), else
+    by yaml.load, whose errors these are."""
+    try:
+        return load_plain(data)
+    except NotPlain:
+        pass
     try:
         return yaml.load(data, Loader=_LOADER)
     # ValueError covers UnicodeDecodeError; RecursionError a pathologically nested file.

@@ -16,12 +16,14 @@ from typing import TYPE_CHECKING, cast
 import pytest
 import yaml
 
+from envoy_autoreload import envoy_config
 from envoy_autoreload.addresses import AdminAddress
 from envoy_autoreload.bootstrap_facts import INLINE_MAX_BYTES, BootstrapReader
 from envoy_autoreload.envoy_binary import BinaryInfo, binary_identity
 from envoy_autoreload.family import EnvoyFamily
 from envoy_autoreload.gate import CommandGate
 from envoy_autoreload.loop import DeadlineReached, FdReady, Reactor, SignalReceived
+from envoy_autoreload.plain_yaml import load_plain
 from envoy_autoreload.settings import Settings
 from envoy_autoreload.validation import PreflightOutcome, Verdict
 from tests.helpers import wait_until
@@ -95,7 +97,14 @@ def no_parse_here(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         parsed.append(len(stream))
         return load(stream, Loader=Loader)
 
+    def refuse_plain(data: bytes) -> object:
+        if len(data) > INLINE_MAX_BYTES:
+            raise AssertionError("a big bootstrap was parsed in the daemon's process")
+        parsed.append(len(data))
+        return load_plain(data)
+
     monkeypatch.setattr(yaml, "load", refuse)
+    monkeypatch.setattr(envoy_config, "load_plain", refuse_plain)
     return parsed
 
 
