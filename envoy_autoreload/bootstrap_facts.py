@@ -4,10 +4,11 @@ never stalls on a big one: parsed in a child process, or at once when it is smal
 Two things in the loop's time need the parsed bootstrap: once a config passed the gate,
 the files it makes Envoy write (access logs, left out of the digest) and read
 (certificates, Lua sources: watched too, `references.py`); and once a generation
-starts, its admin address, where the LIVE probe asks (`family.py`). PyYAML takes about
-0.6 s per MB even with libyaml, whose constructor is Python code: a 5 MB config held
-the loop for 3-4 s twice per restart, while no signal, child exit, control request or
-probe was handled (issue 16).
+starts, its admin address, where the LIVE probe asks (`family.py`). yaml.load takes
+about 0.45 s per MB even with libyaml, whose constructor is Python code: a 5 MB config
+held the loop for 3-4 s twice per restart, while no signal, child exit, control request
+or probe was handled (issue 16). Built from libyaml's events (`plain_yaml.py`) it is
+about 0.11 s per MB, still too long for the loop.
 
 So a config larger than `INLINE_MAX_BYTES` is parsed by a child, `python -c` running
 `main()` below, which prints what it found as one JSON object. `BootstrapReader` runs

@@ -10,11 +10,12 @@ passes invalid UTF-8 in comments through and decodes UTF-16 with a BOM, so a con
 Envoy serves may hold bytes Python's text decoding rejects. PyYAML detects the encoding
 itself and reports what it cannot read as a YAMLError, which becomes one ConfigError
 line; nothing a config holds may escape as another exception, since the supervisor
-reads it on its event loop. libyaml's loader is used where installed: the pure-Python
-one takes about 0.26 s of CPU per 120 KB. Even libyaml's takes about 0.6 s per MB (its
-constructor is Python code), so the daemon never parses a bootstrap on its event loop:
-`bootstrap_facts.py` does it in a child process; these functions run there, in --check
-and at start-up, before the loop.
+reads it on its event loop. libyaml is used where installed: the pure-Python parser
+takes about 0.26 s of CPU per 120 KB. Even yaml.load with libyaml takes about 0.45 s per
+MB (it composes and constructs in Python); a plain document is built from libyaml's
+events instead, about 0.11 s per MB (`plain_yaml.py`). Either way the daemon never
+parses a big bootstrap on its event loop, nor in its own process: `bootstrap_facts.py`
+does it in a child; these functions run there and in --check.
 """
 
 from __future__ import annotations
