@@ -286,7 +286,7 @@ def test_dear_stats_are_asked_at_most_a_twentieth_of_the_time(server: FakeServer
         for _ in range(2):
             p.begin_round(gen(2))
             assert next_observation(p).listener_create_failures == 1
-            time.sleep(0.3)  # rounds are 0.5 s apart; a cheap answer rests far less
+            time.sleep(0.5)  # as probation spaces rounds; a cheap answer rests far less
         assert server.hits[ROUND_STATS_PATH] == 2 and server.hits["/server_info"] == 0
         server.routes[ROUND_STATS_PATH].delay_s = 0.1
         p.begin_round(gen(2))
