@@ -8,7 +8,8 @@ daemon asks admin for three things:
 - the LIVE probe: `/ready`, then `/server_info` once it says LIVE (once a restart);
 - a probation round, every 0.5 s of the health window: `/ready` and a filtered
   `/stats?usedonly` (the epoch gauge, the listener-failure counter) on one connection;
-- between rounds whose `/stats` was dear, `/server_info` alone.
+- between rounds whose `/stats` was dear, `/server_info` alone; the window's last
+  second (`FINAL_STRETCH_S`) asks `/stats` every round all the same.
 
 `/stats` walks every stat Envoy keeps, so its cost grows with the config; the prober
 asks it at most a twentieth of the time. For each `--clusters` size this script starts
@@ -52,7 +53,7 @@ from loopstall import big_config
 from envoy_autoreload import health
 from envoy_autoreload.addresses import AdminAddress
 from envoy_autoreload.admin import EPOCH_STAT, stats_path
-from envoy_autoreload.probation import ROUND_S
+from envoy_autoreload.probation import FINAL_STRETCH_S, ROUND_S
 
 if TYPE_CHECKING:
     from envoy_autoreload.roster import Generation
@@ -110,7 +111,8 @@ def _window(port: int, pid: int, window_s: float) -> dict[str, Json]:
     try:
         began = time.monotonic()
         for i in range(round(window_s / ROUND_S)):
-            prober.begin_round(cast("Generation", _Gen(0, pid)))
+            final = ROUND_S * i + FINAL_STRETCH_S >= window_s  # as probation says it
+            prober.begin_round(cast("Generation", _Gen(0, pid)), final)
             time.sleep(max(0.0, began + ROUND_S * (i + 1) - time.monotonic()))
     finally:
         prober.close()

@@ -32,6 +32,10 @@ logger = logging.getLogger(__name__)
 
 ROUND_S: Final = 0.5
 HEALTH_MISSES: Final = 3
+# Rounds that begin this close to the window's end are `final` (Health.begin_round):
+# the one begun a round or more before the end is answered before it, even where one
+# `/stats` takes 128 ms (20,000 clusters, bench/admincost.py).
+FINAL_STRETCH_S: Final = 2 * ROUND_S
 
 
 class Hooks(Protocol):
@@ -43,6 +47,7 @@ class _Watch:
     """What probation has seen of the generation it watches."""
 
     gen: Generation
+    ends_at: float  # the reactor's clock: the window's end
     admin_seen_live: bool = False
     admin_misses: int = 0
     listener_baseline: int | None = None
@@ -80,7 +85,7 @@ class Probation:
         if window <= 0 or self._lineage.outcome(config) is Outcome.GOOD:
             self._lineage.record(config, Outcome.GOOD, epoch=gen.epoch)
             return
-        self._watch = _Watch(gen)
+        self._watch = _Watch(gen, ends_at=self._reactor.now() + window)
         if not self._failed_already(gen):
             self._lineage.record(config, Outcome.PROBATION, epoch=gen.epoch)
         log_event(
@@ -110,15 +115,15 @@ class Probation:
 
     def restore(self, saved: dict[str, object], gen: Generation) -> None:
         baseline = saved.get("listener_baseline")
-        left = saved.get("remaining_s")
+        saved_left = saved.get("remaining_s")
+        left = float(saved_left) if isinstance(saved_left, int | float) else 0.0
         self._watch = _Watch(
             gen,
+            ends_at=self._reactor.now() + left,
             admin_seen_live=bool(saved.get("admin_seen_live")),
             listener_baseline=baseline if isinstance(baseline, int) else None,
         )
-        self._reactor.set_timeout(
-            Timer.PROBATION_END, float(left) if isinstance(left, int | float) else 0.0
-        )
+        self._reactor.set_timeout(Timer.PROBATION_END, left)
         self._reactor.set_timeout(Timer.HEALTH_ROUND, 0.0)
 
     def next_round(self) -> None:
@@ -126,7 +131,8 @@ class Probation:
         if watch is None or watch.gen.state is not GenerationState.SERVING:
             return
         if self._health is not None:
-            self._health.begin_round(watch.gen)
+            final = self._reactor.now() + FINAL_STRETCH_S >= watch.ends_at
+            self._health.begin_round(watch.gen, final)
         self._reactor.set_timeout(Timer.HEALTH_ROUND, ROUND_S)
 
     def on_observation(self) -> None:

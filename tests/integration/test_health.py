@@ -309,6 +309,23 @@ def test_dear_stats_are_asked_at_most_a_twentieth_of_the_time(server: FakeServer
 _INFO_LIVE_2 = {"state": "LIVE", "command_line_options": {"restart_epoch": 2}}
 
 
+def test_the_windows_last_rounds_read_the_counter_while_stats_rest(server: FakeServer) -> None:
+    """A listener failure in the window's last stretch would pass probation unseen while
+    a dear `/stats` rests: a `final` round asks for the counter all the same."""
+    stats = "listener_manager.listener_create_failure: 1\nserver.hot_restart_epoch: 2\n"
+    admin = _admin_routes(server, (200, "LIVE\n"), stats, _INFO_LIVE_2)
+    server.routes[ROUND_STATS_PATH].delay_s = 0.1
+    with prober((), admin) as p:
+        p.begin_round(gen(2))
+        assert next_observation(p).listener_create_failures == 1
+        p.begin_round(gen(2))
+        assert next_observation(p).listener_create_failures is None, "rests"
+        server.routes[ROUND_STATS_PATH].body = stats.replace(": 1", ": 2").encode()
+        p.begin_round(gen(2), final=True)
+        assert next_observation(p).listener_create_failures == 2
+    assert server.hits[ROUND_STATS_PATH] == 2 and server.hits["/server_info"] == 1
+
+
 def test_a_starting_envoy_is_its_ready_state_whatever_its_state_gauge_says(
     server: FakeServer,
 ) -> None:

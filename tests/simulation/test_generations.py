@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from envoy_autoreload.generations import Outcome
+from envoy_autoreload.probation import FINAL_STRETCH_S
 from tests.simulation.harness import Knobs, Simulation
 from tests.simulation.model import Content, ProcState
 
@@ -285,3 +286,16 @@ def test_a_start_reaches_the_disk_once_live_not_while_envoy_starts(
     assert serving_content(sim) == slow
     assert sha in history.read_text(), "LIVE, and still not in the history on disk"
     assert sim.outcome(slow) is Outcome.PROBATION
+
+
+def test_the_windows_last_rounds_are_final(sims: list[Simulation]) -> None:
+    """The rounds begun in the window's last `FINAL_STRETCH_S` read the listener counter
+    whatever `/stats` costs (health.py); the ones before may let it rest."""
+    sim = settled(sims)
+    rounds = [(when, final) for when, epoch, final in sim.health.begun if epoch == 0]
+    window_end = rounds[0][0] + WINDOW_S  # the first round is begun at LIVE
+    assert [final for _, final in rounds] == [
+        when + FINAL_STRETCH_S >= window_end for when, _ in rounds
+    ]
+    assert sum(final for _, final in rounds) >= 2, "no final round answered in the window"
+    assert not rounds[0][1], "a final round from the start"

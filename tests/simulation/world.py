@@ -711,15 +711,17 @@ class SimHealth:
         self._world = world
         self._pending: HealthObservation | None = None
         self.rounds = 0
+        self.begun: list[tuple[float, int, bool]] = []  # (when, epoch, final) of each round
 
     def fileno(self) -> int:
         return -7  # never polled: `begin_round` marks the key ready itself
 
-    def begin_round(self, gen: Generation) -> None:
+    def begin_round(self, gen: Generation, final: bool = False) -> None:
         model = self._world.model
         model.now = self._world.reactor.now()
         proc = model.by_pid(gen.pid)
         self.rounds += 1
+        self.begun.append((self._world.reactor.now(), gen.epoch, final))
         healthy = proc.content is not None and proc.content.healthy
         admin = model.admin_answerer()
         state = _ADMIN_STATES.get(admin.state) if admin is not None else None

@@ -18,7 +18,7 @@ class _Gen:
 
 
 def watch() -> _Watch:
-    return _Watch(cast(Generation, _Gen()))
+    return _Watch(cast(Generation, _Gen()), ends_at=0.0)
 
 
 def seen(
