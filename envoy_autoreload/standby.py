@@ -34,6 +34,9 @@ from typing import Final
 SHELL: Final = "/bin/sh"
 # The shell's $0: what `ps` shows after its program and what its own errors start with.
 NAME: Final = "envoy-autoreload-standby"
+# The survey's $0 (`environment_survives`), so that neither `ps` nor a test takes the
+# short-lived shell forked just before the first standby for the standby itself.
+SURVEY_NAME: Final = "envoy-autoreload-survey"
 CAT_PATHS: Final = ("/bin/cat", "/usr/bin/cat")
 EPOCH_VARIABLE: Final = "RESTART_EPOCH"
 SURVEY_TIMEOUT_S: Final = 5.0
@@ -81,7 +84,14 @@ def environment_survives(env: dict[str, str], snapshot_variable: str) -> bool | 
         return False
     try:
         done = subprocess.run(
-            [SHELL, "-c", shell_program(snapshot_variable, env), NAME, cat, "/proc/self/environ"],
+            [
+                SHELL,
+                "-c",
+                shell_program(snapshot_variable, env),
+                SURVEY_NAME,
+                cat,
+                "/proc/self/environ",
+            ],
             input=b"0\n\n",
             env=env,
             capture_output=True,

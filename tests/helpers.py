@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Final, TypeVar
 
 from envoy_autoreload.standby import NAME as STANDBY_NAME
+from envoy_autoreload.standby import SURVEY_NAME
 
 T = TypeVar("T")
 
@@ -267,7 +268,7 @@ def children_of(pid: int) -> list[int]:
 
 def daemon_children(pid: int) -> list[int]:
     """The daemon's child processes, less its standby (standby.py): the next spawn,
-    made ahead, which is not Envoy nor a check."""
+    made ahead, which is not Envoy nor a check; nor the shell surveyed once before it."""
     return [child for child in children_of(pid) if not _is_standby(child)]
 
 
@@ -276,7 +277,7 @@ def _is_standby(pid: int) -> bool:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    return len(argv) > 3 and argv[3] == STANDBY_NAME.encode()
+    return len(argv) > 3 and argv[3] in (STANDBY_NAME.encode(), SURVEY_NAME.encode())
 
 
 def exited(pid: int) -> bool:

@@ -13,21 +13,23 @@ from tests.envoy.conftest import EnvoyFamily
 from tests.helpers import children_of, exited, wait_until
 
 
-def _standbys(daemon: Daemon) -> list[int]:
+def _standbys(daemon: Daemon, script: Path) -> list[int]:
     found = []
     for pid in children_of(daemon.pid):
         try:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if len(argv) > 3 and argv[3] == NAME.encode():
+        # Its $0, and the start script it is to exec (the survey forked just before
+        # the first one execs `cat` instead).
+        if argv[3:5] == [NAME.encode(), bytes(script)]:
             found.append(pid)
     return found
 
 
-def _one_standby(daemon: Daemon, besides: int | None = None) -> int:
+def _one_standby(daemon: Daemon, script: Path, besides: int | None = None) -> int:
     def ready() -> int | None:
-        found = [pid for pid in _standbys(daemon) if pid != besides]
+        found = [pid for pid in _standbys(daemon, script) if pid != besides]
         return found[0] if len(found) == 1 else None
 
     return wait_until(ready, timeout_s=30, what="one standby beside the serving Envoy")
@@ -43,7 +45,7 @@ def test_the_next_epoch_runs_in_the_standby_and_none_outlives_its_image(
 ) -> None:
     daemon = envoy_family.start(*envoy_family.watched())
     daemon.wait_event("child.serving", epoch=0)
-    standby = _one_standby(daemon)
+    standby = _one_standby(daemon, envoy_family.script)
 
     envoy_family.write_config("v1")
     serving = daemon.wait_event("child.serving", epoch=1)
@@ -52,17 +54,17 @@ def test_the_next_epoch_runs_in_the_standby_and_none_outlives_its_image(
     assert daemon.wait_event("child.started", epoch=1).get("ahead") is True
     assert _environ(standby)[b"RESTART_EPOCH"] == b"1"
     assert envoy_family.body() == "v1"
-    following = _one_standby(daemon, besides=standby)
+    following = _one_standby(daemon, envoy_family.script, besides=standby)
 
     daemon.signal(signal.SIGUSR2)
     daemon.wait_event("daemon.adopted")
     wait_until(lambda: exited(following), timeout_s=10, what="the old image's standby gone")
-    assert _standbys(daemon) == [], "a standby of the old image was left"
+    assert _standbys(daemon, envoy_family.script) == [], "a standby of the old image was left"
 
     envoy_family.write_config("v2")
     daemon.wait_event("child.serving", epoch=2)
     assert envoy_family.body() == "v2"
-    last = _one_standby(daemon)
+    last = _one_standby(daemon, envoy_family.script)
     daemon.signal(signal.SIGTERM)
     assert daemon.wait_exit() == 0
     assert exited(last)

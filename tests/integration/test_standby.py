@@ -13,10 +13,12 @@ import sys
 import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from envoy_autoreload import child as child_module
+from envoy_autoreload import standby as standby_module
 from envoy_autoreload.child import SNAPSHOT_VARIABLE, ScriptChild, ScriptSpawner
 from tests.helpers import exited, wait_until
 
@@ -132,6 +134,32 @@ def test_no_standby_where_the_shell_would_change_the_environment(
     # forked daemon's own, which never had the variable (a race on a loaded box).
     wait_until(_execs(child.pid, sleeper), timeout_s=10, what="the script exec'd")
     assert _environ(child.pid)[b"NOT-AN-IDENTIFIER"] == b"1"
+
+
+def test_the_survey_before_the_first_standby_is_not_named_a_standby(
+    sleeper: Path, children: list[ScriptChild], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`ps`, and a test looking for the standby, would otherwise take the short-lived
+    survey shell forked just before it for the standby itself (a CI failure)."""
+    names: list[str] = []
+    real_run = subprocess.run
+
+    def run(argv: list[str], **kwargs: Any) -> Any:
+        if argv[:2] == [standby_module.SHELL, "-c"]:  # not another module's run
+            names.append(argv[3])
+        return real_run(argv, **kwargs)
+
+    monkeypatch.setattr(subprocess, "run", run)
+    spawner = ScriptSpawner(sleeper, ("30",))
+    children.append(spawner.spawn(0))
+    try:
+        spawner.prepare()
+        assert spawner.standby_pid is not None
+        argv = Path(f"/proc/{spawner.standby_pid}/cmdline").read_bytes().split(b"\0")
+    finally:
+        spawner.release()
+    assert names == [standby_module.SURVEY_NAME]
+    assert argv[3] == standby_module.NAME.encode() != names[0].encode()
 
 
 @pytest.mark.parametrize("change", ["rewritten", "killed"])
