@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, NoReturn
+from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
 import click
 
@@ -350,92 +350,74 @@ SECONDS = click.FloatRange(min=0.0)
     show_envvar=True,
 )
 @click.version_option(__version__, prog_name="envoy-autoreload")
-def cli(
-    start_script: Path,
-    script_args: tuple[str, ...],
-    config: Path | None,
-    admin_address: AdminAddress | None,
-    base_id: int | None,
-    term_wait_s: float,
-    start_timeout_s: float,
-    max_drain_wait_s: float,
-    exit_on_child_failure: bool,
-    watch: tuple[Path, ...],
-    envoy: str,
-    no_watch_binary: bool,
-    no_watch_referenced: bool,
-    watcher: WatcherKind,
-    ignore: tuple[str, ...],
-    debounce_s: float,
-    debounce_max_s: float,
-    watch_degraded: bool,
-    no_validate: bool,
-    validate_timeout_s: float,
-    on_incompatible_binary: Literal["refuse", "restart"],
-    state_dir: Path | None,
-    keep_generations: int,
-    health_window_s: float,
-    health_urls: tuple[str, ...],
-    no_rollback: bool,
-    status_address: str | None,
-    status_allow_remote: bool,
-    control_socket: Path | None,
-    no_control_socket: bool,
-    check_only: bool,
-    self_test: bool,
-    log_format: LogFormat,
-    log_level: str,
-) -> None:
+def cli(**options: Any) -> None:
     """Run START_SCRIPT as Envoy's hot-restart supervisor (drop-in for hot-restarter.py).
 
     START_SCRIPT is exec'd with RESTART_EPOCH=0, 1, 2, ... and must end in
     `exec envoy ... --restart-epoch "$RESTART_EPOCH"`. SIGHUP hot restarts,
     SIGUSR1 is forwarded (log reopen), SIGTERM/SIGINT stop every child.
     """
-    configure_logging(log_format, log_level)
-    check_only = check_only and not self_test  # the self-test checks as a start does
-    envoy_path, config = _checked_binary_and_config(envoy, config, no_validate, check_only)
-    settings = Settings(
-        start_script=start_script,
-        script_args=script_args,
-        term_wait_s=term_wait_s,
-        start_timeout_s=start_timeout_s,
-        max_drain_wait_s=max_drain_wait_s,
-        config=config,
-        admin_address=admin_address,
-        base_id=base_id,
-        exit_on_child_failure=exit_on_child_failure,
-        watch=tuple(p.absolute() for p in watch),
-        envoy=envoy_path,
-        watch_binary=not no_watch_binary,
-        watch_referenced=not no_watch_referenced,
-        watcher=watcher,
-        ignore=ignore,
-        debounce_s=debounce_s,
-        debounce_max_s=debounce_max_s,
-        watch_degraded=watch_degraded,
-        validate=not no_validate,
-        validate_timeout_s=validate_timeout_s,
-        on_incompatible_binary=on_incompatible_binary,
-        log_format=log_format,
-        state_dir=(state_dir or default_state_dir()).absolute(),
-        keep_generations=keep_generations,
-        health_window_s=health_window_s,
-        health_urls=health_urls,
-        rollback=not no_rollback,
-    )
+    _run(CliOptions(**options))
+
+
+@dataclass(frozen=True, slots=True)
+class CliOptions:
+    """What the command line and the ENVOY_AUTORELOAD_* variables said, as click parsed
+    them (callbacks applied): one typed value to hand on instead of 35 arguments."""
+
+    start_script: Path
+    script_args: tuple[str, ...]
+    config: Path | None
+    admin_address: AdminAddress | None
+    base_id: int | None
+    term_wait_s: float
+    start_timeout_s: float
+    max_drain_wait_s: float
+    exit_on_child_failure: bool
+    watch: tuple[Path, ...]
+    envoy: str
+    no_watch_binary: bool
+    no_watch_referenced: bool
+    watcher: WatcherKind
+    ignore: tuple[str, ...]
+    debounce_s: float
+    debounce_max_s: float
+    watch_degraded: bool
+    no_validate: bool
+    validate_timeout_s: float
+    on_incompatible_binary: Literal["refuse", "restart"]
+    state_dir: Path | None
+    keep_generations: int
+    health_window_s: float
+    health_urls: tuple[str, ...]
+    no_rollback: bool
+    status_address: str | None
+    status_allow_remote: bool
+    control_socket: Path | None
+    no_control_socket: bool
+    check_only: bool
+    self_test: bool
+    log_format: LogFormat
+    log_level: str
+
+
+def _run(opts: CliOptions) -> None:
+    """Check, report (`--check`, `--self-test`) or start; exits with the daemon's code."""
+    configure_logging(opts.log_format, opts.log_level)
+    check_only = opts.check_only and not opts.self_test  # the self-test checks as a start does
+    settings = _settings(opts, check_only)
     _check_state_dir_unwatched(settings)
     if check_only:
         from envoy_autoreload.check import run_check  # 0.05 s of imports a start never needs
 
         sys.exit(run_check(settings, _change_detector(settings), click.echo))
-    address = _status_address(status_address, status_allow_remote)
-    if self_test:
+    address = _status_address(opts.status_address, opts.status_allow_remote)
+    if opts.self_test:
         _change_detector(settings)
         _import_the_daemon()
         click.echo(f"self-test ok: envoy-autoreload {__version__}")
         sys.exit(0)
-    control = _OpenControl(no_control_socket, control_socket)
+    control = _OpenControl(opts.no_control_socket, opts.control_socket)
     # A binary that is not Envoy, or a config that does not validate, is refused by the
     # start-up check (`Gatekeeper.check_before_first_start`) before `daemon.started`.
     handover = _inherited_handover(control, address)
@@ -447,7 +429,7 @@ def cli(
         "a re-executed image: adopting the running family" if handover else "",
         version=__version__,
         pid=os.getpid(),
-        start_script=str(start_script),
+        start_script=str(opts.start_script),
     )  # once the start-up checks passed: a refusal is one line, not a start and a stop
     if handover is not None:  # a re-exec adopts the family: there is no check to start
         listening = _listen(control, address, handover.inherited)
@@ -458,6 +440,43 @@ def cli(
         listening = _listen(control, address, {})  # in use: refused before Envoy runs
         head.spawn_epoch_0(settings)
         sys.exit(int(_serve(settings, address, listening, handover, started, head)))
+
+
+def _settings(opts: CliOptions, check_only: bool) -> Settings:
+    """The daemon's settings; a binary or config the user got wrong is click's one-line
+    usage error (exit 2)."""
+    envoy, config = _checked_binary_and_config(
+        opts.envoy, opts.config, opts.no_validate, check_only
+    )
+    return Settings(
+        start_script=opts.start_script,
+        script_args=opts.script_args,
+        term_wait_s=opts.term_wait_s,
+        start_timeout_s=opts.start_timeout_s,
+        max_drain_wait_s=opts.max_drain_wait_s,
+        config=config,
+        admin_address=opts.admin_address,
+        base_id=opts.base_id,
+        exit_on_child_failure=opts.exit_on_child_failure,
+        watch=tuple(p.absolute() for p in opts.watch),
+        envoy=envoy,
+        watch_binary=not opts.no_watch_binary,
+        watch_referenced=not opts.no_watch_referenced,
+        watcher=opts.watcher,
+        ignore=opts.ignore,
+        debounce_s=opts.debounce_s,
+        debounce_max_s=opts.debounce_max_s,
+        watch_degraded=opts.watch_degraded,
+        validate=not opts.no_validate,
+        validate_timeout_s=opts.validate_timeout_s,
+        on_incompatible_binary=opts.on_incompatible_binary,
+        log_format=opts.log_format,
+        state_dir=(opts.state_dir or default_state_dir()).absolute(),
+        keep_generations=opts.keep_generations,
+        health_window_s=opts.health_window_s,
+        health_urls=opts.health_urls,
+        rollback=not opts.no_rollback,
+    )
 
 
 def _import_the_daemon() -> None:
